@@ -1,0 +1,185 @@
+//! The gateway's configuration: one TOML file whose every key is also a command-line flag.
+//! Parsing rejects unknown keys and bad values with an error that names the key and the fix.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::limits;
+
+/// The whole configuration, as read from TOML. Every field has a default, so an empty file (or
+/// no file) is a valid configuration for localhost.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The XMPP domain served (the part after `@`). Default `localhost`.
+    pub domain: String,
+    /// Where accounts, rosters and the generated certificate live. Default `./gateway-data`.
+    pub data_dir: PathBuf,
+    /// Shard (executor) count; `None` means one per CPU of the process's affinity mask.
+    pub shards: Option<usize>,
+    /// CPUs the shards are pinned to, in order; empty means the affinity mask.
+    pub cpus: Vec<usize>,
+    /// Pin each shard's thread to its CPU. Default true.
+    pub pin_cpus: bool,
+    /// Client-to-server listener with STARTTLS (RFC 6120). Default `127.0.0.1:5222`.
+    pub c2s_addr: SocketAddr,
+    /// Direct-TLS listener (XEP-0368). Default `127.0.0.1:5223`.
+    pub tls_addr: SocketAddr,
+    /// Admin HTTP listener (`GET /health`). Default `127.0.0.1:5280`.
+    pub admin_addr: SocketAddr,
+    /// PEM certificate chain; with `tls_key_path` unset too, a self-signed certificate for the
+    /// domain is made in the data dir on first start.
+    pub tls_cert_path: Option<PathBuf>,
+    /// PEM private key for `tls_cert_path`.
+    pub tls_key_path: Option<PathBuf>,
+    /// Allow SASL PLAIN and sessions without TLS on the c2s port. For loopback benchmarks only.
+    pub allow_plaintext: bool,
+    /// PBKDF2 iterations for newly stored SCRAM credentials.
+    pub scram_iterations: u32,
+    /// Largest stanza accepted, in bytes.
+    pub stanza_bytes_max: usize,
+    /// Seconds an unauthenticated connection may take to authenticate and bind.
+    pub unauthenticated_timeout_seconds: u64,
+    /// Seconds a graceful shutdown may take.
+    pub shutdown_timeout_seconds: u64,
+    /// Connections accepted in total over all shards.
+    pub max_connections: usize,
+    /// `tracing` filter, e.g. `info` or `gateway=debug`.
+    pub log_level: String,
+    /// Bytes of pinned io_uring memory per executor (glommio `io_memory`); networking does not
+    /// use it, so it is kept small to fit the default 8 MiB memlock limit.
+    pub io_memory_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            domain: "localhost".to_owned(),
+            data_dir: PathBuf::from("./gateway-data"),
+            shards: None,
+            cpus: Vec::new(),
+            pin_cpus: true,
+            c2s_addr: ([127, 0, 0, 1], 5222).into(),
+            tls_addr: ([127, 0, 0, 1], 5223).into(),
+            admin_addr: ([127, 0, 0, 1], 5280).into(),
+            tls_cert_path: None,
+            tls_key_path: None,
+            allow_plaintext: false,
+            scram_iterations: limits::SCRAM_ITERATIONS_DEFAULT,
+            stanza_bytes_max: limits::STANZA_BYTES_MAX,
+            unauthenticated_timeout_seconds: limits::UNAUTHENTICATED_TIMEOUT_SECONDS_DEFAULT,
+            shutdown_timeout_seconds: limits::SHUTDOWN_TIMEOUT_SECONDS_DEFAULT,
+            max_connections: limits::MAX_CONNECTIONS_DEFAULT,
+            log_level: "info".to_owned(),
+            io_memory_bytes: 128 * 1024,
+        }
+    }
+}
+
+/// A configuration that could not be used. The message names the key and what to do.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Syntax(String),
+    #[error("config key `{key}`: {problem}; {fix}")]
+    Invalid { key: &'static str, problem: String, fix: &'static str },
+}
+
+impl Config {
+    /// Parses TOML text and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml's message names the unknown or mistyped key and its line; keep it on one line.
+            ConfigError::Syntax(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values against each other and against the hard limits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.domain.is_empty() || jid::BareJid::new(&self.domain).is_err() {
+            return Err(ConfigError::Invalid {
+                key: "domain",
+                problem: format!("{:?} is not a valid XMPP domain", self.domain),
+                fix: "use a host name such as `localhost` or `chat.example.com`",
+            });
+        }
+        if self.shards == Some(0) {
+            return Err(ConfigError::Invalid {
+                key: "shards",
+                problem: "0 shards".to_owned(),
+                fix: "use at least 1, or leave it unset for one shard per CPU",
+            });
+        }
+        if self.tls_cert_path.is_some() != self.tls_key_path.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "tls_cert_path",
+                problem: "only one of tls_cert_path and tls_key_path is set".to_owned(),
+                fix: "set both, or neither to use a generated self-signed certificate",
+            });
+        }
+        if self.stanza_bytes_max < limits::STREAM_HEADER_BYTES_MAX
+            || self.stanza_bytes_max > 16 * limits::STANZA_BYTES_MAX
+        {
+            return Err(ConfigError::Invalid {
+                key: "stanza_bytes_max",
+                problem: format!("{} is out of range", self.stanza_bytes_max),
+                fix: "use a value from 4096 to 1048576 (default 65536)",
+            });
+        }
+        if self.scram_iterations == 0 {
+            return Err(ConfigError::Invalid {
+                key: "scram_iterations",
+                problem: "0 iterations".to_owned(),
+                fix: "use at least 1 (4096 is the RFC 7677 recommendation)",
+            });
+        }
+        if self.c2s_addr == self.tls_addr || self.c2s_addr == self.admin_addr {
+            return Err(ConfigError::Invalid {
+                key: "c2s_addr",
+                problem: "two listeners share one address".to_owned(),
+                fix: "give c2s_addr, tls_addr and admin_addr distinct ports",
+            });
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max_connections",
+                problem: "0 connections".to_owned(),
+                fix: "use at least 1",
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("domian = 'x'").unwrap_err().to_string();
+        assert!(err.contains("domian"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let err = Config::from_toml("c2s_addr = 'nowhere'").unwrap_err().to_string();
+        assert!(err.contains("c2s_addr"), "{err}");
+    }
+
+    #[test]
+    fn half_a_certificate_is_refused() {
+        let err = Config::from_toml("tls_cert_path = '/x.pem'").unwrap_err().to_string();
+        assert!(err.contains("tls_cert_path"), "{err}");
+    }
+}
