@@ -1,13 +1,39 @@
 //! The sans-IO client-to-server stream machine (RFC 6120): stream negotiation, STARTTLS, SASL,
 //! resource binding, stream errors. It takes decrypted bytes, time and service answers and writes
 //! the bytes to send into `out`; it performs no I/O and reads no clock.
+//!
+//! The state is one enum with a variant per thing awaited; every event takes the state out of the
+//! machine, consumes it and puts the next one back. Anything the machine does not expect closes
+//! the stream with the RFC 6120 §4.9.3 condition that fits; it never panics on input.
 
+mod sasl;
+#[cfg(test)]
+mod tests;
+
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
+use base64::engine::general_purpose::STANDARD as Base64;
+use base64::Engine;
 use router::credentials::Credentials;
 use router::BindError;
-use shared::stanza::Stanza;
+use shared::escape::escape;
+use shared::framer::{Event, Framer, StreamHeader};
+use shared::limits::AUTH_ATTEMPTS_MAX;
+use shared::stanza::{Kind, Stanza};
+
+use self::sasl::{Failure, ScramHash, ScramServer};
+
+const NS_STREAMS: &str = "http://etherx.jabber.org/streams";
+const NS_CLIENT: &str = "jabber:client";
+const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
+const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
+const NS_STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
+const NS_STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+const NS_SM3: &str = "urn:xmpp:sm:3";
 
 /// Per-listener settings, shared by all connections of a shard (and sent along on handoff).
 #[derive(Debug, Clone)]
@@ -47,42 +73,696 @@ pub enum Step {
     StartTls,
     /// `<success/>` is in `out`: write it. The user is `node`; the driver may hand the connection to
     /// the user's home shard before feeding more bytes (call `handle_bytes(&[])` there first).
-    Authenticated { node: String },
+    Authenticated {
+        node: String,
+    },
     /// The stream is over: write `out`, then close the socket.
     Close,
 }
 
+/// What the stream awaits; each variant holds only what that step needs.
+#[derive(Debug)]
+enum State {
+    /// The client's `<stream:stream>`. `node` is set on the stream restarted after SASL success.
+    ExpectStreamHeader {
+        node: Option<String>,
+    },
+    /// Features sent before authentication: `<starttls/>` or `<auth/>`.
+    ExpectStartTlsOrAuth,
+    /// `<proceed/>` sent; the driver runs the TLS handshake, then calls `handle_tls_established`.
+    TlsHandshake,
+    /// PLAIN chosen without an initial response; an empty challenge was sent.
+    PlainResponse,
+    /// SCRAM chosen without an initial response; an empty challenge was sent.
+    ScramClientFirst {
+        hash: ScramHash,
+    },
+    /// The SCRAM server-first-message was sent; the client-final-message is awaited.
+    ScramClientFinal(Box<ScramServer>),
+    /// Authenticated, stream restarted, features sent: the bind IQ.
+    ExpectBind {
+        node: String,
+    },
+    /// A bound session: stanzas flow.
+    Established {
+        full_jid: String,
+    },
+    Closed,
+}
+
 /// One client stream's state.
-pub struct C2s {}
+pub struct C2s {
+    config: Arc<C2sConfig>,
+    security: Security,
+    framer: Framer,
+    /// The unauthenticated deadline runs from here.
+    started: Instant,
+    /// Whether our `<stream:stream>` for the current stream (restarts begin new ones) is out.
+    header_sent: bool,
+    auth_failures: u32,
+    state: State,
+}
+
+/// The outcome of one event: the next state and what the driver must do.
+type Next = (State, Step);
+
+fn cont(state: State) -> Next {
+    (state, Step::Continue)
+}
 
 impl C2s {
     pub fn new(config: Arc<C2sConfig>, security: Security, now: Instant) -> C2s {
-        let _ = (config, security, now);
-        todo!()
+        let framer = Framer::new(config.stanza_bytes_max);
+        C2s {
+            config,
+            security,
+            framer,
+            started: now,
+            header_sent: false,
+            auth_failures: 0,
+            state: State::ExpectStreamHeader { node: None },
+        }
     }
-    pub fn handle_bytes(&mut self, data: &[u8], services: &mut dyn Services, out: &mut Vec<u8>, now: Instant) -> Step {
-        let _ = (data, services, out, now);
-        todo!()
+
+    pub fn handle_bytes(
+        &mut self,
+        data: &[u8],
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+        now: Instant,
+    ) -> Step {
+        match self.state {
+            State::Closed => return Step::Close,
+            // Bytes sent in the clear after `<starttls/>` are never processed (they could be
+            // injected by a man in the middle); the driver should not pass any.
+            State::TlsHandshake => return Step::Continue,
+            _ => {}
+        }
+        if let Some(step) = self.check_deadline(out, now) {
+            return step;
+        }
+        self.framer.push(data);
+        loop {
+            let event = match self.framer.next_event() {
+                Ok(Some(event)) => event,
+                Ok(None) => return Step::Continue,
+                Err(e) => {
+                    tracing::debug!(error = %e, "c2s framing error");
+                    let (state, step) = self.stream_error(e.condition(), out);
+                    self.state = state;
+                    return step;
+                }
+            };
+            let state = std::mem::replace(&mut self.state, State::Closed);
+            let (state, step) = self.on_event(state, event, services, out);
+            self.state = state;
+            if step != Step::Continue {
+                return step;
+            }
+        }
     }
+
     pub fn handle_tls_established(&mut self) {
-        todo!()
+        if matches!(self.state, State::TlsHandshake) {
+            self.security = Security::Tls;
+            self.state = self.restart_stream(None);
+        }
     }
+
     /// Checks deadlines; past the unauthenticated deadline writes `connection-timeout`.
     pub fn handle_tick(&mut self, out: &mut Vec<u8>, now: Instant) -> Step {
-        let _ = (out, now);
-        todo!()
+        if matches!(self.state, State::Closed) {
+            return Step::Close;
+        }
+        self.check_deadline(out, now).unwrap_or(Step::Continue)
     }
+
     /// Server-side close with a stream error condition (e.g. `system-shutdown`, `conflict`) or
     /// none (plain `</stream:stream>`).
     pub fn handle_close(&mut self, condition: Option<&str>, out: &mut Vec<u8>) {
-        let _ = (condition, out);
-        todo!()
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        let (state, _) = match condition {
+            Some(condition) => self.stream_error(condition, out),
+            None => self.close_stream(out),
+        };
+        self.state = state;
     }
+
     /// When `handle_tick` must next be called, if ever.
     pub fn deadline(&self) -> Option<Instant> {
-        todo!()
+        match self.state {
+            State::Established { .. } | State::Closed => None,
+            _ => Some(self.started + self.config.unauthenticated_timeout),
+        }
     }
+
     pub fn full_jid(&self) -> Option<&str> {
-        todo!()
+        match &self.state {
+            State::Established { full_jid } => Some(full_jid),
+            _ => None,
+        }
     }
+
+    /// True once a resource is bound and until the stream closes.
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, State::Established { .. })
+    }
+
+    fn check_deadline(&mut self, out: &mut Vec<u8>, now: Instant) -> Option<Step> {
+        let deadline = self.deadline()?;
+        if now < deadline {
+            return None;
+        }
+        let (state, step) = self.stream_error("connection-timeout", out);
+        self.state = state;
+        Some(step)
+    }
+
+    /// A new stream begins on the same connection (after STARTTLS or SASL success).
+    fn restart_stream(&mut self, node: Option<String>) -> State {
+        self.framer.reset();
+        self.header_sent = false;
+        State::ExpectStreamHeader { node }
+    }
+
+    fn plain_allowed(&self) -> bool {
+        self.security == Security::Tls || self.config.allow_plaintext
+    }
+
+    /// Plain connection where STARTTLS is offered and mandatory.
+    fn tls_required(&self) -> bool {
+        self.security == Security::Plain
+            && self.config.starttls_offered
+            && !self.config.allow_plaintext
+    }
+
+    // ---- output ----
+
+    fn write_header(&mut self, out: &mut Vec<u8>) {
+        let mut id = [0u8; 16];
+        // A failure leaves zeros: the id is not a secret, only a label.
+        let _ = getrandom::getrandom(&mut id);
+        let mut id_hex = String::with_capacity(32);
+        for b in id {
+            let _ = write!(id_hex, "{b:02x}");
+        }
+        let domain = escape(&self.config.domain);
+        let _ = write!(
+            Sink(out),
+            "<?xml version='1.0'?><stream:stream from='{domain}' id='{id_hex}' version='1.0' xml:lang='en' \
+             xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'>"
+        );
+        self.header_sent = true;
+    }
+
+    /// Writes a stream error (preceded by our header if not yet sent) and the stream's close.
+    fn stream_error(&mut self, condition: &str, out: &mut Vec<u8>) -> Next {
+        tracing::debug!(condition, "c2s stream error");
+        if !self.header_sent {
+            self.write_header(out);
+        }
+        let _ = write!(
+            Sink(out),
+            "<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/></stream:error></stream:stream>"
+        );
+        (State::Closed, Step::Close)
+    }
+
+    fn close_stream(&mut self, out: &mut Vec<u8>) -> Next {
+        if !self.header_sent {
+            self.write_header(out);
+        }
+        out.extend_from_slice(b"</stream:stream>");
+        (State::Closed, Step::Close)
+    }
+
+    /// A SASL `<failure/>`; after `AUTH_ATTEMPTS_MAX` of them the stream is closed.
+    fn sasl_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
+        tracing::debug!(condition = failure.condition(), "c2s SASL failure");
+        let _ = write!(
+            Sink(out),
+            "<failure xmlns='{NS_SASL}'><{}/></failure>",
+            failure.condition()
+        );
+        self.auth_failures += 1;
+        if self.auth_failures >= AUTH_ATTEMPTS_MAX {
+            return self.stream_error("policy-violation", out);
+        }
+        cont(State::ExpectStartTlsOrAuth)
+    }
+
+    fn sasl_success(&mut self, node: String, additional: &[u8], out: &mut Vec<u8>) -> Next {
+        if additional.is_empty() {
+            let _ = write!(Sink(out), "<success xmlns='{NS_SASL}'/>");
+        } else {
+            let _ = write!(
+                Sink(out),
+                "<success xmlns='{NS_SASL}'>{}</success>",
+                Base64.encode(additional)
+            );
+        }
+        // RFC 6120 §6.4.6: the stream restarts; bytes buffered from the old stream are dropped.
+        let state = self.restart_stream(Some(node.clone()));
+        (state, Step::Authenticated { node })
+    }
+
+    fn challenge(out: &mut Vec<u8>, data: &[u8]) {
+        if data.is_empty() {
+            let _ = write!(Sink(out), "<challenge xmlns='{NS_SASL}'/>");
+        } else {
+            let _ = write!(
+                Sink(out),
+                "<challenge xmlns='{NS_SASL}'>{}</challenge>",
+                Base64.encode(data)
+            );
+        }
+    }
+
+    // ---- events ----
+
+    fn on_event(
+        &mut self,
+        state: State,
+        event: Event,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        match event {
+            Event::StreamClose => self.close_stream(out),
+            Event::StreamOpen(header) => match state {
+                State::ExpectStreamHeader { node } => self.on_stream_header(header, node, out),
+                // The framer reports one header per stream; a second one is a framing bug.
+                _ => self.stream_error("not-well-formed", out),
+            },
+            Event::Stanza(stanza) => {
+                if stanza.kind == Kind::Other && stanza.name() == "stream:error" {
+                    // The client reports an error and will close: close our side too.
+                    return self.close_stream(out);
+                }
+                match state {
+                    State::ExpectStartTlsOrAuth => self.on_pre_auth(stanza, services, out),
+                    State::PlainResponse => {
+                        self.on_sasl_response(stanza, out, |this, data, out| {
+                            this.on_plain(data, services, out)
+                        })
+                    }
+                    State::ScramClientFirst { hash } => {
+                        self.on_sasl_response(stanza, out, |this, data, out| {
+                            this.on_scram_first(hash, data, services, out)
+                        })
+                    }
+                    State::ScramClientFinal(server) => {
+                        self.on_sasl_response(stanza, out, |this, data, out| {
+                            this.on_scram_final(&server, data, out)
+                        })
+                    }
+                    State::ExpectBind { node } => self.on_expect_bind(stanza, node, services, out),
+                    State::Established { full_jid } => {
+                        self.on_established(stanza, full_jid, services, out)
+                    }
+                    State::ExpectStreamHeader { .. } | State::TlsHandshake | State::Closed => {
+                        self.stream_error("not-well-formed", out)
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_stream_header(
+        &mut self,
+        header: StreamHeader,
+        node: Option<String>,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let local_name = header.name.rsplit(':').next().unwrap_or_default();
+        if header.stream_ns.as_deref() != Some(NS_STREAMS)
+            || header.default_ns.as_deref() != Some(NS_CLIENT)
+            || local_name != "stream"
+        {
+            return self.stream_error("invalid-namespace", out);
+        }
+        if let Some(to) = &header.to {
+            if !to.eq_ignore_ascii_case(&self.config.domain) {
+                return self.stream_error("host-unknown", out);
+            }
+        }
+        if !version_supported(header.version.as_deref()) {
+            return self.stream_error("unsupported-version", out);
+        }
+        self.write_header(out);
+        out.extend_from_slice(b"<stream:features>");
+        let next = match node {
+            Some(node) => {
+                let _ = write!(
+                    Sink(out),
+                    "<bind xmlns='{NS_BIND}'/><session xmlns='{NS_SESSION}'><optional/></session>"
+                );
+                State::ExpectBind { node }
+            }
+            None => {
+                if self.security == Security::Plain && self.config.starttls_offered {
+                    if self.tls_required() {
+                        let _ = write!(
+                            Sink(out),
+                            "<starttls xmlns='{NS_TLS}'><required/></starttls>"
+                        );
+                    } else {
+                        let _ = write!(Sink(out), "<starttls xmlns='{NS_TLS}'/>");
+                    }
+                }
+                if !self.tls_required() {
+                    let _ = write!(
+                        Sink(out),
+                        "<mechanisms xmlns='{NS_SASL}'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism>"
+                    );
+                    if self.plain_allowed() {
+                        out.extend_from_slice(b"<mechanism>PLAIN</mechanism>");
+                    }
+                    out.extend_from_slice(b"</mechanisms>");
+                }
+                State::ExpectStartTlsOrAuth
+            }
+        };
+        out.extend_from_slice(b"</stream:features>");
+        cont(next)
+    }
+
+    fn on_pre_auth(
+        &mut self,
+        stanza: Stanza,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let ns = stanza.xmlns();
+        let ns = ns.as_deref();
+        if stanza.kind == Kind::Other && stanza.name() == "starttls" && ns == Some(NS_TLS) {
+            if self.security == Security::Plain && self.config.starttls_offered {
+                let _ = write!(Sink(out), "<proceed xmlns='{NS_TLS}'/>");
+                return (State::TlsHandshake, Step::StartTls);
+            }
+            // RFC 6120 §5.4.2.2: failure, then the stream is closed.
+            let _ = write!(Sink(out), "<failure xmlns='{NS_TLS}'/></stream:stream>");
+            return (State::Closed, Step::Close);
+        }
+        if self.tls_required() {
+            // RFC 6120 §5.3.1: nothing but STARTTLS is negotiated before TLS when it is mandatory.
+            return self.stream_error("policy-violation", out);
+        }
+        if stanza.kind != Kind::Other || ns != Some(NS_SASL) {
+            return self.stream_error("not-authorized", out);
+        }
+        match stanza.name() {
+            "auth" => {}
+            "abort" => return self.sasl_failure(Failure::Aborted, out),
+            "response" => return self.sasl_failure(Failure::MalformedRequest, out),
+            _ => return self.stream_error("not-authorized", out),
+        }
+        let stanza_text = stanza.as_str();
+        let mechanism =
+            attr_value(stanza_text, stanza.header.start_tag_end, "mechanism").unwrap_or_default();
+        let payload = match sasl_payload(&stanza) {
+            Ok(payload) => payload,
+            Err(failure) => return self.sasl_failure(failure, out),
+        };
+        if mechanism == "PLAIN" {
+            if !self.plain_allowed() {
+                return self.sasl_failure(Failure::EncryptionRequired, out);
+            }
+            return match payload {
+                Some(data) => self.on_plain(&data, services, out),
+                None => {
+                    Self::challenge(out, b"");
+                    cont(State::PlainResponse)
+                }
+            };
+        }
+        let Some(hash) = ScramHash::from_mechanism(&mechanism) else {
+            return self.sasl_failure(Failure::InvalidMechanism, out);
+        };
+        match payload {
+            Some(data) => self.on_scram_first(hash, &data, services, out),
+            None => {
+                Self::challenge(out, b"");
+                cont(State::ScramClientFirst { hash })
+            }
+        }
+    }
+
+    /// During an exchange: `<response/>` continues it with `then`, `<abort/>` ends it, anything
+    /// else fails it.
+    fn on_sasl_response(
+        &mut self,
+        stanza: Stanza,
+        out: &mut Vec<u8>,
+        then: impl FnOnce(&mut Self, &[u8], &mut Vec<u8>) -> Next,
+    ) -> Next {
+        if stanza.kind != Kind::Other || stanza.xmlns().as_deref() != Some(NS_SASL) {
+            return self.stream_error("not-authorized", out);
+        }
+        match stanza.name() {
+            "response" => match sasl_payload(&stanza) {
+                Ok(data) => then(self, &data.unwrap_or_default(), out),
+                Err(failure) => self.sasl_failure(failure, out),
+            },
+            "abort" => self.sasl_failure(Failure::Aborted, out),
+            _ => self.sasl_failure(Failure::MalformedRequest, out),
+        }
+    }
+
+    fn on_plain(&mut self, data: &[u8], services: &mut dyn Services, out: &mut Vec<u8>) -> Next {
+        match sasl::plain(data, &self.config.domain, |node| services.credentials(node)) {
+            Ok(node) => self.sasl_success(node, b"", out),
+            Err(failure) => self.sasl_failure(failure, out),
+        }
+    }
+
+    fn on_scram_first(
+        &mut self,
+        hash: ScramHash,
+        data: &[u8],
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let first = match sasl::parse_client_first(data) {
+            Ok(first) => first,
+            Err(failure) => return self.sasl_failure(failure, out),
+        };
+        let Some(node) = sasl::normalize_node(&first.username, &self.config.domain) else {
+            return self.sasl_failure(Failure::NotAuthorized, out);
+        };
+        let credentials = services.credentials(&node);
+        match ScramServer::start(hash, first, node, &self.config.domain, credentials) {
+            Ok((server, server_first)) => {
+                Self::challenge(out, &server_first);
+                cont(State::ScramClientFinal(Box::new(server)))
+            }
+            Err(failure) => self.sasl_failure(failure, out),
+        }
+    }
+
+    fn on_scram_final(&mut self, server: &ScramServer, data: &[u8], out: &mut Vec<u8>) -> Next {
+        match server.finish(data) {
+            Ok(server_final) => self.sasl_success(server.node().to_owned(), &server_final, out),
+            Err(failure) => self.sasl_failure(failure, out),
+        }
+    }
+
+    fn on_expect_bind(
+        &mut self,
+        stanza: Stanza,
+        node: String,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let bind = if stanza.kind == Kind::Iq {
+            parse_iq(&stanza)
+        } else {
+            None
+        };
+        let Some(iq) = bind else {
+            return self.stream_error("not-authorized", out);
+        };
+        let Some(bind) = iq.get_child("bind", NS_BIND) else {
+            return self.stream_error("not-authorized", out);
+        };
+        let id = stanza.id();
+        let id = id.as_deref();
+        if stanza.type_().as_deref() != Some("set") {
+            iq_error(out, id, "modify", "bad-request");
+            return cont(State::ExpectBind { node });
+        }
+        let resource = bind.get_child("resource", NS_BIND).map(|r| r.text());
+        let resource = resource.as_deref().filter(|r| !r.is_empty());
+        match services.bind(&node, resource) {
+            Ok(full_jid) => {
+                let _ = write!(Sink(out), "<iq type='result'");
+                write_id(out, id);
+                let _ = write!(
+                    Sink(out),
+                    "><bind xmlns='{NS_BIND}'><jid>{}</jid></bind></iq>",
+                    escape(&full_jid)
+                );
+                cont(State::Established { full_jid })
+            }
+            Err(BindError::TooManySessions) => {
+                iq_error(out, id, "wait", "resource-constraint");
+                cont(State::ExpectBind { node })
+            }
+            Err(BindError::BadResource) => {
+                iq_error(out, id, "modify", "bad-request");
+                cont(State::ExpectBind { node })
+            }
+        }
+    }
+
+    fn on_established(
+        &mut self,
+        stanza: Stanza,
+        full_jid: String,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        match stanza.kind {
+            Kind::Message | Kind::Presence | Kind::Iq => {
+                if let Some(ns) = stanza.xmlns() {
+                    if ns != NS_CLIENT {
+                        return self.stream_error("invalid-namespace", out);
+                    }
+                }
+                if stanza.kind == Kind::Iq && is_session_iq(&stanza) {
+                    // RFC 3921 legacy session establishment: a no-op, answered here.
+                    let _ = write!(Sink(out), "<iq type='result'");
+                    write_id(out, stanza.id().as_deref());
+                    out.extend_from_slice(b"/>");
+                    return cont(State::Established { full_jid });
+                }
+                services.stanza(stanza.with_from(&full_jid));
+                cont(State::Established { full_jid })
+            }
+            Kind::Other => {
+                let name = stanza.name();
+                if (name == "enable" || name == "resume")
+                    && stanza.xmlns().as_deref() == Some(NS_SM3)
+                {
+                    // XEP-0198 is not advertised (yet).
+                    let _ = write!(
+                        Sink(out),
+                        "<failed xmlns='{NS_SM3}'><unexpected-request xmlns='{NS_STANZA_ERRORS}'/></failed>"
+                    );
+                    return cont(State::Established { full_jid });
+                }
+                self.stream_error("unsupported-stanza-type", out)
+            }
+        }
+    }
+}
+
+/// `Vec<u8>` as a `fmt::Write` target.
+struct Sink<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Sink<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+fn write_id(out: &mut Vec<u8>, id: Option<&str>) {
+    if let Some(id) = id {
+        let _ = write!(Sink(out), " id='{}'", escape(id));
+    }
+}
+
+fn iq_error(out: &mut Vec<u8>, id: Option<&str>, type_: &str, condition: &str) {
+    let _ = write!(Sink(out), "<iq type='error'");
+    write_id(out, id);
+    let _ = write!(
+        Sink(out),
+        "><error type='{type_}'><{condition} xmlns='{NS_STANZA_ERRORS}'/></error></iq>"
+    );
+}
+
+/// RFC 6120 §4.7.5: `major.minor`; we speak 1.0, so any major version 1 or above is answered
+/// with 1.0. A missing version means pre-1.0 (RFC 3920 era) and is refused.
+fn version_supported(version: Option<&str>) -> bool {
+    let Some((major, minor)) = version.and_then(|v| v.split_once('.')) else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+    digits(major) && digits(minor) && major.parse::<u32>().is_ok_and(|m| m >= 1)
+}
+
+/// The unescaped value of attribute `name` in the start tag `text[..start_tag_end]` (which the
+/// framer has checked to be well-formed).
+fn attr_value(text: &str, start_tag_end: usize, name: &str) -> Option<String> {
+    let tag = text.get(..start_tag_end)?;
+    // Skip `<` and the element name.
+    let mut rest = tag
+        .get(1..)?
+        .trim_start_matches(|c: char| !c.is_whitespace());
+    loop {
+        rest = rest.trim_start();
+        let (attr, after) = rest.split_once('=')?;
+        let after = after.trim_start();
+        let quote = after.chars().next()?;
+        if quote != '\'' && quote != '"' {
+            return None;
+        }
+        let (value, after) = after[1..].split_once(quote)?;
+        if attr.trim_end() == name {
+            return shared::escape::unescape(value).map(|v| v.into_owned());
+        }
+        rest = after;
+    }
+}
+
+/// The base64 text of a SASL element: `None` for no data (an empty element), `Some(empty)` for
+/// `=` (RFC 6120 §6.4.2).
+fn sasl_payload(stanza: &Stanza) -> Result<Option<Vec<u8>>, Failure> {
+    if stanza.header.self_closing {
+        return Ok(None);
+    }
+    let text = stanza.as_str();
+    let start = stanza.header.start_tag_end + 1;
+    let end = text.rfind("</").ok_or(Failure::MalformedRequest)?;
+    let inner = text
+        .get(start..end)
+        .ok_or(Failure::MalformedRequest)?
+        .trim();
+    if inner.contains('<') {
+        return Err(Failure::MalformedRequest);
+    }
+    match inner {
+        "" => Ok(None),
+        "=" => Ok(Some(Vec::new())),
+        _ => Base64
+            .decode(inner)
+            .map(Some)
+            .map_err(|_| Failure::IncorrectEncoding),
+    }
+}
+
+/// Parses an IQ on the cold path (bind, session). The stanza inherits `jabber:client` from the
+/// stream; it is declared here when the element does not declare its own.
+fn parse_iq(stanza: &Stanza) -> Option<minidom::Element> {
+    let text = stanza.as_str();
+    let parsed = if stanza.header.xmlns.is_some() {
+        text.parse::<minidom::Element>()
+    } else {
+        let at = stanza.header.name.end;
+        let mut with_ns = String::with_capacity(text.len() + 24);
+        with_ns.push_str(&text[..at]);
+        with_ns.push_str(" xmlns='jabber:client'");
+        with_ns.push_str(&text[at..]);
+        with_ns.parse::<minidom::Element>()
+    };
+    parsed.ok()
+}
+
+fn is_session_iq(stanza: &Stanza) -> bool {
+    stanza.type_().as_deref() == Some("set")
+        && stanza.as_str().contains(NS_SESSION)
+        && parse_iq(stanza).is_some_and(|iq| iq.get_child("session", NS_SESSION).is_some())
 }

@@ -1,1 +1,354 @@
-fn main() {}
+//! The `gateway` command: `serve` (the default) and `user` account management.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use router::credentials::Credentials;
+use router::Store;
+use shared::config::Config;
+use shared::shard::home_shard;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A thread-per-core XMPP chat gateway.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Flags every subcommand takes; each is also a key of the TOML config file.
+#[derive(Args, Debug, Default)]
+struct GlobalArgs {
+    /// TOML config file; flags override its keys.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Where accounts, rosters and the generated certificate live [default: ./gateway-data].
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// The XMPP domain served [default: localhost].
+    #[arg(long, global = true)]
+    domain: Option<String>,
+    /// Shard count [default: one per CPU of the affinity mask].
+    #[arg(long, global = true)]
+    shards: Option<usize>,
+    /// PBKDF2 iterations for new SCRAM credentials [default: 4096].
+    #[arg(long, global = true)]
+    scram_iterations: Option<u32>,
+    /// Log filter, e.g. `info` or `gateway=debug` [default: info].
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_parser = ["human", "json"], default_value = "human")]
+    log_format: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server (the default).
+    Serve(ServeArgs),
+    /// Manage accounts (the server must be stopped).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    /// c2s listener with STARTTLS [default: 127.0.0.1:5222].
+    #[arg(long)]
+    c2s_addr: Option<SocketAddr>,
+    /// Direct-TLS listener (XEP-0368) [default: 127.0.0.1:5223].
+    #[arg(long)]
+    tls_addr: Option<SocketAddr>,
+    /// Admin HTTP listener (GET /health) [default: 127.0.0.1:5280].
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+    /// Allow PLAIN and sessions without TLS: for loopback benchmarks only.
+    #[arg(long)]
+    allow_plaintext: bool,
+    /// Do not pin shard threads to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// CPUs to pin shards to, e.g. `0,2,4`.
+    #[arg(long, value_delimiter = ',')]
+    cpus: Option<Vec<usize>>,
+    /// PEM certificate chain (with --tls-key-path).
+    #[arg(long)]
+    tls_cert_path: Option<PathBuf>,
+    /// PEM private key (with --tls-cert-path).
+    #[arg(long)]
+    tls_key_path: Option<PathBuf>,
+    /// Largest stanza accepted, in bytes [default: 65536].
+    #[arg(long)]
+    stanza_bytes_max: Option<usize>,
+    /// Seconds to authenticate and bind [default: 30].
+    #[arg(long)]
+    unauthenticated_timeout_seconds: Option<u64>,
+    /// Seconds a graceful stop may take [default: 5].
+    #[arg(long)]
+    shutdown_timeout_seconds: Option<u64>,
+    /// Connections accepted in total [default: 1000000].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Pinned io_uring memory per shard, bytes [default: 131072].
+    #[arg(long)]
+    io_memory_bytes: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Add an account; the password is read from stdin unless --password is given.
+    Add {
+        name: String,
+        #[arg(long)]
+        password: Option<String>,
+    },
+    /// Delete an account and its roster.
+    Del { name: String },
+    /// List accounts, one per line.
+    List,
+    /// Add PREFIX1..PREFIXN with one password (for load tests).
+    BulkAdd {
+        #[arg(long, default_value = "user")]
+        prefix: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        password: String,
+        /// Threads deriving credentials [default: available parallelism].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    init_logging(&config.log_level, &cli.global.log_format);
+    let result = match cli.command {
+        None | Some(Command::Serve(_)) => gateway::server::serve(config),
+        Some(Command::User { command }) => user_command(&config, command),
+    };
+    if let Err(e) = result {
+        // One line: what happened and, from the context, what to do.
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut config = match &cli.global.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config file {}", path.display()))?;
+            Config::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    let g = &cli.global;
+    if let Some(v) = &g.data_dir {
+        config.data_dir = v.clone();
+    }
+    if let Some(v) = &g.domain {
+        config.domain = v.to_lowercase();
+    }
+    if let Some(v) = g.shards {
+        config.shards = Some(v);
+    }
+    if let Some(v) = g.scram_iterations {
+        config.scram_iterations = v;
+    }
+    if let Some(v) = &g.log_level {
+        config.log_level = v.clone();
+    }
+    if let Some(Command::Serve(s)) = &cli.command {
+        apply_serve_args(&mut config, s);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
+    if let Some(v) = s.c2s_addr {
+        config.c2s_addr = v;
+    }
+    if let Some(v) = s.tls_addr {
+        config.tls_addr = v;
+    }
+    if let Some(v) = s.admin_addr {
+        config.admin_addr = v;
+    }
+    if s.allow_plaintext {
+        config.allow_plaintext = true;
+    }
+    if s.no_pin {
+        config.pin_cpus = false;
+    }
+    if let Some(v) = &s.cpus {
+        config.cpus = v.clone();
+    }
+    if let Some(v) = &s.tls_cert_path {
+        config.tls_cert_path = Some(v.clone());
+    }
+    if let Some(v) = &s.tls_key_path {
+        config.tls_key_path = Some(v.clone());
+    }
+    if let Some(v) = s.stanza_bytes_max {
+        config.stanza_bytes_max = v;
+    }
+    if let Some(v) = s.unauthenticated_timeout_seconds {
+        config.unauthenticated_timeout_seconds = v;
+    }
+    if let Some(v) = s.shutdown_timeout_seconds {
+        config.shutdown_timeout_seconds = v;
+    }
+    if let Some(v) = s.max_connections {
+        config.max_connections = v;
+    }
+    if let Some(v) = s.io_memory_bytes {
+        config.io_memory_bytes = v;
+    }
+}
+
+fn init_logging(filter: &str, format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Opens the stores for account commands, with the shard count already on disk if any, so an
+/// account command never re-partitions.
+fn open_stores(config: &Config) -> Result<Vec<Store>> {
+    let shards = match Store::shards_on_disk(&config.data_dir)? {
+        Some(n) => n,
+        None => gateway::server::shard_count(config),
+    };
+    Ok(Store::open_all(&config.data_dir, shards, &config.domain)?)
+}
+
+fn node_of(config: &Config, name: &str) -> Result<String> {
+    let bare = jid::BareJid::new(&format!("{name}@{}", config.domain)).map_err(|e| {
+        anyhow::anyhow!(
+            "{name:?} is not a valid user name ({e}); use letters, digits, `.`, `-` or `_`"
+        )
+    })?;
+    match bare.node() {
+        Some(n) => Ok(n.to_string()),
+        None => bail!("{name:?} is not a valid user name"),
+    }
+}
+
+fn user_command(config: &Config, command: UserCommand) -> Result<()> {
+    let stores = open_stores(config)?;
+    let shards = stores.len();
+    let home = |node: &str| home_shard(&format!("{node}@{}", config.domain), shards);
+    match command {
+        UserCommand::Add { name, password } => {
+            let node = node_of(config, &name)?;
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let mut line = String::new();
+                    std::io::stdin()
+                        .lock()
+                        .read_line(&mut line)
+                        .context("reading the password from stdin")?;
+                    line.trim_end_matches(['\r', '\n']).to_owned()
+                }
+            };
+            if password.is_empty() {
+                bail!("empty password; give --password or a line on stdin");
+            }
+            let creds = Credentials::derive(&password, config.scram_iterations);
+            stores[home(&node)].add_user(&node, &creds)?;
+            println!("added {node}@{}", config.domain);
+        }
+        UserCommand::Del { name } => {
+            let node = node_of(config, &name)?;
+            stores[home(&node)].delete_user(&node)?;
+            println!("deleted {node}@{}", config.domain);
+        }
+        UserCommand::List => {
+            let mut all = Vec::new();
+            for s in &stores {
+                all.extend(s.users()?);
+            }
+            all.sort();
+            for u in all {
+                println!("{u}");
+            }
+        }
+        UserCommand::BulkAdd {
+            prefix,
+            count,
+            password,
+            threads,
+        } => {
+            let threads = threads
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                })
+                .max(1);
+            let started = Instant::now();
+            // Chunks bound memory and give one write transaction per chunk per shard.
+            const BULK_CHUNK_USERS: usize = 10_000;
+            let mut done = 0usize;
+            while done < count {
+                let end = (done + BULK_CHUNK_USERS).min(count);
+                let names: Vec<String> = (done + 1..=end)
+                    .map(|i| node_of(config, &format!("{prefix}{i}")))
+                    .collect::<Result<_>>()?;
+                let made = router::credentials::derive_many(
+                    &names,
+                    &password,
+                    config.scram_iterations,
+                    threads,
+                );
+                let mut per_shard: Vec<Vec<(String, Credentials)>> =
+                    (0..shards).map(|_| Vec::new()).collect();
+                for (node, c) in made {
+                    per_shard[home(&node)].push((node, c));
+                }
+                for (i, users) in per_shard.iter().enumerate() {
+                    if !users.is_empty() {
+                        stores[i].add_users(users)?;
+                    }
+                }
+                done = end;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "added {count} users ({prefix}1..{prefix}{count}) in {secs:.2} s: {:.0} users/s \
+                 ({} SCRAM iterations, {threads} threads)",
+                count as f64 / secs.max(1e-9),
+                config.scram_iterations
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,5 +1,28 @@
 //! Salted SCRAM credentials (RFC 5802 / RFC 7677). The server stores only these, never the
 //! password: the salted password for SHA-1 and SHA-256, each with its own salt.
+//!
+//! The salted password is RFC 5802's `SaltedPassword = Hi(Normalize(password), salt, i)`, i.e.
+//! PBKDF2-HMAC over the password. `Normalize` (SASLprep, RFC 4013) is *not* applied here: the
+//! password's UTF-8 bytes are used exactly as given, so the caller must hand the same bytes at
+//! account creation and at login (SCRAM clients that apply SASLprep to ASCII passwords produce
+//! the same bytes, which covers the common case).
+
+use std::thread;
+
+use pbkdf2::pbkdf2_hmac;
+use sha1::Sha1;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+/// Length of each freshly generated salt, in bytes.
+pub const SALT_LEN: usize = 16;
+/// Length of a PBKDF2-HMAC-SHA-1 salted password.
+pub const SHA1_LEN: usize = 20;
+/// Length of a PBKDF2-HMAC-SHA-256 salted password.
+pub const SHA256_LEN: usize = 32;
+
+/// The version byte that starts the encoding produced by [`Credentials::to_bytes`].
+const FORMAT_V1: u8 = 1;
 
 /// What is stored per account. Serialised by `store` with `to_bytes`/`from_bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,20 +38,304 @@ pub struct Credentials {
 
 impl Credentials {
     /// Derives credentials with fresh random 16-byte salts. Costs two PBKDF2 runs.
+    ///
+    /// The password's bytes are used as given (no SASLprep, see the module docs). An
+    /// `iterations` of 0, which RFC 5802 forbids, is raised to 1.
+    ///
+    /// # Panics
+    /// If the operating system's random number generator fails (there is no safe way to go on
+    /// without salts).
     pub fn derive(password: &str, iterations: u32) -> Credentials {
-        let _ = (password, iterations);
-        todo!()
+        let salt_sha1 = random_salt();
+        let salt_sha256 = random_salt();
+        Credentials::derive_with_salts(password, iterations, salt_sha1, salt_sha256)
     }
+
+    /// Derives credentials with the given salts (for tests and known-answer checks; accounts
+    /// should use [`Credentials::derive`], which draws fresh salts).
+    pub fn derive_with_salts(
+        password: &str,
+        iterations: u32,
+        salt_sha1: Vec<u8>,
+        salt_sha256: Vec<u8>,
+    ) -> Credentials {
+        let iterations = iterations.max(1);
+        let salted_sha1 = salted_sha1(password.as_bytes(), &salt_sha1, iterations).to_vec();
+        let salted_sha256 = salted_sha256(password.as_bytes(), &salt_sha256, iterations).to_vec();
+        Credentials {
+            iterations,
+            salt_sha1,
+            salted_sha1,
+            salt_sha256,
+            salted_sha256,
+        }
+    }
+
     /// True when `password` matches (used by SASL PLAIN); constant-time comparison.
+    ///
+    /// Recomputes the SHA-256 salted password, so it costs one PBKDF2 run.
     pub fn verify_plain(&self, password: &str) -> bool {
-        let _ = password;
-        todo!()
+        if self.iterations == 0 {
+            return false;
+        }
+        let candidate = salted_sha256(password.as_bytes(), &self.salt_sha256, self.iterations);
+        // `ct_eq` on slices of different lengths is false without looking at the contents.
+        candidate[..].ct_eq(&self.salted_sha256[..]).into()
     }
+
+    /// Encodes as: version byte (1), iterations (u32 little-endian), then `salt_sha1`,
+    /// `salted_sha1`, `salt_sha256`, `salted_sha256`, each as a length byte followed by that
+    /// many bytes.
+    ///
+    /// # Panics
+    /// If a field is longer than 255 bytes, which [`Credentials::derive`] and
+    /// [`Credentials::from_bytes`] never produce.
     pub fn to_bytes(&self) -> Vec<u8> {
-        todo!()
+        let fields = [
+            &self.salt_sha1,
+            &self.salted_sha1,
+            &self.salt_sha256,
+            &self.salted_sha256,
+        ];
+        let mut out = Vec::with_capacity(5 + fields.iter().map(|f| 1 + f.len()).sum::<usize>());
+        out.push(FORMAT_V1);
+        out.extend_from_slice(&self.iterations.to_le_bytes());
+        for field in fields {
+            let len = u8::try_from(field.len()).expect("credential fields are at most 255 bytes");
+            out.push(len);
+            out.extend_from_slice(field);
+        }
+        out
     }
+
+    /// Decodes what [`Credentials::to_bytes`] wrote. `None` on any malformation: unknown
+    /// version, truncation, trailing bytes, zero iterations, an empty salt, or a salted password
+    /// of the wrong length. Never panics.
     pub fn from_bytes(bytes: &[u8]) -> Option<Credentials> {
-        let _ = bytes;
-        todo!()
+        let (&version, rest) = bytes.split_first()?;
+        if version != FORMAT_V1 {
+            return None;
+        }
+        let (iterations, mut rest) = rest.split_first_chunk::<4>()?;
+        let iterations = u32::from_le_bytes(*iterations);
+        if iterations == 0 {
+            return None;
+        }
+        let mut field = || -> Option<Vec<u8>> {
+            let (&len, tail) = rest.split_first()?;
+            let len = usize::from(len);
+            if tail.len() < len {
+                return None;
+            }
+            let (value, tail) = tail.split_at(len);
+            rest = tail;
+            Some(value.to_vec())
+        };
+        let salt_sha1 = field()?;
+        let salted_sha1 = field()?;
+        let salt_sha256 = field()?;
+        let salted_sha256 = field()?;
+        if !rest.is_empty()
+            || salt_sha1.is_empty()
+            || salt_sha256.is_empty()
+            || salted_sha1.len() != SHA1_LEN
+            || salted_sha256.len() != SHA256_LEN
+        {
+            return None;
+        }
+        Some(Credentials {
+            iterations,
+            salt_sha1,
+            salted_sha1,
+            salt_sha256,
+            salted_sha256,
+        })
+    }
+}
+
+/// Derives credentials for many users with the same password, spreading the PBKDF2 work over
+/// `threads` OS threads (0 counts as 1). Each account gets its own fresh salts. The result is in
+/// the order of `users`.
+///
+/// Meant for `gateway user bulk-add` (creating many test accounts); the cost is two PBKDF2 runs
+/// of `iterations` rounds per user, so a million users at 4096 rounds is hours of CPU time:
+/// pick a small `iterations` for test accounts.
+pub fn derive_many(
+    users: &[String],
+    password: &str,
+    iterations: u32,
+    threads: usize,
+) -> Vec<(String, Credentials)> {
+    if users.is_empty() {
+        return Vec::new();
+    }
+    let threads = threads.clamp(1, users.len());
+    let chunk = users.len().div_ceil(threads);
+    thread::scope(|scope| {
+        let workers: Vec<_> = users
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|user| (user.clone(), Credentials::derive(password, iterations)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::with_capacity(users.len());
+        for worker in workers {
+            match worker.join() {
+                Ok(part) => out.extend(part),
+                // Only a failing OS random number generator panics in there; pass it on.
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
+/// A fresh random salt from the operating system.
+fn random_salt() -> Vec<u8> {
+    let mut salt = vec![0u8; SALT_LEN];
+    getrandom::getrandom(&mut salt)
+        .expect("the operating system's random number generator failed; cannot make salts");
+    salt
+}
+
+/// RFC 5802 `Hi(password, salt, i)` with HMAC-SHA-1.
+fn salted_sha1(password: &[u8], salt: &[u8], iterations: u32) -> [u8; SHA1_LEN] {
+    let mut out = [0u8; SHA1_LEN];
+    pbkdf2_hmac::<Sha1>(password, salt, iterations, &mut out);
+    out
+}
+
+/// RFC 5802 `Hi(password, salt, i)` with HMAC-SHA-256.
+fn salted_sha256(password: &[u8], salt: &[u8], iterations: u32) -> [u8; SHA256_LEN] {
+    let mut out = [0u8; SHA256_LEN];
+    pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn derive_then_verify() {
+        let c = Credentials::derive("pencil", 16);
+        assert_eq!(c.iterations, 16);
+        assert_eq!(c.salt_sha1.len(), SALT_LEN);
+        assert_eq!(c.salt_sha256.len(), SALT_LEN);
+        assert_eq!(c.salted_sha1.len(), SHA1_LEN);
+        assert_eq!(c.salted_sha256.len(), SHA256_LEN);
+        assert!(c.verify_plain("pencil"));
+        assert!(!c.verify_plain("Pencil"));
+        assert!(!c.verify_plain(""));
+    }
+
+    #[test]
+    fn salts_are_fresh_and_distinct() {
+        let a = Credentials::derive("pencil", 1);
+        let b = Credentials::derive("pencil", 1);
+        assert_ne!(a.salt_sha256, b.salt_sha256);
+        assert_ne!(a.salt_sha1, a.salt_sha256);
+        assert_ne!(a.salted_sha256, b.salted_sha256);
+    }
+
+    #[test]
+    fn zero_iterations_become_one() {
+        let c = Credentials::derive("x", 0);
+        assert_eq!(c.iterations, 1);
+        assert!(c.verify_plain("x"));
+    }
+
+    #[test]
+    fn known_answer_rfc6070() {
+        // RFC 6070 test vectors for PBKDF2-HMAC-SHA1.
+        assert_eq!(
+            hex(&salted_sha1(b"password", b"salt", 1)),
+            "0c60c80f961f0e71f3a9b524af6012062fe037a6"
+        );
+        assert_eq!(
+            hex(&salted_sha1(b"password", b"salt", 4096)),
+            "4b007901b765489abead49d926f721d065a429c1"
+        );
+        let c = Credentials::derive_with_salts("password", 1, b"salt".to_vec(), b"salt".to_vec());
+        assert_eq!(
+            hex(&c.salted_sha1),
+            "0c60c80f961f0e71f3a9b524af6012062fe037a6"
+        );
+    }
+
+    #[test]
+    fn known_answer_sha256() {
+        // RFC 7914 §11 test vector for PBKDF2-HMAC-SHA256 (first 32 bytes of its 64).
+        assert_eq!(
+            hex(&salted_sha256(b"passwd", b"salt", 1)),
+            "55ac046e56e3089fec1691c22544b605f94185216dde0465e68b9d57c20dacbc"
+        );
+    }
+
+    #[test]
+    fn bytes_round_trip() {
+        let c = Credentials::derive("pencil", 4096);
+        let bytes = c.to_bytes();
+        assert_eq!(
+            bytes.len(),
+            1 + 4 + 4 + 2 * SALT_LEN + SHA1_LEN + SHA256_LEN
+        );
+        let back = Credentials::from_bytes(&bytes).expect("decodes");
+        assert_eq!(back, c);
+        assert!(back.verify_plain("pencil"));
+    }
+
+    #[test]
+    fn from_bytes_rejects_truncated_and_garbage() {
+        let bytes = Credentials::derive("pencil", 2).to_bytes();
+        for len in 0..bytes.len() {
+            assert_eq!(
+                Credentials::from_bytes(&bytes[..len]),
+                None,
+                "prefix of {len}"
+            );
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(Credentials::from_bytes(&trailing), None);
+        let mut version = bytes.clone();
+        version[0] = 2;
+        assert_eq!(Credentials::from_bytes(&version), None);
+        let mut zero_iter = bytes.clone();
+        zero_iter[1..5].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(Credentials::from_bytes(&zero_iter), None);
+        assert_eq!(Credentials::from_bytes(&[0xff; 100]), None);
+        assert_eq!(Credentials::from_bytes(&[1, 1, 0, 0, 0, 255, 1]), None);
+    }
+
+    #[test]
+    fn from_bytes_never_panics() {
+        use proptest::prelude::*;
+        proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..120))| {
+            let _ = Credentials::from_bytes(&bytes);
+        });
+    }
+
+    #[test]
+    fn derive_many_keeps_order_and_salts_each() {
+        let users: Vec<String> = (0..10).map(|i| format!("user{i}")).collect();
+        for threads in [0, 1, 3, 64] {
+            let out = derive_many(&users, "pw", 1, threads);
+            assert_eq!(out.len(), users.len());
+            for ((name, creds), expected) in out.iter().zip(&users) {
+                assert_eq!(name, expected);
+                assert!(creds.verify_plain("pw"));
+            }
+            assert_ne!(out[0].1.salt_sha256, out[1].1.salt_sha256);
+        }
+        assert!(derive_many(&[], "pw", 1, 4).is_empty());
     }
 }

@@ -3,13 +3,18 @@
 //! knows JIDs and frames, never sockets, TLS or glommio, and takes time as an argument.
 #![forbid(unsafe_code)]
 
+pub mod build;
 pub mod credentials;
+pub mod errors;
 pub mod mesh;
 pub mod roster;
+pub mod roster_store;
 pub mod routing;
 pub mod store;
 
+pub use errors::error_reply;
 pub use mesh::Frame;
+pub use roster_store::{MemoryRosterStore, RosterStore};
 pub use routing::{Action, BindError, Bound, Router};
 pub use store::{Store, StoreError};
 

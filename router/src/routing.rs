@@ -1,19 +1,50 @@
 //! The per-shard router: who is online here, where each stanza goes, presence and rosters.
+//!
+//! Sans-IO: every method only changes in-memory state and queues `Action`s, which the shard's
+//! driver takes with `poll_action` and executes (write to a session, close a connection, send a
+//! frame to another shard). Each user lives on its home shard (`home_shard("node@domain")`); a
+//! stanza for a user homed elsewhere becomes an `Action::Send` to that shard, whose router
+//! handles it in `handle_frame`.
+//!
+//! Rosters are read from the `RosterStore` on first need and cached while the user has sessions.
+//! Every roster change is written through synchronously: the store write blocks the shard's
+//! reactor for its duration. Rosters change rarely (subscriptions, roster sets), so this is
+//! accepted for now; the store-and-forward issue moves storage off the reactor.
 
-use bytes::Bytes;
-use shared::stanza::Stanza;
+use std::collections::{HashMap, VecDeque};
 
+use shared::limits::{JID_PART_BYTES_MAX, ROSTER_ITEMS_MAX, USER_SESSIONS_MAX};
+use shared::shard::home_shard;
+use shared::stanza::{Kind, Stanza};
+
+use crate::build::{self, Attrs};
+use crate::errors::error_reply;
 use crate::mesh::Frame;
-use crate::store::Store;
+use crate::roster::{self, RosterItem, ROSTER_NS};
+use crate::roster_store::RosterStore;
+use crate::store::StoreError;
 use crate::ConnId;
+
+/// XEP-0030 namespaces.
+pub const DISCO_INFO_NS: &str = "http://jabber.org/protocol/disco#info";
+pub const DISCO_ITEMS_NS: &str = "http://jabber.org/protocol/disco#items";
+/// XEP-0199.
+pub const PING_NS: &str = "urn:xmpp:ping";
+/// RFC 3921's legacy session establishment, still sent by some clients.
+pub const SESSION_NS: &str = "urn:ietf:params:xml:ns:xmpp-session";
 
 /// What the shard's driver must do on the router's behalf.
 #[derive(Debug)]
 pub enum Action {
-    /// Write these bytes (one serialised stanza) to a local connection's session.
-    Deliver { conn: ConnId, bytes: Bytes },
+    /// Write this stanza (`stanza.bytes`) to a local connection's session. It carries the
+    /// `Stanza`, not just bytes, so that if the session's queue is full the driver can hand it
+    /// back to `Router::handle_undeliverable` for a bounce without re-parsing.
+    Deliver { conn: ConnId, stanza: Stanza },
     /// Close a local connection with this RFC 6120 stream error condition (e.g. `conflict`).
-    CloseConn { conn: ConnId, condition: &'static str },
+    CloseConn {
+        conn: ConnId,
+        condition: &'static str,
+    },
     /// Send a frame to another shard's router.
     Send { shard: usize, frame: Frame },
 }
@@ -32,38 +63,1212 @@ pub enum BindError {
     BadResource,
 }
 
+/// One bound session (resource) on this shard.
+#[derive(Debug)]
+struct Session {
+    node: String,
+    resource: String,
+    full_jid: String,
+    /// Sent available presence and not since unavailable (RFC 6121 §4.2).
+    available: bool,
+    priority: i8,
+    /// The last available presence it broadcast (from = its full JID, no `to`), for probes.
+    presence: Option<Stanza>,
+    /// Requested the roster, so it gets roster pushes (RFC 6121 §2.1.6).
+    interested: bool,
+}
+
+/// A user with at least one session here.
+#[derive(Debug, Default)]
+struct User {
+    /// (resource, conn), in bind order.
+    resources: Vec<(String, ConnId)>,
+    /// The roster, once loaded; dropped with the last session.
+    roster: Option<Vec<RosterItem>>,
+}
+
+/// Where a `to` address points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// Our domain itself (or `domain/resource`).
+    Server,
+    /// A user at our domain.
+    User {
+        node: String,
+        resource: Option<String>,
+    },
+    /// Another domain: we do not federate.
+    Remote,
+}
+
+#[derive(Debug)]
+enum RosterError {
+    Store(StoreError),
+    Full,
+}
+
+impl From<StoreError> for RosterError {
+    fn from(e: StoreError) -> Self {
+        RosterError::Store(e)
+    }
+}
+
+/// An item's state before and after a change (`None`: no such item).
+type ItemChange = (Option<RosterItem>, Option<RosterItem>);
+
 /// One shard's routing state.
-pub struct Router {}
+pub struct Router {
+    shard: usize,
+    shards: usize,
+    domain: String,
+    store: Box<dyn RosterStore>,
+    sessions: HashMap<ConnId, Session>,
+    users: HashMap<String, User>,
+    actions: VecDeque<Action>,
+    next_resource: u64,
+    next_push: u64,
+    delivered: u64,
+    bounced: u64,
+    forwarded: u64,
+}
 
 impl Router {
-    pub fn new(shard: usize, shards: usize, domain: String, store: Store) -> Router {
-        let _ = (shard, shards, domain, store);
-        todo!()
+    /// The router of shard `shard` of `shards`, serving `domain`.
+    pub fn new(shard: usize, shards: usize, domain: String, store: Box<dyn RosterStore>) -> Router {
+        assert!(shard < shards, "shard {shard} out of {shards}");
+        let domain = jid::BareJid::new(&domain)
+            .map(|j| j.domain().as_str().to_string())
+            .unwrap_or_else(|_| domain.to_lowercase());
+        Router {
+            shard,
+            shards,
+            domain,
+            store,
+            sessions: HashMap::new(),
+            users: HashMap::new(),
+            actions: VecDeque::new(),
+            next_resource: 0,
+            next_push: 0,
+            delivered: 0,
+            bounced: 0,
+            forwarded: 0,
+        }
     }
-    pub fn store(&self) -> &Store {
-        todo!()
+
+    /// The (normalised) domain served.
+    pub fn domain(&self) -> &str {
+        &self.domain
     }
-    pub fn bind(&mut self, node: &str, resource: Option<&str>, conn: ConnId) -> Result<Bound, BindError> {
-        let _ = (node, resource, conn);
-        todo!()
+
+    /// The full JID bound to `conn`, if any.
+    pub fn full_jid(&self, conn: ConnId) -> Option<&str> {
+        self.sessions.get(&conn).map(|s| s.full_jid.as_str())
     }
+
+    /// Sessions bound on this shard.
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Stanzas handed to local sessions (`Action::Deliver`).
+    pub fn delivered(&self) -> u64 {
+        self.delivered
+    }
+    /// Error replies generated for undeliverable stanzas.
+    pub fn bounced(&self) -> u64 {
+        self.bounced
+    }
+    /// Stanzas sent to other shards.
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded
+    }
+
+    /// Binds a session for `node` (whose home must be this shard) on `conn`. `resource` is the
+    /// client's choice (validated and normalised) or `None` for a generated one. A session
+    /// already bound to the same full JID is replaced: its connection is closed with `conflict`.
+    pub fn bind(
+        &mut self,
+        node: &str,
+        resource: Option<&str>,
+        conn: ConnId,
+    ) -> Result<Bound, BindError> {
+        debug_assert_eq!(
+            home_shard(&format!("{node}@{}", self.domain), self.shards),
+            self.shard,
+            "bind on a shard that is not the user's home"
+        );
+        let resource = match resource {
+            Some(r) => self.validate_resource(node, r)?,
+            None => self.generate_resource(node),
+        };
+        if self.sessions.contains_key(&conn) {
+            // A second bind on one connection; the caller should not do this. Treat the old
+            // session as gone.
+            self.handle_disconnect(conn);
+        }
+        let existing = self.users.get(node).and_then(|u| {
+            u.resources
+                .iter()
+                .find(|(r, _)| *r == resource)
+                .map(|(_, c)| *c)
+        });
+        match existing {
+            Some(old) => {
+                self.actions.push_back(Action::CloseConn {
+                    conn: old,
+                    condition: "conflict",
+                });
+                self.handle_disconnect(old);
+            }
+            None => {
+                if self
+                    .users
+                    .get(node)
+                    .is_some_and(|u| u.resources.len() >= USER_SESSIONS_MAX)
+                {
+                    return Err(BindError::TooManySessions);
+                }
+            }
+        }
+        let full_jid = format!("{node}@{}/{resource}", self.domain);
+        self.users
+            .entry(node.to_string())
+            .or_default()
+            .resources
+            .push((resource.clone(), conn));
+        self.sessions.insert(
+            conn,
+            Session {
+                node: node.to_string(),
+                resource,
+                full_jid: full_jid.clone(),
+                available: false,
+                priority: 0,
+                presence: None,
+                interested: false,
+            },
+        );
+        Ok(Bound { full_jid })
+    }
+
+    fn validate_resource(&self, node: &str, r: &str) -> Result<String, BindError> {
+        if r.is_empty() || r.len() > JID_PART_BYTES_MAX || r.chars().any(char::is_control) {
+            return Err(BindError::BadResource);
+        }
+        let full = jid::FullJid::new(&format!("{node}@{}/{r}", self.domain))
+            .map_err(|_| BindError::BadResource)?;
+        let normalised = full.resource().as_str();
+        if normalised.is_empty()
+            || normalised.len() > JID_PART_BYTES_MAX
+            || normalised.chars().any(char::is_control)
+        {
+            return Err(BindError::BadResource);
+        }
+        Ok(normalised.to_string())
+    }
+
+    fn generate_resource(&mut self, node: &str) -> String {
+        loop {
+            let n = self.next_resource;
+            self.next_resource += 1;
+            let r = format!("gw-{:x}-{:x}", self.shard, n);
+            let taken = self
+                .users
+                .get(node)
+                .is_some_and(|u| u.resources.iter().any(|(x, _)| *x == r));
+            if !taken {
+                return r;
+            }
+        }
+    }
+
+    /// A stanza from the bound local session `conn`, its `from` already stamped with the
+    /// session's full JID.
     pub fn handle_stanza(&mut self, conn: ConnId, stanza: Stanza) {
-        let _ = (conn, stanza);
-        todo!()
+        let Some(sess) = self.sessions.get(&conn) else {
+            tracing::debug!(conn, "stanza from an unbound connection dropped");
+            return;
+        };
+        let node = sess.node.clone();
+        if stanza.kind == Kind::Other {
+            return;
+        }
+        let target = match stanza.to() {
+            None => None,
+            Some(to) => match self.classify(&to) {
+                Some(t) => Some(t),
+                None => {
+                    self.reply_error(conn, &stanza, "modify", "jid-malformed");
+                    return;
+                }
+            },
+        };
+        match (stanza.kind, target) {
+            (Kind::Iq, None) => self.server_iq(conn, &stanza, true),
+            (Kind::Iq, Some(Target::Server)) => self.server_iq(conn, &stanza, false),
+            (
+                Kind::Iq,
+                Some(Target::User {
+                    node: n,
+                    resource: None,
+                }),
+            ) if n == node => self.server_iq(conn, &stanza, true),
+            (Kind::Presence, None) => self.presence_broadcast(conn, stanza),
+            (Kind::Presence, Some(Target::Server)) => {}
+            (Kind::Message, None | Some(Target::Server)) => {
+                if stanza.type_().as_deref() != Some("groupchat")
+                    && stanza.type_().as_deref() != Some("headline")
+                {
+                    self.reply_error(conn, &stanza, "cancel", "service-unavailable");
+                }
+            }
+            (_, Some(Target::Remote)) => {
+                self.reply_error(conn, &stanza, "cancel", "remote-server-not-found")
+            }
+            (
+                Kind::Presence,
+                Some(Target::User {
+                    node: contact,
+                    resource,
+                }),
+            ) => self.outbound_presence(conn, &node, stanza, contact, resource),
+            (
+                _,
+                Some(Target::User {
+                    node: to_node,
+                    resource,
+                }),
+            ) => self.route(stanza, &to_node, resource),
+            (Kind::Other, _) => {}
+        }
     }
+
+    /// A frame from another shard.
     pub fn handle_frame(&mut self, frame: Frame) {
-        let _ = frame;
-        todo!()
+        match frame {
+            Frame::Stanza(stanza) => {
+                let target = stanza.to().and_then(|to| self.classify(&to));
+                match target {
+                    Some(Target::User { node, resource }) => {
+                        if self.home(&node) == self.shard {
+                            self.inbound(stanza, &node, resource);
+                        } else {
+                            tracing::warn!(
+                                node,
+                                "frame for a user whose home is another shard dropped"
+                            );
+                        }
+                    }
+                    _ => tracing::warn!("frame without a local user address dropped"),
+                }
+            }
+        }
     }
+
+    /// The connection `conn` is gone. If its session was available, its contacts and the user's
+    /// other resources get unavailable presence.
     pub fn handle_disconnect(&mut self, conn: ConnId) {
+        let Some(sess) = self.sessions.get(&conn) else {
+            return;
+        };
+        let (node, full, was_available) =
+            (sess.node.clone(), sess.full_jid.clone(), sess.available);
+        if was_available {
+            let p = build::stanza(
+                "presence",
+                Attrs {
+                    type_: Some("unavailable"),
+                    ..Attrs::default()
+                },
+                "",
+            );
+            self.set_unavailable(conn);
+            self.broadcast(&node, &full, &p, Some(conn));
+        }
+        let Some(sess) = self.sessions.remove(&conn) else {
+            return;
+        };
+        if let Some(user) = self.users.get_mut(&sess.node) {
+            user.resources.retain(|(_, c)| *c != conn);
+            if user.resources.is_empty() {
+                self.users.remove(&sess.node);
+            }
+        }
+    }
+
+    /// The driver could not queue `stanza` for local connection `conn` (its queue is full). A
+    /// message or IQ request bounces to its sender with `resource-constraint`; anything else is
+    /// dropped.
+    pub fn handle_undeliverable(&mut self, conn: ConnId, stanza: Stanza) {
         let _ = conn;
-        todo!()
+        if !matches!(stanza.kind, Kind::Message | Kind::Iq) {
+            return;
+        }
+        if let Some(e) = error_reply(&stanza, "wait", "resource-constraint") {
+            self.bounced += 1;
+            self.route_addressed(e);
+        }
     }
-    pub fn handle_undeliverable(&mut self, conn: ConnId, bytes: Bytes) {
-        let _ = (conn, bytes);
-        todo!()
-    }
+
+    /// The next action for the driver, oldest first.
     pub fn poll_action(&mut self) -> Option<Action> {
-        todo!()
+        self.actions.pop_front()
     }
+
+    // ---- addressing and delivery ----
+
+    fn home(&self, node: &str) -> usize {
+        home_shard(&format!("{node}@{}", self.domain), self.shards)
+    }
+
+    fn bare(&self, node: &str) -> String {
+        format!("{node}@{}", self.domain)
+    }
+
+    /// Parses and normalises an address; `None` if it is not a valid JID.
+    fn classify(&self, to: &str) -> Option<Target> {
+        let j = jid::Jid::new(to).ok()?;
+        if j.domain().as_str() != self.domain {
+            return Some(Target::Remote);
+        }
+        Some(match j.node() {
+            None => Target::Server,
+            Some(n) => Target::User {
+                node: n.as_str().to_string(),
+                resource: j.resource().map(|r| r.as_str().to_string()),
+            },
+        })
+    }
+
+    /// The sender's bare JID of an inbound stanza, normalised.
+    fn sender_bare(stanza: &Stanza) -> Option<String> {
+        let from = stanza.from()?;
+        jid::Jid::new(&from).ok().map(|j| j.to_bare().to_string())
+    }
+
+    fn deliver(&mut self, conn: ConnId, stanza: Stanza) {
+        self.delivered += 1;
+        self.actions.push_back(Action::Deliver { conn, stanza });
+    }
+
+    /// Routes a stanza to the user `node` at our domain: handled here if this is their home,
+    /// otherwise sent to their home shard.
+    fn route(&mut self, stanza: Stanza, node: &str, resource: Option<String>) {
+        let shard = self.home(node);
+        if shard == self.shard {
+            self.inbound(stanza, node, resource);
+        } else {
+            self.forwarded += 1;
+            self.actions.push_back(Action::Send {
+                shard,
+                frame: Frame::Stanza(stanza),
+            });
+        }
+    }
+
+    /// Routes a stanza by its own `to`; drops it unless it is for a user at our domain.
+    fn route_addressed(&mut self, stanza: Stanza) {
+        match stanza.to().and_then(|to| self.classify(&to)) {
+            Some(Target::User { node, resource }) => self.route(stanza, &node, resource),
+            _ => tracing::debug!("stanza for a non-local address dropped"),
+        }
+    }
+
+    /// Sends an error reply for `stanza` straight back to the local session `conn`.
+    fn reply_error(&mut self, conn: ConnId, stanza: &Stanza, error_type: &str, condition: &str) {
+        if let Some(e) = error_reply(stanza, error_type, condition) {
+            self.bounced += 1;
+            self.deliver(conn, e);
+        }
+    }
+
+    /// Bounces `stanza` to its sender, wherever they are.
+    fn bounce(&mut self, stanza: &Stanza, error_type: &str, condition: &str) {
+        if let Some(e) = error_reply(stanza, error_type, condition) {
+            self.bounced += 1;
+            self.route_addressed(e);
+        }
+    }
+
+    fn conn_of(&self, node: &str, resource: &str) -> Option<ConnId> {
+        self.users
+            .get(node)?
+            .resources
+            .iter()
+            .find(|(r, _)| r == resource)
+            .map(|(_, c)| *c)
+    }
+
+    /// The user's available sessions: (conn, full JID, priority), in bind order.
+    fn available(&self, node: &str) -> Vec<(ConnId, String, i8)> {
+        let Some(user) = self.users.get(node) else {
+            return Vec::new();
+        };
+        user.resources
+            .iter()
+            .filter_map(|(_, c)| self.sessions.get(c).map(|s| (*c, s)))
+            .filter(|(_, s)| s.available)
+            .map(|(c, s)| (c, s.full_jid.clone(), s.priority))
+            .collect()
+    }
+
+    /// Delivers to every available session of `node`.
+    fn deliver_to_available(&mut self, node: &str, stanza: &Stanza) {
+        for (conn, _, _) in self.available(node) {
+            self.deliver(conn, stanza.clone());
+        }
+    }
+
+    // ---- inbound: stanzas for users whose home is this shard ----
+
+    fn inbound(&mut self, stanza: Stanza, node: &str, resource: Option<String>) {
+        match stanza.kind {
+            Kind::Message => self.inbound_message(stanza, node, resource),
+            Kind::Iq => self.inbound_iq(stanza, node, resource),
+            Kind::Presence => self.inbound_presence(stanza, node, resource),
+            Kind::Other => {}
+        }
+    }
+
+    /// RFC 6121 §8.5.
+    fn inbound_message(&mut self, stanza: Stanza, node: &str, resource: Option<String>) {
+        if let Some(conn) = resource.as_deref().and_then(|r| self.conn_of(node, r)) {
+            self.deliver(conn, stanza);
+            return;
+        }
+        let type_ = stanza.type_().map(|t| t.into_owned());
+        match type_.as_deref() {
+            // Never answer an error with an error.
+            Some("error") => {}
+            // §8.5.2.1.3 / §8.5.3.2: groupchat without a matching session is not delivered.
+            Some("groupchat") => {}
+            Some("headline") => {
+                for (conn, _, prio) in self.available(node) {
+                    if prio >= 0 {
+                        self.deliver(conn, stanza.clone());
+                    }
+                }
+            }
+            _ => {
+                let avail: Vec<_> = self
+                    .available(node)
+                    .into_iter()
+                    .filter(|(_, _, p)| *p >= 0)
+                    .collect();
+                match avail.iter().map(|(_, _, p)| *p).max() {
+                    Some(best) => {
+                        for (conn, _, p) in avail {
+                            if p == best {
+                                self.deliver(conn, stanza.clone());
+                            }
+                        }
+                    }
+                    // Offline (no offline storage yet): an explicit error, never a silent drop.
+                    None => self.bounce(&stanza, "cancel", "service-unavailable"),
+                }
+            }
+        }
+    }
+
+    /// RFC 6121 §8.5.1, §8.5.3.
+    fn inbound_iq(&mut self, stanza: Stanza, node: &str, resource: Option<String>) {
+        if let Some(conn) = resource.as_deref().and_then(|r| self.conn_of(node, r)) {
+            self.deliver(conn, stanza);
+            return;
+        }
+        if matches!(stanza.type_().as_deref(), Some("get" | "set")) {
+            self.bounce(&stanza, "cancel", "service-unavailable");
+        }
+    }
+
+    fn inbound_presence(&mut self, stanza: Stanza, node: &str, resource: Option<String>) {
+        let type_ = stanza.type_().map(|t| t.into_owned());
+        let subscription_type = matches!(
+            type_.as_deref(),
+            Some("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed" | "probe")
+        );
+        if subscription_type {
+            let Some(sender) = Self::sender_bare(&stanza) else {
+                return;
+            };
+            match type_.as_deref() {
+                Some("subscribe") => self.inbound_subscribe(node, &sender, stanza),
+                Some("subscribed") => self.inbound_subscribed(node, &sender, stanza),
+                Some("unsubscribe") => self.inbound_unsubscribe(node, &sender, stanza),
+                Some("unsubscribed") => self.inbound_unsubscribed(node, &sender, stanza),
+                _ => self.inbound_probe(node, &sender),
+            }
+            return;
+        }
+        // Available, unavailable or error presence: to the addressed resource if the address
+        // is a full JID, else to every available resource.
+        match resource {
+            Some(r) => {
+                if let Some(conn) = self.conn_of(node, &r) {
+                    self.deliver(conn, stanza);
+                }
+            }
+            None => self.deliver_to_available(node, &stanza),
+        }
+    }
+
+    // ---- presence broadcast (RFC 6121 §4) ----
+
+    fn presence_broadcast(&mut self, conn: ConnId, stanza: Stanza) {
+        let Some(sess) = self.sessions.get(&conn) else {
+            return;
+        };
+        let (node, full) = (sess.node.clone(), sess.full_jid.clone());
+        match stanza.type_().as_deref() {
+            None => {
+                let priority = presence_priority(&stanza);
+                let sess = self.sessions.get_mut(&conn).expect("session checked above");
+                let initial = !sess.available;
+                sess.available = true;
+                sess.priority = priority;
+                sess.presence = Some(stanza.clone());
+                self.broadcast(&node, &full, &stanza, None);
+                if initial {
+                    self.after_initial_presence(conn, &node);
+                }
+            }
+            Some("unavailable") => {
+                if self.sessions.get(&conn).is_some_and(|s| s.available) {
+                    // Broadcast first so the sender gets its own unavailable reflected.
+                    self.broadcast(&node, &full, &stanza, None);
+                    self.set_unavailable(conn);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn set_unavailable(&mut self, conn: ConnId) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.available = false;
+            s.presence = None;
+            s.priority = 0;
+        }
+    }
+
+    /// Sends `presence` (from `full`) to every contact subscribed to `node`'s presence (`from`
+    /// or `both`) and to the user's available sessions except `skip`.
+    fn broadcast(&mut self, node: &str, full: &str, presence: &Stanza, skip: Option<ConnId>) {
+        let contacts = self
+            .with_roster(node, |r| {
+                r.iter().filter(|i| i.subscription.has_from()).map(|i| i.jid.clone()).collect::<Vec<_>>()
+            })
+            .unwrap_or_else(|e| {
+                tracing::error!(node, error = %e, "roster unreadable; presence not broadcast to contacts");
+                Vec::new()
+            });
+        for contact in contacts {
+            self.route_addressed(build::readdress(presence, Some(&contact), Some(full)));
+        }
+        for (conn, their_full, _) in self.available(node) {
+            if Some(conn) != skip {
+                self.deliver(
+                    conn,
+                    build::readdress(presence, Some(&their_full), Some(full)),
+                );
+            }
+        }
+    }
+
+    /// After a session's initial presence: probe the contacts it is subscribed to, show it its
+    /// other resources' presence, and deliver subscription requests that wait for an answer.
+    fn after_initial_presence(&mut self, conn: ConnId, node: &str) {
+        let bare = self.bare(node);
+        let Some(full) = self.sessions.get(&conn).map(|s| s.full_jid.clone()) else {
+            return;
+        };
+        let (to_contacts, pending) = self
+            .with_roster(node, |r| {
+                let to: Vec<String> = r
+                    .iter()
+                    .filter(|i| i.subscription.has_to())
+                    .map(|i| i.jid.clone())
+                    .collect();
+                let pending: Vec<String> = r
+                    .iter()
+                    .filter(|i| i.pending_in)
+                    .map(|i| i.jid.clone())
+                    .collect();
+                (to, pending)
+            })
+            .unwrap_or_default();
+        for contact in to_contacts {
+            let probe = build::stanza(
+                "presence",
+                Attrs {
+                    to: Some(&contact),
+                    from: Some(&bare),
+                    type_: Some("probe"),
+                    ..Attrs::default()
+                },
+                "",
+            );
+            self.route_addressed(probe);
+        }
+        let others: Vec<(String, Stanza)> = self
+            .users
+            .get(node)
+            .map(|u| {
+                u.resources
+                    .iter()
+                    .filter(|(_, c)| *c != conn)
+                    .filter_map(|(_, c)| self.sessions.get(c))
+                    .filter_map(|s| s.presence.clone().map(|p| (s.full_jid.clone(), p)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (their_full, p) in others {
+            self.deliver(conn, build::readdress(&p, Some(&full), Some(&their_full)));
+        }
+        for contact in pending {
+            let sub = build::stanza(
+                "presence",
+                Attrs {
+                    to: Some(&bare),
+                    from: Some(&contact),
+                    type_: Some("subscribe"),
+                    ..Attrs::default()
+                },
+                "",
+            );
+            self.deliver(conn, sub);
+        }
+    }
+
+    /// A probe from `prober` (bare) for `node`: answer with the current presence of each
+    /// available resource if `prober` is subscribed to `node`.
+    fn inbound_probe(&mut self, node: &str, prober: &str) {
+        let avail = self.available(node);
+        if avail.is_empty() {
+            return;
+        }
+        let subscribed = self.with_roster(node, |r| {
+            r.iter()
+                .any(|i| i.jid == prober && i.subscription.has_from())
+        });
+        if subscribed.unwrap_or(false) {
+            self.send_presence_of(node, prober);
+        }
+    }
+
+    /// Sends the current presence of each available resource of `node` to `to`.
+    fn send_presence_of(&mut self, node: &str, to: &str) {
+        let presences: Vec<(String, Stanza)> = self
+            .users
+            .get(node)
+            .map(|u| {
+                u.resources
+                    .iter()
+                    .filter_map(|(_, c)| self.sessions.get(c))
+                    .filter(|s| s.available)
+                    .filter_map(|s| s.presence.clone().map(|p| (s.full_jid.clone(), p)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (full, p) in presences {
+            self.route_addressed(build::readdress(&p, Some(to), Some(&full)));
+        }
+    }
+
+    /// Sends unavailable presence from each available resource of `node` to `to`.
+    fn send_unavailable_of(&mut self, node: &str, to: &str) {
+        for (_, full, _) in self.available(node) {
+            let p = build::stanza(
+                "presence",
+                Attrs {
+                    to: Some(to),
+                    from: Some(&full),
+                    type_: Some("unavailable"),
+                    ..Attrs::default()
+                },
+                "",
+            );
+            self.route_addressed(p);
+        }
+    }
+
+    // ---- subscriptions (RFC 6121 §3) ----
+
+    /// A presence with a `to` from the local session `conn` of `node`.
+    fn outbound_presence(
+        &mut self,
+        conn: ConnId,
+        node: &str,
+        stanza: Stanza,
+        contact_node: String,
+        resource: Option<String>,
+    ) {
+        let type_ = stanza.type_().map(|t| t.into_owned());
+        let Some(kind @ ("subscribe" | "subscribed" | "unsubscribe" | "unsubscribed")) =
+            type_.as_deref()
+        else {
+            // Directed presence, probes, presence errors: route as addressed.
+            self.route(stanza, &contact_node, resource);
+            return;
+        };
+        if contact_node == node {
+            // Subscribing to oneself is meaningless; the user always has their own presence.
+            return;
+        }
+        let contact = self.bare(&contact_node);
+        let bare = self.bare(node);
+        // §3.1.2: subscription stanzas are stamped with the user's bare JID and addressed to the
+        // contact's bare JID.
+        let out = build::readdress(&stanza, Some(&contact), Some(&bare));
+        let result = match kind {
+            "subscribe" => self
+                .update_item(node, &contact, |slot| {
+                    let item = slot.get_or_insert_with(|| RosterItem::new(&contact));
+                    if !item.subscription.has_to() {
+                        item.ask_out = true;
+                    }
+                })
+                .map(|_| Some(out)),
+            "subscribed" => self
+                .update_item(node, &contact, |slot| {
+                    if let Some(item) = slot.as_mut().filter(|i| i.pending_in) {
+                        item.pending_in = false;
+                        item.subscription = item.subscription.with_from(true);
+                    }
+                })
+                .map(|(before, after)| {
+                    // Without a pending request there is nothing to approve (no pre-approval).
+                    let approved = before.is_some_and(|b| b.pending_in) && after.is_some();
+                    approved.then_some(out)
+                }),
+            "unsubscribe" => self
+                .update_item(node, &contact, |slot| {
+                    if let Some(item) = slot.as_mut() {
+                        item.subscription = item.subscription.with_to(false);
+                        item.ask_out = false;
+                    }
+                })
+                .map(|_| Some(out)),
+            _ => self
+                .update_item(node, &contact, |slot| {
+                    if let Some(item) = slot.as_mut() {
+                        item.subscription = item.subscription.with_from(false);
+                        item.pending_in = false;
+                    }
+                })
+                .map(|(before, after)| (before != after).then_some(out)),
+        };
+        match result {
+            Ok(Some(out)) => {
+                self.route(out, &contact_node, None);
+                match kind {
+                    // §3.1.5: the contact now sees the user's current presence.
+                    "subscribed" => self.send_presence_of(node, &contact),
+                    // §3.2.2: and stops seeing it.
+                    "unsubscribed" => self.send_unavailable_of(node, &contact),
+                    _ => {}
+                }
+            }
+            Ok(None) => {}
+            Err(RosterError::Full) => {
+                self.reply_error(conn, &stanza, "wait", "resource-constraint")
+            }
+            Err(RosterError::Store(e)) => {
+                tracing::error!(node, error = %e, "roster write failed");
+                self.reply_error(conn, &stanza, "wait", "internal-server-error");
+            }
+        }
+    }
+
+    /// §3.1.3: `sender` asks to see `node`'s presence.
+    fn inbound_subscribe(&mut self, node: &str, sender: &str, stanza: Stanza) {
+        let bare = self.bare(node);
+        let mut already_approved = false;
+        let mut already_pending = false;
+        let r = self.update_item(node, sender, |slot| match slot {
+            Some(item) if item.subscription.has_from() => already_approved = true,
+            Some(item) if item.pending_in => already_pending = true,
+            Some(item) => item.pending_in = true,
+            None => {
+                let mut item = RosterItem::new(sender);
+                item.pending_in = true;
+                *slot = Some(item);
+            }
+        });
+        if let Err(e) = r {
+            tracing::warn!(node, error = ?e, "inbound subscribe not recorded");
+            return;
+        }
+        if already_approved {
+            let reply = build::stanza(
+                "presence",
+                Attrs {
+                    to: Some(sender),
+                    from: Some(&bare),
+                    type_: Some("subscribed"),
+                    ..Attrs::default()
+                },
+                "",
+            );
+            self.route_addressed(reply);
+        } else if !already_pending {
+            self.deliver_to_available(node, &stanza);
+        }
+    }
+
+    /// §3.1.6: `sender` approved `node`'s request.
+    fn inbound_subscribed(&mut self, node: &str, sender: &str, stanza: Stanza) {
+        let r = self.update_item(node, sender, |slot| {
+            if let Some(item) = slot.as_mut().filter(|i| i.ask_out) {
+                item.ask_out = false;
+                item.subscription = item.subscription.with_to(true);
+            }
+        });
+        if let Ok((before, after)) = r {
+            if before != after {
+                self.deliver_to_available(node, &stanza);
+            }
+        }
+    }
+
+    /// §3.3.3: `sender` no longer wants `node`'s presence.
+    fn inbound_unsubscribe(&mut self, node: &str, sender: &str, stanza: Stanza) {
+        let r = self.update_item(node, sender, |slot| {
+            if let Some(item) = slot.as_mut() {
+                item.subscription = item.subscription.with_from(false);
+                item.pending_in = false;
+            }
+        });
+        if let Ok((Some(before), _)) = r {
+            if before.subscription.has_from() {
+                self.deliver_to_available(node, &stanza);
+                self.send_unavailable_of(node, sender);
+            }
+        }
+    }
+
+    /// §3.2.3: `sender` cancelled or denied `node`'s subscription.
+    fn inbound_unsubscribed(&mut self, node: &str, sender: &str, stanza: Stanza) {
+        let r = self.update_item(node, sender, |slot| {
+            if let Some(item) = slot.as_mut() {
+                item.subscription = item.subscription.with_to(false);
+                item.ask_out = false;
+            }
+        });
+        if let Ok((before, after)) = r {
+            if before != after {
+                self.deliver_to_available(node, &stanza);
+            }
+        }
+    }
+
+    // ---- rosters ----
+
+    /// Takes the user's roster out of the cache, or reads it from the store.
+    fn take_roster(&mut self, node: &str) -> Result<Vec<RosterItem>, StoreError> {
+        if let Some(r) = self.users.get_mut(node).and_then(|u| u.roster.take()) {
+            return Ok(r);
+        }
+        self.store.roster(node)
+    }
+
+    /// Puts a roster back in the cache if the user has sessions here.
+    fn put_roster(&mut self, node: &str, roster: Vec<RosterItem>) {
+        if let Some(u) = self.users.get_mut(node) {
+            u.roster = Some(roster);
+        }
+    }
+
+    fn with_roster<T>(
+        &mut self,
+        node: &str,
+        f: impl FnOnce(&[RosterItem]) -> T,
+    ) -> Result<T, StoreError> {
+        let r = self.take_roster(node)?;
+        let out = f(&r);
+        self.put_roster(node, r);
+        Ok(out)
+    }
+
+    /// Changes `node`'s item for `jid` through `f` (`None` in the slot: no item; setting it to
+    /// `None` removes the item). If anything changed, persists the roster (synchronous store
+    /// write) and pushes the change to the user's interested sessions. Items that only record an
+    /// unanswered inbound request stay hidden and are never pushed.
+    fn update_item(
+        &mut self,
+        node: &str,
+        jid: &str,
+        f: impl FnOnce(&mut Option<RosterItem>),
+    ) -> Result<ItemChange, RosterError> {
+        let mut roster = self.take_roster(node)?;
+        let pos = roster.iter().position(|i| i.jid == jid);
+        let before = pos.map(|p| roster[p].clone());
+        let mut slot = before.clone();
+        f(&mut slot);
+        // An item that was hidden and is now a bare `none` item with nothing pending was never
+        // shown to the user: drop it instead of revealing it.
+        if let Some(item) = &slot {
+            let was_hidden = before.as_ref().is_none_or(|b| !b.is_visible());
+            if was_hidden
+                && item.subscription == roster::Subscription::None
+                && !item.ask_out
+                && !item.pending_in
+                && item.name.is_none()
+                && item.groups.is_empty()
+                && before.as_ref().is_some_and(|b| b.pending_in)
+            {
+                slot = None;
+            }
+        }
+        if slot == before {
+            self.put_roster(node, roster);
+            return Ok((before, slot));
+        }
+        match (pos, &slot) {
+            (Some(p), Some(item)) => roster[p] = item.clone(),
+            (Some(p), None) => {
+                roster.remove(p);
+            }
+            (None, Some(item)) => {
+                if roster.len() >= ROSTER_ITEMS_MAX {
+                    self.put_roster(node, roster);
+                    return Err(RosterError::Full);
+                }
+                roster.push(item.clone());
+            }
+            (None, None) => {}
+        }
+        // Blocks the shard for the write; see the module comment.
+        if let Err(e) = self.store.set_roster(node, &roster) {
+            // Leave the cache empty so the next use reloads what the store holds.
+            return Err(e.into());
+        }
+        self.put_roster(node, roster);
+        let was_visible = before.as_ref().is_some_and(RosterItem::is_visible);
+        let xml = match &slot {
+            Some(item) if item.is_visible() || was_visible => Some(item.to_xml()),
+            None if was_visible => Some(roster::removed_item_xml(jid)),
+            _ => None,
+        };
+        if let Some(xml) = xml {
+            self.roster_push(node, &xml);
+        }
+        Ok((before, slot))
+    }
+
+    /// RFC 6121 §2.1.6: an IQ set with the changed item to each interested session.
+    fn roster_push(&mut self, node: &str, item_xml: &str) {
+        let targets: Vec<(ConnId, String)> = self
+            .users
+            .get(node)
+            .map(|u| {
+                u.resources
+                    .iter()
+                    .filter_map(|(_, c)| self.sessions.get(c).map(|s| (*c, s)))
+                    .filter(|(_, s)| s.interested)
+                    .map(|(c, s)| (c, s.full_jid.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let inner = format!("<query xmlns='{ROSTER_NS}'>{item_xml}</query>");
+        for (conn, full) in targets {
+            self.next_push += 1;
+            let id = format!("push{:x}", self.next_push);
+            let push = build::stanza(
+                "iq",
+                Attrs {
+                    to: Some(&full),
+                    id: Some(&id),
+                    type_: Some("set"),
+                    ..Attrs::default()
+                },
+                &inner,
+            );
+            self.deliver(conn, push);
+        }
+    }
+
+    // ---- IQs the server answers ----
+
+    /// An IQ for the server (`for_account`: addressed to the user's own account, i.e. no `to` or
+    /// the user's bare JID; otherwise to the domain).
+    fn server_iq(&mut self, conn: ConnId, stanza: &Stanza, for_account: bool) {
+        let type_ = stanza.type_().map(|t| t.into_owned());
+        let is_set = match type_.as_deref() {
+            Some("get") => false,
+            Some("set") => true,
+            Some("result" | "error") => return,
+            _ => {
+                self.reply_error(conn, stanza, "modify", "bad-request");
+                return;
+            }
+        };
+        let Some(el) = build::parse(stanza) else {
+            self.reply_error(conn, stanza, "modify", "bad-request");
+            return;
+        };
+        let Some(payload) = el.children().next() else {
+            self.reply_error(conn, stanza, "modify", "bad-request");
+            return;
+        };
+        let ns = payload.ns();
+        match (is_set, payload.name(), ns.as_str()) {
+            (false, "query", DISCO_INFO_NS) => {
+                let inner = if for_account {
+                    format!(
+                        "<query xmlns='{DISCO_INFO_NS}'><identity category='account' type='registered'/>\
+                         <feature var='{DISCO_INFO_NS}'/></query>"
+                    )
+                } else {
+                    format!(
+                        "<query xmlns='{DISCO_INFO_NS}'><identity category='server' type='im'/>\
+                         <feature var='{DISCO_INFO_NS}'/><feature var='{DISCO_ITEMS_NS}'/>\
+                         <feature var='{PING_NS}'/><feature var='{ROSTER_NS}'/></query>"
+                    )
+                };
+                self.reply_result(conn, stanza, &inner);
+            }
+            (false, "query", DISCO_ITEMS_NS) => {
+                self.reply_result(conn, stanza, &format!("<query xmlns='{DISCO_ITEMS_NS}'/>"))
+            }
+            (false, "ping", PING_NS) => self.reply_result(conn, stanza, ""),
+            (true, "session", SESSION_NS) => self.reply_result(conn, stanza, ""),
+            (false, "query", ROSTER_NS) if for_account => self.roster_get(conn, stanza),
+            (true, "query", ROSTER_NS) if for_account => self.roster_set(conn, stanza, payload),
+            _ => self.reply_error(conn, stanza, "cancel", "service-unavailable"),
+        }
+    }
+
+    /// Sends `type='result'` for the IQ `req` to the local session `conn`.
+    fn reply_result(&mut self, conn: ConnId, req: &Stanza, inner: &str) {
+        let Some(full) = self.sessions.get(&conn).map(|s| s.full_jid.clone()) else {
+            return;
+        };
+        let from = req.to();
+        let id = req.id();
+        let reply = build::stanza(
+            "iq",
+            Attrs {
+                to: Some(&full),
+                from: from.as_deref(),
+                id: id.as_deref(),
+                type_: Some("result"),
+            },
+            inner,
+        );
+        self.deliver(conn, reply);
+    }
+
+    /// RFC 6121 §2.2.
+    fn roster_get(&mut self, conn: ConnId, req: &Stanza) {
+        let Some(sess) = self.sessions.get_mut(&conn) else {
+            return;
+        };
+        sess.interested = true;
+        let node = sess.node.clone();
+        match self.with_roster(&node, |r| {
+            r.iter()
+                .filter(|i| i.is_visible())
+                .map(RosterItem::to_xml)
+                .collect::<String>()
+        }) {
+            Ok(items) => {
+                let inner = format!("<query xmlns='{ROSTER_NS}'>{items}</query>");
+                self.reply_result(conn, req, &inner);
+            }
+            Err(e) => {
+                tracing::error!(node, error = %e, "roster read failed");
+                self.reply_error(conn, req, "wait", "internal-server-error");
+            }
+        }
+    }
+
+    /// RFC 6121 §2.3 (update) and §2.5 (remove).
+    fn roster_set(&mut self, conn: ConnId, req: &Stanza, query: &minidom::Element) {
+        let Some(node) = self.sessions.get(&conn).map(|s| s.node.clone()) else {
+            return;
+        };
+        let set = match roster::parse_roster_set(query) {
+            Ok(s) => s,
+            Err(condition) => {
+                self.reply_error(conn, req, "modify", condition);
+                return;
+            }
+        };
+        let contact = match jid::Jid::new(&set.jid) {
+            Ok(j) => j.to_bare().to_string(),
+            Err(_) => {
+                self.reply_error(conn, req, "modify", "bad-request");
+                return;
+            }
+        };
+        if contact == self.bare(&node) {
+            self.reply_error(conn, req, "cancel", "not-allowed");
+            return;
+        }
+        let result = if set.remove {
+            self.update_item(&node, &contact, |slot| *slot = None)
+        } else {
+            self.update_item(&node, &contact, |slot| {
+                let item = slot.get_or_insert_with(|| RosterItem::new(&contact));
+                item.name = set.name.clone();
+                item.groups = set.groups.clone();
+            })
+        };
+        match result {
+            Ok((before, _)) => {
+                if set.remove {
+                    let Some(before) = before else {
+                        self.reply_error(conn, req, "cancel", "item-not-found");
+                        return;
+                    };
+                    // §2.5.2: cancel both directions of the subscription with the contact.
+                    let bare = self.bare(&node);
+                    let mut notices = Vec::new();
+                    if before.subscription.has_to() || before.ask_out {
+                        notices.push("unsubscribe");
+                    }
+                    if before.subscription.has_from() || before.pending_in {
+                        notices.push("unsubscribed");
+                    }
+                    if before.subscription.has_from() {
+                        self.send_unavailable_of(&node, &contact);
+                    }
+                    for t in notices {
+                        let p = build::stanza(
+                            "presence",
+                            Attrs {
+                                to: Some(&contact),
+                                from: Some(&bare),
+                                type_: Some(t),
+                                ..Attrs::default()
+                            },
+                            "",
+                        );
+                        self.route_addressed(p);
+                    }
+                }
+                self.reply_result(conn, req, "");
+            }
+            Err(RosterError::Full) => self.reply_error(conn, req, "cancel", "not-allowed"),
+            Err(RosterError::Store(e)) => {
+                tracing::error!(node, error = %e, "roster write failed");
+                self.reply_error(conn, req, "wait", "internal-server-error");
+            }
+        }
+    }
+}
+
+/// The `<priority/>` of an available presence (RFC 6121 §4.7.2.3), 0 when absent or invalid.
+fn presence_priority(stanza: &Stanza) -> i8 {
+    if stanza.header.self_closing || !stanza.as_str().contains("priority") {
+        return 0;
+    }
+    let Some(el) = build::parse(stanza) else {
+        return 0;
+    };
+    el.children()
+        .find(|c| c.name() == "priority" && c.ns() == "jabber:client")
+        .and_then(|c| c.text().trim().parse::<i8>().ok())
+        .unwrap_or(0)
 }

@@ -84,7 +84,11 @@ pub enum ConfigError {
     #[error("config: {0}")]
     Syntax(String),
     #[error("config key `{key}`: {problem}; {fix}")]
-    Invalid { key: &'static str, problem: String, fix: &'static str },
+    Invalid {
+        key: &'static str,
+        problem: String,
+        fix: &'static str,
+    },
 }
 
 impl Config {
@@ -92,7 +96,12 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             // toml's message names the unknown or mistyped key and its line; keep it on one line.
-            ConfigError::Syntax(e.to_string().split_whitespace().collect::<Vec<_>>().join(" "))
+            ConfigError::Syntax(
+                e.to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
         })?;
         config.validate()?;
         Ok(config)
@@ -173,13 +182,17 @@ mod tests {
 
     #[test]
     fn bad_address_is_named() {
-        let err = Config::from_toml("c2s_addr = 'nowhere'").unwrap_err().to_string();
+        let err = Config::from_toml("c2s_addr = 'nowhere'")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("c2s_addr"), "{err}");
     }
 
     #[test]
     fn half_a_certificate_is_refused() {
-        let err = Config::from_toml("tls_cert_path = '/x.pem'").unwrap_err().to_string();
+        let err = Config::from_toml("tls_cert_path = '/x.pem'")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tls_cert_path"), "{err}");
     }
 }

@@ -6,7 +6,10 @@ use std::borrow::Cow;
 /// Escapes `&`, `<`, `>`, `'` and `"` so the result is safe as text or as an attribute value in
 /// either quote style.
 pub fn escape(s: &str) -> Cow<'_, str> {
-    if !s.bytes().any(|b| matches!(b, b'&' | b'<' | b'>' | b'\'' | b'"')) {
+    if !s
+        .bytes()
+        .any(|b| matches!(b, b'&' | b'<' | b'>' | b'\'' | b'"'))
+    {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 16);

@@ -113,7 +113,11 @@ impl Stanza {
             start_tag_end: shift(self.header.start_tag_end),
             self_closing: self.header.self_closing,
         };
-        Stanza { kind: self.kind, header, bytes: out.freeze() }
+        Stanza {
+            kind: self.kind,
+            header,
+            bytes: out.freeze(),
+        }
     }
 
     fn slice(&self, r: &Range<usize>) -> &str {

@@ -1,0 +1,863 @@
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as Base64;
+use base64::Engine;
+use router::credentials::Credentials;
+use router::BindError;
+use sasl::client::mechanisms::Scram;
+use sasl::client::Mechanism;
+use sasl::common::scram::{ScramProvider, Sha1, Sha256};
+use sasl::common::ChannelBinding;
+use shared::stanza::Stanza;
+
+use super::*;
+
+const DOMAIN: &str = "example.com";
+const HEADER: &str = "<?xml version='1.0'?><stream:stream to='example.com' version='1.0' \
+                      xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+const MECHS_ALL: &str = "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism>\
+                         <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>";
+const MECHS_SCRAM: &str =
+    "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism>\
+                           <mechanism>SCRAM-SHA-1</mechanism></mechanisms>";
+const BIND_FEATURES: &str = "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
+                             <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session></stream:features>";
+const NOT_AUTHORIZED: &str =
+    "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>";
+
+fn alice_credentials() -> Credentials {
+    static CREDS: OnceLock<Credentials> = OnceLock::new();
+    CREDS.get_or_init(|| Credentials::derive("pw", 64)).clone()
+}
+
+#[derive(Default)]
+struct Mock {
+    users: HashMap<String, Credentials>,
+    lookups: Vec<String>,
+    bound: Vec<(String, Option<String>)>,
+    taken: Vec<String>,
+    full: bool,
+    stanzas: Vec<Stanza>,
+}
+
+impl Services for Mock {
+    fn credentials(&mut self, node: &str) -> Option<Credentials> {
+        self.lookups.push(node.to_owned());
+        self.users.get(node).cloned()
+    }
+    fn bind(&mut self, node: &str, resource: Option<&str>) -> Result<String, BindError> {
+        self.bound
+            .push((node.to_owned(), resource.map(str::to_owned)));
+        if self.full {
+            return Err(BindError::TooManySessions);
+        }
+        match resource {
+            Some("bad") => Err(BindError::BadResource),
+            // Conflict: the server picks another resource (RFC 6120 §7.7.2.2).
+            Some(r) if self.taken.iter().any(|t| t == r) => Ok(format!("{node}@{DOMAIN}/{r}-2")),
+            Some(r) => Ok(format!("{node}@{DOMAIN}/{r}")),
+            None => Ok(format!("{node}@{DOMAIN}/generated")),
+        }
+    }
+    fn stanza(&mut self, stanza: Stanza) {
+        self.stanzas.push(stanza);
+    }
+}
+
+fn config(starttls_offered: bool, allow_plaintext: bool) -> Arc<C2sConfig> {
+    Arc::new(C2sConfig {
+        domain: DOMAIN.to_owned(),
+        starttls_offered,
+        allow_plaintext,
+        stanza_bytes_max: 4096,
+        unauthenticated_timeout: Duration::from_secs(30),
+    })
+}
+
+struct Client {
+    c2s: C2s,
+    svc: Mock,
+    now: Instant,
+}
+
+impl Client {
+    fn new(security: Security, config: Arc<C2sConfig>) -> Client {
+        let now = Instant::now();
+        let mut svc = Mock::default();
+        svc.users.insert("alice".to_owned(), alice_credentials());
+        Client {
+            c2s: C2s::new(config, security, now),
+            svc,
+            now,
+        }
+    }
+    fn tls() -> Client {
+        Client::new(Security::Tls, config(false, false))
+    }
+    fn send(&mut self, data: &str) -> (Step, String) {
+        let mut out = Vec::new();
+        let step = self
+            .c2s
+            .handle_bytes(data.as_bytes(), &mut self.svc, &mut out, self.now);
+        (step, String::from_utf8(out).unwrap())
+    }
+    /// Sends and expects `Continue`.
+    fn ok(&mut self, data: &str) -> String {
+        let (step, out) = self.send(data);
+        assert_eq!(step, Step::Continue, "output: {out}");
+        out
+    }
+    fn login_plain(&mut self) {
+        self.ok(HEADER);
+        let (step, out) = self.send(&plain_auth("", "alice", "pw"));
+        assert_eq!(out, "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>");
+        assert_eq!(
+            step,
+            Step::Authenticated {
+                node: "alice".to_owned()
+            }
+        );
+    }
+    fn bind(&mut self, resource: &str) -> String {
+        assert!(self.ok(HEADER).ends_with(BIND_FEATURES));
+        self.ok(&format!(
+            "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>"
+        ))
+    }
+}
+
+fn plain_auth(authzid: &str, user: &str, password: &str) -> String {
+    let payload = Base64.encode(format!("{authzid}\0{user}\0{password}"));
+    format!("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{payload}</auth>")
+}
+
+fn stream_error(condition: &str) -> String {
+    format!(
+        "<stream:error><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error></stream:stream>"
+    )
+}
+
+/// Our stream header, with the random id replaced.
+fn server_header() -> &'static str {
+    "<?xml version='1.0'?><stream:stream from='example.com' id='ID' version='1.0' xml:lang='en' \
+     xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
+}
+
+fn mask_ids(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(at) = rest.find(" id='") {
+        out.push_str(&rest[..at + 5]);
+        rest = &rest[at + 5..];
+        let end = rest.find('\'').unwrap();
+        let id = &rest[..end];
+        // Only the 32-hex stream ids are random.
+        if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            out.push_str("ID");
+        } else {
+            out.push_str(id);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn challenge_payload(out: &str) -> Vec<u8> {
+    let start = out
+        .find("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+        .expect(out)
+        + 52;
+    let end = out.find("</challenge>").unwrap();
+    Base64.decode(&out[start..end]).unwrap()
+}
+
+fn success_payload(out: &str) -> Vec<u8> {
+    let start = out
+        .find("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
+        .expect(out)
+        + 50;
+    let end = out.find("</success>").unwrap();
+    Base64.decode(&out[start..end]).unwrap()
+}
+
+#[test]
+fn machine_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<C2s>();
+}
+
+#[test]
+fn plain_login_over_tls_bind_and_message() {
+    let mut c = Client::tls();
+    let out = c.ok(HEADER);
+    assert_eq!(
+        mask_ids(&out),
+        format!(
+            "{}<stream:features>{MECHS_ALL}</stream:features>",
+            server_header()
+        )
+    );
+    assert!(c.c2s.deadline().is_some());
+    c.login_plain();
+    assert_eq!(c.c2s.full_jid(), None);
+    let out = c.ok(HEADER);
+    assert_eq!(
+        mask_ids(&out),
+        format!("{}{BIND_FEATURES}", server_header())
+    );
+    let out = c.ok(
+        "<iq type='set' id='b&amp;1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>phone</resource></bind></iq>",
+    );
+    assert_eq!(
+        out,
+        "<iq type='result' id='b&amp;1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><jid>alice@example.com/phone</jid></bind></iq>"
+    );
+    assert_eq!(
+        c.svc.bound,
+        vec![("alice".to_owned(), Some("phone".to_owned()))]
+    );
+    assert!(c.c2s.is_established());
+    assert_eq!(c.c2s.full_jid(), Some("alice@example.com/phone"));
+    assert_eq!(c.c2s.deadline(), None);
+
+    let out =
+        c.ok("<iq type='set' id='s1'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>");
+    assert_eq!(out, "<iq type='result' id='s1'/>");
+    let out = c.ok("<message to='bob@example.com' from='mallory@evil.example'><body>hi</body></message><presence/>");
+    assert_eq!(out, "");
+    assert_eq!(c.svc.stanzas.len(), 2);
+    assert_eq!(
+        c.svc.stanzas[0].from().as_deref(),
+        Some("alice@example.com/phone")
+    );
+    assert!(!c.svc.stanzas[0].as_str().contains("mallory"));
+    assert_eq!(c.svc.stanzas[0].to().as_deref(), Some("bob@example.com"));
+    assert_eq!(
+        c.svc.stanzas[1].from().as_deref(),
+        Some("alice@example.com/phone")
+    );
+
+    let (step, out) = c.send("</stream:stream>");
+    assert_eq!((step, out.as_str()), (Step::Close, "</stream:stream>"));
+    assert!(!c.c2s.is_established());
+    let (step, out) = c.send("<presence/>");
+    assert_eq!((step, out.as_str()), (Step::Close, ""));
+}
+
+#[test]
+fn bind_without_resource_and_conflict_use_the_returned_jid() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.ok(HEADER);
+    let out = c.ok("<iq id='b' type='set'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>");
+    assert!(
+        out.contains("<jid>alice@example.com/generated</jid>"),
+        "{out}"
+    );
+    assert_eq!(c.svc.bound, vec![("alice".to_owned(), None)]);
+
+    let mut c = Client::tls();
+    c.svc.taken.push("phone".to_owned());
+    c.login_plain();
+    let out = c.bind("phone");
+    assert!(
+        out.contains("<jid>alice@example.com/phone-2</jid>"),
+        "{out}"
+    );
+    assert_eq!(c.c2s.full_jid(), Some("alice@example.com/phone-2"));
+}
+
+#[test]
+fn bind_errors() {
+    let mut c = Client::tls();
+    c.svc.full = true;
+    c.login_plain();
+    let out = c.bind("phone");
+    assert_eq!(
+        out,
+        "<iq type='error' id='b1'><error type='wait'><resource-constraint xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    );
+    assert!(!c.c2s.is_established());
+    c.svc.full = false;
+    let out = c.ok(
+        "<iq type='set' id='b2'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bad</resource></bind></iq>",
+    );
+    assert_eq!(
+        out,
+        "<iq type='error' id='b2'><error type='modify'><bad-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>"
+    );
+    let out = c.ok(
+        "<iq type='set' id='b3'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>ok</resource></bind></iq>",
+    );
+    assert!(out.contains("<jid>alice@example.com/ok</jid>"));
+}
+
+#[test]
+fn stanza_before_bind_is_not_authorized() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.ok(HEADER);
+    let (step, out) = c.send("<message to='bob@example.com'><body>x</body></message>");
+    assert_eq!((step, out), (Step::Close, stream_error("not-authorized")));
+    assert!(c.svc.stanzas.is_empty());
+}
+
+fn scram_login<S: ScramProvider>(mechanism: &str, password: &str) -> (Client, Step, String) {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let mut client = Scram::<S>::new("alice", password, ChannelBinding::None).unwrap();
+    let first = Base64.encode(client.initial());
+    let out = c.ok(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{mechanism}'>{first}</auth>"
+    ));
+    let server_first = challenge_payload(&out);
+    let final_ = Base64.encode(client.response(&server_first).unwrap());
+    let (step, out) = c.send(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{final_}</response>"
+    ));
+    if step
+        == (Step::Authenticated {
+            node: "alice".to_owned(),
+        })
+    {
+        client
+            .success(&success_payload(&out))
+            .expect("server signature verifies");
+    }
+    (c, step, out)
+}
+
+#[test]
+fn scram_sha1_against_sasl_client() {
+    let (mut c, step, _) = scram_login::<Sha1>("SCRAM-SHA-1", "pw");
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        }
+    );
+    assert!(c
+        .bind("laptop")
+        .contains("<jid>alice@example.com/laptop</jid>"));
+}
+
+#[test]
+fn scram_sha256_against_sasl_client() {
+    let (mut c, step, _) = scram_login::<Sha256>("SCRAM-SHA-256", "pw");
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        }
+    );
+    assert!(c
+        .bind("laptop")
+        .contains("<jid>alice@example.com/laptop</jid>"));
+}
+
+#[test]
+fn scram_wrong_password() {
+    for mechanism in ["SCRAM-SHA-1", "SCRAM-SHA-256"] {
+        let (_, step, out) = if mechanism == "SCRAM-SHA-1" {
+            scram_login::<Sha1>(mechanism, "wrong")
+        } else {
+            scram_login::<Sha256>(mechanism, "wrong")
+        };
+        assert_eq!((step, out.as_str()), (Step::Continue, NOT_AUTHORIZED));
+    }
+}
+
+#[test]
+fn scram_without_initial_response_and_unknown_user() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let out = c.ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'/>");
+    assert_eq!(out, "<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>");
+    // An unknown user gets a challenge that looks real, then fails like a wrong password.
+    let mut client = Scram::<Sha256>::new("nobody", "pw", ChannelBinding::None).unwrap();
+    let first = Base64.encode(client.initial());
+    let out = c.ok(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{first}</response>"
+    ));
+    let server_first = challenge_payload(&out);
+    assert!(String::from_utf8(server_first.clone())
+        .unwrap()
+        .contains(",i=4096"));
+    let final_ = Base64.encode(client.response(&server_first).unwrap());
+    let out = c.ok(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{final_}</response>"
+    ));
+    assert_eq!(out, NOT_AUTHORIZED);
+    assert_eq!(c.svc.lookups, vec!["nobody".to_owned()]);
+}
+
+#[test]
+fn scram_rejects_channel_binding_and_tampering() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let first = Base64.encode("p=tls-unique,,n=alice,r=abcdef");
+    let out = c.ok(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{first}</auth>"
+    ));
+    assert_eq!(
+        out,
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><malformed-request/></failure>"
+    );
+
+    // A client-final with another nonce fails even with a proof computed over it.
+    let mut client = Scram::<Sha1>::new("alice", "pw", ChannelBinding::None).unwrap();
+    let first = Base64.encode(client.initial());
+    let out = c.ok(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{first}</auth>"
+    ));
+    let server_first = String::from_utf8(challenge_payload(&out)).unwrap();
+    let tampered = server_first.replacen("r=", "r=x", 1);
+    let final_ = Base64.encode(client.response(tampered.as_bytes()).unwrap());
+    let (step, out) = c.send(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{final_}</response>"
+    ));
+    assert_eq!(step, Step::Close);
+    assert_eq!(
+        out,
+        format!("{NOT_AUTHORIZED}{}", stream_error("policy-violation"))
+    );
+}
+
+#[test]
+fn wrong_password_then_policy_violation_after_three() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    assert_eq!(c.ok(&plain_auth("", "alice", "nope")), NOT_AUTHORIZED);
+    // Unknown user: same answer.
+    assert_eq!(c.ok(&plain_auth("", "bob", "pw")), NOT_AUTHORIZED);
+    let (step, out) = c.send(&plain_auth("", "alice", "nope2"));
+    assert_eq!(step, Step::Close);
+    assert_eq!(
+        out,
+        format!("{NOT_AUTHORIZED}{}", stream_error("policy-violation"))
+    );
+}
+
+#[test]
+fn plain_details() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let out = c.ok(&plain_auth("bob@example.com", "alice", "pw"));
+    assert_eq!(
+        out,
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><invalid-authzid/></failure>"
+    );
+    // Username is normalised; a matching authzid is fine.
+    let (step, _) = c.send(&plain_auth("alice@example.com", "ALICE", "pw"));
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        }
+    );
+    assert_eq!(c.svc.lookups, vec!["alice".to_owned()]);
+
+    // No initial response: empty challenge, then the response.
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let out = c.ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'/>");
+    assert_eq!(out, "<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>");
+    let payload = Base64.encode("\0alice\0pw");
+    let (step, _) = c.send(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{payload}</response>"
+    ));
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        }
+    );
+}
+
+#[test]
+fn sasl_failure_conditions() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let out =
+        c.ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='DIGEST-MD5'>=</auth>");
+    assert_eq!(
+        out,
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><invalid-mechanism/></failure>"
+    );
+    let out =
+        c.ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!notbase64</auth>");
+    assert_eq!(
+        out,
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><incorrect-encoding/></failure>"
+    );
+
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    c.ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'/>");
+    let out = c.ok("<abort xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>");
+    assert_eq!(
+        out,
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><aborted/></failure>"
+    );
+    // Back to choosing a mechanism.
+    let (step, _) = c.send(&plain_auth("", "alice", "pw"));
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        }
+    );
+}
+
+#[test]
+fn plain_not_offered_without_tls() {
+    let mut c = Client::new(Security::Plain, config(false, false));
+    let out = c.ok(HEADER);
+    assert!(
+        out.ends_with(&format!("<stream:features>{MECHS_SCRAM}</stream:features>")),
+        "{out}"
+    );
+    let out = c.ok(&plain_auth("", "alice", "pw"));
+    assert_eq!(
+        out,
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>"
+    );
+    assert!(c.svc.lookups.is_empty());
+    // SCRAM still works.
+    let mut client = Scram::<Sha1>::new("alice", "pw", ChannelBinding::None).unwrap();
+    let first = Base64.encode(client.initial());
+    let out = c.ok(&format!(
+        "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{first}</auth>"
+    ));
+    let final_ = Base64.encode(client.response(&challenge_payload(&out)).unwrap());
+    let (step, _) = c.send(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{final_}</response>"
+    ));
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        }
+    );
+}
+
+#[test]
+fn plaintext_allowed_offers_everything() {
+    let mut c = Client::new(Security::Plain, config(true, true));
+    let out = c.ok(HEADER);
+    assert!(
+        out.ends_with(&format!(
+            "<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>{MECHS_ALL}</stream:features>"
+        )),
+        "{out}"
+    );
+    c.login_plain_after_header();
+}
+
+impl Client {
+    fn login_plain_after_header(&mut self) {
+        let (step, _) = self.send(&plain_auth("", "alice", "pw"));
+        assert_eq!(
+            step,
+            Step::Authenticated {
+                node: "alice".to_owned()
+            }
+        );
+    }
+}
+
+#[test]
+fn starttls_flow() {
+    let mut c = Client::new(Security::Plain, config(true, false));
+    let out = c.ok(HEADER);
+    assert!(
+        out.ends_with(
+            "<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls></stream:features>"
+        ),
+        "{out}"
+    );
+    // Bytes pipelined after <starttls/> in the clear are dropped.
+    let (step, out) = c.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/><message/>");
+    assert_eq!(
+        (step, out.as_str()),
+        (
+            Step::StartTls,
+            "<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        )
+    );
+    assert_eq!(c.ok("<ignored/>"), "");
+    c.c2s.handle_tls_established();
+    let out = c.ok(HEADER);
+    assert_eq!(
+        mask_ids(&out),
+        format!(
+            "{}<stream:features>{MECHS_ALL}</stream:features>",
+            server_header()
+        )
+    );
+    c.login_plain_after_header();
+    assert!(c.bind("r").contains("<jid>alice@example.com/r</jid>"));
+}
+
+#[test]
+fn auth_before_required_starttls_is_policy_violation() {
+    let mut c = Client::new(Security::Plain, config(true, false));
+    c.ok(HEADER);
+    let (step, out) = c.send(&plain_auth("", "alice", "pw"));
+    assert_eq!((step, out), (Step::Close, stream_error("policy-violation")));
+    assert!(c.svc.lookups.is_empty());
+}
+
+#[test]
+fn starttls_when_not_offered_fails() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let (step, out) = c.send("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>");
+    assert_eq!(
+        (step, out.as_str()),
+        (
+            Step::Close,
+            "<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:stream>"
+        )
+    );
+}
+
+#[test]
+fn bad_namespace() {
+    let mut c = Client::tls();
+    let (step, out) = c.send(
+        "<stream:stream to='example.com' version='1.0' xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams'>",
+    );
+    assert_eq!(step, Step::Close);
+    assert_eq!(
+        mask_ids(&out),
+        format!("{}{}", server_header(), stream_error("invalid-namespace"))
+    );
+
+    let mut c = Client::tls();
+    let (step, out) =
+        c.send("<stream:stream to='example.com' version='1.0' xmlns='jabber:client' xmlns:stream='urn:wrong'>");
+    assert_eq!(step, Step::Close);
+    assert!(out.ends_with(&stream_error("invalid-namespace")));
+}
+
+#[test]
+fn host_and_version() {
+    let mut c = Client::tls();
+    let (step, out) = c.send(&HEADER.replace("example.com", "other.example"));
+    assert_eq!(step, Step::Close);
+    assert_eq!(
+        mask_ids(&out),
+        format!("{}{}", server_header(), stream_error("host-unknown"))
+    );
+
+    let mut c = Client::tls();
+    let out = c.ok(&HEADER.replace("to='example.com'", "to='EXAMPLE.com'"));
+    assert!(out.contains("<stream:features>"));
+
+    let mut c = Client::tls();
+    let out = c.ok(&HEADER.replace(" to='example.com'", ""));
+    assert!(out.contains("<stream:features>"));
+
+    let mut c = Client::tls();
+    let (step, out) = c.send(&HEADER.replace(" version='1.0'", ""));
+    assert_eq!(step, Step::Close);
+    assert!(out.ends_with(&stream_error("unsupported-version")));
+
+    let mut c = Client::tls();
+    let out = c.ok(&HEADER.replace("version='1.0'", "version='1.5'"));
+    assert!(out.contains("version='1.0'"));
+}
+
+#[test]
+fn malformed_xml() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let (step, out) = c.send("<message><body></message>");
+    assert_eq!((step, out), (Step::Close, stream_error("not-well-formed")));
+}
+
+#[test]
+fn doctype_is_restricted() {
+    let mut c = Client::tls();
+    let (step, out) = c.send("<?xml version='1.0'?><!DOCTYPE foo [<!ENTITY x 'y'>]>");
+    assert_eq!(step, Step::Close);
+    assert_eq!(
+        mask_ids(&out),
+        format!("{}{}", server_header(), stream_error("restricted-xml"))
+    );
+}
+
+#[test]
+fn oversized_stanza() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let big = format!("<message><body>{}</body></message>", "a".repeat(8192));
+    let (step, out) = c.send(&big);
+    assert_eq!((step, out), (Step::Close, stream_error("policy-violation")));
+}
+
+#[test]
+fn timeout() {
+    let mut c = Client::tls();
+    let start = c.now;
+    assert_eq!(c.c2s.deadline(), Some(start + Duration::from_secs(30)));
+    let mut out = Vec::new();
+    assert_eq!(
+        c.c2s.handle_tick(&mut out, start + Duration::from_secs(29)),
+        Step::Continue
+    );
+    assert!(out.is_empty());
+    c.ok(HEADER);
+    assert_eq!(
+        c.c2s.handle_tick(&mut out, start + Duration::from_secs(30)),
+        Step::Close
+    );
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        stream_error("connection-timeout")
+    );
+    assert_eq!(c.c2s.deadline(), None);
+
+    // Bound sessions have no deadline.
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    let mut out = Vec::new();
+    assert_eq!(
+        c.c2s
+            .handle_tick(&mut out, start + Duration::from_secs(3600)),
+        Step::Continue
+    );
+    assert!(out.is_empty());
+}
+
+#[test]
+fn stanza_before_auth_is_not_authorized() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let (step, out) = c.send("<message to='bob@example.com'><body>x</body></message>");
+    assert_eq!((step, out), (Step::Close, stream_error("not-authorized")));
+    assert!(c.svc.stanzas.is_empty());
+}
+
+#[test]
+fn established_other_elements() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    let out = c.ok("<enable xmlns='urn:xmpp:sm:3'/>");
+    assert_eq!(
+        out,
+        "<failed xmlns='urn:xmpp:sm:3'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+    );
+    let (step, out) = c.send("<foo xmlns='urn:example'/>");
+    assert_eq!(
+        (step, out),
+        (Step::Close, stream_error("unsupported-stanza-type"))
+    );
+}
+
+#[test]
+fn server_close() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    let mut out = Vec::new();
+    c.c2s.handle_close(Some("system-shutdown"), &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        stream_error("system-shutdown")
+    );
+    assert!(!c.c2s.is_established());
+    let mut out = Vec::new();
+    c.c2s.handle_close(None, &mut out);
+    assert!(out.is_empty());
+    assert_eq!(c.send("<presence/>"), (Step::Close, String::new()));
+
+    // Before our header: header first.
+    let mut c = Client::tls();
+    let mut out = Vec::new();
+    c.c2s.handle_close(None, &mut out);
+    assert_eq!(
+        mask_ids(&String::from_utf8(out).unwrap()),
+        format!("{}</stream:stream>", server_header())
+    );
+}
+
+#[test]
+fn byte_at_a_time_gives_the_same_output() {
+    let input = [
+        HEADER.to_owned(),
+        plain_auth("", "alice", "pw"),
+        HEADER.to_owned(),
+        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>ü</resource></bind></iq>"
+            .to_owned(),
+        "<message to='bob@example.com'><body>héllo</body></message>".to_owned(),
+        "</stream:stream>".to_owned(),
+    ]
+    .concat();
+
+    let run = |chunk: usize| {
+        let mut c = Client::tls();
+        let mut out = Vec::new();
+        let mut steps = Vec::new();
+        for piece in input.as_bytes().chunks(chunk) {
+            let step = c.c2s.handle_bytes(piece, &mut c.svc, &mut out, c.now);
+            if step != Step::Continue {
+                steps.push(step);
+            }
+        }
+        let stanzas: Vec<String> = c
+            .svc
+            .stanzas
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect();
+        (mask_ids(&String::from_utf8(out).unwrap()), steps, stanzas)
+    };
+    // In one chunk the bytes after <success/> belong to the old stream and are dropped, so the
+    // reference run is message by message.
+    let mut c = Client::tls();
+    let mut reference = String::new();
+    let mut steps = Vec::new();
+    for part in [
+        HEADER.to_owned(),
+        plain_auth("", "alice", "pw"),
+        HEADER.to_owned(),
+        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>ü</resource></bind></iq>"
+            .to_owned(),
+        "<message to='bob@example.com'><body>héllo</body></message>".to_owned(),
+        "</stream:stream>".to_owned(),
+    ] {
+        let (step, out) = c.send(&part);
+        reference.push_str(&out);
+        if step != Step::Continue {
+            steps.push(step);
+        }
+    }
+    let stanzas: Vec<String> = c
+        .svc
+        .stanzas
+        .iter()
+        .map(|s| s.as_str().to_owned())
+        .collect();
+    assert!(
+        reference.contains("<jid>alice@example.com/ü</jid>"),
+        "{reference}"
+    );
+    assert_eq!(
+        steps,
+        vec![
+            Step::Authenticated {
+                node: "alice".to_owned()
+            },
+            Step::Close
+        ]
+    );
+    assert_eq!(stanzas.len(), 1);
+    assert_eq!(run(1), (mask_ids(&reference), steps, stanzas));
+}

@@ -1,0 +1,450 @@
+//! The I/O driver of one client connection: reads the socket, runs rustls, feeds the sans-IO
+//! `c2s` machine and the router, and writes what they produce. Kept thin on purpose: the lean
+//! io_uring path of a later issue replaces it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream as StdTcpStream;
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::{TcpListener, TcpStream};
+use router::credentials::Credentials;
+use router::{BindError, ConnId};
+use rustls::ServerConnection;
+use shared::limits::READ_CHUNK_BYTES;
+use shared::shard::home_shard;
+use shared::stanza::Stanza;
+
+use crate::c2s::{C2s, Security, Services, Step};
+use crate::shard::{Outbox, Shard};
+use crate::sys;
+
+/// Which listener a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// RFC 6120 c2s port: plaintext until STARTTLS.
+    StartTls,
+    /// XEP-0368 direct TLS port.
+    DirectTls,
+}
+
+/// An authenticated connection moving to its user's home shard.
+pub struct Handoff {
+    pub socket: StdTcpStream,
+    pub tls: Option<Box<ServerConnection>>,
+    pub machine: C2s,
+    /// Bytes read from the socket but not yet given to rustls (or to the machine, without TLS).
+    pub unread: Vec<u8>,
+}
+
+/// Accepts connections on one listener until the shard stops.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Listener) {
+    // Unbounded by design: this is the listener's event loop; it ends when the shard stops.
+    loop {
+        while shard.open_connections.get() >= shard.max_connections && !shard.stopping.is_open() {
+            // No free slot: stop accepting (the kernel's listen queue holds the rest) and look
+            // again shortly. Connections are never dropped to make room.
+            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.stopping.wait().await;
+            None
+        })
+        .await;
+        let Some(accepted) = accepted else { return };
+        let stream = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: say so and back off instead of spinning.
+                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        shard.stats.borrow_mut().accepted += 1;
+        let (config, security, tls) = match kind {
+            Listener::StartTls => (shard.c2s_starttls.clone(), Security::Plain, None),
+            Listener::DirectTls => match ServerConnection::new(shard.tls.clone()) {
+                Ok(tls) => (
+                    shard.c2s_direct_tls.clone(),
+                    Security::Tls,
+                    Some(Box::new(tls)),
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a TLS session");
+                    continue;
+                }
+            },
+        };
+        let machine = C2s::new(config, security, Instant::now());
+        let id = shard.next_conn_id();
+        spawn_driver(shard.clone(), id, stream, tls, machine, Vec::new());
+    }
+}
+
+/// Takes over connections handed to this shard.
+pub async fn adopt_loop(shard: Rc<Shard>, rx: flume::Receiver<Handoff>) {
+    // Unbounded by design: the shard's handoff event loop; ends when every sender is gone.
+    while let Ok(h) = rx.recv_async().await {
+        shard.stats.borrow_mut().handoffs_in += 1;
+        let stream = sys::adopt_socket(h.socket);
+        let id = shard.next_conn_id();
+        spawn_driver(shard.clone(), id, stream, h.tls, h.machine, h.unread);
+    }
+}
+
+fn spawn_driver(
+    shard: Rc<Shard>,
+    id: ConnId,
+    stream: TcpStream,
+    tls: Option<Box<ServerConnection>>,
+    machine: C2s,
+    unread: Vec<u8>,
+) {
+    let outbox = Rc::new(Outbox::default());
+    shard.conns.borrow_mut().insert(id, outbox.clone());
+    shard.open_connections.set(shard.open_connections.get() + 1);
+    let conn = Conn {
+        shard,
+        id,
+        tls,
+        machine,
+        outbox,
+        bound: false,
+        out: Vec::new(),
+    };
+    glommio::spawn_local(conn.run(stream, unread)).detach();
+}
+
+/// How a connection's run ended.
+enum End {
+    /// Closed (by either side or on error): clean up here.
+    Closed,
+    /// Handed to another shard: the connection lives on there.
+    HandedOff,
+}
+
+struct Conn {
+    shard: Rc<Shard>,
+    id: ConnId,
+    tls: Option<Box<ServerConnection>>,
+    machine: C2s,
+    outbox: Rc<Outbox>,
+    bound: bool,
+    /// Plaintext produced by the machine, not yet written.
+    out: Vec<u8>,
+}
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Outbox,
+    Tick,
+}
+
+impl Conn {
+    async fn run(mut self, mut stream: TcpStream, unread: Vec<u8>) {
+        let end = self.run_inner(&mut stream, unread).await;
+        match end {
+            End::HandedOff => {}
+            End::Closed => {
+                let _ = stream.close().await;
+                self.cleanup();
+            }
+        }
+    }
+
+    fn cleanup(&mut self) {
+        self.shard.conns.borrow_mut().remove(&self.id);
+        self.shard
+            .open_connections
+            .set(self.shard.open_connections.get() - 1);
+        if self.bound {
+            self.shard.router.borrow_mut().handle_disconnect(self.id);
+            self.shard.drain_router();
+        }
+    }
+
+    async fn run_inner(&mut self, stream: &mut TcpStream, unread: Vec<u8>) -> End {
+        // Bytes buffered before a handoff come first; an empty call also lets the machine work
+        // through what its framer already holds.
+        let (step, rest) = self.handle_input(&unread);
+        if let Some(end) = self.after_step(stream, step, rest).await {
+            return end;
+        }
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        let mut drained: Vec<Bytes> = Vec::new();
+        // Unbounded by design: the connection's event loop; every iteration waits for input.
+        loop {
+            let deadline = self.machine.deadline();
+            let wake = {
+                let shard = &self.shard;
+                let outbox = &self.outbox;
+                let read = async {
+                    shard.mesh_unblocked.wait().await;
+                    Wake::Read(stream.read(&mut buf).await)
+                };
+                let queued = async {
+                    outbox.ready().await;
+                    Wake::Outbox
+                };
+                let tick = async {
+                    match deadline {
+                        Some(at) => {
+                            let now = Instant::now();
+                            glommio::timer::sleep(at.saturating_duration_since(now)).await;
+                            Wake::Tick
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                futures_lite::future::or(queued, futures_lite::future::or(read, tick)).await
+            };
+            let step = match wake {
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Closed,
+                Wake::Read(Ok(n)) => {
+                    let (step, rest) = self.handle_input(&buf[..n]);
+                    if let Some(end) = self.after_step(stream, step, rest).await {
+                        return end;
+                    }
+                    continue;
+                }
+                Wake::Outbox => {
+                    if let Some(condition) = self.outbox.close_requested() {
+                        let condition = (!condition.is_empty()).then_some(condition);
+                        self.outbox.drain_into(&mut drained);
+                        for b in drained.drain(..) {
+                            self.out.extend_from_slice(&b);
+                        }
+                        self.machine.handle_close(condition, &mut self.out);
+                        Step::Close
+                    } else {
+                        self.outbox.drain_into(&mut drained);
+                        for b in drained.drain(..) {
+                            self.out.extend_from_slice(&b);
+                        }
+                        Step::Continue
+                    }
+                }
+                Wake::Tick => self.machine.handle_tick(&mut self.out, Instant::now()),
+            };
+            if let Some(end) = self.after_step(stream, step, Vec::new()).await {
+                return end;
+            }
+        }
+    }
+
+    /// Writes what is pending and carries out the machine's step. `Some` ends the loop.
+    async fn after_step(
+        &mut self,
+        stream: &mut TcpStream,
+        step: Step,
+        unread: Vec<u8>,
+    ) -> Option<End> {
+        if self.flush(stream).await.is_err() {
+            return Some(End::Closed);
+        }
+        match step {
+            Step::Continue => None,
+            Step::Close => {
+                if let Some(tls) = self.tls.as_mut() {
+                    tls.send_close_notify();
+                    let _ = self.flush(stream).await;
+                }
+                Some(End::Closed)
+            }
+            Step::StartTls => match ServerConnection::new(self.shard.tls.clone()) {
+                Ok(tls) => {
+                    self.tls = Some(Box::new(tls));
+                    self.machine.handle_tls_established();
+                    None
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a TLS session");
+                    Some(End::Closed)
+                }
+            },
+            Step::Authenticated { node } => {
+                let bare = format!("{node}@{}", self.shard.domain);
+                let home = home_shard(&bare, self.shard.shards);
+                if home == self.shard.id {
+                    // Already home: go on with whatever the client sent after authenticating.
+                    let (step, rest) = self.handle_input(&unread);
+                    return Box::pin(self.after_step(stream, step, rest)).await;
+                }
+                Some(self.hand_off(stream, home, unread).await)
+            }
+        }
+    }
+
+    /// Moves the connection to shard `home`: the socket (as a duplicated descriptor), the TLS
+    /// state, the machine (with its framer's buffered bytes) and any unread bytes.
+    async fn hand_off(&mut self, stream: &mut TcpStream, home: usize, unread: Vec<u8>) -> End {
+        let socket = match sys::dup_socket(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot duplicate a socket for handoff");
+                return End::Closed;
+            }
+        };
+        // The machine moves; a closed placeholder stays behind (it is never used again).
+        let placeholder = C2s::new(
+            self.shard.c2s_direct_tls.clone(),
+            Security::Tls,
+            Instant::now(),
+        );
+        let machine = std::mem::replace(&mut self.machine, placeholder);
+        let handoff = Handoff {
+            socket,
+            tls: self.tls.take(),
+            machine,
+            unread,
+        };
+        self.shard.stats.borrow_mut().handoffs_out += 1;
+        // Deregister before the send: the connection is no longer this shard's.
+        self.shard.conns.borrow_mut().remove(&self.id);
+        self.shard
+            .open_connections
+            .set(self.shard.open_connections.get() - 1);
+        let tx = self.shard.handoff_to[home].clone();
+        if tx.send_async(handoff).await.is_err() {
+            tracing::debug!(home, "handoff target stopped");
+        }
+        End::HandedOff
+    }
+
+    /// Feeds received bytes through TLS (if any) into the machine. Returns the step and the
+    /// bytes not yet fed when the machine stopped early (authenticated: they follow the handoff).
+    fn handle_input(&mut self, data: &[u8]) -> (Step, Vec<u8>) {
+        let now = Instant::now();
+        let mut services = ShardServices {
+            shard: &self.shard,
+            conn: self.id,
+            bound: &mut self.bound,
+        };
+        let Some(tls) = self.tls.as_mut() else {
+            return (
+                self.machine
+                    .handle_bytes(data, &mut services, &mut self.out, now),
+                Vec::new(),
+            );
+        };
+        let mut rest = data;
+        let mut plain = [0u8; READ_CHUNK_BYTES];
+        // Bounded: each pass consumes input or ends; rustls takes at least one record per pass.
+        loop {
+            if !rest.is_empty() {
+                if let Err(e) = tls.read_tls(&mut rest) {
+                    tracing::debug!(error = %e, "TLS read failed");
+                    return (Step::Close, Vec::new());
+                }
+            }
+            if let Err(e) = tls.process_new_packets() {
+                tracing::debug!(error = %e, "TLS error");
+                // rustls queued an alert; flush writes it.
+                return (Step::Close, Vec::new());
+            }
+            // Bounded by the plaintext rustls holds.
+            loop {
+                match tls.reader().read(&mut plain) {
+                    Ok(0) => return (Step::Close, Vec::new()),
+                    Ok(n) => {
+                        let step = self.machine.handle_bytes(
+                            &plain[..n],
+                            &mut services,
+                            &mut self.out,
+                            now,
+                        );
+                        if step != Step::Continue {
+                            return (step, rest.to_vec());
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => return (Step::Close, Vec::new()),
+                }
+            }
+            if rest.is_empty() {
+                return (
+                    self.machine
+                        .handle_bytes(&[], &mut services, &mut self.out, now),
+                    Vec::new(),
+                );
+            }
+        }
+    }
+
+    /// Writes pending plaintext (through TLS when on) and TLS records.
+    async fn flush(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        match self.tls.as_mut() {
+            None => {
+                if !self.out.is_empty() {
+                    stream.write_all(&self.out).await?;
+                    self.out.clear();
+                }
+            }
+            Some(tls) => {
+                if !self.out.is_empty() {
+                    tls.writer().write_all(&self.out)?;
+                    self.out.clear();
+                }
+                let mut wire = Vec::new();
+                while tls.wants_write() {
+                    tls.write_tls(&mut wire)?;
+                }
+                if !wire.is_empty() {
+                    stream.write_all(&wire).await?;
+                }
+            }
+        }
+        if self.out.capacity() > READ_CHUNK_BYTES {
+            // Do not keep a large buffer on a connection that goes idle.
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+}
+
+/// The shard's services as the c2s machine sees them.
+struct ShardServices<'a> {
+    shard: &'a Rc<Shard>,
+    conn: ConnId,
+    bound: &'a mut bool,
+}
+
+impl Services for ShardServices<'_> {
+    fn credentials(&mut self, node: &str) -> Option<Credentials> {
+        let home = home_shard(&format!("{node}@{}", self.shard.domain), self.shard.shards);
+        // A read of another shard's database on a cold path (logins): redb reads are lock-free
+        // MVCC snapshots, so this takes no lock another shard's hot path holds.
+        match self.shard.stores[home].credentials(node) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "credentials lookup failed");
+                None
+            }
+        }
+    }
+
+    fn bind(&mut self, node: &str, resource: Option<&str>) -> Result<String, BindError> {
+        let bound = self
+            .shard
+            .router
+            .borrow_mut()
+            .bind(node, resource, self.conn);
+        if bound.is_ok() {
+            *self.bound = true;
+        }
+        self.shard.drain_router();
+        bound.map(|b| b.full_jid)
+    }
+
+    fn stanza(&mut self, stanza: Stanza) {
+        self.shard
+            .router
+            .borrow_mut()
+            .handle_stanza(self.conn, stanza);
+        self.shard.drain_router();
+    }
+}

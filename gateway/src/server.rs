@@ -1,0 +1,306 @@
+//! Starting and stopping the gateway: one pinned glommio executor per shard, each with its own
+//! `SO_REUSEPORT` listeners, the mesh between them, and signal handling for a graceful stop.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use router::{Frame, Router, Store};
+use shared::config::Config;
+use shared::limits::{HANDOFF_CHANNEL_CONNECTIONS_MAX, MESH_CHANNEL_BATCHES_MAX};
+
+use crate::c2s::C2sConfig;
+use crate::conn::{self, Handoff, Listener};
+use crate::shard::{MeshPorts, Shard};
+use crate::{admin, tls};
+
+/// Which CPUs the shards run on: the configured list, else the process's affinity mask.
+pub fn shard_cpus(config: &Config) -> Vec<usize> {
+    if !config.cpus.is_empty() {
+        return config.cpus.clone();
+    }
+    let mut cpus: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        cpus = (0..n).collect();
+    }
+    cpus
+}
+
+/// The shard count in force: configured, else one per CPU.
+pub fn shard_count(config: &Config) -> usize {
+    config
+        .shards
+        .unwrap_or_else(|| shard_cpus(config).len())
+        .max(1)
+}
+
+enum Control {
+    Stop,
+}
+
+/// Runs the gateway until SIGINT or SIGTERM, then stops within the shutdown timeout.
+pub fn serve(config: Config) -> Result<()> {
+    let shards = shard_count(&config);
+    let cpus = shard_cpus(&config);
+    if config.allow_plaintext {
+        tracing::warn!(
+            "allow_plaintext is ON: passwords may cross the network in clear text on {}; \
+             use this only for loopback benchmarks",
+            config.c2s_addr
+        );
+    }
+    if let Some((soft, hard)) = tuning::open_files_limit() {
+        // Each connection is one descriptor; the store and listeners take a few more.
+        if (soft as usize) < config.max_connections {
+            tracing::warn!(
+                soft,
+                hard,
+                max_connections = config.max_connections,
+                "open-files limit is below max_connections: accepts will fail past it; \
+                 raise it with `ulimit -n` (up to the hard limit) or LimitNOFILE in the unit"
+            );
+        }
+    }
+    let stores = Store::open_all(&config.data_dir, shards, &config.domain)
+        .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
+    let stores = Arc::new(stores);
+    let tls = tls::server_config(&config)?;
+    let c2s_starttls = Arc::new(C2sConfig {
+        domain: config.domain.clone(),
+        starttls_offered: true,
+        allow_plaintext: config.allow_plaintext,
+        stanza_bytes_max: config.stanza_bytes_max,
+        unauthenticated_timeout: Duration::from_secs(config.unauthenticated_timeout_seconds),
+    });
+    let c2s_direct_tls = Arc::new(C2sConfig {
+        starttls_offered: false,
+        ..(*c2s_starttls).clone()
+    });
+
+    // The mesh: one bounded channel per ordered pair of shards, and one handoff channel per shard.
+    let mut mesh_to: Vec<Vec<Option<flume::Sender<Vec<Frame>>>>> =
+        (0..shards).map(|_| vec![None; shards]).collect();
+    let mut mesh_from: Vec<Vec<flume::Receiver<Vec<Frame>>>> =
+        (0..shards).map(|_| Vec::new()).collect();
+    for (from, row) in mesh_to.iter_mut().enumerate() {
+        for (to, slot) in row.iter_mut().enumerate() {
+            if from != to {
+                let (tx, rx) = flume::bounded(MESH_CHANNEL_BATCHES_MAX);
+                *slot = Some(tx);
+                mesh_from[to].push(rx);
+            }
+        }
+    }
+    let (handoff_tx, handoff_rx): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| flume::bounded::<Handoff>(HANDOFF_CHANNEL_CONNECTIONS_MAX))
+        .unzip();
+
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
+    let mut controls = Vec::new();
+    let mut joins = Vec::new();
+    let mut mesh_from = mesh_from.into_iter();
+    let mut handoff_rx = handoff_rx.into_iter();
+    for (id, mesh_to) in mesh_to.into_iter().enumerate() {
+        let ports = MeshPorts {
+            to: mesh_to,
+            from: mesh_from.next().expect("one receiver set per shard"),
+            handoff_to: handoff_tx.clone(),
+            handoff_from: handoff_rx.next().expect("one handoff receiver per shard"),
+        };
+        let (control_tx, control_rx) = flume::bounded::<Control>(1);
+        controls.push(control_tx);
+        let placement = if config.pin_cpus {
+            Placement::Fixed(cpus[id % cpus.len()])
+        } else {
+            Placement::Unbound
+        };
+        let ctx = ShardStart {
+            id,
+            shards,
+            config: config.clone(),
+            stores: stores.clone(),
+            tls: tls.clone(),
+            c2s_starttls: c2s_starttls.clone(),
+            c2s_direct_tls: c2s_direct_tls.clone(),
+            ports,
+            control: control_rx,
+            ready: ready_tx.clone(),
+        };
+        let join = LocalExecutorBuilder::new(placement)
+            .name(&format!("shard-{id}"))
+            .io_memory(config.io_memory_bytes)
+            .spawn(move || run_shard(ctx))
+            .map_err(|e| {
+                anyhow::anyhow!("starting shard {id}: {e}; try --no-pin or other --cpus")
+            })?;
+        joins.push(join);
+    }
+    drop(handoff_tx);
+    drop(ready_tx);
+
+    let stop_all = |controls: &[flume::Sender<Control>]| {
+        for c in controls {
+            let _ = c.try_send(Control::Stop);
+        }
+    };
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                stop_all(&controls);
+                for j in joins {
+                    let _ = j.join();
+                }
+                bail!("{e}");
+            }
+            Err(_) => bail!("a shard stopped while starting"),
+        }
+    }
+    tracing::info!(
+        shards,
+        c2s = %config.c2s_addr,
+        tls = %config.tls_addr,
+        admin = %config.admin_addr,
+        domain = %config.domain,
+        "gateway ready"
+    );
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!(signal = sig, "stopping: closing streams");
+    }
+    stop_all(&controls);
+    let deadline = Instant::now()
+        + Duration::from_secs(config.shutdown_timeout_seconds)
+        + Duration::from_secs(2);
+    for j in joins {
+        if Instant::now() > deadline {
+            tracing::warn!("shutdown deadline passed; exiting");
+            break;
+        }
+        if let Err(e) = j.join() {
+            tracing::error!(error = ?e, "a shard failed");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+struct ShardStart {
+    id: usize,
+    shards: usize,
+    config: Config,
+    stores: Arc<Vec<Store>>,
+    tls: Arc<rustls::ServerConfig>,
+    c2s_starttls: Arc<C2sConfig>,
+    c2s_direct_tls: Arc<C2sConfig>,
+    ports: MeshPorts,
+    control: flume::Receiver<Control>,
+    ready: std::sync::mpsc::Sender<Result<usize, String>>,
+}
+
+async fn run_shard(start: ShardStart) {
+    let id = start.id;
+    let bind = |addr: std::net::SocketAddr, what: &str| {
+        TcpListener::bind(addr).map_err(|e| {
+            format!("cannot listen on {addr} ({what}): {e}; pick a free address with --{what}")
+        })
+    };
+    let listeners = (|| {
+        let c2s = bind(start.config.c2s_addr, "c2s-addr")?;
+        let tls = bind(start.config.tls_addr, "tls-addr")?;
+        let admin = if id == 0 {
+            Some(bind(start.config.admin_addr, "admin-addr")?)
+        } else {
+            None
+        };
+        Ok::<_, String>((c2s, tls, admin))
+    })();
+    let (c2s, tls_listener, admin_listener) = match listeners {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = start.ready.send(Err(e));
+            return;
+        }
+    };
+    let roster_store = crate::storage::ShardStore::new(start.stores.clone(), id);
+    let router = Router::new(
+        id,
+        start.shards,
+        start.config.domain.clone(),
+        Box::new(roster_store),
+    );
+    let shard = Rc::new(Shard::new(
+        id,
+        start.shards,
+        start.config.domain.clone(),
+        router,
+        start.stores.clone(),
+        start.config.max_connections.div_ceil(start.shards),
+        start.c2s_starttls,
+        start.c2s_direct_tls,
+        start.tls,
+        start.ports.to,
+        start.ports.handoff_to,
+    ));
+    let mut tasks = Vec::new();
+    tasks.push(
+        glommio::spawn_local(conn::accept_loop(shard.clone(), c2s, Listener::StartTls)).detach(),
+    );
+    tasks.push(
+        glommio::spawn_local(conn::accept_loop(
+            shard.clone(),
+            tls_listener,
+            Listener::DirectTls,
+        ))
+        .detach(),
+    );
+    if let Some(l) = admin_listener {
+        tasks.push(glommio::spawn_local(admin::serve(l, shard.clone())).detach());
+    }
+    for rx in start.ports.from {
+        glommio::spawn_local(shard.clone().pump_mesh(rx)).detach();
+    }
+    glommio::spawn_local(conn::adopt_loop(shard.clone(), start.ports.handoff_from)).detach();
+    let _ = start.ready.send(Ok(id));
+    tracing::debug!(shard = id, "shard running");
+
+    let _ = start.control.recv_async().await;
+    // Stop: refuse new work, close every stream with `system-shutdown`, drain until the deadline.
+    shard.stopping.set();
+    let deadline = Instant::now() + Duration::from_secs(start.config.shutdown_timeout_seconds);
+    let outboxes: Vec<_> = shard.conns.borrow().values().cloned().collect();
+    for outbox in outboxes {
+        outbox.close("system-shutdown");
+    }
+    // Bounded by the deadline.
+    while shard.open_connections.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    let left = shard.open_connections.get();
+    if left > 0 {
+        tracing::warn!(
+            shard = id,
+            left,
+            "shutdown deadline reached with connections open"
+        );
+    }
+    for t in tasks {
+        t.cancel();
+    }
+    tracing::debug!(shard = id, stats = ?shard.stats.borrow(), "shard stopped");
+}

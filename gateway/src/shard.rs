@@ -1,0 +1,330 @@
+//! One shard: the state a pinned executor owns by value (router, connections, mesh endpoints)
+//! and the glue that executes the router's actions. Shared with the shard's tasks through `Rc`;
+//! nothing here is touched by another thread.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+use router::{Action, ConnId, Frame, Router, Store};
+use shared::limits::{MESH_BATCH_FRAMES_MAX, SESSION_SEND_QUEUE_STANZAS_MAX};
+use shared::stanza::Stanza;
+
+use crate::c2s::C2sConfig;
+use crate::conn::Handoff;
+
+/// A level-triggered flag tasks can wait on (stop requested, mesh unblocked). Few tasks wait on
+/// one flag at a time, so a plain waker list is enough.
+#[derive(Default)]
+pub struct Flag {
+    set: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl Flag {
+    pub fn set(&self) {
+        self.set.set(true);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+    pub fn clear(&self) {
+        self.set.set(false);
+    }
+    pub fn is_open(&self) -> bool {
+        self.set.get()
+    }
+    /// Resolves once the flag is set.
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.set.get() {
+                return Poll::Ready(());
+            }
+            let mut waiters = self.waiters.borrow_mut();
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+    }
+}
+
+/// What the shard sends a connection's task: stanzas to write, or an order to close. Single
+/// consumer (the connection's task), bounded by `SESSION_SEND_QUEUE_STANZAS_MAX`; it allocates
+/// nothing until something is queued, so idle connections pay only for the empty struct.
+#[derive(Default)]
+pub struct Outbox {
+    queue: RefCell<VecDeque<Bytes>>,
+    close: Cell<Option<&'static str>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Outbox {
+    /// Queues bytes; gives them back when the queue is full.
+    pub fn push(&self, bytes: Bytes) -> Result<(), Bytes> {
+        let mut q = self.queue.borrow_mut();
+        if q.len() >= SESSION_SEND_QUEUE_STANZAS_MAX {
+            return Err(bytes);
+        }
+        q.push_back(bytes);
+        drop(q);
+        self.wake();
+        Ok(())
+    }
+    /// Orders the connection closed with this stream error condition (`""` for a plain close).
+    pub fn close(&self, condition: &'static str) {
+        if self.close.get().is_none() {
+            self.close.set(Some(condition));
+        }
+        self.wake();
+    }
+    pub fn close_requested(&self) -> Option<&'static str> {
+        self.close.get()
+    }
+    /// Takes everything queued.
+    pub fn drain_into(&self, out: &mut Vec<Bytes>) {
+        out.extend(self.queue.borrow_mut().drain(..));
+    }
+    /// Resolves when something is queued or a close was ordered.
+    pub fn ready(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if !self.queue.borrow().is_empty() || self.close.get().is_some() {
+                return Poll::Ready(());
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+    }
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Cross-shard endpoints of one shard.
+pub struct MeshPorts {
+    /// `to[j]`: batches for shard j (`None` for this shard itself).
+    pub to: Vec<Option<flume::Sender<Vec<Frame>>>>,
+    /// Batches from every other shard.
+    pub from: Vec<flume::Receiver<Vec<Frame>>>,
+    /// `handoff_to[j]`: connections handed to shard j after authentication.
+    pub handoff_to: Vec<flume::Sender<Handoff>>,
+    pub handoff_from: flume::Receiver<Handoff>,
+}
+
+/// One shard's state.
+pub struct Shard {
+    pub id: usize,
+    pub shards: usize,
+    pub domain: String,
+    pub router: RefCell<Router>,
+    pub stores: Arc<Vec<Store>>,
+    pub conns: RefCell<HashMap<ConnId, Rc<Outbox>>>,
+    next_conn: Cell<ConnId>,
+    pub open_connections: Cell<usize>,
+    pub max_connections: usize,
+    pub c2s_starttls: Arc<C2sConfig>,
+    pub c2s_direct_tls: Arc<C2sConfig>,
+    pub tls: Arc<rustls::ServerConfig>,
+    mesh_to: Vec<Option<flume::Sender<Vec<Frame>>>>,
+    pub handoff_to: Vec<flume::Sender<Handoff>>,
+    /// Frames waiting to be sent to each shard; flushed once per turn of the event loop.
+    mesh_pending: RefCell<Vec<Vec<Frame>>>,
+    mesh_flush_scheduled: Cell<bool>,
+    /// Peers whose channel was full: their batch waits in a task, and later frames wait behind it
+    /// so order per peer is kept.
+    mesh_blocked: RefCell<Vec<bool>>,
+    /// Set while a mesh channel is full: connections stop reading until it clears.
+    pub mesh_unblocked: Flag,
+    /// Set when the shard is stopping: accept loops end, connections close.
+    pub stopping: Flag,
+    pub stats: RefCell<ShardStats>,
+}
+
+/// Plain per-shard counters (the statistics issue turns these into metrics).
+#[derive(Default, Debug)]
+pub struct ShardStats {
+    pub accepted: u64,
+    pub handoffs_out: u64,
+    pub handoffs_in: u64,
+    pub delivered: u64,
+    pub undeliverable: u64,
+    pub mesh_full: u64,
+    pub mesh_frames_out: u64,
+    pub mesh_frames_in: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+impl Shard {
+    pub fn new(
+        id: usize,
+        shards: usize,
+        domain: String,
+        router: Router,
+        stores: Arc<Vec<Store>>,
+        max_connections: usize,
+        c2s_starttls: Arc<C2sConfig>,
+        c2s_direct_tls: Arc<C2sConfig>,
+        tls: Arc<rustls::ServerConfig>,
+        mesh_to: Vec<Option<flume::Sender<Vec<Frame>>>>,
+        handoff_to: Vec<flume::Sender<Handoff>>,
+    ) -> Shard {
+        assert_eq!(mesh_to.len(), shards);
+        assert_eq!(handoff_to.len(), shards);
+        let mesh_unblocked = Flag::default();
+        mesh_unblocked.set();
+        Shard {
+            id,
+            shards,
+            domain,
+            router: RefCell::new(router),
+            stores,
+            conns: RefCell::new(HashMap::new()),
+            // Ids carry the shard in the top bits so a handed-off connection keeps a unique id.
+            next_conn: Cell::new(((id as u64) << 48) + 1),
+            open_connections: Cell::new(0),
+            max_connections,
+            c2s_starttls,
+            c2s_direct_tls,
+            tls,
+            mesh_to,
+            handoff_to,
+            mesh_pending: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
+            mesh_flush_scheduled: Cell::new(false),
+            mesh_blocked: RefCell::new(vec![false; shards]),
+            mesh_unblocked,
+            stopping: Flag::default(),
+            stats: RefCell::new(ShardStats::default()),
+        }
+    }
+
+    pub fn next_conn_id(&self) -> ConnId {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        id
+    }
+
+    /// Executes every action the router has queued. Called after each router input.
+    pub fn drain_router(self: &Rc<Self>) {
+        // Bounded: each action is handled once; a bounce adds at most one more per delivery.
+        loop {
+            let action = self.router.borrow_mut().poll_action();
+            let Some(action) = action else { break };
+            match action {
+                Action::Deliver { conn, stanza } => self.deliver(conn, stanza),
+                Action::CloseConn { conn, condition } => {
+                    if let Some(outbox) = self.conns.borrow().get(&conn) {
+                        outbox.close(condition);
+                    }
+                }
+                Action::Send { shard, frame } => self.queue_frame(shard, frame),
+            }
+        }
+    }
+
+    fn deliver(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {
+        let outbox = self.conns.borrow().get(&conn).cloned();
+        // Cloning `Bytes` bumps a reference count: fan-out shares one buffer.
+        let queued = outbox.is_some_and(|o| o.push(stanza.bytes.clone()).is_ok());
+        match queued {
+            true => self.stats.borrow_mut().delivered += 1,
+            false => {
+                self.stats.borrow_mut().undeliverable += 1;
+                tracing::warn!(
+                    shard = self.id,
+                    conn,
+                    "session send queue full or gone, bounced"
+                );
+                self.router.borrow_mut().handle_undeliverable(conn, stanza);
+            }
+        }
+    }
+
+    fn queue_frame(self: &Rc<Self>, to: usize, frame: Frame) {
+        assert_ne!(
+            to, self.id,
+            "the router never sends a frame to its own shard"
+        );
+        let full = {
+            let mut pending = self.mesh_pending.borrow_mut();
+            pending[to].push(frame);
+            pending[to].len() >= MESH_BATCH_FRAMES_MAX
+        };
+        self.stats.borrow_mut().mesh_frames_out += 1;
+        if full {
+            self.flush_peer(to);
+        }
+        if !self.mesh_flush_scheduled.get() {
+            // Batching per turn of the event loop: the flush task runs after the tasks that are
+            // runnable now, so everything they route goes out in one batch per peer.
+            self.mesh_flush_scheduled.set(true);
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                glommio::yield_if_needed().await;
+                shard.mesh_flush_scheduled.set(false);
+                for peer in 0..shard.shards {
+                    shard.flush_peer(peer);
+                }
+            })
+            .detach();
+        }
+    }
+
+    /// Sends the pending batch for `peer`. A full channel is backpressure: the batch waits in a
+    /// task and connections stop reading until it is through, so nothing is buffered without
+    /// bound (each blocked batch is at most `MESH_BATCH_FRAMES_MAX` frames, and readers stop).
+    fn flush_peer(self: &Rc<Self>, peer: usize) {
+        if self.mesh_blocked.borrow()[peer] {
+            return;
+        }
+        let batch = std::mem::take(&mut self.mesh_pending.borrow_mut()[peer]);
+        if batch.is_empty() {
+            return;
+        }
+        let Some(tx) = self.mesh_to[peer].clone() else {
+            return;
+        };
+        match tx.try_send(batch) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(batch)) => {
+                self.stats.borrow_mut().mesh_full += 1;
+                tracing::warn!(shard = self.id, peer, "mesh channel full, pausing reads");
+                self.mesh_unblocked.clear();
+                self.mesh_blocked.borrow_mut()[peer] = true;
+                let shard = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = tx.send_async(batch).await;
+                    shard.mesh_blocked.borrow_mut()[peer] = false;
+                    shard.flush_peer(peer);
+                    if !shard.mesh_blocked.borrow().iter().any(|&b| b) {
+                        shard.mesh_unblocked.set();
+                    }
+                })
+                .detach();
+            }
+            Err(flume::TrySendError::Disconnected(_)) => {
+                // Only during shutdown: the peer shard has stopped.
+                tracing::debug!(shard = self.id, peer, "mesh peer gone");
+            }
+        }
+    }
+
+    /// Receives batches from one peer until it stops.
+    pub async fn pump_mesh(self: Rc<Self>, rx: flume::Receiver<Vec<Frame>>) {
+        // Unbounded loop by design: it is this shard's mesh event loop for one peer.
+        while let Ok(batch) = rx.recv_async().await {
+            self.stats.borrow_mut().mesh_frames_in += batch.len() as u64;
+            for frame in batch {
+                self.router.borrow_mut().handle_frame(frame);
+                self.drain_router();
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! The only `unsafe` in the product: raw file descriptors for handing a connection to another
+//! shard's executor.
+
+use std::net::TcpStream as StdTcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+
+/// Duplicates `socket`'s descriptor into a std stream, so the glommio stream that owns the
+/// original can be dropped on this executor while the connection lives on.
+pub fn dup_socket(socket: &impl AsRawFd) -> std::io::Result<StdTcpStream> {
+    // SAFETY: `dup` on a descriptor we own (borrowed for the call); it returns a new descriptor
+    // that nobody else owns, or -1.
+    let fd = unsafe { libc::dup(socket.as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor from `dup` above, owned by nothing else.
+    Ok(unsafe { StdTcpStream::from_raw_fd(fd) })
+}
+
+/// Adopts a handed-over socket on the current executor.
+pub fn adopt_socket(socket: StdTcpStream) -> glommio::net::TcpStream {
+    let fd = socket.into_raw_fd();
+    // SAFETY: `into_raw_fd` gave up ownership of `fd`; the glommio stream takes it over.
+    unsafe { glommio::net::TcpStream::from_raw_fd(fd) }
+}

@@ -1,0 +1,313 @@
+//! Building `Stanza` values the router emits (replies, errors, pushes, probes, re-addressed
+//! presence) with a header computed exactly, without the framer. Cold paths only.
+//!
+//! Everything here assumes well-formed input: either our own output or bytes the framer already
+//! validated. On anything else the functions return `None` rather than panic.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use shared::escape::escape;
+use shared::stanza::{Header, Kind, Stanza};
+
+/// One attribute of a start tag: its qualified name and the raw (still escaped) value range.
+#[derive(Debug, Clone)]
+struct Attr {
+    /// Whole attribute including leading whitespace, name, `=`, quotes.
+    whole: Range<usize>,
+    name: Range<usize>,
+    value: Range<usize>,
+}
+
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// Scans the start tag of `text` (which must begin with `<`). Returns the name range, the
+/// attributes, the offset of the `>` (or the `/` of `/>`), and whether the element is empty.
+fn scan_start_tag(text: &[u8]) -> Option<(Range<usize>, Vec<Attr>, usize, bool)> {
+    if text.first() != Some(&b'<') {
+        return None;
+    }
+    let mut i = 1;
+    let name_start = i;
+    while i < text.len() && !is_ws(text[i]) && text[i] != b'>' && text[i] != b'/' {
+        i += 1;
+    }
+    let name = name_start..i;
+    if name.is_empty() {
+        return None;
+    }
+    let mut attrs = Vec::new();
+    loop {
+        let attr_start = i;
+        while i < text.len() && is_ws(text[i]) {
+            i += 1;
+        }
+        match text.get(i)? {
+            b'>' => return Some((name, attrs, i, false)),
+            b'/' => {
+                if text.get(i + 1) == Some(&b'>') {
+                    return Some((name, attrs, i, true));
+                }
+                return None;
+            }
+            _ => {}
+        }
+        if i == attr_start {
+            // An attribute must be preceded by whitespace.
+            return None;
+        }
+        let an_start = i;
+        while i < text.len()
+            && !is_ws(text[i])
+            && text[i] != b'='
+            && text[i] != b'>'
+            && text[i] != b'/'
+        {
+            i += 1;
+        }
+        let an = an_start..i;
+        if an.is_empty() {
+            return None;
+        }
+        while i < text.len() && is_ws(text[i]) {
+            i += 1;
+        }
+        if text.get(i)? != &b'=' {
+            return None;
+        }
+        i += 1;
+        while i < text.len() && is_ws(text[i]) {
+            i += 1;
+        }
+        let quote = *text.get(i)?;
+        if quote != b'\'' && quote != b'"' {
+            return None;
+        }
+        i += 1;
+        let v_start = i;
+        while i < text.len() && text[i] != quote {
+            if text[i] == b'<' {
+                return None;
+            }
+            i += 1;
+        }
+        if i >= text.len() {
+            return None;
+        }
+        let value = v_start..i;
+        i += 1;
+        attrs.push(Attr {
+            whole: attr_start..i,
+            name: an,
+            value,
+        });
+    }
+}
+
+fn kind_of(name: &str) -> Kind {
+    match name {
+        "message" => Kind::Message,
+        "presence" => Kind::Presence,
+        "iq" => Kind::Iq,
+        _ => Kind::Other,
+    }
+}
+
+/// Builds a `Stanza` from complete element bytes by locating the start tag's attributes. The
+/// bytes must be one well-formed element (our own output, or framed input). Returns `None` if the
+/// start tag cannot be scanned or the text is not UTF-8. Only the start tag is checked.
+pub fn from_bytes(bytes: Bytes) -> Option<Stanza> {
+    let text = std::str::from_utf8(&bytes).ok()?;
+    let (name, attrs, end, self_closing) = scan_start_tag(text.as_bytes())?;
+    let mut header = Header {
+        name: name.clone(),
+        start_tag_end: end,
+        self_closing,
+        ..Header::default()
+    };
+    for a in &attrs {
+        let slot = match &text[a.name.clone()] {
+            "to" => &mut header.to,
+            "from" => {
+                header.from_attr = Some(a.whole.clone());
+                &mut header.from
+            }
+            "id" => &mut header.id,
+            "type" => &mut header.type_,
+            "xmlns" => &mut header.xmlns,
+            _ => continue,
+        };
+        if slot.is_some() {
+            // Duplicate attribute: not well-formed.
+            return None;
+        }
+        *slot = Some(a.value.clone());
+    }
+    let kind = kind_of(&text[name]);
+    Some(Stanza {
+        kind,
+        header,
+        bytes,
+    })
+}
+
+/// The attributes of a stanza to build. `None` leaves the attribute out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attrs<'a> {
+    pub to: Option<&'a str>,
+    pub from: Option<&'a str>,
+    pub id: Option<&'a str>,
+    pub type_: Option<&'a str>,
+}
+
+fn push_attr(out: &mut String, name: &str, value: Option<&str>) {
+    if let Some(v) = value {
+        out.push(' ');
+        out.push_str(name);
+        out.push_str("='");
+        out.push_str(&escape(v));
+        out.push('\'');
+    }
+}
+
+/// Builds `<name to from id type>inner</name>` (or `<name .../>` when `inner` is empty).
+/// Attribute values are escaped here; `inner` must already be well-formed XML content.
+///
+/// # Panics
+/// If `name` is not a valid element name (a programming error: names are literals).
+pub fn stanza(name: &str, attrs: Attrs<'_>, inner: &str) -> Stanza {
+    let mut out = String::with_capacity(64 + inner.len());
+    out.push('<');
+    out.push_str(name);
+    push_attr(&mut out, "to", attrs.to);
+    push_attr(&mut out, "from", attrs.from);
+    push_attr(&mut out, "id", attrs.id);
+    push_attr(&mut out, "type", attrs.type_);
+    if inner.is_empty() {
+        out.push_str("/>");
+    } else {
+        out.push('>');
+        out.push_str(inner);
+        out.push_str("</");
+        out.push_str(name);
+        out.push('>');
+    }
+    from_bytes(Bytes::from(out)).expect("builder output is a well-formed start tag")
+}
+
+/// Returns a copy of `original` with `to` and `from` replaced (every other attribute and the
+/// content kept as written). `None` for either removes that attribute.
+pub fn readdress(original: &Stanza, to: Option<&str>, from: Option<&str>) -> Stanza {
+    let text = original.as_str();
+    let Some((name, attrs, end, _)) = scan_start_tag(text.as_bytes()) else {
+        // Cannot happen for framed or built stanzas; keep the original rather than panic.
+        return original.clone();
+    };
+    let mut out = String::with_capacity(text.len() + 64);
+    out.push('<');
+    out.push_str(&text[name.clone()]);
+    push_attr(&mut out, "to", to);
+    push_attr(&mut out, "from", from);
+    for a in &attrs {
+        match &text[a.name.clone()] {
+            "to" | "from" => {}
+            _ => out.push_str(&text[a.whole.clone()]),
+        }
+    }
+    out.push_str(&text[end..]);
+    from_bytes(Bytes::from(out)).unwrap_or_else(|| original.clone())
+}
+
+/// Parses the stanza with minidom for cold paths (IQ payloads, presence children). Stanzas
+/// inherit `jabber:client` from the stream and carry no `xmlns` of their own, which minidom
+/// refuses, so the declaration is inserted when missing. `None` if minidom rejects the text.
+pub fn parse(stanza: &Stanza) -> Option<minidom::Element> {
+    let text = stanza.as_str();
+    if stanza.header.xmlns.is_some() {
+        return text.parse().ok();
+    }
+    let at = stanza.header.name.end;
+    if at > text.len() || !text.is_char_boundary(at) {
+        return None;
+    }
+    let mut s = String::with_capacity(text.len() + 24);
+    s.push_str(&text[..at]);
+    s.push_str(" xmlns='jabber:client'");
+    s.push_str(&text[at..]);
+    s.parse().ok()
+}
+
+/// Escapes text content (same escaping as attribute values; safe in both).
+pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_header_is_exact() {
+        let s = stanza(
+            "message",
+            Attrs {
+                to: Some("a@b/c"),
+                from: Some("x'y@z"),
+                id: Some("1"),
+                type_: Some("chat"),
+            },
+            "<body>hi</body>",
+        );
+        assert_eq!(s.kind, Kind::Message);
+        assert_eq!(s.to().as_deref(), Some("a@b/c"));
+        assert_eq!(s.from().as_deref(), Some("x'y@z"));
+        assert_eq!(s.id().as_deref(), Some("1"));
+        assert_eq!(s.type_().as_deref(), Some("chat"));
+        assert_eq!(
+            &s.as_str()[s.header.start_tag_end..s.header.start_tag_end + 1],
+            ">"
+        );
+        assert!(!s.header.self_closing);
+        let f = s.with_from("q@r");
+        assert_eq!(f.from().as_deref(), Some("q@r"));
+        assert_eq!(f.to().as_deref(), Some("a@b/c"));
+    }
+
+    #[test]
+    fn empty_and_readdress() {
+        let s = stanza("presence", Attrs::default(), "");
+        assert!(s.header.self_closing);
+        assert_eq!(s.as_str(), "<presence/>");
+        let t = from_bytes(Bytes::from_static(
+            b"<presence xml:lang='en' from='a@b/r' id=\"p>1\"><show>away</show></presence>",
+        ))
+        .unwrap();
+        assert_eq!(t.id().as_deref(), Some("p>1"));
+        let r = readdress(&t, Some("c@d"), Some("a@b/r"));
+        assert_eq!(
+            r.as_str(),
+            "<presence to='c@d' from='a@b/r' xml:lang='en' id=\"p>1\"><show>away</show></presence>"
+        );
+        assert_eq!(r.to().as_deref(), Some("c@d"));
+        assert_eq!(r.id().as_deref(), Some("p>1"));
+        let el = parse(&r).unwrap();
+        assert_eq!(el.name(), "presence");
+    }
+
+    #[test]
+    fn malformed_start_tags_are_refused() {
+        for bad in [
+            "",
+            "x",
+            "<",
+            "<a b>",
+            "<a b='1>",
+            "<a b='1'c='2'/>",
+            "<a to='1' to='2'/>",
+        ] {
+            assert!(from_bytes(Bytes::from(bad.to_string())).is_none(), "{bad}");
+        }
+    }
+}

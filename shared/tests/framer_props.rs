@@ -1,0 +1,202 @@
+//! Property tests of the framer: a stream of random valid stanzas gives the same events however
+//! its bytes are split into pushes, and each stanza's bytes are exactly its serialized text.
+
+use proptest::prelude::*;
+use shared::escape::escape;
+use shared::framer::{Event, FrameError, Framer};
+use shared::limits::STANZA_BYTES_MAX;
+
+const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+    xmlns:stream='http://etherx.jabber.org/streams' to='example.com' version='1.0'>";
+const CLOSE: &str = "</stream:stream>";
+
+const TOP_NAMES: &[&str] = &["message", "presence", "iq", "r", "sm:a"];
+const CHILD_NAMES: &[&str] = &["body", "x", "query", "item", "pubsub:items", "thread"];
+const ATTR_NAMES: &[&str] = &["to", "from", "id", "type", "xmlns", "xml:lang", "jid", "node"];
+
+#[derive(Debug, Clone)]
+enum Node {
+    Element(Element),
+    Text(String),
+    Cdata(String),
+}
+
+#[derive(Debug, Clone)]
+struct Element {
+    name: &'static str,
+    /// Name, unescaped value, quote byte.
+    attrs: Vec<(&'static str, String, char)>,
+    children: Vec<Node>,
+}
+
+/// Values mixing ASCII, characters that need escaping and multi-byte UTF-8.
+fn value() -> impl Strategy<Value = String> {
+    prop::collection::vec(
+        prop::sample::select(vec!["a", "Z", "0", " ", "é", "日本", "🎉", "&", "<", ">", "'", "\"", "@/"]),
+        0..6,
+    )
+    .prop_map(|parts| parts.concat())
+}
+
+fn attrs() -> impl Strategy<Value = Vec<(&'static str, String, char)>> {
+    // A subset of distinct names, so no element has a duplicate attribute.
+    prop::sample::subsequence(ATTR_NAMES.to_vec(), 0..=4).prop_flat_map(|names| {
+        let n = names.len();
+        (
+            Just(names),
+            prop::collection::vec(value(), n),
+            prop::collection::vec(prop::sample::select(vec!['\'', '"']), n),
+        )
+            .prop_map(|(names, values, quotes)| {
+                names.into_iter().zip(values).zip(quotes).map(|((a, v), q)| (a, v, q)).collect()
+            })
+    })
+}
+
+fn node() -> impl Strategy<Value = Node> {
+    let leaf = prop_oneof![
+        value().prop_map(Node::Text),
+        // CDATA may hold anything but its terminator.
+        value().prop_map(|v| Node::Cdata(v.replace("]]>", ""))),
+        (prop::sample::select(CHILD_NAMES.to_vec()), attrs())
+            .prop_map(|(name, attrs)| Node::Element(Element { name, attrs, children: vec![] })),
+    ];
+    leaf.prop_recursive(4, 24, 4, |inner| {
+        (prop::sample::select(CHILD_NAMES.to_vec()), attrs(), prop::collection::vec(inner, 0..4))
+            .prop_map(|(name, attrs, children)| Node::Element(Element { name, attrs, children }))
+    })
+}
+
+fn stanza() -> impl Strategy<Value = Element> {
+    (prop::sample::select(TOP_NAMES.to_vec()), attrs(), prop::collection::vec(node(), 0..4))
+        .prop_map(|(name, attrs, children)| Element { name, attrs, children })
+}
+
+fn write_element(e: &Element, out: &mut String) {
+    out.push('<');
+    out.push_str(e.name);
+    for (name, value, quote) in &e.attrs {
+        out.push_str(&format!(" {name}={quote}{}{quote}", escape(value)));
+    }
+    if e.children.is_empty() {
+        out.push_str("/>");
+        return;
+    }
+    out.push('>');
+    for child in &e.children {
+        match child {
+            Node::Element(c) => write_element(c, out),
+            Node::Text(t) => out.push_str(&escape(t)),
+            Node::Cdata(t) => out.push_str(&format!("<![CDATA[{t}]]>")),
+        }
+    }
+    out.push_str(&format!("</{}>", e.name));
+}
+
+/// Feeds `chunks` in order, draining events after each; stops at the first error.
+fn events_of<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> Vec<Result<Event, FrameError>> {
+    let mut framer = Framer::new(STANZA_BYTES_MAX);
+    let mut events = Vec::new();
+    for chunk in chunks {
+        framer.push(chunk);
+        loop {
+            match framer.next_event() {
+                Ok(Some(ev)) => events.push(Ok(ev)),
+                Ok(None) => break,
+                Err(e) => {
+                    events.push(Err(e));
+                    return events;
+                }
+            }
+        }
+    }
+    events
+}
+
+/// Splits `bytes` at the given points (taken modulo its length, sorted).
+fn split_at<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+    points.sort_unstable();
+    let mut chunks = Vec::new();
+    let mut from = 0;
+    for p in points {
+        chunks.push(&bytes[from..p]);
+        from = p;
+    }
+    chunks.push(&bytes[from..]);
+    chunks
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn splitting_never_changes_events(
+        stanzas in prop::collection::vec(stanza(), 0..6),
+        gaps in prop::collection::vec(prop::sample::select(vec!["", " ", "\n", "\r\n\t "]), 6),
+        cuts in prop::collection::vec(any::<usize>(), 0..12),
+    ) {
+        let texts: Vec<String> = stanzas
+            .iter()
+            .map(|s| {
+                let mut out = String::new();
+                write_element(s, &mut out);
+                out
+            })
+            .collect();
+        let mut stream = String::from(HEADER);
+        for (i, t) in texts.iter().enumerate() {
+            stream.push_str(gaps[i % gaps.len()]);
+            stream.push_str(t);
+        }
+        stream.push_str(CLOSE);
+        let bytes = stream.as_bytes();
+
+        let whole = events_of([bytes]);
+        prop_assert_eq!(whole.len(), texts.len() + 2, "{:?}", whole);
+        prop_assert!(matches!(&whole[0], Ok(Event::StreamOpen(h)) if h.to.as_deref() == Some("example.com")));
+        prop_assert_eq!(whole.last(), Some(&Ok(Event::StreamClose)));
+        for ((ev, text), elem) in whole[1..].iter().zip(&texts).zip(&stanzas) {
+            let Ok(Event::Stanza(s)) = ev else {
+                return Err(TestCaseError::fail(format!("expected a stanza, got {ev:?}")));
+            };
+            prop_assert_eq!(s.as_str(), text.as_str());
+            prop_assert_eq!(s.name(), elem.name);
+            let attr = |n: &str| elem.attrs.iter().find(|a| a.0 == n).map(|a| a.1.clone());
+            prop_assert_eq!(s.to().map(|c| c.into_owned()), attr("to"));
+            prop_assert_eq!(s.from().map(|c| c.into_owned()), attr("from"));
+            prop_assert_eq!(s.id().map(|c| c.into_owned()), attr("id"));
+            prop_assert_eq!(s.type_().map(|c| c.into_owned()), attr("type"));
+            prop_assert_eq!(s.xmlns().map(|c| c.into_owned()), attr("xmlns"));
+            prop_assert_eq!(s.header.self_closing, elem.children.is_empty());
+            // Stamping `from` keeps the element parseable and the other attributes intact.
+            let stamped = s.with_from("日本@example.com/🎉");
+            let mut again = events_of([HEADER.as_bytes(), stamped.bytes.as_ref()]);
+            prop_assert_eq!(again.len(), 2);
+            let Some(Ok(Event::Stanza(re))) = again.pop() else {
+                return Err(TestCaseError::fail("stamped stanza did not frame"));
+            };
+            prop_assert_eq!(re.from().map(|c| c.into_owned()), Some("日本@example.com/🎉".to_owned()));
+            prop_assert_eq!(re.to().map(|c| c.into_owned()), attr("to"));
+            prop_assert_eq!(re.id().map(|c| c.into_owned()), attr("id"));
+        }
+
+        prop_assert_eq!(&events_of(split_at(bytes, &cuts)), &whole);
+        prop_assert_eq!(&events_of(bytes.chunks(1)), &whole);
+    }
+
+    #[test]
+    fn arbitrary_bytes_split_anywhere_agree(
+        body in prop::collection::vec(
+            prop::sample::select(b"<>/='\"&;#x!?-[]abmsg: \n\xc3\xa9\xff".to_vec()),
+            0..200,
+        ),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        // Mostly garbage: whatever the verdict, it must not depend on the split.
+        let input = [HEADER.as_bytes(), &body].concat();
+        let whole = events_of([input.as_slice()]);
+        prop_assert_eq!(&events_of(split_at(&input, &cuts)), &whole);
+        prop_assert_eq!(&events_of(input.chunks(1)), &whole);
+    }
+}
