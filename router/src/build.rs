@@ -311,3 +311,30 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Goal: the start-tag scanner never panics, and whatever it accepts round-trips through
+        // `readdress` with exact header ranges.
+        #[test]
+        fn scanner_never_panics(s in "<[a-z]{1,8}( [a-z:]{1,5}=('[^'<]*'|\"[^\"<]*\")){0,4} ?/?>.{0,20}") {
+            if let Some(st) = from_bytes(Bytes::from(s.clone())) {
+                let r = readdress(&st, Some("a@b"), Some("c@d/e"));
+                let (to, from) = (r.to().map(|c| c.into_owned()), r.from().map(|c| c.into_owned()));
+                prop_assert_eq!(to.as_deref(), Some("a@b"));
+                prop_assert_eq!(from.as_deref(), Some("c@d/e"));
+                prop_assert_eq!(r.name(), st.name());
+                let _ = parse(&r);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(s in ".{0,64}") {
+            let _ = from_bytes(Bytes::from(s));
+        }
+    }
+}

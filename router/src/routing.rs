@@ -67,7 +67,6 @@ pub enum BindError {
 #[derive(Debug)]
 struct Session {
     node: String,
-    resource: String,
     full_jid: String,
     /// Sent available presence and not since unavailable (RFC 6121 §4.2).
     available: bool,
@@ -235,12 +234,11 @@ impl Router {
             .entry(node.to_string())
             .or_default()
             .resources
-            .push((resource.clone(), conn));
+            .push((resource, conn));
         self.sessions.insert(
             conn,
             Session {
                 node: node.to_string(),
-                resource,
                 full_jid: full_jid.clone(),
                 available: false,
                 priority: 0,
@@ -499,22 +497,33 @@ impl Router {
             .map(|(_, c)| *c)
     }
 
-    /// The user's available sessions: (conn, full JID, priority), in bind order.
-    fn available(&self, node: &str) -> Vec<(ConnId, String, i8)> {
+    /// The user's available sessions: (conn, priority), in bind order.
+    fn available(&self, node: &str) -> Vec<(ConnId, i8)> {
         let Some(user) = self.users.get(node) else {
             return Vec::new();
         };
         user.resources
             .iter()
-            .filter_map(|(_, c)| self.sessions.get(c).map(|s| (*c, s)))
-            .filter(|(_, s)| s.available)
-            .map(|(c, s)| (c, s.full_jid.clone(), s.priority))
+            .filter_map(|(_, c)| {
+                self.sessions
+                    .get(c)
+                    .filter(|s| s.available)
+                    .map(|s| (*c, s.priority))
+            })
+            .collect()
+    }
+
+    /// The user's available sessions with their full JIDs, in bind order.
+    fn available_full(&self, node: &str) -> Vec<(ConnId, String)> {
+        self.available(node)
+            .into_iter()
+            .filter_map(|(c, _)| self.sessions.get(&c).map(|s| (c, s.full_jid.clone())))
             .collect()
     }
 
     /// Delivers to every available session of `node`.
     fn deliver_to_available(&mut self, node: &str, stanza: &Stanza) {
-        for (conn, _, _) in self.available(node) {
+        for (conn, _) in self.available(node) {
             self.deliver(conn, stanza.clone());
         }
     }
@@ -543,7 +552,7 @@ impl Router {
             // §8.5.2.1.3 / §8.5.3.2: groupchat without a matching session is not delivered.
             Some("groupchat") => {}
             Some("headline") => {
-                for (conn, _, prio) in self.available(node) {
+                for (conn, prio) in self.available(node) {
                     if prio >= 0 {
                         self.deliver(conn, stanza.clone());
                     }
@@ -553,11 +562,11 @@ impl Router {
                 let avail: Vec<_> = self
                     .available(node)
                     .into_iter()
-                    .filter(|(_, _, p)| *p >= 0)
+                    .filter(|(_, p)| *p >= 0)
                     .collect();
-                match avail.iter().map(|(_, _, p)| *p).max() {
+                match avail.iter().map(|(_, p)| *p).max() {
                     Some(best) => {
-                        for (conn, _, p) in avail {
+                        for (conn, p) in avail {
                             if p == best {
                                 self.deliver(conn, stanza.clone());
                             }
@@ -632,12 +641,11 @@ impl Router {
                     self.after_initial_presence(conn, &node);
                 }
             }
-            Some("unavailable") => {
-                if self.sessions.get(&conn).is_some_and(|s| s.available) {
-                    // Broadcast first so the sender gets its own unavailable reflected.
-                    self.broadcast(&node, &full, &stanza, None);
-                    self.set_unavailable(conn);
-                }
+            // Only an available session's unavailable is broadcast. Broadcast before marking
+            // it unavailable so the sender gets its own unavailable reflected.
+            Some("unavailable") if self.sessions.get(&conn).is_some_and(|s| s.available) => {
+                self.broadcast(&node, &full, &stanza, None);
+                self.set_unavailable(conn);
             }
             _ => {}
         }
@@ -665,7 +673,7 @@ impl Router {
         for contact in contacts {
             self.route_addressed(build::readdress(presence, Some(&contact), Some(full)));
         }
-        for (conn, their_full, _) in self.available(node) {
+        for (conn, their_full) in self.available_full(node) {
             if Some(conn) != skip {
                 self.deliver(
                     conn,
@@ -777,7 +785,7 @@ impl Router {
 
     /// Sends unavailable presence from each available resource of `node` to `to`.
     fn send_unavailable_of(&mut self, node: &str, to: &str) {
-        for (_, full, _) in self.available(node) {
+        for (_, full) in self.available_full(node) {
             let p = build::stanza(
                 "presence",
                 Attrs {
@@ -1173,7 +1181,11 @@ impl Router {
                 .collect::<String>()
         }) {
             Ok(items) => {
-                let inner = format!("<query xmlns='{ROSTER_NS}'>{items}</query>");
+                let inner = if items.is_empty() {
+                    format!("<query xmlns='{ROSTER_NS}'/>")
+                } else {
+                    format!("<query xmlns='{ROSTER_NS}'>{items}</query>")
+                };
                 self.reply_result(conn, req, &inner);
             }
             Err(e) => {

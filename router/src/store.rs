@@ -446,7 +446,7 @@ fn repartition(
     {
         let txns = new_dbs
             .iter()
-            .map(|db| db.begin_write())
+            .map(|db| db.begin_write().map_err(StoreError::from))
             .collect::<Result<Vec<_>, _>>()?;
         {
             let mut accounts = txns

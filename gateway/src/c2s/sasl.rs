@@ -25,7 +25,7 @@ pub(crate) enum Failure {
     InvalidMechanism,
     MalformedRequest,
     NotAuthorized,
-    TemporaryAuthFailure,
+    TemporaryAuth,
 }
 
 impl Failure {
@@ -38,7 +38,7 @@ impl Failure {
             Failure::InvalidMechanism => "invalid-mechanism",
             Failure::MalformedRequest => "malformed-request",
             Failure::NotAuthorized => "not-authorized",
-            Failure::TemporaryAuthFailure => "temporary-auth-failure",
+            Failure::TemporaryAuth => "temporary-auth-failure",
         }
     }
 }
@@ -271,7 +271,7 @@ impl ScramServer {
                 return Err(Failure::InvalidAuthzid);
             }
         }
-        let ours = random_bytes::<18>().ok_or(Failure::TemporaryAuthFailure)?;
+        let ours = random_bytes::<18>().ok_or(Failure::TemporaryAuth)?;
         let nonce = format!("{}{}", first.nonce, Base64.encode(ours));
         let (salt, iterations, salted_password) = match &credentials {
             Some(c) => {

@@ -1,0 +1,994 @@
+//! A simulated multi-shard setup: one `Router` per shard with in-memory roster stores, a loop
+//! that carries `Action::Send` frames to the target shard's `handle_frame`, and per-connection
+//! inboxes of delivered stanzas.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use router::errors::error_condition;
+use router::roster::{RosterItem, Subscription};
+use router::{Action, BindError, MemoryRosterStore, RosterStore, Router};
+use shared::framer::{Event, Framer};
+use shared::shard::home_shard;
+use shared::stanza::Stanza;
+
+const DOMAIN: &str = "localhost";
+
+/// Frames one stanza with the real framer, inside a client stream header.
+fn stanza(xml: &str) -> Stanza {
+    let mut f = Framer::new(shared::limits::STANZA_BYTES_MAX);
+    f.push(
+        b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>",
+    );
+    f.push(xml.as_bytes());
+    loop {
+        match f.next_event().expect("test stanza frames") {
+            Some(Event::StreamOpen(_)) => continue,
+            Some(Event::Stanza(s)) => return s,
+            other => panic!("no stanza in {xml}: {other:?}"),
+        }
+    }
+}
+
+/// A user name whose home is `shard` (of `shards`), the `skip`-th such.
+fn user_on(shard: usize, shards: usize, skip: usize) -> String {
+    (0..)
+        .map(|i| format!("user{i}"))
+        .filter(|n| home_shard(&format!("{n}@{DOMAIN}"), shards) == shard)
+        .nth(skip)
+        .unwrap()
+}
+
+struct Net {
+    routers: Vec<Router>,
+    stores: Vec<Rc<MemoryRosterStore>>,
+    /// conn -> its shard.
+    conn_shard: HashMap<u64, usize>,
+    inbox: HashMap<u64, Vec<Stanza>>,
+    closed: Vec<(u64, &'static str)>,
+    next_conn: u64,
+}
+
+impl Net {
+    fn new(shards: usize) -> Net {
+        let stores: Vec<_> = (0..shards)
+            .map(|_| Rc::new(MemoryRosterStore::new()))
+            .collect();
+        let routers = (0..shards)
+            .map(|i| {
+                Router::new(
+                    i,
+                    shards,
+                    DOMAIN.to_string(),
+                    Box::new(Rc::clone(&stores[i])),
+                )
+            })
+            .collect();
+        Net {
+            routers,
+            stores,
+            conn_shard: HashMap::new(),
+            inbox: HashMap::new(),
+            closed: Vec::new(),
+            next_conn: 1,
+        }
+    }
+
+    fn shards(&self) -> usize {
+        self.routers.len()
+    }
+
+    fn home(&self, node: &str) -> usize {
+        home_shard(&format!("{node}@{DOMAIN}"), self.shards())
+    }
+
+    /// Binds `node/resource` on a fresh conn; returns the conn.
+    fn bind(&mut self, node: &str, resource: &str) -> u64 {
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let shard = self.home(node);
+        let bound = self.routers[shard]
+            .bind(node, Some(resource), conn)
+            .unwrap();
+        assert_eq!(bound.full_jid, format!("{node}@{DOMAIN}/{resource}"));
+        self.conn_shard.insert(conn, shard);
+        self.run();
+        conn
+    }
+
+    /// A stanza from `conn`, `from` stamped as the driver does.
+    fn send(&mut self, conn: u64, xml: &str) {
+        let shard = self.conn_shard[&conn];
+        let full = self.routers[shard]
+            .full_jid(conn)
+            .expect("bound")
+            .to_string();
+        let s = stanza(xml).with_from(&full);
+        self.routers[shard].handle_stanza(conn, s);
+        self.run();
+    }
+
+    fn disconnect(&mut self, conn: u64) {
+        let shard = self.conn_shard[&conn];
+        self.routers[shard].handle_disconnect(conn);
+        self.run();
+    }
+
+    /// Executes actions until every router is idle.
+    fn run(&mut self) {
+        loop {
+            let mut idle = true;
+            for i in 0..self.routers.len() {
+                while let Some(a) = self.routers[i].poll_action() {
+                    idle = false;
+                    match a {
+                        Action::Deliver { conn, stanza } => {
+                            assert_eq!(
+                                self.conn_shard.get(&conn),
+                                Some(&i),
+                                "delivery on the conn's own shard"
+                            );
+                            assert!(
+                                self.routers[i].full_jid(conn).is_some(),
+                                "delivery to an unbound conn {conn}"
+                            );
+                            self.inbox.entry(conn).or_default().push(stanza);
+                        }
+                        Action::CloseConn { conn, condition } => {
+                            self.closed.push((conn, condition))
+                        }
+                        Action::Send { shard, frame } => {
+                            assert_ne!(shard, i, "Send to self");
+                            self.routers[shard].handle_frame(frame);
+                        }
+                    }
+                }
+            }
+            if idle {
+                return;
+            }
+        }
+    }
+
+    fn take(&mut self, conn: u64) -> Vec<Stanza> {
+        self.inbox.remove(&conn).unwrap_or_default()
+    }
+
+    fn take_all(&mut self) {
+        self.inbox.clear();
+    }
+
+    fn roster(&self, node: &str) -> Vec<RosterItem> {
+        self.stores[self.home(node)].roster(node).unwrap()
+    }
+}
+
+fn bare(node: &str) -> String {
+    format!("{node}@{DOMAIN}")
+}
+
+fn texts(v: &[Stanza]) -> Vec<String> {
+    v.iter().map(|s| s.as_str().to_string()).collect()
+}
+
+fn item<'a>(roster: &'a [RosterItem], jid: &str) -> &'a RosterItem {
+    roster
+        .iter()
+        .find(|i| i.jid == jid)
+        .unwrap_or_else(|| panic!("{jid} not in {roster:?}"))
+}
+
+#[test]
+fn messages_to_full_and_bare_jids_cross_shards() {
+    // Goal: a message reaches exactly the addressed session, wherever its user's home is.
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "one");
+    let b1 = net.bind(&b, "one");
+    let b2 = net.bind(&b, "two");
+    net.send(b1, "<presence/>");
+    net.send(b2, "<presence/>");
+    net.take_all();
+
+    net.send(
+        a1,
+        &format!("<message to='{b}@{DOMAIN}/two' type='chat' id='m1'><body>hi</body></message>"),
+    );
+    let got = net.take(b2);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id().as_deref(), Some("m1"));
+    assert_eq!(
+        got[0].from().as_deref(),
+        Some(format!("{a}@{DOMAIN}/one").as_str())
+    );
+    assert!(net.take(b1).is_empty());
+    assert!(net.take(a1).is_empty());
+
+    // Bare JID, equal priorities: both available resources.
+    net.send(
+        a1,
+        &format!(
+            "<message to='{}' type='chat' id='m2'><body>hi</body></message>",
+            bare(&b).to_uppercase()
+        ),
+    );
+    assert_eq!(net.take(b1).len(), 1);
+    assert_eq!(net.take(b2).len(), 1);
+
+    // A full JID whose resource is not bound falls back to the bare JID rules.
+    net.send(
+        a1,
+        &format!("<message to='{b}@{DOMAIN}/gone' id='m3'><body>hi</body></message>"),
+    );
+    assert_eq!(net.take(b1).len(), 1);
+    assert_eq!(net.take(b2).len(), 1);
+    assert!(net.routers[0].forwarded() >= 3);
+}
+
+#[test]
+fn bare_jid_message_goes_to_highest_priority() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b_low = net.bind(&b, "low");
+    let b_high = net.bind(&b, "high");
+    let b_high2 = net.bind(&b, "high2");
+    let b_neg = net.bind(&b, "neg");
+    let _b_silent = net.bind(&b, "silent");
+    net.send(b_low, "<presence><priority>1</priority></presence>");
+    net.send(b_high, "<presence><priority>5</priority></presence>");
+    net.send(
+        b_high2,
+        "<presence><show>away</show><priority>5</priority></presence>",
+    );
+    net.send(b_neg, "<presence><priority>-1</priority></presence>");
+    net.take_all();
+    net.send(
+        a1,
+        &format!("<message to='{b}@{DOMAIN}' id='x'><body>hi</body></message>"),
+    );
+    assert_eq!(net.take(b_high).len(), 1);
+    assert_eq!(net.take(b_high2).len(), 1);
+    assert!(net.inbox.is_empty(), "{:?}", net.inbox);
+}
+
+#[test]
+fn message_to_offline_user_bounces_service_unavailable() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    // Offline entirely.
+    net.send(
+        a1,
+        &format!("<message to='{b}@{DOMAIN}' id='off' type='chat'><body>hi</body></message>"),
+    );
+    let got = net.take(a1);
+    assert_eq!(got.len(), 1, "{:?}", texts(&got));
+    assert_eq!(got[0].type_().as_deref(), Some("error"));
+    assert_eq!(got[0].id().as_deref(), Some("off"));
+    assert_eq!(
+        got[0].to().as_deref(),
+        Some(format!("{a}@{DOMAIN}/r").as_str())
+    );
+    assert_eq!(
+        error_condition(&got[0]),
+        Some(("cancel".into(), "service-unavailable".into()))
+    );
+    // Bound but never sent presence: still offline for bare-JID messages.
+    let _b1 = net.bind(&b, "quiet");
+    net.send(
+        a1,
+        &format!("<message to='{b}@{DOMAIN}' id='off2'><body>hi</body></message>"),
+    );
+    let got = net.take(a1);
+    assert_eq!(got.len(), 1);
+    assert_eq!(error_condition(&got[0]).unwrap().1, "service-unavailable");
+    assert!(net.inbox.is_empty());
+    // Same-shard offline user too.
+    let c = user_on(0, 2, 1);
+    net.send(
+        a1,
+        &format!("<message to='{c}@{DOMAIN}' id='off3'><body>hi</body></message>"),
+    );
+    assert_eq!(net.take(a1).len(), 1);
+}
+
+#[test]
+fn error_messages_and_groupchat_are_never_answered() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    for t in ["error", "groupchat", "headline"] {
+        net.send(
+            a1,
+            &format!("<message to='{b}@{DOMAIN}' type='{t}' id='e'><body>x</body></message>"),
+        );
+        assert!(net.take(a1).is_empty(), "type {t} answered");
+    }
+    // IQ results and errors to absent resources vanish too.
+    net.send(
+        a1,
+        &format!("<iq to='{b}@{DOMAIN}/x' type='result' id='r'/>"),
+    );
+    assert!(net.inbox.is_empty());
+}
+
+#[test]
+fn iq_to_users() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b1 = net.bind(&b, "r");
+    // To a bound full JID: delivered, no presence needed.
+    net.send(
+        a1,
+        &format!(
+            "<iq to='{b}@{DOMAIN}/r' type='get' id='q1'><query xmlns='jabber:iq:version'/></iq>"
+        ),
+    );
+    assert_eq!(net.take(b1).len(), 1);
+    // The answer goes back.
+    net.send(
+        b1,
+        &format!("<iq to='{a}@{DOMAIN}/r' type='result' id='q1'/>"),
+    );
+    assert_eq!(net.take(a1)[0].type_().as_deref(), Some("result"));
+    // To an unbound full JID, and to a bare JID: service-unavailable from the server.
+    for to in [format!("{b}@{DOMAIN}/nope"), format!("{b}@{DOMAIN}")] {
+        net.send(
+            a1,
+            &format!("<iq to='{to}' type='get' id='q2'><query xmlns='jabber:iq:version'/></iq>"),
+        );
+        let got = net.take(a1);
+        assert_eq!(got.len(), 1, "{to}");
+        assert_eq!(error_condition(&got[0]).unwrap().1, "service-unavailable");
+        assert!(net.take(b1).is_empty());
+    }
+}
+
+#[test]
+fn bind_conflict_closes_the_old_conn() {
+    let mut net = Net::new(2);
+    let b = user_on(1, 2, 0);
+    let a = user_on(0, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let old = net.bind(&b, "same");
+    net.send(old, "<presence/>");
+    let new = net.bind(&b, "same");
+    assert_eq!(net.closed, vec![(old, "conflict")]);
+    assert!(net.routers[1].full_jid(old).is_none());
+    net.take_all();
+    net.send(
+        a1,
+        &format!("<message to='{b}@{DOMAIN}/same' id='x'><body>hi</body></message>"),
+    );
+    // The new session has not sent presence, but a full JID reaches it.
+    assert_eq!(net.take(new).len(), 1);
+    assert!(net.take(old).is_empty());
+}
+
+#[test]
+fn bind_limits_and_generated_resources() {
+    let mut router = Router::new(0, 1, DOMAIN.into(), Box::new(MemoryRosterStore::new()));
+    assert_eq!(router.bind("u", Some(""), 1), Err(BindError::BadResource));
+    assert_eq!(
+        router.bind("u", Some("a\u{7}b"), 1),
+        Err(BindError::BadResource)
+    );
+    assert_eq!(
+        router.bind("u", Some(&"x".repeat(2000)), 1),
+        Err(BindError::BadResource)
+    );
+    let mut seen = std::collections::HashSet::new();
+    for conn in 0..shared::limits::USER_SESSIONS_MAX as u64 {
+        let b = router.bind("u", None, conn).unwrap();
+        assert!(b.full_jid.starts_with("u@localhost/"));
+        assert!(seen.insert(b.full_jid));
+    }
+    assert_eq!(router.bind("u", None, 100), Err(BindError::TooManySessions));
+    // Replacing an existing resource is still allowed at the cap.
+    let taken = router
+        .full_jid(3)
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(router.bind("u", Some(&taken), 101).is_ok());
+    assert!(matches!(
+        router.poll_action(),
+        Some(Action::CloseConn {
+            conn: 3,
+            condition: "conflict"
+        })
+    ));
+}
+
+#[test]
+fn subscription_handshake_then_presence_across_shards() {
+    // Goal: RFC 6121 §3.1 across shards: A subscribes to B, B approves; A ends with `to`, B with
+    // `from`; then B's presence reaches A (A is subscribed to B), A's does not reach B.
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b1 = net.bind(&b, "r");
+    net.send(
+        a1,
+        "<iq type='get' id='rg'><query xmlns='jabber:iq:roster'/></iq>",
+    );
+    net.send(
+        b1,
+        "<iq type='get' id='rg'><query xmlns='jabber:iq:roster'/></iq>",
+    );
+    net.send(a1, "<presence/>");
+    net.send(b1, "<presence/>");
+    net.take_all();
+
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='subscribe'/>"),
+    );
+    // A gets a push with ask='subscribe'; B gets the request from A's bare JID.
+    let a_got = texts(&net.take(a1));
+    assert_eq!(a_got.len(), 1, "{a_got:?}");
+    assert!(
+        a_got[0].contains("ask='subscribe'") && a_got[0].contains("type='set'"),
+        "{a_got:?}"
+    );
+    let b_got = net.take(b1);
+    assert_eq!(b_got.len(), 1);
+    assert_eq!(b_got[0].type_().as_deref(), Some("subscribe"));
+    assert_eq!(b_got[0].from().as_deref(), Some(bare(&a).as_str()));
+    // B's stored roster holds the pending request but B's roster get does not show it.
+    assert!(item(&net.roster(&b), &bare(&a)).pending_in);
+    net.send(
+        b1,
+        "<iq type='get' id='rg2'><query xmlns='jabber:iq:roster'/></iq>",
+    );
+    let r = texts(&net.take(b1));
+    assert!(!r[0].contains(&bare(&a)), "{r:?}");
+
+    net.send(
+        b1,
+        &format!("<presence to='{a}@{DOMAIN}' type='subscribed'/>"),
+    );
+    let ra = net.roster(&a);
+    let rb = net.roster(&b);
+    assert_eq!(item(&ra, &bare(&b)).subscription, Subscription::To);
+    assert!(!item(&ra, &bare(&b)).ask_out);
+    assert_eq!(item(&rb, &bare(&a)).subscription, Subscription::From);
+    assert!(!item(&rb, &bare(&a)).pending_in);
+    // A: push (to), the subscribed notice, and B's current presence.
+    let a_got = net.take(a1);
+    let kinds: Vec<_> = a_got
+        .iter()
+        .map(|s| (s.name().to_string(), s.type_().map(|t| t.to_string())))
+        .collect();
+    assert!(
+        kinds.contains(&("iq".into(), Some("set".into()))),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&("presence".into(), Some("subscribed".into()))),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&("presence".into(), None)), "{kinds:?}");
+    let b_pres = a_got
+        .iter()
+        .find(|s| s.name() == "presence" && s.type_().is_none())
+        .unwrap();
+    assert_eq!(
+        b_pres.from().as_deref(),
+        Some(format!("{b}@{DOMAIN}/r").as_str())
+    );
+    // B: push (from).
+    let b_got = texts(&net.take(b1));
+    assert_eq!(b_got.len(), 1, "{b_got:?}");
+    assert!(b_got[0].contains("subscription='from'"));
+
+    // B's presence change reaches A; A's does not reach B (B is not subscribed to A).
+    net.send(b1, "<presence><show>away</show></presence>");
+    assert_eq!(net.take(a1).len(), 1);
+    net.take(b1); // B's own reflection
+    net.send(a1, "<presence><show>dnd</show></presence>");
+    assert!(net.take(b1).is_empty());
+
+    // A new session of A probes B and gets B's presence.
+    let a2 = net.bind(&a, "two");
+    net.send(a2, "<presence/>");
+    let got = net.take(a2);
+    let from_b: Vec<_> = got
+        .iter()
+        .filter(|s| s.from().as_deref() == Some(&format!("{b}@{DOMAIN}/r")))
+        .collect();
+    assert_eq!(from_b.len(), 1, "{:?}", texts(&got));
+    assert!(from_b[0].as_str().contains("<show>away</show>"));
+    net.take_all();
+
+    // B disconnects: A's available sessions get unavailable from B's full JID.
+    net.disconnect(b1);
+    for conn in [a1, a2] {
+        let got = net.take(conn);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].type_().as_deref(), Some("unavailable"));
+        assert_eq!(
+            got[0].from().as_deref(),
+            Some(format!("{b}@{DOMAIN}/r").as_str())
+        );
+    }
+}
+
+#[test]
+fn mutual_subscription_and_unsubscribe() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b1 = net.bind(&b, "r");
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='subscribe'/>"),
+    );
+    net.send(
+        b1,
+        &format!("<presence to='{a}@{DOMAIN}' type='subscribed'/>"),
+    );
+    net.send(
+        b1,
+        &format!("<presence to='{a}@{DOMAIN}' type='subscribe'/>"),
+    );
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='subscribed'/>"),
+    );
+    assert_eq!(
+        item(&net.roster(&a), &bare(&b)).subscription,
+        Subscription::Both
+    );
+    assert_eq!(
+        item(&net.roster(&b), &bare(&a)).subscription,
+        Subscription::Both
+    );
+    // Already subscribed: a repeated subscribe is auto-approved, not shown to B.
+    net.send(b1, "<presence/>");
+    net.take_all();
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='subscribe'/>"),
+    );
+    assert!(net.take(b1).is_empty());
+    assert_eq!(
+        item(&net.roster(&a), &bare(&b)).subscription,
+        Subscription::Both
+    );
+
+    // A unsubscribes from B: A both->from, B both->to; A gets B's unavailable.
+    net.send(a1, "<presence/>");
+    net.take_all();
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='unsubscribe'/>"),
+    );
+    assert_eq!(
+        item(&net.roster(&a), &bare(&b)).subscription,
+        Subscription::From
+    );
+    assert_eq!(
+        item(&net.roster(&b), &bare(&a)).subscription,
+        Subscription::To
+    );
+    let a_got = net.take(a1);
+    assert!(
+        a_got
+            .iter()
+            .any(|s| s.type_().as_deref() == Some("unavailable")),
+        "{:?}",
+        texts(&a_got)
+    );
+
+    // A revokes B's subscription to A: A from->none, B to->none.
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='unsubscribed'/>"),
+    );
+    assert_eq!(
+        item(&net.roster(&a), &bare(&b)).subscription,
+        Subscription::None
+    );
+    assert_eq!(
+        item(&net.roster(&b), &bare(&a)).subscription,
+        Subscription::None
+    );
+}
+
+#[test]
+fn denied_request_leaves_no_visible_item() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    // B offline: the request waits and is delivered on B's initial presence.
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='subscribe'/>"),
+    );
+    assert!(item(&net.roster(&b), &bare(&a)).pending_in);
+    let b1 = net.bind(&b, "r");
+    net.send(b1, "<presence/>");
+    let got = net.take(b1);
+    assert!(
+        got.iter()
+            .any(|s| s.type_().as_deref() == Some("subscribe")),
+        "{:?}",
+        texts(&got)
+    );
+    net.send(
+        b1,
+        &format!("<presence to='{a}@{DOMAIN}' type='unsubscribed'/>"),
+    );
+    assert!(net.roster(&b).is_empty());
+    let ra = net.roster(&a);
+    assert_eq!(item(&ra, &bare(&b)).subscription, Subscription::None);
+    assert!(!item(&ra, &bare(&b)).ask_out);
+}
+
+#[test]
+fn roster_get_set_remove() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "one");
+    let a2 = net.bind(&a, "two");
+    net.send(
+        a1,
+        "<iq type='get' id='g1'><query xmlns='jabber:iq:roster'/></iq>",
+    );
+    let got = net.take(a1);
+    assert_eq!(got[0].as_str(), format!("<iq to='{a}@{DOMAIN}/one' id='g1' type='result'><query xmlns='jabber:iq:roster'/></iq>"));
+    net.send(
+        a2,
+        "<iq type='get' id='g1'><query xmlns='jabber:iq:roster'/></iq>",
+    );
+    net.take(a2);
+
+    net.send(
+        a1,
+        &format!("<iq type='set' id='s1'><query xmlns='jabber:iq:roster'><item jid='{b}@{DOMAIN}' name='Bee &amp; co'><group>Friends</group></item></query></iq>"),
+    );
+    let got = texts(&net.take(a1));
+    assert_eq!(got.len(), 2, "{got:?}"); // push + result
+    assert!(got
+        .iter()
+        .any(|s| s.contains("type='result'") && s.contains("id='s1'")));
+    let push = format!("<item jid='{b}@{DOMAIN}' name='Bee &amp; co' subscription='none'><group>Friends</group></item>");
+    assert!(
+        got.iter()
+            .any(|s| s.contains("type='set'") && s.contains(&push)),
+        "{got:?}"
+    );
+    assert_eq!(texts(&net.take(a2)).len(), 1); // the push only
+    let stored = net.roster(&a);
+    assert_eq!(item(&stored, &bare(&b)).name.as_deref(), Some("Bee & co"));
+    assert_eq!(item(&stored, &bare(&b)).groups, vec!["Friends".to_string()]);
+
+    net.send(
+        a1,
+        "<iq type='get' id='g2'><query xmlns='jabber:iq:roster'/></iq>",
+    );
+    assert!(texts(&net.take(a1))[0].contains(&push));
+
+    // Two items in one set: bad-request.
+    net.send(a1, "<iq type='set' id='s2'><query xmlns='jabber:iq:roster'><item jid='x@y'/><item jid='z@y'/></query></iq>");
+    assert_eq!(error_condition(&net.take(a1)[0]).unwrap().1, "bad-request");
+
+    // Subscribe, then remove: B gets unsubscribe (from ask_out) and the item is gone.
+    let b1 = net.bind(&b, "r");
+    net.send(b1, "<presence/>");
+    net.send(
+        a1,
+        &format!("<presence to='{b}@{DOMAIN}' type='subscribe'/>"),
+    );
+    net.take_all();
+    net.send(a1, &format!("<iq type='set' id='rm'><query xmlns='jabber:iq:roster'><item jid='{b}@{DOMAIN}' subscription='remove'/></query></iq>"));
+    let got = texts(&net.take(a1));
+    assert!(
+        got.iter().any(|s| s.contains("subscription='remove'")),
+        "{got:?}"
+    );
+    assert!(got
+        .iter()
+        .any(|s| s.contains("id='rm'") && s.contains("type='result'")));
+    assert!(net.roster(&a).is_empty());
+    assert!(
+        net.roster(&b).is_empty(),
+        "the pending request was cancelled: {:?}",
+        net.roster(&b)
+    );
+    // Removing again: item-not-found.
+    net.send(a1, &format!("<iq type='set' id='rm2'><query xmlns='jabber:iq:roster'><item jid='{b}@{DOMAIN}' subscription='remove'/></query></iq>"));
+    assert_eq!(
+        error_condition(&net.take(a1)[0]).unwrap().1,
+        "item-not-found"
+    );
+}
+
+#[test]
+fn server_iqs() {
+    let mut net = Net::new(1);
+    let a1 = net.bind("alice", "r");
+    net.send(a1, &format!("<iq type='get' to='{DOMAIN}' id='d1'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"));
+    let got = texts(&net.take(a1));
+    assert!(
+        got[0].contains("type='result'") && got[0].contains("id='d1'"),
+        "{got:?}"
+    );
+    assert!(got[0].contains("<identity category='server' type='im'/>"));
+    assert!(got[0].contains("<feature var='urn:xmpp:ping'/>"));
+    assert!(got[0].contains("<feature var='jabber:iq:roster'/>"));
+    net.send(a1, &format!("<iq type='get' to='{DOMAIN}' id='d2'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>"));
+    assert!(texts(&net.take(a1))[0].contains("type='result'"));
+    for ping in [
+        format!("<iq type='get' to='{DOMAIN}' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>"),
+        "<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>".to_string(),
+    ] {
+        net.send(a1, &ping);
+        let got = texts(&net.take(a1));
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].contains("type='result'") && got[0].contains("id='p1'"),
+            "{got:?}"
+        );
+    }
+    net.send(
+        a1,
+        "<iq type='set' id='s'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+    );
+    assert!(texts(&net.take(a1))[0].contains("type='result'"));
+    net.send(
+        a1,
+        &format!("<iq type='get' to='{DOMAIN}' id='u'><query xmlns='jabber:iq:version'/></iq>"),
+    );
+    let got = net.take(a1);
+    assert_eq!(
+        error_condition(&got[0]),
+        Some(("cancel".into(), "service-unavailable".into()))
+    );
+    assert_eq!(got[0].id().as_deref(), Some("u"));
+    // Results and errors to the server are ignored.
+    net.send(a1, &format!("<iq type='result' to='{DOMAIN}' id='r'/>"));
+    net.send(a1, &format!("<iq type='error' to='{DOMAIN}' id='r'/>"));
+    assert!(net.take(a1).is_empty());
+    // Empty IQ get: bad-request.
+    net.send(a1, "<iq type='get' id='e'/>");
+    assert_eq!(error_condition(&net.take(a1)[0]).unwrap().1, "bad-request");
+}
+
+#[test]
+fn bad_and_remote_addresses() {
+    let mut net = Net::new(1);
+    let a1 = net.bind("alice", "r");
+    net.send(a1, "<message to='a@b@c' id='1'><body>x</body></message>");
+    assert_eq!(
+        error_condition(&net.take(a1)[0]),
+        Some(("modify".into(), "jid-malformed".into()))
+    );
+    net.send(
+        a1,
+        "<message to='bob@elsewhere.example' id='2'><body>x</body></message>",
+    );
+    assert_eq!(
+        error_condition(&net.take(a1)[0]).unwrap().1,
+        "remote-server-not-found"
+    );
+}
+
+#[test]
+fn undeliverable_bounces_resource_constraint() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b1 = net.bind(&b, "r");
+    net.send(
+        a1,
+        &format!("<message to='{b}@{DOMAIN}/r' id='full'><body>x</body></message>"),
+    );
+    let s = net.take(b1).pop().unwrap();
+    net.routers[1].handle_undeliverable(b1, s);
+    net.run();
+    let got = net.take(a1);
+    assert_eq!(
+        error_condition(&got[0]),
+        Some(("wait".into(), "resource-constraint".into()))
+    );
+    assert_eq!(got[0].id().as_deref(), Some("full"));
+}
+
+#[test]
+fn directed_presence_and_reflection() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "one");
+    let a2 = net.bind(&a, "two");
+    let b1 = net.bind(&b, "r");
+    net.send(b1, "<presence/>");
+    net.send(a1, "<presence/>");
+    // Initial presence is reflected to the sender (RFC 6121 §4.2.2), and shown to no one else yet.
+    assert_eq!(net.take(a1).len(), 1);
+    assert!(net.take(a2).is_empty());
+    net.send(a2, "<presence/>");
+    // a2 sees its reflection and a1's presence; a1 sees a2's.
+    assert_eq!(net.take(a2).len(), 2);
+    assert_eq!(net.take(a1).len(), 1);
+    net.take_all();
+    net.send(a1, &format!("<presence to='{b}@{DOMAIN}'/>"));
+    assert_eq!(net.take(b1).len(), 1);
+    net.disconnect(a1);
+    let got = net.take(a2);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].type_().as_deref(), Some("unavailable"));
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Bind {
+            user: usize,
+            resource: usize,
+        },
+        Disconnect {
+            pick: usize,
+        },
+        Presence {
+            pick: usize,
+            priority: i8,
+            unavailable: bool,
+        },
+        Message {
+            pick: usize,
+            to_user: usize,
+            to_resource: Option<usize>,
+        },
+        Subscribe {
+            pick: usize,
+            to_user: usize,
+            approve: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..4usize, 0..3usize).prop_map(|(user, resource)| Op::Bind { user, resource }),
+            any::<usize>().prop_map(|pick| Op::Disconnect { pick }),
+            (any::<usize>(), -2..3i8, any::<bool>()).prop_map(|(pick, priority, unavailable)| {
+                Op::Presence {
+                    pick,
+                    priority,
+                    unavailable,
+                }
+            }),
+            (any::<usize>(), 0..4usize, proptest::option::of(0..3usize)).prop_map(
+                |(pick, to_user, to_resource)| Op::Message {
+                    pick,
+                    to_user,
+                    to_resource
+                }
+            ),
+            (any::<usize>(), 0..4usize, any::<bool>()).prop_map(|(pick, to_user, approve)| {
+                Op::Subscribe {
+                    pick,
+                    to_user,
+                    approve,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        // Goal: whatever sessions come and go, no stanza is ever delivered to an unbound conn or
+        // on the wrong shard (asserted in Net::run), and a message to a user with no available
+        // session comes back as an error rather than vanishing.
+        #[test]
+        fn never_delivers_to_unbound_conns(ops in proptest::collection::vec(op(), 1..60)) {
+            let mut net = Net::new(2);
+            let users: Vec<String> = (0..4).map(|i| format!("p{i}")).collect();
+            let mut live: Vec<(u64, usize)> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Bind { user, resource } => {
+                        let conn = net.bind(&users[user], &format!("r{resource}"));
+                        live.retain(|(c, _)| !net.closed.iter().any(|(x, _)| x == c));
+                        live.push((conn, user));
+                    }
+                    Op::Disconnect { pick } if !live.is_empty() => {
+                        let (conn, _) = live.remove(pick % live.len());
+                        net.disconnect(conn);
+                    }
+                    Op::Presence { pick, priority, unavailable } if !live.is_empty() => {
+                        let (conn, _) = live[pick % live.len()];
+                        if unavailable {
+                            net.send(conn, "<presence type='unavailable'/>");
+                        } else {
+                            net.send(conn, &format!("<presence><priority>{priority}</priority></presence>"));
+                        }
+                    }
+                    Op::Message { pick, to_user, to_resource } if !live.is_empty() => {
+                        let (conn, _) = live[pick % live.len()];
+                        let to = match to_resource {
+                            Some(r) => format!("{}@{DOMAIN}/r{r}", users[to_user]),
+                            None => format!("{}@{DOMAIN}", users[to_user]),
+                        };
+                        let before: usize = net.inbox.values().map(Vec::len).sum();
+                        net.send(conn, &format!("<message to='{to}' type='chat' id='pm'><body>x</body></message>"));
+                        let after: usize = net.inbox.values().map(Vec::len).sum();
+                        prop_assert!(after > before, "message to {to} vanished");
+                    }
+                    Op::Subscribe { pick, to_user, approve } if !live.is_empty() => {
+                        let (conn, _) = live[pick % live.len()];
+                        let t = if approve { "subscribed" } else { "subscribe" };
+                        net.send(conn, &format!("<presence to='{}@{DOMAIN}' type='{t}'/>", users[to_user]));
+                    }
+                    _ => {}
+                }
+            }
+            for (conn, _) in live.clone() {
+                net.disconnect(conn);
+            }
+            for r in &net.routers {
+                prop_assert_eq!(r.session_count(), 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn odd_input_never_panics() {
+    // Goal: cold-path parsing (IQ payloads, roster items, priorities, addresses) survives
+    // anything the framer lets through.
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let inputs = [
+        "<iq type='set' id='1'><query xmlns='jabber:iq:roster'/></iq>",
+        "<iq type='set' id='1'><query xmlns='jabber:iq:roster'><item/></query></iq>",
+        "<iq type='set' id='1'><query xmlns='jabber:iq:roster'><item jid='@@'/></query></iq>",
+        "<iq type='set' id='1'><query xmlns='jabber:iq:roster'><item jid='x@y'><group/></item></query></iq>",
+        "<iq type='set' id='1'><query xmlns='jabber:iq:roster'><item jid='x@y'><group>a</group><group>a</group></item></query></iq>",
+        "<iq type='get' id='1'><x:query xmlns:x='jabber:iq:roster'/></iq>",
+        "<iq type='get' id='1'><query xmlns='jabber:iq:roster'><item jid='x@y' subscription='both'/></query></iq>",
+        "<iq type='bogus' id='1'><ping xmlns='urn:xmpp:ping'/></iq>",
+        "<iq id='1'/>",
+        "<iq type='get'>text only</iq>",
+        "<presence><priority>999</priority></presence>",
+        "<presence><priority>abc</priority></presence>",
+        "<presence type='subscribe'/>",
+        "<presence type='probe' to='nobody@localhost'/>",
+        "<presence type='unsubscribed' to='nobody@localhost'/>",
+        "<presence to='localhost/x' type='subscribe'/>",
+        "<message to=''><body/></message>",
+        "<message to='localhost'><body/></message>",
+        "<message to='a@localhost/\u{e9}&amp;' type='bogus'/>",
+        "<r xmlns='urn:xmpp:sm:3'/>",
+    ];
+    for xml in inputs {
+        net.send(a1, xml);
+    }
+    let own = format!("<iq type='set' id='1'><query xmlns='jabber:iq:roster'><item jid='{a}@{DOMAIN}'/></query></iq>");
+    net.send(a1, &own);
+    assert_eq!(
+        error_condition(net.take(a1).last().unwrap()).unwrap().1,
+        "not-allowed"
+    );
+    assert!(net.roster(&a).is_empty(), "{:?}", net.roster(&a));
+}
