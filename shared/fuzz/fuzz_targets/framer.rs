@@ -9,7 +9,9 @@ use shared::framer::{Event, Framer};
 const STANZA_BYTES_MAX: usize = 512;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, input)) = data.split_first() else { return };
+    let Some((&split, input)) = data.split_first() else {
+        return;
+    };
     let cut = usize::from(split) * input.len() / 256;
     let mut framer = Framer::new(STANZA_BYTES_MAX);
     for chunk in [&input[..cut], &input[cut..]] {
@@ -19,7 +21,15 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(Event::Stanza(s))) => {
                     assert!(s.bytes.len() <= STANZA_BYTES_MAX);
                     // Accessors slice by the header's ranges and check UTF-8: they must hold.
-                    let _ = (s.as_str(), s.name(), s.to(), s.from(), s.id(), s.type_(), s.xmlns());
+                    let _ = (
+                        s.as_str(),
+                        s.name(),
+                        s.to(),
+                        s.from(),
+                        s.id(),
+                        s.type_(),
+                        s.xmlns(),
+                    );
                     let stamped = s.with_from("a@b/c");
                     assert_eq!(stamped.from().as_deref(), Some("a@b/c"));
                     assert_eq!(stamped.id(), s.id());
