@@ -48,11 +48,10 @@ cargo build --workspace --locked
 banner "6/7 cargo test"
 cargo test --workspace --locked
 
-banner "7/7 interop tests (slixmpp)"
+banner "7/7 interop tests (slixmpp); steps 1-6 took $((SECONDS - START)) s"
 TARGET_DIR="${CARGO_TARGET_DIR:-target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 export GATEWAY_BIN="${GATEWAY_BIN:-$TARGET_DIR/debug/gateway}"
 echo "binary: $GATEWAY_BIN"
+# Last, so that pytest's summary is the run's closing line.
 "$PY" -m pytest -q tests/interop
-
-banner "all steps passed in $((SECONDS - START)) s"

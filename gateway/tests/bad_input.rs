@@ -223,6 +223,10 @@ fn plain_without_tls_is_refused() {
         features.contains("<starttls"),
         "STARTTLS not offered: {features}"
     );
+    assert!(
+        features.contains("<required"),
+        "STARTTLS not marked <required/> although TLS is required: {features}"
+    );
     let mechs = Client::mechanisms(&features);
     assert!(
         !mechs.iter().any(|m| m.eq_ignore_ascii_case("PLAIN")),
