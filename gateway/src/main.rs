@@ -46,9 +46,9 @@ struct GlobalArgs {
     /// Log filter, e.g. `info` or `gateway=debug` [default: info].
     #[arg(long, global = true)]
     log_level: Option<String>,
-    /// Log format.
-    #[arg(long, global = true, value_parser = ["human", "json"], default_value = "human")]
-    log_format: String,
+    /// Log format: `human` or `json` [default: human].
+    #[arg(long, global = true, value_parser = ["human", "json"])]
+    log_format: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -140,7 +140,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(&config.log_level, &cli.global.log_format);
+    init_logging(&config.log_level, &config.log_format);
     let result = match cli.command {
         None | Some(Command::Serve(_)) => gateway::server::serve(config),
         Some(Command::User { command }) => user_command(&config, command),
@@ -176,6 +176,9 @@ fn load_config(cli: &Cli) -> Result<Config> {
     }
     if let Some(v) = &g.log_level {
         config.log_level = v.clone();
+    }
+    if let Some(v) = &g.log_format {
+        config.log_format = v.clone();
     }
     if let Some(Command::Serve(s)) = &cli.command {
         apply_serve_args(&mut config, s);

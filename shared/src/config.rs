@@ -48,6 +48,8 @@ pub struct Config {
     pub max_connections: usize,
     /// `tracing` filter, e.g. `info` or `gateway=debug`.
     pub log_level: String,
+    /// `human` (default) or `json` lines.
+    pub log_format: String,
     /// Bytes of pinned io_uring memory per executor (glommio `io_memory`); networking does not
     /// use it, so it is kept small to fit the default 8 MiB memlock limit.
     pub io_memory_bytes: usize,
@@ -73,6 +75,7 @@ impl Default for Config {
             shutdown_timeout_seconds: limits::SHUTDOWN_TIMEOUT_SECONDS_DEFAULT,
             max_connections: limits::MAX_CONNECTIONS_DEFAULT,
             log_level: "info".to_owned(),
+            log_format: "human".to_owned(),
             io_memory_bytes: 128 * 1024,
         }
     }
@@ -151,6 +154,13 @@ impl Config {
                 key: "c2s_addr",
                 problem: "two listeners share one address".to_owned(),
                 fix: "give c2s_addr, tls_addr and admin_addr distinct ports",
+            });
+        }
+        if self.log_format != "human" && self.log_format != "json" {
+            return Err(ConfigError::Invalid {
+                key: "log_format",
+                problem: format!("{:?} is not a log format", self.log_format),
+                fix: "use `human` or `json`",
             });
         }
         if self.max_connections == 0 {
