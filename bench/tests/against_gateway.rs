@@ -1,0 +1,287 @@
+//! End to end: the bench binary against a real gateway on loopback (idle over direct TLS, chat in
+//! plaintext across two shards, login, reconnect), checking the JSON reports add up.
+//!
+//! The gateway binary is taken from the same target directory as this test; if it is missing it
+//! is built once with `cargo build -p gateway --bin gateway`. Every child has a deadline.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bench::report::Report;
+
+/// Kills (SIGTERM, then SIGKILL) its child when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a command to completion within `limit`; returns (exit code, stdout).
+fn run(cmd: &mut Command, limit: Duration) -> (i32, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code().unwrap_or(-1),
+        reader.join().unwrap_or_default(),
+    )
+}
+
+fn gateway_binary() -> PathBuf {
+    // target/<profile>/deps/against_gateway-HASH -> target/<profile>/gateway
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let gateway = profile_dir.join("gateway");
+    if !gateway.exists() {
+        let target_dir = profile_dir.parent().expect("target dir");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "gateway", "--bin", "gateway"])
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+            .env("CARGO_TARGET_DIR", target_dir);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let (code, _) = run(&mut cmd, Duration::from_secs(1800));
+        assert_eq!(code, 0, "building the gateway failed");
+    }
+    assert!(gateway.exists(), "no gateway at {}", gateway.display());
+    gateway
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn healthy(admin: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200")
+}
+
+fn bench(args: &[&str], json: &Path) -> (i32, Report) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
+    cmd.args(args).arg("--json").arg(json);
+    let (code, stdout) = run(&mut cmd, Duration::from_secs(180));
+    eprintln!("bench {}:\n{stdout}", args.join(" "));
+    let report = Report::read_json(json)
+        .unwrap_or_else(|e| panic!("bench {args:?} (exit {code}) left no report: {e:#}"));
+    (code, report)
+}
+
+#[test]
+fn bench_against_gateway() {
+    let gateway = gateway_binary();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("utf-8 path");
+    let mut add = Command::new(&gateway);
+    add.args([
+        "--data-dir",
+        data,
+        "--scram-iterations",
+        "64",
+        "user",
+        "bulk-add",
+    ])
+    .args(["--prefix", "user", "--count", "300", "--password", "pw"]);
+    let (code, _) = run(&mut add, Duration::from_secs(300));
+    assert_eq!(code, 0, "bulk-add failed");
+
+    let (c2s, tls, admin) = (free_port(), free_port(), free_port());
+    let server = Command::new(&gateway)
+        .args([
+            "--data-dir",
+            data,
+            "--shards",
+            "2",
+            "serve",
+            "--no-pin",
+            "--allow-plaintext",
+        ])
+        .args(["--c2s-addr", &format!("127.0.0.1:{c2s}")])
+        .args(["--tls-addr", &format!("127.0.0.1:{tls}")])
+        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("gateway.log")).expect("log file"))
+        .spawn()
+        .expect("start gateway");
+    let pid = server.id().to_string();
+    let server = Guard(server);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !healthy(admin) {
+        assert!(Instant::now() < deadline, "gateway not healthy within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let c2s_target = format!("127.0.0.1:{c2s}");
+    let tls_target = format!("127.0.0.1:{tls}");
+
+    // idle, direct TLS.
+    let json = dir.path().join("idle.json");
+    let (code, r) = bench(
+        &[
+            "idle",
+            "--target",
+            &tls_target,
+            "--sessions",
+            "200",
+            "--hold",
+            "2",
+            "--tls",
+            "direct",
+            "--insecure",
+            "--server-pid",
+            &pid,
+        ],
+        &json,
+    );
+    assert_eq!(code, 0, "idle failed: {:?}", r.counts);
+    assert_eq!(r.scenario, "idle");
+    assert_eq!(r.counts.established, 200);
+    assert_eq!(r.counts.failed, 0);
+    assert!(r.passed);
+    let server_figures = r.server.as_ref().expect("server figures");
+    assert!(server_figures.rss_before_bytes > 0);
+    assert!(server_figures.rss_peak_bytes > 0);
+    assert!(server_figures.bytes_per_session.is_some());
+    assert!(r.client.bytes_per_session.is_some());
+    assert_eq!(r.latency_us.samples, 200);
+
+    // chat, plaintext, partners on different shards.
+    let json = dir.path().join("chat.json");
+    let (code, r) = bench(
+        &[
+            "chat",
+            "--target",
+            &c2s_target,
+            "--users",
+            "50",
+            "--rate",
+            "200",
+            "--duration",
+            "3",
+            "--tls",
+            "none",
+            "--server-shards",
+            "2",
+            "--server-pid",
+            &pid,
+        ],
+        &json,
+    );
+    assert_eq!(code, 0, "chat failed: {:?}", r.counts);
+    let c = &r.counts;
+    assert_eq!(c.established, 50);
+    assert_eq!(c.failed, 0);
+    assert!(c.sent > 0);
+    assert_eq!(c.delivered, c.sent);
+    assert_eq!(c.lost, 0);
+    assert_eq!(c.duplicated, 0);
+    let l = &r.latency_us;
+    assert_eq!(l.samples, c.delivered);
+    assert!(l.p50 <= l.p99 && l.p99 <= l.max, "{l:?}");
+    assert!(r.server.is_some());
+    assert!(r.passed);
+
+    // login, plaintext.
+    let json = dir.path().join("login.json");
+    let (code, r) = bench(
+        &[
+            "login",
+            "--target",
+            &c2s_target,
+            "--sessions",
+            "100",
+            "--tls",
+            "none",
+        ],
+        &json,
+    );
+    assert_eq!(
+        r.counts.established + r.counts.failed,
+        100,
+        "{:?}",
+        r.counts
+    );
+    assert_eq!(code, 0, "login failed: {:?}", r.counts);
+    assert_eq!(r.counts.established, 100);
+    assert_eq!(r.latency_us.samples, 100);
+    assert!(r.rates.time_to_99pct_seconds.is_some());
+    assert!(r.rates.time_to_100pct_seconds.is_some());
+
+    // reconnect, STARTTLS.
+    let json = dir.path().join("reconnect.json");
+    let (code, r) = bench(
+        &[
+            "reconnect",
+            "--target",
+            &c2s_target,
+            "--sessions",
+            "100",
+            "--tls",
+            "starttls",
+            "--insecure",
+        ],
+        &json,
+    );
+    assert_eq!(
+        r.counts.established + r.counts.failed,
+        100,
+        "{:?}",
+        r.counts
+    );
+    assert_eq!(code, 0, "reconnect failed: {:?}", r.counts);
+    assert_eq!(r.counts.established, 100);
+    assert!(r.rates.time_to_100pct_seconds.is_some());
+
+    drop(server);
+}
