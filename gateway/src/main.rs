@@ -79,6 +79,9 @@ struct ServeArgs {
     /// Do not pin shard threads to CPUs.
     #[arg(long)]
     no_pin: bool,
+    /// Run shard threads at SCHED_FIFO real-time priority (needs CAP_SYS_NICE).
+    #[arg(long)]
+    realtime: bool,
     /// CPUs to pin shards to, e.g. `0,2,4`.
     #[arg(long, value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
@@ -203,6 +206,9 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     if s.no_pin {
         config.pin_cpus = false;
     }
+    if s.realtime {
+        config.realtime = true;
+    }
     if let Some(v) = &s.cpus {
         config.cpus = v.clone();
     }
@@ -232,9 +238,12 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
 fn init_logging(filter: &str, format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colours only on a terminal: log files and CI output stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if format == "json" {
         builder.json().init();
     } else {

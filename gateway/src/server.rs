@@ -44,6 +44,11 @@ pub fn shard_count(config: &Config) -> usize {
         .max(1)
 }
 
+/// SCHED_FIFO priority of the shard threads with `--realtime`: above every normal task (so cron
+/// jobs never preempt a shard, as the seed's operators found) but below the kernel's own threads
+/// (IRQ threads run at 50).
+const REALTIME_PRIORITY: i32 = 10;
+
 enum Control {
     Stop,
 }
@@ -59,17 +64,28 @@ pub fn serve(config: Config) -> Result<()> {
             config.c2s_addr
         );
     }
-    if let Some((soft, hard)) = tuning::open_files_limit() {
-        // Each connection is one descriptor; the store and listeners take a few more.
-        if (soft as usize) < config.max_connections {
-            tracing::warn!(
-                soft,
-                hard,
-                max_connections = config.max_connections,
-                "open-files limit is below max_connections: accepts will fail past it; \
-                 raise it with `ulimit -n` (up to the hard limit) or LimitNOFILE in the unit"
-            );
-        }
+    // The host doctor's checks for this target, each problem logged once with its fix. Only what
+    // stops the process from running at all is fatal (STYLE §1): glommio's memlock floor and a
+    // disabled io_uring.
+    let host =
+        tuning::check_host(&tuning::Target::new(config.max_connections as u64).with_shards(shards));
+    for (name, current, needed, fix) in host.warnings() {
+        tracing::warn!(
+            check = name,
+            current,
+            needed,
+            fix,
+            "host is not ready for max_connections"
+        );
+    }
+    if let Some(c) = host.refuses_to_start().first() {
+        bail!(
+            "{} is {} (needs {}): {}",
+            c.name,
+            c.current,
+            c.needed,
+            c.fix
+        );
     }
     let stores = Store::open_all(&config.data_dir, shards, &config.domain)
         .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
@@ -105,6 +121,7 @@ pub fn serve(config: Config) -> Result<()> {
         .map(|_| flume::bounded::<Handoff>(HANDOFF_CHANNEL_CONNECTIONS_MAX))
         .unzip();
 
+    let topology = tuning::cpu_topology();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut controls = Vec::new();
     let mut joins = Vec::new();
@@ -120,7 +137,12 @@ pub fn serve(config: Config) -> Result<()> {
         let (control_tx, control_rx) = flume::bounded::<Control>(1);
         controls.push(control_tx);
         let placement = if config.pin_cpus {
-            Placement::Fixed(cpus[id % cpus.len()])
+            let cpu = cpus[id % cpus.len()];
+            // Memory placement is NUMA-local by construction: the shard's thread is pinned, the
+            // kernel's default first-touch policy puts the pages it touches on its node, and
+            // mimalloc's per-thread heaps keep each shard's allocations on its own pages.
+            tracing::info!(shard = id, cpu, numa_node = ?topology.numa_node_of(cpu), "shard placement");
+            Placement::Fixed(cpu)
         } else {
             Placement::Unbound
         };
@@ -215,6 +237,16 @@ struct ShardStart {
 
 async fn run_shard(start: ShardStart) {
     let id = start.id;
+    if start.config.realtime {
+        if let Err(e) = crate::sys::set_realtime_fifo(REALTIME_PRIORITY) {
+            let _ = start.ready.send(Err(format!(
+                "realtime: cannot give shard {id} SCHED_FIFO priority {REALTIME_PRIORITY}: {e}; \
+                 run as root, grant CAP_SYS_NICE (AmbientCapabilities=CAP_SYS_NICE in the unit) \
+                 or raise LimitRTPRIO, or drop --realtime"
+            )));
+            return;
+        }
+    }
     let bind = |addr: std::net::SocketAddr, what: &str| {
         TcpListener::bind(addr).map_err(|e| {
             format!("cannot listen on {addr} ({what}): {e}; pick a free address with --{what}")

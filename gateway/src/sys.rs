@@ -23,3 +23,16 @@ pub fn adopt_socket(socket: StdTcpStream) -> glommio::net::TcpStream {
     // SAFETY: `into_raw_fd` gave up ownership of `fd`; the glommio stream takes it over.
     unsafe { glommio::net::TcpStream::from_raw_fd(fd) }
 }
+
+/// Gives the calling thread SCHED_FIFO at `priority` (1..=99).
+pub fn set_realtime_fifo(priority: i32) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param for the call; pid 0 means the calling thread.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -23,6 +23,8 @@ pub struct Config {
     pub cpus: Vec<usize>,
     /// Pin each shard's thread to its CPU. Default true.
     pub pin_cpus: bool,
+    /// Run shard threads with SCHED_FIFO real-time priority (needs CAP_SYS_NICE). Default false.
+    pub realtime: bool,
     /// Client-to-server listener with STARTTLS (RFC 6120). Default `127.0.0.1:5222`.
     pub c2s_addr: SocketAddr,
     /// Direct-TLS listener (XEP-0368). Default `127.0.0.1:5223`.
@@ -63,6 +65,7 @@ impl Default for Config {
             shards: None,
             cpus: Vec::new(),
             pin_cpus: true,
+            realtime: false,
             c2s_addr: ([127, 0, 0, 1], 5222).into(),
             tls_addr: ([127, 0, 0, 1], 5223).into(),
             admin_addr: ([127, 0, 0, 1], 5280).into(),
