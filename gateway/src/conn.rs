@@ -21,6 +21,13 @@ use crate::c2s::{C2s, Security, Services, Step};
 use crate::shard::{Outbox, Shard};
 use crate::sys;
 
+/// The inline read buffer every connection's pending read uses (kept small: idle connections
+/// hold one each). A read that fills it continues through the shard's `READ_CHUNK_BYTES` buffer.
+const SMALL_READ_BYTES: usize = 256;
+
+/// Most reads through the shard buffer per wake-up of one connection (64 x 4 KiB = 256 KiB).
+const DRAIN_READS_MAX: usize = 64;
+
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
@@ -174,7 +181,10 @@ impl Conn {
         if let Some(end) = self.after_step(stream, step, rest).await {
             return end;
         }
-        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        // Idle connections must not hold a read buffer: the pending read targets this small array
+        // inside the task, and a read that fills it drains the socket through the shard's one
+        // large buffer (`Shard::read_buf`), synchronously, before the next await.
+        let mut small = [0u8; SMALL_READ_BYTES];
         let mut drained: Vec<Bytes> = Vec::new();
         // Unbounded by design: the connection's event loop; every iteration waits for input.
         loop {
@@ -184,7 +194,7 @@ impl Conn {
                 let outbox = &self.outbox;
                 let read = async {
                     shard.mesh_unblocked.wait().await;
-                    Wake::Read(stream.read(&mut buf).await)
+                    Wake::Read(stream.read(&mut small).await)
                 };
                 let queued = async {
                     outbox.ready().await;
@@ -205,7 +215,10 @@ impl Conn {
             let step = match wake {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Closed,
                 Wake::Read(Ok(n)) => {
-                    let (step, rest) = self.handle_input(&buf[..n]);
+                    let (mut step, mut rest) = self.handle_input(&small[..n]);
+                    if n == small.len() && step == Step::Continue {
+                        (step, rest) = self.drain_socket(stream);
+                    }
                     if let Some(end) = self.after_step(stream, step, rest).await {
                         return end;
                     }
@@ -225,6 +238,8 @@ impl Conn {
                         for b in drained.drain(..) {
                             self.out.extend_from_slice(&b);
                         }
+                        // A burst should not leave its queue's capacity on an idle connection.
+                        drained = Vec::new();
                         Step::Continue
                     }
                 }
@@ -315,6 +330,30 @@ impl Conn {
         End::HandedOff
     }
 
+    /// Reads what else the socket holds through the shard's large buffer, without awaiting: each
+    /// read is polled once and completes at once when data is there (glommio tries the `recv`
+    /// before arming a poll). Bounded by `DRAIN_READS_MAX` so one busy connection cannot starve
+    /// the shard; what is left waits for the next turn.
+    fn drain_socket(&mut self, stream: &mut TcpStream) -> (Step, Vec<u8>) {
+        let shard = self.shard.clone();
+        for _ in 0..DRAIN_READS_MAX {
+            let mut big = shard.read_buf.borrow_mut();
+            let got = futures_lite::future::block_on(futures_lite::future::poll_once(
+                stream.read(&mut big[..]),
+            ));
+            let n = match got {
+                Some(Ok(n)) if n > 0 => n,
+                Some(Ok(_)) | Some(Err(_)) => return (Step::Close, Vec::new()),
+                None => break,
+            };
+            let (step, rest) = self.handle_input(&big[..n]);
+            if step != Step::Continue || n < big.len() {
+                return (step, rest);
+            }
+        }
+        (Step::Continue, Vec::new())
+    }
+
     /// Feeds received bytes through TLS (if any) into the machine. Returns the step and the
     /// bytes not yet fed when the machine stopped early (authenticated: they follow the handoff).
     fn handle_input(&mut self, data: &[u8]) -> (Step, Vec<u8>) {
@@ -398,8 +437,8 @@ impl Conn {
                 }
             }
         }
-        if self.out.capacity() > READ_CHUNK_BYTES {
-            // Do not keep a large buffer on a connection that goes idle.
+        if self.out.capacity() > 0 {
+            // An idle connection keeps no write buffer; the next write allocates one.
             self.out = Vec::new();
         }
         Ok(())

@@ -12,7 +12,7 @@ use std::task::{Poll, Waker};
 use bytes::Bytes;
 use hashbrown::HashMap;
 use router::{Action, ConnId, Frame, Router, Store};
-use shared::limits::{MESH_BATCH_FRAMES_MAX, SESSION_SEND_QUEUE_STANZAS_MAX};
+use shared::limits::{MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, SESSION_SEND_QUEUE_STANZAS_MAX};
 use shared::stanza::Stanza;
 
 use crate::c2s::C2sConfig;
@@ -145,6 +145,9 @@ pub struct Shard {
     /// Set when the shard is stopping: accept loops end, connections close.
     pub stopping: Flag,
     pub stats: RefCell<ShardStats>,
+    /// The one large read buffer of the shard, borrowed only between two awaits (never across
+    /// one), so connections share it instead of each holding their own.
+    pub read_buf: RefCell<Vec<u8>>,
 }
 
 /// Plain per-shard counters (the statistics issue turns these into metrics).
@@ -201,6 +204,7 @@ impl Shard {
             mesh_unblocked,
             stopping: Flag::default(),
             stats: RefCell::new(ShardStats::default()),
+            read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
     }
 

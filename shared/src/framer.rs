@@ -675,6 +675,11 @@ impl Framer {
             return Err(NotWellFormed("stanza is not UTF-8"));
         }
         let bytes = self.buf.split_to(end).freeze();
+        if self.buf.is_empty() {
+            // Nothing of the next stanza has arrived: let the stanza's `Bytes` own the old
+            // allocation alone, so an idle connection holds no buffer (the next `push` allocates).
+            self.buf = BytesMut::new();
+        }
         let header = std::mem::take(&mut self.header);
         let kind = match &bytes[header.name.clone()] {
             b"message" => Kind::Message,
