@@ -4,12 +4,14 @@
 #
 #   scripts/compare-peers.sh [--quick] [--servers gateway,ejabberd,prosody]
 #                            [--scenarios idle-plain,idle-tls,chat-sweep,chat-fixed,login,reconnect]
-#                            [--idle-sessions N] [--idle-ramp CONNECTS/S] [--idle-hold S] [--procs P]
+#                            [--idle-sessions N] [--idle-ramp CONNECTS/S] [--idle-tls-ramp CONNECTS/S]
+#                            [--prosody-idle-ramp CONNECTS/S] [--prosody-idle-tls-ramp CONNECTS/S]
+#                            [--idle-hold S] [--procs P]
 #                            [--chat-users N] [--sweep-duration S] [--p99-bound-ms MS]
 #                            [--sweep-start MSG/S] [--sweep-steps-max N]
 #                            [--chat-rate R] [--chat-duration S] [--login-sessions N]
 #                            [--reconnect-sessions N] [--out DIR] [--bench PATH]
-#                            [--no-restart] [--skip-check] [--tune-host] [--run-timeout S]
+#                            [--warmup S] [--no-restart] [--skip-check] [--tune-host] [--run-timeout S]
 #
 # Each scenario runs against a freshly started server (Prosody slows down on long-lived
 # instances; an idle run leaves 19k sessions to tear down). See scripts/peers/README-benchmarking.md.
@@ -24,7 +26,15 @@ PEERS="$ROOT/scripts/peers"
 SERVERS="gateway,ejabberd,prosody"
 SCENARIOS="idle-plain,idle-tls,chat-sweep,chat-fixed,login,reconnect"
 IDLE_SESSIONS=19000
-IDLE_RAMP=400      # connects per second: below Prosody's ~314 TLS logins/s x 30 s login timeout
+# Connects per second of the idle ramps: below the slowest peer's login rate on this box with bench
+# beside it (at 400/s over direct TLS, Prosody established 4.6k of 19k, ejabberd 15k; the rest timed
+# out). Idle measures memory, not speed, so a slow ramp costs nothing but time.
+IDLE_RAMP=250
+IDLE_TLS_RAMP=150
+# Prosody 0.12 logs in far fewer sessions per second here: over direct TLS it kept up with 60/s at
+# 85-100% CPU (19k sessions), and collapsed at 150/s (handshakes queued past the timeout).
+PROSODY_IDLE_RAMP=150
+PROSODY_IDLE_TLS_RAMP=50
 IDLE_HOLD=10
 PROCS=2
 CHAT_USERS=1000
@@ -37,6 +47,7 @@ CHAT_DURATION=10
 LOGIN_SESSIONS=5000
 RECONNECT_SESSIONS=5000
 RUN_TIMEOUT=600
+WARMUP=3           # seconds of chat at a low rate before each chat scenario, not reported
 OUT=""
 QUICK=0
 RESTART=1
@@ -54,8 +65,8 @@ for a in "$@"; do
     if [ "$a" = "--quick" ]; then
         # A smoke version: every scenario and every server, small and short.
         QUICK=1
-        IDLE_SESSIONS=300; IDLE_RAMP=300; IDLE_HOLD=2
-        CHAT_USERS=50; SWEEP_DURATION=2; SWEEP_START=500; SWEEP_STEPS_MAX=4
+        IDLE_SESSIONS=300; IDLE_RAMP=300; IDLE_TLS_RAMP=150; PROSODY_IDLE_RAMP=150; PROSODY_IDLE_TLS_RAMP=100; IDLE_HOLD=2
+        CHAT_USERS=100; SWEEP_DURATION=3; SWEEP_START=500; SWEEP_STEPS_MAX=4
         CHAT_RATE=200; CHAT_DURATION=3
         LOGIN_SESSIONS=200; RECONNECT_SESSIONS=200
         RUN_TIMEOUT=120
@@ -70,6 +81,9 @@ while [ $# -gt 0 ]; do
         --scenarios) need "$@"; SCENARIOS=$2; shift 2 ;;
         --idle-sessions) need "$@"; IDLE_SESSIONS=$2; shift 2 ;;
         --idle-ramp) need "$@"; IDLE_RAMP=$2; shift 2 ;;
+        --idle-tls-ramp) need "$@"; IDLE_TLS_RAMP=$2; shift 2 ;;
+        --prosody-idle-ramp) need "$@"; PROSODY_IDLE_RAMP=$2; shift 2 ;;
+        --prosody-idle-tls-ramp) need "$@"; PROSODY_IDLE_TLS_RAMP=$2; shift 2 ;;
         --idle-hold) need "$@"; IDLE_HOLD=$2; shift 2 ;;
         --procs) need "$@"; PROCS=$2; shift 2 ;;
         --chat-users) need "$@"; CHAT_USERS=$2; shift 2 ;;
@@ -82,6 +96,7 @@ while [ $# -gt 0 ]; do
         --login-sessions) need "$@"; LOGIN_SESSIONS=$2; shift 2 ;;
         --reconnect-sessions) need "$@"; RECONNECT_SESSIONS=$2; shift 2 ;;
         --run-timeout) need "$@"; RUN_TIMEOUT=$2; shift 2 ;;
+        --warmup) need "$@"; WARMUP=$2; shift 2 ;;
         --out) need "$@"; OUT=$2; shift 2 ;;
         --bench) need "$@"; BENCH=$2; shift 2 ;;
         --no-restart) RESTART=0; shift ;;
@@ -128,9 +143,9 @@ host_checks() {
         echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
         echo "ulimit -n: $(ulimit -n), ulimit -l: $(ulimit -l)"
         echo "somaxconn: $somax, ip_local_port_range: $range"
-        echo "sizes: idle $IDLE_SESSIONS (ramp $IDLE_RAMP/s, hold $IDLE_HOLD s, procs $PROCS), chat users $CHAT_USERS," \
+        echo "sizes: idle $IDLE_SESSIONS (ramp $IDLE_RAMP/s plaintext, $IDLE_TLS_RAMP/s TLS; Prosody $PROSODY_IDLE_RAMP/s, $PROSODY_IDLE_TLS_RAMP/s; hold $IDLE_HOLD s, procs $PROCS), chat users $CHAT_USERS," \
              "sweep from $SWEEP_START msg/s, $SWEEP_DURATION s per step, at most $SWEEP_STEPS_MAX steps, bound $P99_BOUND_MS ms, fixed $CHAT_RATE msg/s for $CHAT_DURATION s," \
-             "login $LOGIN_SESSIONS, reconnect $RECONNECT_SESSIONS"
+             "login $LOGIN_SESSIONS, reconnect $RECONNECT_SESSIONS, chat warmup $WARMUP s"
     } > "$OUT/host.txt"
 }
 
@@ -182,17 +197,34 @@ run_bench() {
     return 0
 }
 
+# warmup SERVER KIND: a short chat at a low rate, not reported. The first seconds of traffic
+# after a start carry one-off costs (ejabberd: p99 17 ms in the first 3 s at 500 msg/s, 3 ms
+# after); without this the first sweep step measures them.
+warmup() {
+    local server=$1 kind=$2 pid
+    [ "$WARMUP" = 0 ] && return 0
+    pid=$("$PEERS/$server.sh" pid)
+    timeout --kill-after=5 $((WARMUP + 60)) "$BENCH" chat --target "127.0.0.1:$C2S_PORT" --tls none \
+        --sessions "$CHAT_USERS" --rate 200 --duration "$WARMUP" --size 100 --domain localhost \
+        --user-prefix user --password pw --insecure --label "$server warmup" \
+        >"$OUT/$server.$kind.warmup.log" 2>&1 || echo "warning: $server warmup exited non-zero" >&2
+    grep -h "latency ms" "$OUT/$server.$kind.warmup.log" | sed 's/^/    warmup: /' >&2 || true
+}
+
 scenario() {
     local server=$1 kind=$2 label=$3
     local plain=(--target "127.0.0.1:$C2S_PORT" --tls none)
+    local ramp=$IDLE_RAMP tls_ramp=$IDLE_TLS_RAMP
+    if [ "$server" = prosody ]; then ramp=$PROSODY_IDLE_RAMP; tls_ramp=$PROSODY_IDLE_TLS_RAMP; fi
+    case "$kind" in chat-*) warmup "$server" "$kind" ;; esac
     case "$kind" in
         idle-plain)
             run_bench "$server" "$kind" "$label" idle "${plain[@]}" --sessions "$IDLE_SESSIONS" \
-                --hold "$IDLE_HOLD" --ramp "$IDLE_RAMP" --procs "$PROCS" ;;
+                --hold "$IDLE_HOLD" --ramp "$ramp" --procs "$PROCS" ;;
         idle-tls)
             # All three serve XEP-0368 direct TLS; STARTTLS would add a round trip, not memory.
             run_bench "$server" "$kind" "$label" idle --target "127.0.0.1:$TLS_PORT" --tls direct \
-                --sessions "$IDLE_SESSIONS" --hold "$IDLE_HOLD" --ramp "$IDLE_RAMP" --procs "$PROCS" ;;
+                --sessions "$IDLE_SESSIONS" --hold "$IDLE_HOLD" --ramp "$tls_ramp" --procs "$PROCS" ;;
         chat-sweep)
             run_bench "$server" "$kind" "$label" chat "${plain[@]}" --users "$CHAT_USERS" \
                 --duration "$SWEEP_DURATION" --size 100 --sweep --p99-bound-ms "$P99_BOUND_MS" \

@@ -54,4 +54,4 @@ case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 export GATEWAY_BIN="${GATEWAY_BIN:-$TARGET_DIR/debug/gateway}"
 echo "binary: $GATEWAY_BIN"
 # Last, so that pytest's summary is the run's closing line.
-"$PY" -m pytest -q tests/interop
+"$PY" -m pytest -q tests/interop tests/peers

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use router::{Frame, Router, Store};
 use shared::config::Config;
@@ -248,7 +247,7 @@ async fn run_shard(start: ShardStart) {
         }
     }
     let bind = |addr: std::net::SocketAddr, what: &str| {
-        TcpListener::bind(addr).map_err(|e| {
+        crate::sys::bind_listener(addr).map_err(|e| {
             format!("cannot listen on {addr} ({what}): {e}; pick a free address with --{what}")
         })
     };

@@ -36,3 +36,23 @@ pub fn set_realtime_fifo(priority: i32) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Listen backlog per shard listener: the kernel caps it at `net.core.somaxconn` (`tuning check`
+/// says when that is the limit). glommio's own `bind` uses 1024.
+pub const LISTEN_BACKLOG_CONNECTIONS: i32 = 65_535;
+
+/// Binds a listener with SO_REUSEPORT (one per shard on the same port; the kernel spreads accepts)
+/// and SO_REUSEADDR (a restart must not wait for the previous run's connections in TIME-WAIT to
+/// expire, which glommio's own `bind` does not allow).
+pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG_CONNECTIONS)?;
+    let fd = socket.into_raw_fd();
+    // SAFETY: `into_raw_fd` gave up ownership of a bound, listening TCP socket; the glommio
+    // listener takes it over and closes it.
+    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(fd) })
+}

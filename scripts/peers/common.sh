@@ -13,12 +13,17 @@ port_open() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
 
-# wait_port PORT TIMEOUT_S [PID]: waits until the port accepts; fails on timeout or when PID dies.
+# wait_port PORT TIMEOUT_S [PID [LOGFILE PATTERN]]: waits until the port accepts; fails on
+# timeout, when PID dies, or when PATTERN (grep -E) shows up in LOGFILE.
 wait_port() {
-    local port=$1 timeout=$2 pid=${3:-} start=$SECONDS
+    local port=$1 timeout=$2 pid=${3:-} logfile=${4:-} pattern=${5:-} start=$SECONDS
     until port_open "$port"; do
         if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
             echo "process $pid exited before port $port opened" >&2
+            return 1
+        fi
+        if [ -n "$pattern" ] && grep -qiE "$pattern" "$logfile" 2>/dev/null; then
+            echo "'$pattern' in $logfile" >&2
             return 1
         fi
         if (( SECONDS - start >= timeout )); then
@@ -77,4 +82,27 @@ wait_port_free() {
         (( SECONDS - start >= timeout )) && { echo "ports $* still in use after ${timeout}s" >&2; return 1; }
         sleep 1
     done
+}
+
+# start_with_retry LAUNCH STOP LOGFILE PATTERN: runs the function LAUNCH (which starts the server
+# in the background and sets the global JOB), waits for $C2S_PORT. If the server could not bind
+# because TIME-WAIT sockets of the previous server hold the port (a listener binds over them only
+# when both sides set SO_REUSEADDR, or SO_REUSEPORT under the same uid), waits for them to expire
+# and tries once more. LOGFILE is truncated before each attempt.
+start_with_retry() {
+    local launch=$1 stop=$2 logfile=$3 pattern=$4 attempt
+    for attempt in 1 2; do
+        : > "$logfile"
+        "$launch"
+        if wait_port "$C2S_PORT" "$START_TIMEOUT" "$JOB" "$logfile" "$pattern"; then return 0; fi
+        "$stop" >/dev/null 2>&1 || true
+        if [ "$attempt" = 1 ] && [ -n "$(ss -Htan "( sport = :$C2S_PORT or sport = :$TLS_PORT )" | head -1)" ]; then
+            log "port $C2S_PORT/$TLS_PORT held by TIME-WAIT sockets; waiting for them to expire, then retrying"
+            wait_port_free 90 "$C2S_PORT" "$TLS_PORT" || true
+            continue
+        fi
+        tail -20 "$logfile" >&2 || true
+        return 1
+    done
+    return 1
 }

@@ -272,30 +272,19 @@ server_pid() {
     return 1
 }
 
+ej_launch() {
+    rm -f "$RUN/ejabberd.pid"
+    # foreground in a background job: the beam's stdout goes to our log, no su, our ulimit.
+    ( cd "$SPOOL" && ctl foreground ) >>"$LOGDIR/console.log" 2>&1 < /dev/null &
+    JOB=$!
+}
+
 cmd_start() {
     [ -f "$ETC/ejabberd.yml" ] || die "run '$0 setup USERS' first"
     if server_pid >/dev/null; then die "already running (pid $(server_pid))"; fi
     port_open "$C2S_PORT" && die "port $C2S_PORT is taken by another process"
-    local attempt job
-    for attempt in 1 2; do
-        rm -f "$RUN/ejabberd.pid"
-        local mark
-        mark=$(wc -l < "$LOGDIR/console.log" 2>/dev/null || echo 0)
-        # foreground in a background job: the beam's stdout goes to our log, no su, our ulimit.
-        ( cd "$SPOOL" && ctl foreground ) >>"$LOGDIR/console.log" 2>&1 < /dev/null &
-        job=$!
-        if wait_port "$C2S_PORT" "$START_TIMEOUT" "$job"; then break; fi
-        cmd_stop >/dev/null 2>&1 || true
-        # ejabberd cannot bind over TIME-WAIT sockets left by another server (the gateway's
-        # listeners use SO_REUSEPORT under another uid): wait for them to expire, once.
-        if [ "$attempt" = 1 ] && tail -n +"$((mark + 1))" "$LOGDIR/console.log" | grep -q eaddrinuse; then
-            log "ejabberd: port $C2S_PORT/$TLS_PORT busy (TIME-WAIT); waiting for it to clear"
-            wait_port_free 90 "$C2S_PORT" "$TLS_PORT" || true
-            continue
-        fi
-        tail -20 "$LOGDIR/console.log" "$LOGDIR/ejabberd.log" 2>/dev/null >&2 || true
-        die "ejabberd did not start"
-    done
+    start_with_retry ej_launch cmd_stop "$LOGDIR/console.log" "eaddrinuse|Failed to start ejabberd" \
+        || { tail -20 "$LOGDIR/ejabberd.log" >&2 2>/dev/null || true; die "ejabberd did not start"; }
     # ejabberd opens listeners before the node is fully started; wait for "started".
     local i
     for i in $(seq 1 60); do

@@ -59,6 +59,17 @@ server_pid() {
     return 1
 }
 
+gw_launch() {
+    (
+        ulimit -n "$NOFILE"
+        # glommio pins io_uring memory: locked-memory limit.
+        ulimit -l unlimited 2>/dev/null || ulimit -l 65536 2>/dev/null || true
+        exec "$GATEWAY_BIN" "${GW_ARGS[@]}"
+    ) >>"$LOGDIR/gateway.log" 2>&1 < /dev/null &
+    JOB=$!
+    echo "$JOB" > "$RUN/gateway.pid"
+}
+
 cmd_start() {
     [ -d "$DATA" ] || die "run '$0 setup USERS' first"
     if server_pid >/dev/null; then die "already running (pid $(server_pid))"; fi
@@ -67,20 +78,9 @@ cmd_start() {
         --c2s-addr "127.0.0.1:$C2S_PORT" --tls-addr "127.0.0.1:$TLS_PORT"
         --admin-addr "127.0.0.1:$ADMIN_PORT" --allow-plaintext)
     [ -n "$CPUS" ] && args+=(--cpus "$CPUS")
-    (
-        ulimit -n "$NOFILE"
-        # glommio pins io_uring memory: locked-memory limit.
-        ulimit -l unlimited 2>/dev/null || ulimit -l 65536 2>/dev/null || true
-        exec "$GATEWAY_BIN" "${args[@]}"
-    ) >>"$LOGDIR/gateway.log" 2>&1 < /dev/null &
-    local job=$!
-    echo "$job" > "$RUN/gateway.pid"
-    if ! wait_port "$C2S_PORT" "$START_TIMEOUT" "$job"; then
-        tail -20 "$LOGDIR/gateway.log" >&2 || true
-        cmd_stop || true
-        die "gateway did not start"
-    fi
-    log "gateway $(version) up on 127.0.0.1:$C2S_PORT (direct TLS $TLS_PORT), $SHARDS shards${CPUS:+ on CPUs $CPUS}, pid $job"
+    GW_ARGS=("${args[@]}")
+    start_with_retry gw_launch cmd_stop "$LOGDIR/gateway.log" "cannot listen" || die "gateway did not start"
+    log "gateway $(version) up on 127.0.0.1:$C2S_PORT (direct TLS $TLS_PORT), $SHARDS shards${CPUS:+ on CPUs $CPUS}, pid $JOB"
 }
 
 cmd_stop() {

@@ -144,12 +144,9 @@ server_pid() {
     return 1
 }
 
-cmd_start() {
-    [ -f "$CFG" ] || die "run '$0 setup USERS' first"
-    if server_pid >/dev/null; then die "already running (pid $(server_pid))"; fi
-    port_open "$C2S_PORT" && die "port $C2S_PORT is taken by another process"
+pr_launch() {
     rm -f "$RUN/prosody.pid"
-    chown -R "$RUN_USER:" "$DIR"
+    chown -R "$RUN_USER:" "$LOGDIR"
     # setpriv, not su: pam_limits would reset the open-files limit. -F: foreground, so the
     # job is the lua process itself (setpriv and env exec).
     (
@@ -157,12 +154,16 @@ cmd_start() {
         exec setpriv --reuid="$RUN_USER" --regid="$RUN_USER" --init-groups \
             env HOME="$DIR" prosody -F --config "$CFG"
     ) >>"$LOGDIR/console.log" 2>&1 < /dev/null &
-    local job=$!
-    if ! wait_port "$C2S_PORT" "$START_TIMEOUT" "$job"; then
-        tail -20 "$LOGDIR/console.log" "$LOGDIR/prosody.log" 2>/dev/null >&2 || true
-        cmd_stop || true
-        die "prosody did not start"
-    fi
+    JOB=$!
+}
+
+cmd_start() {
+    [ -f "$CFG" ] || die "run '$0 setup USERS' first"
+    if server_pid >/dev/null; then die "already running (pid $(server_pid))"; fi
+    port_open "$C2S_PORT" && die "port $C2S_PORT is taken by another process"
+    chown -R "$RUN_USER:" "$DIR"
+    start_with_retry pr_launch cmd_stop "$LOGDIR/prosody.log" "Failed to open server port" \
+        || { tail -20 "$LOGDIR/console.log" >&2 2>/dev/null || true; die "prosody did not start"; }
     log "prosody $(version) up on 127.0.0.1:$C2S_PORT (direct TLS $TLS_PORT), pid $(server_pid)"
 }
 

@@ -193,6 +193,10 @@ def peers_table(reports: list[tuple[Path, dict]], default_bound: float) -> str:
             v = extract(r)
             values[s] = v
             text = fmt(v)
+            if kind == "chat-sweep" and v is None and r.get("sweep"):
+                # Not even the first step held: the rate is below it.
+                first = r["sweep"][0].get("target_msgs_per_second")
+                text = f"< {fmt_rate(first)}" if first else DASH
             failed = g(r, "counts", "failed") or 0
             if v is not None and (r.get("passed") is False or failed):
                 text += " †"

@@ -100,3 +100,17 @@ def test_empty_directory_fails(tmp_path):
     proc = subprocess.run([sys.executable, str(REPORT), str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1
     assert "no bench reports" in proc.stderr
+
+
+def test_sweep_that_held_nothing_says_below_first_step(tmp_path):
+    data = tmp_path / "results"
+    shutil.copytree(TESTDATA, data)
+    r = json.loads((data / "gateway.chat-sweep.json").read_text())
+    r["target"]["label"] = "ejabberd 23.01"
+    r["sweep"] = r["sweep"][:1]
+    r["sweep"][0]["held"] = False
+    r["passed"] = False
+    (data / "ejabberd.chat-sweep.json").write_text(json.dumps(r))
+    proc = subprocess.run([sys.executable, str(REPORT), str(data)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert row(proc.stdout, "1:1 chat: highest rate")[1:4] == ["4,000", "< 1,000", "—"]
