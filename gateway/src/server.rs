@@ -54,6 +54,13 @@ enum Control {
 
 /// Runs the gateway until SIGINT or SIGTERM, then stops within the shutdown timeout.
 pub fn serve(config: Config) -> Result<()> {
+    // Handlers first: the admin port answers `ready` as soon as shard 0 runs, so a SIGTERM can
+    // come before the last shard has started; it must stop us cleanly, not kill us.
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("installing signal handlers")?;
     let shards = shard_count(&config);
     let cpus = shard_cpus(&config);
     if config.allow_plaintext {
@@ -121,6 +128,9 @@ pub fn serve(config: Config) -> Result<()> {
         .unzip();
 
     let topology = tuning::cpu_topology();
+    // Set once every shard runs; the admin port says `starting` until then. Read only by the
+    // admin port (cold path), so one shared atomic is fine here.
+    let all_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, String>>();
     let mut controls = Vec::new();
     let mut joins = Vec::new();
@@ -156,6 +166,7 @@ pub fn serve(config: Config) -> Result<()> {
             ports,
             control: control_rx,
             ready: ready_tx.clone(),
+            all_ready: all_ready.clone(),
         };
         let join = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
@@ -187,6 +198,7 @@ pub fn serve(config: Config) -> Result<()> {
             Err(_) => bail!("a shard stopped while starting"),
         }
     }
+    all_ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(
         shards,
         c2s = %config.c2s_addr,
@@ -196,11 +208,6 @@ pub fn serve(config: Config) -> Result<()> {
         "gateway ready"
     );
 
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])
-    .context("installing signal handlers")?;
     if let Some(sig) = signals.forever().next() {
         tracing::info!(signal = sig, "stopping: closing streams");
     }
@@ -232,6 +239,7 @@ struct ShardStart {
     ports: MeshPorts,
     control: flume::Receiver<Control>,
     ready: std::sync::mpsc::Sender<Result<usize, String>>,
+    all_ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn run_shard(start: ShardStart) {
@@ -301,7 +309,9 @@ async fn run_shard(start: ShardStart) {
         .detach(),
     );
     if let Some(l) = admin_listener {
-        tasks.push(glommio::spawn_local(admin::serve(l, shard.clone())).detach());
+        tasks.push(
+            glommio::spawn_local(admin::serve(l, shard.clone(), start.all_ready.clone())).detach(),
+        );
     }
     for rx in start.ports.from {
         glommio::spawn_local(shard.clone().pump_mesh(rx)).detach();
