@@ -238,7 +238,8 @@ fn scaling_panel(area: &DrawingArea<SVGBackend, Shift>, reports: &[Report]) -> a
     let names: Vec<String> = bars.iter().map(|b| b.name.clone()).collect();
     // Bars at most ~220 px wide, whatever their number.
     let segment = area.dim_in_pixel().0.saturating_sub(120) / bars.len() as u32;
-    let margin = segment.saturating_sub(220).max(20);
+    // plotters applies the margin on both sides of a bar; keep at least a third of the segment.
+    let margin = (segment.saturating_sub(220) / 2).clamp(4, segment / 3);
 
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 24))
@@ -320,6 +321,27 @@ mod tests {
         }
         // Both held 3996/s per shard at their best step: 100% efficiency.
         assert!(svg.contains("100% of 1-shard per shard"));
+        // Every bar is drawn: a margin wider than half the segment once gave negative widths,
+        // which SVG viewers draw as nothing.
+        assert!(!svg.contains("width=\"-"), "a rect with negative width");
+    }
+
+    #[test]
+    fn two_bars_without_shard_counts_are_visible() {
+        // Goal: the fallback panel (one bar per label, no `shards` parameter) draws its bars.
+        // Method: two reports without shards; every <rect> of the bar colour has a positive width.
+        let mut a = filled("gateway", 1);
+        let mut b = filled("ejabberd", 1);
+        a.parameters.remove("shards");
+        b.parameters.remove("shards");
+        let svg = render_svg(&[a, b]).unwrap();
+        let bars: Vec<&str> = svg
+            .match_indices("<rect")
+            .map(|(i, _)| &svg[i..])
+            .filter(|r| r.contains("opacity=\"0.7\""))
+            .collect();
+        assert!(bars.len() >= 2, "bars drawn: {}", bars.len());
+        assert!(!svg.contains("width=\"-"), "a rect with negative width");
     }
 
     #[test]
