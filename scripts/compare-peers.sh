@@ -14,7 +14,7 @@
 #                            [--warmup S] [--no-restart] [--skip-check] [--tune-host] [--run-timeout S]
 #
 # Each scenario runs against a freshly started server (Prosody slows down on long-lived
-# instances; an idle run leaves 19k sessions to tear down). See scripts/peers/README-benchmarking.md.
+# instances; an idle run leaves 19k sessions to tear down). See the Benchmarking section of README.md.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
