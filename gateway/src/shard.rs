@@ -86,9 +86,10 @@ impl Outbox {
     pub fn close_requested(&self) -> Option<&'static str> {
         self.close.get()
     }
-    /// Takes everything queued.
+    /// Takes everything queued, and the queue's allocation with it: a connection that goes idle
+    /// after a burst keeps no queue capacity.
     pub fn drain_into(&self, out: &mut Vec<Bytes>) {
-        out.extend(self.queue.borrow_mut().drain(..));
+        out.extend(std::mem::take(&mut *self.queue.borrow_mut()));
     }
     /// Resolves when something is queued or a close was ordered.
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
