@@ -1,21 +1,68 @@
-//! The admin HTTP port: `GET /health` answers `ready` (200), or `starting` / `draining` (503).
-//! Metrics come with the statistics issue. Hand-written because it serves a few fixed answers on a
-//! cold path; a full HTTP stack would cost more than it gives here.
+//! The admin HTTP port: `GET /health` (`ready` 200, or `starting` / `draining` 503), `/metrics`
+//! (Prometheus text, one label per shard), `/stats` (JSON), `/alerts` (JSON), `GET /knobs` and
+//! `POST /knobs` (a run-time change). Hand-written because it serves a few fixed answers on a
+//! cold path; a full HTTP stack would cost more than it gives here. It runs on shard 0 and asks
+//! every shard for its figures over bounded channels.
 
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt::Write as _;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
+use serde::{Deserialize, Serialize};
+use shared::limits::{ADMIN_REQUEST_BODY_BYTES_MAX, KNOB_CHANGES_KEPT};
 
-use crate::shard::Shard;
+use crate::knobs::Knobs;
+use crate::shard::{AdminRequest, Shard};
+use crate::stats::{procfs, KnobChange, ShardSnapshot, StatsSnapshot};
 
 /// Largest request head read; the rest is ignored.
 const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
 
+/// How long the admin port waits for one shard's answer before reporting without it.
+const SHARD_REPLY_TIMEOUT_MILLISECONDS: u64 = 2_000;
+
+/// The body of `POST /knobs`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct KnobRequest {
+    pub name: String,
+    pub value: String,
+}
+
+struct Admin {
+    shard: Rc<Shard>,
+    all_ready: Arc<AtomicBool>,
+    /// Every shard's admin loop, this one's included.
+    shards: Vec<flume::Sender<AdminRequest>>,
+    token: Option<String>,
+    stats_enabled: bool,
+    started: Instant,
+    changes: RefCell<VecDeque<KnobChange>>,
+}
+
 /// Serves the admin port until the shard stops.
-pub async fn serve(listener: TcpListener, shard: Rc<Shard>, all_ready: Arc<AtomicBool>) {
+pub async fn serve(
+    listener: TcpListener,
+    shard: Rc<Shard>,
+    all_ready: Arc<AtomicBool>,
+    shards: Vec<flume::Sender<AdminRequest>>,
+    token: Option<String>,
+    stats_enabled: bool,
+) {
+    let admin = Rc::new(Admin {
+        shard: shard.clone(),
+        all_ready,
+        shards,
+        token: token.filter(|t| !t.is_empty()),
+        stats_enabled,
+        started: Instant::now(),
+        changes: RefCell::new(VecDeque::new()),
+    });
     // The accept loop is unbounded by design: it is the admin port's event loop.
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -26,10 +73,9 @@ pub async fn serve(listener: TcpListener, shard: Rc<Shard>, all_ready: Arc<Atomi
         let Some(accepted) = accepted else { return };
         match accepted {
             Ok(stream) => {
-                let shard = shard.clone();
-                let all_ready = all_ready.load(Ordering::Acquire);
+                let admin = admin.clone();
                 glommio::spawn_local(async move {
-                    if let Err(e) = answer(stream, &shard, all_ready).await {
+                    if let Err(e) = answer(stream, &admin).await {
                         tracing::debug!(error = %e, "admin request failed");
                     }
                 })
@@ -40,31 +86,675 @@ pub async fn serve(listener: TcpListener, shard: Rc<Shard>, all_ready: Arc<Atomi
     }
 }
 
-async fn answer(mut stream: TcpStream, shard: &Shard, all_ready: bool) -> std::io::Result<()> {
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Request> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < REQUEST_HEAD_BYTES_MAX {
+    let head_end = loop {
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if head.len() >= REQUEST_HEAD_BYTES_MAX {
+            break head.len();
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break head.len();
+        }
+        head.extend_from_slice(&chunk[..n]);
+    };
+    let mut body = head.split_off(head_end.min(head.len()));
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next().unwrap_or("").split_whitespace();
+    let method = first.next().unwrap_or("").to_owned();
+    let path = first.next().unwrap_or("").to_owned();
+    let mut length = 0usize;
+    let mut authorization = None;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            length = value.parse().unwrap_or(0);
+        } else if name.eq_ignore_ascii_case("authorization") {
+            authorization = Some(value.to_owned());
+        }
+    }
+    let length = length.min(ADMIN_REQUEST_BODY_BYTES_MAX);
+    // Bounded by `ADMIN_REQUEST_BODY_BYTES_MAX`.
+    while body.len() < length {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             break;
         }
-        head.extend_from_slice(&chunk[..n]);
+        body.extend_from_slice(&chunk[..n]);
     }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body) = match (method, path) {
-        ("GET", "/health") if shard.stopping.is_open() => ("503 Service Unavailable", "draining\n"),
-        ("GET", "/health") if !all_ready => ("503 Service Unavailable", "starting\n"),
-        ("GET", "/health") => ("200 OK", "ready\n"),
-        _ => ("404 Not Found", "not found\n"),
+    body.truncate(length);
+    Ok(Request {
+        method,
+        path,
+        authorization,
+        body,
+    })
+}
+
+async fn answer(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
+    let request = read_request(&mut stream).await?;
+    let path = request.path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (request.method.as_str(), path) {
+        ("GET", "/health") => {
+            let health = admin.health();
+            let status = if health == "ready" {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            (status, "text/plain", format!("{health}\n"))
+        }
+        ("GET", "/metrics") => {
+            let snapshot = admin.collect().await;
+            ("200 OK", "text/plain; version=0.0.4", prometheus(&snapshot))
+        }
+        ("GET", "/stats") => ("200 OK", "application/json", json(&admin.collect().await)),
+        ("GET", "/alerts") => {
+            let snapshot = admin.collect().await;
+            let alerts: Vec<_> = snapshot.alerts().cloned().collect();
+            ("200 OK", "application/json", json(&alerts))
+        }
+        ("GET", "/knobs") => (
+            "200 OK",
+            "application/json",
+            json(&*admin.shard.knobs.borrow()),
+        ),
+        ("POST", "/knobs") => match admin.change_knob(&request).await {
+            Ok(change) => ("200 OK", "application/json", json(&change)),
+            Err((status, message)) => (status, "text/plain", format!("{message}\n")),
+        },
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
          connection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(response.as_bytes()).await?;
     stream.close().await
+}
+
+fn json<T: Serialize>(value: &T) -> String {
+    let mut s = serde_json::to_string_pretty(value).unwrap_or_else(|e| format!("\"{e}\""));
+    s.push('\n');
+    s
+}
+
+impl Admin {
+    fn health(&self) -> &'static str {
+        if self.shard.stopping.is_open() {
+            "draining"
+        } else if !self.all_ready.load(Ordering::Acquire) {
+            "starting"
+        } else {
+            "ready"
+        }
+    }
+
+    /// Every shard's snapshot (a shard that does not answer in time is left out and logged).
+    async fn collect(&self) -> StatsSnapshot {
+        let mut replies = Vec::with_capacity(self.shards.len());
+        for tx in &self.shards {
+            let (reply_tx, reply_rx) = flume::bounded::<ShardSnapshot>(1);
+            if tx
+                .send_async(AdminRequest::Snapshot(reply_tx))
+                .await
+                .is_ok()
+            {
+                replies.push(reply_rx);
+            }
+        }
+        let mut shards = Vec::with_capacity(replies.len());
+        for (i, rx) in replies.into_iter().enumerate() {
+            let timeout = Duration::from_millis(SHARD_REPLY_TIMEOUT_MILLISECONDS);
+            let got = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+                glommio::timer::sleep(timeout).await;
+                None
+            })
+            .await;
+            match got {
+                Some(s) => shards.push(s),
+                None => tracing::warn!(shard = i, "shard did not answer a statistics request"),
+            }
+        }
+        StatsSnapshot {
+            unix_millis: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            health: self.health().to_owned(),
+            stats_enabled: self.stats_enabled,
+            process: procfs::process(),
+            shards,
+            knobs: self.shard.knobs.borrow().clone(),
+            knob_changes: self.changes.borrow().iter().cloned().collect(),
+        }
+    }
+
+    /// Validates a knob change, puts it in force on every shard and remembers it.
+    async fn change_knob(&self, request: &Request) -> Result<KnobChange, (&'static str, String)> {
+        if let Some(token) = &self.token {
+            let given = request
+                .authorization
+                .as_deref()
+                .and_then(|a| a.strip_prefix("Bearer "));
+            if given != Some(token.as_str()) {
+                return Err((
+                    "401 Unauthorized",
+                    "a knob change needs `authorization: Bearer TOKEN` with the config's \
+                     admin_token"
+                        .to_owned(),
+                ));
+            }
+        }
+        let knob: KnobRequest = serde_json::from_slice(&request.body).map_err(|e| {
+            (
+                "400 Bad Request",
+                format!("body must be JSON {{\"name\": ..., \"value\": ...}}: {e}"),
+            )
+        })?;
+        let mut knobs: Knobs = self.shard.knobs.borrow().clone();
+        let old = knobs
+            .set(&knob.name, &knob.value)
+            .map_err(|e| ("400 Bad Request", e.to_string()))?;
+        let new = knobs.get(&knob.name).unwrap_or_default();
+        if knob.name == "log_level" {
+            crate::logging::set_filter(&new).map_err(|e| ("500 Internal Server Error", e))?;
+        }
+        for (i, tx) in self.shards.iter().enumerate() {
+            let (reply_tx, reply_rx) = flume::bounded(1);
+            let sent = tx
+                .send_async(AdminRequest::SetKnobs(knobs.clone(), reply_tx))
+                .await;
+            if sent.is_err() || reply_rx.recv_async().await.is_err() {
+                return Err((
+                    "503 Service Unavailable",
+                    format!("shard {i} is stopping; the change may be partial"),
+                ));
+            }
+        }
+        tracing::info!(knob = %knob.name, old = %old, new = %new, "knob changed");
+        let change = KnobChange {
+            unix_seconds: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            name: knob.name,
+            old,
+            new,
+        };
+        let mut changes = self.changes.borrow_mut();
+        if changes.len() >= KNOB_CHANGES_KEPT {
+            changes.pop_front();
+        }
+        changes.push_back(change.clone());
+        Ok(change)
+    }
+}
+
+/// Prometheus text exposition (format 0.0.4) of a snapshot: every per-shard figure with a
+/// `shard` label, latency histograms as summaries in seconds.
+pub fn prometheus(s: &StatsSnapshot) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn FnMut(&mut String)| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        samples(&mut out);
+    };
+    let per_shard = |name: &'static str, f: fn(&ShardSnapshot) -> u64| {
+        move |out: &mut String| {
+            for sh in &s.shards {
+                let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", sh.shard, f(sh));
+            }
+        }
+    };
+    family(
+        "gateway_up",
+        "gauge",
+        "1 while the gateway serves.",
+        &mut |o| {
+            let _ = writeln!(o, "gateway_up 1");
+        },
+    );
+    family(
+        "gateway_ready",
+        "gauge",
+        "1 when every shard runs and the gateway is not draining.",
+        &mut |o| {
+            let _ = writeln!(o, "gateway_ready {}", u8::from(s.health == "ready"));
+        },
+    );
+    family(
+        "gateway_stats_enabled",
+        "gauge",
+        "1 when hot-path counting (stanzas, bytes, routing latency) is on.",
+        &mut |o| {
+            let _ = writeln!(o, "gateway_stats_enabled {}", u8::from(s.stats_enabled));
+        },
+    );
+    family(
+        "gateway_connections",
+        "gauge",
+        "Open connections by state.",
+        &mut |o| {
+            for sh in &s.shards {
+                for (state, v) in [
+                    ("tls_handshake", sh.connections_tls_handshake),
+                    ("auth", sh.connections_auth),
+                    ("session", sh.connections_session),
+                ] {
+                    let _ = writeln!(
+                        o,
+                        "gateway_connections{{shard=\"{}\",state=\"{state}\"}} {v}",
+                        sh.shard
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_sessions",
+        "gauge",
+        "Bound sessions homed on the shard.",
+        &mut per_shard("gateway_sessions", |sh| sh.sessions),
+    );
+    family(
+        "gateway_accepted_total",
+        "counter",
+        "Connections accepted.",
+        &mut per_shard("gateway_accepted_total", |sh| sh.accepted),
+    );
+    family(
+        "gateway_handoffs_total",
+        "counter",
+        "Authenticated connections moved between shards.",
+        &mut |o| {
+            for sh in &s.shards {
+                for (dir, v) in [("in", sh.handoffs_in), ("out", sh.handoffs_out)] {
+                    let _ = writeln!(
+                        o,
+                        "gateway_handoffs_total{{shard=\"{}\",direction=\"{dir}\"}} {v}",
+                        sh.shard
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_stanzas_total",
+        "counter",
+        "Stanzas routed from sessions (in) and queued to sessions (out), by kind.",
+        &mut |o| {
+            for sh in &s.shards {
+                for (dir, k) in [("in", &sh.stanzas_in), ("out", &sh.stanzas_out)] {
+                    for (kind, v) in [
+                        ("message", k.message),
+                        ("presence", k.presence),
+                        ("iq", k.iq),
+                        ("other", k.other),
+                    ] {
+                        let _ = writeln!(
+                            o,
+                            "gateway_stanzas_total{{shard=\"{}\",direction=\"{dir}\",kind=\"{kind}\"}} {v}",
+                            sh.shard
+                        );
+                    }
+                }
+            }
+        },
+    );
+    family(
+        "gateway_stanzas_per_second",
+        "gauge",
+        "Decaying rate of stanzas over the window.",
+        &mut |o| {
+            for sh in &s.shards {
+                for (dir, r) in [
+                    ("in", sh.stanzas_in_per_second),
+                    ("out", sh.stanzas_out_per_second),
+                ] {
+                    for (window, v) in ["1s", "10s", "100s"].iter().zip(r) {
+                        let _ = writeln!(
+                            o,
+                            "gateway_stanzas_per_second{{shard=\"{}\",direction=\"{dir}\",window=\"{window}\"}} {v}",
+                            sh.shard
+                        );
+                    }
+                }
+            }
+        },
+    );
+    family(
+        "gateway_bytes_total",
+        "counter",
+        "Bytes read from and written to client sockets (TLS records included).",
+        &mut |o| {
+            for sh in &s.shards {
+                for (dir, v) in [("in", sh.bytes_in), ("out", sh.bytes_out)] {
+                    let _ = writeln!(
+                        o,
+                        "gateway_bytes_total{{shard=\"{}\",direction=\"{dir}\"}} {v}",
+                        sh.shard
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed.",
+        &mut per_shard("gateway_tls_handshakes_total", |sh| sh.tls_handshakes),
+    );
+    family(
+        "gateway_auth_total",
+        "counter",
+        "SASL authentications by result.",
+        &mut |o| {
+            for sh in &s.shards {
+                for (result, v) in [
+                    ("success", sh.auth_successes),
+                    ("failure", sh.auth_failures),
+                ] {
+                    let _ = writeln!(
+                        o,
+                        "gateway_auth_total{{shard=\"{}\",result=\"{result}\"}} {v}",
+                        sh.shard
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_delivered_total",
+        "counter",
+        "Stanzas queued to a session.",
+        &mut per_shard("gateway_delivered_total", |sh| sh.delivered),
+    );
+    family(
+        "gateway_undeliverable_total",
+        "counter",
+        "Stanzas bounced because a session's send queue was full or gone.",
+        &mut per_shard("gateway_undeliverable_total", |sh| sh.undeliverable),
+    );
+    family(
+        "gateway_mesh_frames_total",
+        "counter",
+        "Frames sent to and received from other shards.",
+        &mut |o| {
+            for sh in &s.shards {
+                for (dir, v) in [("in", sh.mesh_frames_in), ("out", sh.mesh_frames_out)] {
+                    let _ = writeln!(
+                        o,
+                        "gateway_mesh_frames_total{{shard=\"{}\",direction=\"{dir}\"}} {v}",
+                        sh.shard
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_mesh_queue_batches",
+        "gauge",
+        "Batches waiting on the channel from shard to peer.",
+        &mut |o| {
+            for sh in &s.shards {
+                for m in &sh.mesh {
+                    let _ = writeln!(
+                        o,
+                        "gateway_mesh_queue_batches{{shard=\"{}\",peer=\"{}\"}} {}",
+                        sh.shard, m.peer, m.depth_batches
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_mesh_full_total",
+        "counter",
+        "Times the channel from shard to peer was full (backpressure).",
+        &mut |o| {
+            for sh in &s.shards {
+                for m in &sh.mesh {
+                    let _ = writeln!(
+                        o,
+                        "gateway_mesh_full_total{{shard=\"{}\",peer=\"{}\"}} {}",
+                        sh.shard, m.peer, m.full_events
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_send_queue_stanzas_max",
+        "gauge",
+        "Deepest session send queue of the shard.",
+        &mut per_shard("gateway_send_queue_stanzas_max", |sh| {
+            sh.send_queue_stanzas_max
+        }),
+    );
+    family(
+        "gateway_send_queue_stanzas",
+        "gauge",
+        "Stanzas in all session send queues of the shard.",
+        &mut per_shard("gateway_send_queue_stanzas", |sh| {
+            sh.send_queue_stanzas_total
+        }),
+    );
+    family(
+        "gateway_offline_messages",
+        "gauge",
+        "Messages held in the shard's offline queues.",
+        &mut per_shard("gateway_offline_messages", |sh| sh.offline.messages),
+    );
+    family(
+        "gateway_offline_bytes",
+        "gauge",
+        "Bytes held in the shard's offline queues.",
+        &mut per_shard("gateway_offline_bytes", |sh| sh.offline.bytes),
+    );
+    family(
+        "gateway_offline_stored_total",
+        "counter",
+        "Messages stored in offline queues.",
+        &mut per_shard("gateway_offline_stored_total", |sh| sh.offline.stored),
+    );
+    family(
+        "gateway_offline_drained_total",
+        "counter",
+        "Messages that left offline queues.",
+        &mut per_shard("gateway_offline_drained_total", |sh| sh.offline.drained),
+    );
+    for (name, help, pick) in [
+        (
+            "gateway_routing_latency_seconds",
+            "From a stanza's bytes read to the stanza queued for its recipient (or its shard).",
+            (|sh: &ShardSnapshot| sh.routing_latency) as fn(&ShardSnapshot) -> _,
+        ),
+        (
+            "gateway_storage_latency_seconds",
+            "Store writes (rosters) of the shard.",
+            |sh: &ShardSnapshot| sh.storage_latency,
+        ),
+    ] {
+        family(name, "summary", help, &mut |o| {
+            for sh in &s.shards {
+                let l = pick(sh);
+                for (q, v) in [
+                    ("0.5", l.p50_micros),
+                    ("0.9", l.p90_micros),
+                    ("0.99", l.p99_micros),
+                    ("0.999", l.p999_micros),
+                ] {
+                    let _ = writeln!(
+                        o,
+                        "{name}{{shard=\"{}\",quantile=\"{q}\"}} {}",
+                        sh.shard,
+                        v as f64 / 1e6
+                    );
+                }
+                let _ = writeln!(
+                    o,
+                    "{name}_sum{{shard=\"{}\"}} {}",
+                    sh.shard,
+                    l.sum_micros as f64 / 1e6
+                );
+                let _ = writeln!(o, "{name}_count{{shard=\"{}\"}} {}", sh.shard, l.count);
+            }
+        });
+    }
+    family(
+        "gateway_alert",
+        "gauge",
+        "1 while a queue is past its alert threshold.",
+        &mut |o| {
+            for sh in &s.shards {
+                for m in &sh.mesh {
+                    let up = sh
+                        .alerts
+                        .iter()
+                        .any(|a| a.name == "mesh_queue" && a.peer == Some(m.peer));
+                    let _ = writeln!(
+                        o,
+                        "gateway_alert{{shard=\"{}\",alert=\"mesh_queue\",peer=\"{}\"}} {}",
+                        sh.shard,
+                        m.peer,
+                        u8::from(up)
+                    );
+                }
+                for name in ["send_queue", "offline_queue"] {
+                    let up = sh.alerts.iter().any(|a| a.name == name);
+                    let _ = writeln!(
+                        o,
+                        "gateway_alert{{shard=\"{}\",alert=\"{name}\",peer=\"\"}} {}",
+                        sh.shard,
+                        u8::from(up)
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "gateway_shard_cpu_seconds_total",
+        "counter",
+        "CPU time of the shard's thread.",
+        &mut |o| {
+            for sh in &s.shards {
+                if let Some(t) = &sh.thread {
+                    for (mode, v) in [
+                        ("user", t.cpu_user_seconds),
+                        ("system", t.cpu_system_seconds),
+                    ] {
+                        let _ = writeln!(
+                            o,
+                            "gateway_shard_cpu_seconds_total{{shard=\"{}\",mode=\"{mode}\"}} {v}",
+                            sh.shard
+                        );
+                    }
+                }
+            }
+        },
+    );
+    family(
+        "gateway_shard_context_switches_total",
+        "counter",
+        "Context switches of the shard's thread.",
+        &mut |o| {
+            for sh in &s.shards {
+                if let Some(t) = &sh.thread {
+                    for (kind, v) in [
+                        ("voluntary", t.voluntary_context_switches),
+                        ("involuntary", t.involuntary_context_switches),
+                    ] {
+                        let _ = writeln!(
+                            o,
+                            "gateway_shard_context_switches_total{{shard=\"{}\",kind=\"{kind}\"}} {v}",
+                            sh.shard
+                        );
+                    }
+                }
+            }
+        },
+    );
+    let p = &s.process;
+    family(
+        "gateway_process_resident_memory_bytes",
+        "gauge",
+        "Resident set size of the process.",
+        &mut |o| {
+            let _ = writeln!(o, "gateway_process_resident_memory_bytes {}", p.rss_bytes);
+        },
+    );
+    family(
+        "gateway_process_cpu_seconds_total",
+        "counter",
+        "CPU time of the whole process.",
+        &mut |o| {
+            let _ = writeln!(
+                o,
+                "gateway_process_cpu_seconds_total{{mode=\"user\"}} {}",
+                p.cpu_user_seconds
+            );
+            let _ = writeln!(
+                o,
+                "gateway_process_cpu_seconds_total{{mode=\"system\"}} {}",
+                p.cpu_system_seconds
+            );
+        },
+    );
+    family(
+        "gateway_process_context_switches_total",
+        "counter",
+        "Context switches of the process's main thread.",
+        &mut |o| {
+            let _ = writeln!(
+                o,
+                "gateway_process_context_switches_total{{kind=\"voluntary\"}} {}",
+                p.voluntary_context_switches
+            );
+            let _ = writeln!(
+                o,
+                "gateway_process_context_switches_total{{kind=\"involuntary\"}} {}",
+                p.involuntary_context_switches
+            );
+        },
+    );
+    let k = &s.knobs;
+    family(
+        "gateway_knob",
+        "gauge",
+        "Numeric run-time knobs in force.",
+        &mut |o| {
+            for (name, v) in [
+                (
+                    "accepts_per_second_per_shard",
+                    k.accepts_per_second_per_shard,
+                ),
+                ("max_sessions_per_shard", k.max_sessions_per_shard),
+                ("offline_queue_messages_max", k.offline_queue_messages_max),
+                ("offline_queue_bytes_max", k.offline_queue_bytes_max),
+                ("alert_mesh_queue_batches", k.alert_mesh_queue_batches),
+                ("alert_send_queue_stanzas", k.alert_send_queue_stanzas),
+                ("alert_offline_messages", k.alert_offline_messages),
+                ("mesh_receive_paused", u64::from(k.mesh_receive_paused)),
+            ] {
+                let _ = writeln!(o, "gateway_knob{{name=\"{name}\"}} {v}");
+            }
+        },
+    );
+    out
 }

@@ -19,6 +19,7 @@ use shared::stanza::Stanza;
 
 use crate::c2s::{C2s, Security, Services, Step};
 use crate::shard::{Outbox, Shard};
+use crate::stats::{self, ConnReport, Phase, ShardStats};
 use crate::sys;
 
 /// The inline read buffer every connection's pending read uses (kept small: idle connections
@@ -50,10 +51,10 @@ pub struct Handoff {
 pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Listener) {
     // Unbounded by design: this is the listener's event loop; it ends when the shard stops.
     loop {
-        while shard.open_connections.get() >= shard.max_connections && !shard.stopping.is_open() {
-            // No free slot: stop accepting (the kernel's listen queue holds the rest) and look
-            // again shortly. Connections are never dropped to make room.
-            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+        while let (Some(wait), false) = (shard.admission_wait(), shard.stopping.is_open()) {
+            // No free slot or over the accept rate (knobs): stop accepting (the kernel's listen
+            // queue holds the rest) and look again shortly. Connections are never dropped.
+            glommio::timer::sleep(wait).await;
         }
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.stopping.wait().await;
@@ -115,6 +116,7 @@ fn spawn_driver(
     shard.conns.borrow_mut().insert(id, outbox.clone());
     shard.open_connections.set(shard.open_connections.get() + 1);
     let conn = Conn {
+        report: ConnReport::starting(machine.auth_failures()),
         shard,
         id,
         tls,
@@ -143,6 +145,7 @@ struct Conn {
     bound: bool,
     /// Plaintext produced by the machine, not yet written.
     out: Vec<u8>,
+    report: ConnReport,
 }
 
 enum Wake {
@@ -164,6 +167,8 @@ impl Conn {
     }
 
     fn cleanup(&mut self) {
+        let failures = self.machine.auth_failures();
+        ShardStats::report_conn(&self.shard.stats, &mut self.report, Phase::Gone, failures);
         self.shard.conns.borrow_mut().remove(&self.id);
         self.shard
             .open_connections
@@ -215,6 +220,7 @@ impl Conn {
             let step = match wake {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Closed,
                 Wake::Read(Ok(n)) => {
+                    self.shard.stats.borrow_mut().bytes_in(n);
                     let (mut step, mut rest) = self.handle_input(&small[..n]);
                     if n == small.len() && step == Step::Continue {
                         (step, rest) = self.drain_socket(stream);
@@ -258,6 +264,9 @@ impl Conn {
         step: Step,
         unread: Vec<u8>,
     ) -> Option<End> {
+        let phase = stats::phase_of(self.bound, self.tls.as_deref());
+        let failures = self.machine.auth_failures();
+        ShardStats::report_conn(&self.shard.stats, &mut self.report, phase, failures);
         if self.flush(stream).await.is_err() {
             return Some(End::Closed);
         }
@@ -282,6 +291,7 @@ impl Conn {
                 }
             },
             Step::Authenticated { node } => {
+                self.shard.stats.borrow_mut().auth_succeeded();
                 let bare = format!("{node}@{}", self.shard.domain);
                 let home = home_shard(&bare, self.shard.shards);
                 if home == self.shard.id {
@@ -310,6 +320,8 @@ impl Conn {
             Security::Tls,
             Instant::now(),
         );
+        let failures = self.machine.auth_failures();
+        ShardStats::report_conn(&self.shard.stats, &mut self.report, Phase::Gone, failures);
         let machine = std::mem::replace(&mut self.machine, placeholder);
         let handoff = Handoff {
             socket,
@@ -342,7 +354,10 @@ impl Conn {
                 stream.read(&mut big[..]),
             ));
             let n = match got {
-                Some(Ok(n)) if n > 0 => n,
+                Some(Ok(n)) if n > 0 => {
+                    shard.stats.borrow_mut().bytes_in(n);
+                    n
+                }
                 Some(Ok(_)) | Some(Err(_)) => return (Step::Close, Vec::new()),
                 None => break,
             };
@@ -362,6 +377,7 @@ impl Conn {
             shard: &self.shard,
             conn: self.id,
             bound: &mut self.bound,
+            arrived: now,
         };
         let Some(tls) = self.tls.as_mut() else {
             return (
@@ -420,6 +436,7 @@ impl Conn {
             None => {
                 if !self.out.is_empty() {
                     stream.write_all(&self.out).await?;
+                    self.shard.stats.borrow_mut().bytes_out(self.out.len());
                     self.out.clear();
                 }
             }
@@ -434,6 +451,7 @@ impl Conn {
                 }
                 if !wire.is_empty() {
                     stream.write_all(&wire).await?;
+                    self.shard.stats.borrow_mut().bytes_out(wire.len());
                 }
             }
         }
@@ -450,6 +468,8 @@ struct ShardServices<'a> {
     shard: &'a Rc<Shard>,
     conn: ConnId,
     bound: &'a mut bool,
+    /// When the bytes being handled were read: routing latency runs from here.
+    arrived: Instant,
 }
 
 impl Services for ShardServices<'_> {
@@ -480,10 +500,15 @@ impl Services for ShardServices<'_> {
     }
 
     fn stanza(&mut self, stanza: Stanza) {
+        let kind = stanza.kind;
         self.shard
             .router
             .borrow_mut()
             .handle_stanza(self.conn, stanza);
         self.shard.drain_router();
+        self.shard
+            .stats
+            .borrow_mut()
+            .stanza_routed(kind, self.arrived);
     }
 }

@@ -4,8 +4,11 @@
 mod admin;
 pub mod c2s;
 mod conn;
+pub mod knobs;
+pub mod logging;
 pub mod server;
 mod shard;
+pub mod stats;
 mod storage;
 mod sys;
 pub mod tls;

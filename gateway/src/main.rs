@@ -143,7 +143,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_logging(&config.log_level, &config.log_format);
+    gateway::logging::init(&config.log_level, &config.log_format);
     let result = match cli.command {
         None | Some(Command::Serve(_)) => gateway::server::serve(config),
         Some(Command::User { command }) => user_command(&config, command),
@@ -232,22 +232,6 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = s.io_memory_bytes {
         config.io_memory_bytes = v;
-    }
-}
-
-fn init_logging(filter: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    // Colours only on a terminal: log files and CI output stay plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
     }
 }
 

@@ -9,11 +9,14 @@ use anyhow::{bail, Context, Result};
 use glommio::{LocalExecutorBuilder, Placement};
 use router::{Frame, Router, Store};
 use shared::config::Config;
-use shared::limits::{HANDOFF_CHANNEL_CONNECTIONS_MAX, MESH_CHANNEL_BATCHES_MAX};
+use shared::limits::{
+    ADMIN_CHANNEL_REQUESTS_MAX, HANDOFF_CHANNEL_CONNECTIONS_MAX, MESH_CHANNEL_BATCHES_MAX,
+};
 
 use crate::c2s::C2sConfig;
 use crate::conn::{self, Handoff, Listener};
-use crate::shard::{MeshPorts, Shard};
+use crate::knobs::Knobs;
+use crate::shard::{AdminRequest, MeshPorts, Shard};
 use crate::{admin, tls};
 
 /// Which CPUs the shards run on: the configured list, else the process's affinity mask.
@@ -127,6 +130,12 @@ pub fn serve(config: Config) -> Result<()> {
         .map(|_| flume::bounded::<Handoff>(HANDOFF_CHANNEL_CONNECTIONS_MAX))
         .unzip();
 
+    // The admin port's line to every shard: snapshots and knob changes, one bounded channel each.
+    let (admin_tx, admin_rx): (Vec<_>, Vec<_>) = (0..shards)
+        .map(|_| flume::bounded::<AdminRequest>(ADMIN_CHANNEL_REQUESTS_MAX))
+        .unzip();
+    let mut admin_rx = admin_rx.into_iter();
+
     let topology = tuning::cpu_topology();
     // Set once every shard runs; the admin port says `starting` until then. Read only by the
     // admin port (cold path), so one shared atomic is fine here.
@@ -166,6 +175,12 @@ pub fn serve(config: Config) -> Result<()> {
             ports,
             control: control_rx,
             ready: ready_tx.clone(),
+            admin_rx: admin_rx.next().expect("one admin receiver per shard"),
+            admin_tx: if id == 0 {
+                admin_tx.clone()
+            } else {
+                Vec::new()
+            },
             all_ready: all_ready.clone(),
         };
         let join = LocalExecutorBuilder::new(placement)
@@ -178,6 +193,7 @@ pub fn serve(config: Config) -> Result<()> {
         joins.push(join);
     }
     drop(handoff_tx);
+    drop(admin_tx);
     drop(ready_tx);
 
     let stop_all = |controls: &[flume::Sender<Control>]| {
@@ -240,6 +256,9 @@ struct ShardStart {
     control: flume::Receiver<Control>,
     ready: std::sync::mpsc::Sender<Result<usize, String>>,
     all_ready: Arc<std::sync::atomic::AtomicBool>,
+    admin_rx: flume::Receiver<AdminRequest>,
+    /// Senders to every shard's admin loop (shard 0 only, which serves the admin port).
+    admin_tx: Vec<flume::Sender<AdminRequest>>,
 }
 
 async fn run_shard(start: ShardStart) {
@@ -276,7 +295,10 @@ async fn run_shard(start: ShardStart) {
             return;
         }
     };
-    let roster_store = crate::storage::ShardStore::new(start.stores.clone(), id);
+    let knobs = Knobs::from_config(&start.config, start.shards);
+    let storage_latency = Rc::new(std::cell::RefCell::new(Default::default()));
+    let roster_store =
+        crate::storage::ShardStore::new(start.stores.clone(), id, storage_latency.clone());
     let router = Router::new(
         id,
         start.shards,
@@ -289,13 +311,16 @@ async fn run_shard(start: ShardStart) {
         start.config.domain.clone(),
         router,
         start.stores.clone(),
-        start.config.max_connections.div_ceil(start.shards),
         start.c2s_starttls,
         start.c2s_direct_tls,
         start.tls,
         start.ports.to,
         start.ports.handoff_to,
+        knobs,
+        start.config.stats_enabled,
     ));
+    shard.stats.borrow_mut().storage_latency = storage_latency;
+    shard.tid.set(crate::stats::procfs::current_tid());
     let mut tasks = Vec::new();
     tasks.push(
         glommio::spawn_local(conn::accept_loop(shard.clone(), c2s, Listener::StartTls)).detach(),
@@ -310,13 +335,23 @@ async fn run_shard(start: ShardStart) {
     );
     if let Some(l) = admin_listener {
         tasks.push(
-            glommio::spawn_local(admin::serve(l, shard.clone(), start.all_ready.clone())).detach(),
+            glommio::spawn_local(admin::serve(
+                l,
+                shard.clone(),
+                start.all_ready.clone(),
+                start.admin_tx,
+                start.config.admin_token.clone(),
+                start.config.stats_enabled,
+            ))
+            .detach(),
         );
     }
     for rx in start.ports.from {
         glommio::spawn_local(shard.clone().pump_mesh(rx)).detach();
     }
     glommio::spawn_local(conn::adopt_loop(shard.clone(), start.ports.handoff_from)).detach();
+    tasks.push(glommio::spawn_local(shard.clone().stats_loop()).detach());
+    glommio::spawn_local(shard.clone().admin_loop(start.admin_rx)).detach();
     let _ = start.ready.send(Ok(id));
     tracing::debug!(shard = id, "shard running");
 
@@ -343,5 +378,14 @@ async fn run_shard(start: ShardStart) {
     for t in tasks {
         t.cancel();
     }
-    tracing::debug!(shard = id, stats = ?shard.stats.borrow(), "shard stopped");
+    let stats = shard.snapshot();
+    tracing::debug!(
+        shard = id,
+        accepted = stats.accepted,
+        stanzas_in = stats.stanzas_in.total(),
+        stanzas_out = stats.stanzas_out.total(),
+        handoffs_in = stats.handoffs_in,
+        handoffs_out = stats.handoffs_out,
+        "shard stopped"
+    );
 }

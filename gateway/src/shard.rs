@@ -8,6 +8,7 @@ use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
@@ -17,6 +18,9 @@ use shared::stanza::Stanza;
 
 use crate::c2s::C2sConfig;
 use crate::conn::Handoff;
+use crate::knobs::Knobs;
+pub use crate::stats::ShardStats;
+use crate::stats::{QueueFigures, ShardSnapshot};
 
 /// A level-triggered flag tasks can wait on (stop requested, mesh unblocked). Few tasks wait on
 /// one flag at a time, so a plain waker list is enough.
@@ -83,6 +87,10 @@ impl Outbox {
         }
         self.wake();
     }
+    /// Stanzas queued now.
+    pub fn len(&self) -> usize {
+        self.queue.borrow().len()
+    }
     pub fn close_requested(&self) -> Option<&'static str> {
         self.close.get()
     }
@@ -129,7 +137,6 @@ pub struct Shard {
     pub conns: RefCell<HashMap<ConnId, Rc<Outbox>>>,
     next_conn: Cell<ConnId>,
     pub open_connections: Cell<usize>,
-    pub max_connections: usize,
     pub c2s_starttls: Arc<C2sConfig>,
     pub c2s_direct_tls: Arc<C2sConfig>,
     pub tls: Arc<rustls::ServerConfig>,
@@ -146,22 +153,17 @@ pub struct Shard {
     /// Set when the shard is stopping: accept loops end, connections close.
     pub stopping: Flag,
     pub stats: RefCell<ShardStats>,
+    /// This shard's copy of the run-time knobs, replaced by the admin port.
+    pub knobs: RefCell<Knobs>,
+    /// Token bucket of `accepts_per_second_per_shard`: tokens, and when it was last filled.
+    accept_bucket: Cell<(f64, Instant)>,
+    /// Cleared while the `mesh_receive_paused` knob is on: mesh pumps wait.
+    pub mesh_receive_open: Flag,
+    /// The shard thread's id, for its CPU figures in `/proc`.
+    pub tid: Cell<i32>,
     /// The one large read buffer of the shard, borrowed only between two awaits (never across
     /// one), so connections share it instead of each holding their own.
     pub read_buf: RefCell<Vec<u8>>,
-}
-
-/// Plain per-shard counters (the statistics issue turns these into metrics).
-#[derive(Default, Debug)]
-pub struct ShardStats {
-    pub accepted: u64,
-    pub handoffs_out: u64,
-    pub handoffs_in: u64,
-    pub delivered: u64,
-    pub undeliverable: u64,
-    pub mesh_full: u64,
-    pub mesh_frames_out: u64,
-    pub mesh_frames_in: u64,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -172,17 +174,22 @@ impl Shard {
         domain: String,
         router: Router,
         stores: Arc<Vec<Store>>,
-        max_connections: usize,
         c2s_starttls: Arc<C2sConfig>,
         c2s_direct_tls: Arc<C2sConfig>,
         tls: Arc<rustls::ServerConfig>,
         mesh_to: Vec<Option<flume::Sender<Vec<Frame>>>>,
         handoff_to: Vec<flume::Sender<Handoff>>,
+        knobs: Knobs,
+        stats_enabled: bool,
     ) -> Shard {
         assert_eq!(mesh_to.len(), shards);
         assert_eq!(handoff_to.len(), shards);
         let mesh_unblocked = Flag::default();
         mesh_unblocked.set();
+        let mesh_receive_open = Flag::default();
+        if !knobs.mesh_receive_paused {
+            mesh_receive_open.set();
+        }
         Shard {
             id,
             shards,
@@ -193,7 +200,6 @@ impl Shard {
             // Ids carry the shard in the top bits so a handed-off connection keeps a unique id.
             next_conn: Cell::new(((id as u64) << 48) + 1),
             open_connections: Cell::new(0),
-            max_connections,
             c2s_starttls,
             c2s_direct_tls,
             tls,
@@ -204,7 +210,11 @@ impl Shard {
             mesh_blocked: RefCell::new(vec![false; shards]),
             mesh_unblocked,
             stopping: Flag::default(),
-            stats: RefCell::new(ShardStats::default()),
+            stats: RefCell::new(ShardStats::new(id, shards, stats_enabled)),
+            knobs: RefCell::new(knobs),
+            accept_bucket: Cell::new((0.0, Instant::now())),
+            mesh_receive_open,
+            tid: Cell::new(0),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
     }
@@ -238,7 +248,11 @@ impl Shard {
         // Cloning `Bytes` bumps a reference count: fan-out shares one buffer.
         let queued = outbox.is_some_and(|o| o.push(stanza.bytes.clone()).is_ok());
         match queued {
-            true => self.stats.borrow_mut().delivered += 1,
+            true => {
+                let mut stats = self.stats.borrow_mut();
+                stats.delivered += 1;
+                stats.stanza_out(stanza.kind);
+            }
             false => {
                 self.stats.borrow_mut().undeliverable += 1;
                 tracing::warn!(
@@ -298,7 +312,7 @@ impl Shard {
         match tx.try_send(batch) {
             Ok(()) => {}
             Err(flume::TrySendError::Full(batch)) => {
-                self.stats.borrow_mut().mesh_full += 1;
+                self.stats.borrow_mut().mesh_full[peer] += 1;
                 tracing::warn!(shard = self.id, peer, "mesh channel full, pausing reads");
                 self.mesh_unblocked.clear();
                 self.mesh_blocked.borrow_mut()[peer] = true;
@@ -323,7 +337,11 @@ impl Shard {
     /// Receives batches from one peer until it stops.
     pub async fn pump_mesh(self: Rc<Self>, rx: flume::Receiver<Vec<Frame>>) {
         // Unbounded loop by design: it is this shard's mesh event loop for one peer.
-        while let Ok(batch) = rx.recv_async().await {
+        loop {
+            self.mesh_receive_open.wait().await;
+            let Ok(batch) = rx.recv_async().await else {
+                break;
+            };
             self.stats.borrow_mut().mesh_frames_in += batch.len() as u64;
             for frame in batch {
                 self.router.borrow_mut().handle_frame(frame);
@@ -332,4 +350,106 @@ impl Shard {
             glommio::yield_if_needed().await;
         }
     }
+
+    /// How long the accept loop should wait before its next accept: `None` to accept now. Pauses
+    /// while the shard holds `max_sessions_per_shard` connections, and paces accepts to
+    /// `accepts_per_second_per_shard` with a token bucket of one second's worth.
+    pub fn admission_wait(&self) -> Option<Duration> {
+        const FULL_RETRY: Duration = Duration::from_millis(10);
+        let knobs = self.knobs.borrow();
+        if self.open_connections.get() as u64 >= knobs.max_sessions_per_shard {
+            return Some(FULL_RETRY);
+        }
+        let rate = knobs.accepts_per_second_per_shard;
+        if rate == 0 {
+            return None;
+        }
+        let rate = rate as f64;
+        let now = Instant::now();
+        let (tokens, at) = self.accept_bucket.get();
+        let tokens = (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(rate);
+        if tokens >= 1.0 {
+            self.accept_bucket.set((tokens - 1.0, now));
+            None
+        } else {
+            self.accept_bucket.set((tokens, now));
+            Some(Duration::from_secs_f64((1.0 - tokens) / rate))
+        }
+    }
+
+    /// Queue depths now: the mesh channels and every session's send queue (a scan of the
+    /// connection table: cold path, once per tick).
+    fn queue_figures(&self) -> QueueFigures {
+        let mesh_depth_batches = self
+            .mesh_to
+            .iter()
+            .map(|tx| tx.as_ref().map_or(0, |tx| tx.len() as u64))
+            .collect();
+        let (mut max, mut total) = (0u64, 0u64);
+        for outbox in self.conns.borrow().values() {
+            let n = outbox.len() as u64;
+            max = max.max(n);
+            total += n;
+        }
+        QueueFigures {
+            mesh_depth_batches,
+            send_queue_stanzas_max: max,
+            send_queue_stanzas_total: total,
+        }
+    }
+
+    /// Folds counters into rates and checks alerts, once per `STATS_TICK_MILLISECONDS`, until
+    /// the shard stops.
+    pub async fn stats_loop(self: Rc<Self>) {
+        let period = Duration::from_millis(shared::limits::STATS_TICK_MILLISECONDS);
+        // Unbounded by design: the shard's statistics clock; it ends when the shard stops.
+        while !self.stopping.is_open() {
+            glommio::timer::sleep(period).await;
+            let queues = self.queue_figures();
+            let knobs = self.knobs.borrow().clone();
+            self.stats.borrow_mut().tick(Instant::now(), queues, &knobs);
+        }
+    }
+
+    /// This shard's statistics now.
+    pub fn snapshot(&self) -> ShardSnapshot {
+        let sessions = self.router.borrow().session_count() as u64;
+        let connections = self.open_connections.get() as u64;
+        let knobs = self.knobs.borrow();
+        let mut snap = self.stats.borrow().snapshot(sessions, connections, &knobs);
+        snap.thread = crate::stats::procfs::thread(self.tid.get());
+        snap
+    }
+
+    /// Puts new knob values in force on this shard.
+    pub fn apply_knobs(&self, knobs: Knobs) {
+        if knobs.mesh_receive_paused {
+            self.mesh_receive_open.clear();
+        } else {
+            self.mesh_receive_open.set();
+        }
+        *self.knobs.borrow_mut() = knobs;
+    }
+
+    /// Answers the admin port's requests (snapshots, knob changes) until every sender is gone.
+    pub async fn admin_loop(self: Rc<Self>, rx: flume::Receiver<AdminRequest>) {
+        // Unbounded by design: the shard's admin event loop; it ends with the senders.
+        while let Ok(request) = rx.recv_async().await {
+            match request {
+                AdminRequest::Snapshot(reply) => {
+                    let _ = reply.try_send(self.snapshot());
+                }
+                AdminRequest::SetKnobs(knobs, reply) => {
+                    self.apply_knobs(knobs);
+                    let _ = reply.try_send(());
+                }
+            }
+        }
+    }
+}
+
+/// What the admin port asks of each shard. Replies travel on a bounded(1) channel each.
+pub enum AdminRequest {
+    Snapshot(flume::Sender<ShardSnapshot>),
+    SetKnobs(Knobs, flume::Sender<()>),
 }

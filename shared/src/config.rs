@@ -29,7 +29,8 @@ pub struct Config {
     pub c2s_addr: SocketAddr,
     /// Direct-TLS listener (XEP-0368). Default `127.0.0.1:5223`.
     pub tls_addr: SocketAddr,
-    /// Admin HTTP listener (`GET /health`). Default `127.0.0.1:5280`.
+    /// Admin HTTP listener (`/health`, `/metrics`, `/stats`, `/alerts`, `POST /knobs`). Default
+    /// `127.0.0.1:5280`.
     pub admin_addr: SocketAddr,
     /// PEM certificate chain; with `tls_key_path` unset too, a self-signed certificate for the
     /// domain is made in the data dir on first start.
@@ -55,6 +56,22 @@ pub struct Config {
     /// Bytes of pinned io_uring memory per executor (glommio `io_memory`); networking does not
     /// use it, so it is kept small to fit the default 8 MiB memlock limit.
     pub io_memory_bytes: usize,
+    /// Count stanzas, bytes and routing latency on the hot path. Default true; `false` only to
+    /// measure what statistics cost (connections, queues and alerts are still reported).
+    pub stats_enabled: bool,
+    /// Token that `POST /knobs` must carry (`authorization: Bearer TOKEN`). Required when
+    /// `admin_addr` is not a loopback address.
+    pub admin_token: Option<String>,
+    /// Alert when one cross-shard channel holds this many batches (0: off).
+    pub alert_mesh_queue_batches: u64,
+    /// Alert when a session's send queue holds this many stanzas (0: off).
+    pub alert_send_queue_stanzas: u64,
+    /// Alert when one shard's offline queues hold this many messages (0: off).
+    pub alert_offline_messages: u64,
+    /// Connections each shard accepts per second (0: unlimited).
+    pub accepts_per_second_per_shard: u64,
+    /// Connections each shard holds at once (0: `max_connections` spread over the shards).
+    pub max_sessions_per_shard: u64,
 }
 
 impl Default for Config {
@@ -80,6 +97,13 @@ impl Default for Config {
             log_level: "info".to_owned(),
             log_format: "human".to_owned(),
             io_memory_bytes: 128 * 1024,
+            stats_enabled: true,
+            admin_token: None,
+            alert_mesh_queue_batches: limits::ALERT_MESH_QUEUE_BATCHES_DEFAULT,
+            alert_send_queue_stanzas: limits::ALERT_SEND_QUEUE_STANZAS_DEFAULT,
+            alert_offline_messages: limits::ALERT_OFFLINE_MESSAGES_DEFAULT,
+            accepts_per_second_per_shard: 0,
+            max_sessions_per_shard: 0,
         }
     }
 }
@@ -166,6 +190,18 @@ impl Config {
                 fix: "use `human` or `json`",
             });
         }
+        if !self.admin_addr.ip().is_loopback()
+            && self.admin_token.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(ConfigError::Invalid {
+                key: "admin_token",
+                problem: format!(
+                    "admin_addr {} is not a loopback address and no admin_token is set",
+                    self.admin_addr
+                ),
+                fix: "set admin_token in the config file, or bind admin_addr to 127.0.0.1",
+            });
+        }
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid {
                 key: "max_connections",
@@ -199,6 +235,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("c2s_addr"), "{err}");
+    }
+
+    #[test]
+    fn admin_off_loopback_needs_a_token() {
+        let err = Config::from_toml("admin_addr = '0.0.0.0:5280'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("admin_token"), "{err}");
+        Config::from_toml("admin_addr = '0.0.0.0:5280'\nadmin_token = 'secret'").unwrap();
     }
 
     #[test]

@@ -8,3 +8,4 @@ pub mod framer;
 pub mod limits;
 pub mod shard;
 pub mod stanza;
+pub mod stats;

@@ -60,3 +60,34 @@ pub const MAX_CONNECTIONS_DEFAULT: usize = 1_000_000;
 const _: () = assert!(STREAM_HEADER_BYTES_MAX < STANZA_BYTES_MAX);
 const _: () = assert!(MESH_BATCH_FRAMES_MAX > 0);
 const _: () = assert!(STANZA_DEPTH_MAX >= 8);
+
+/// How often each shard folds its counters into the decaying rates and checks its alerts.
+pub const STATS_TICK_MILLISECONDS: u64 = 1_000;
+
+/// While an alert stays raised, its warning is logged again at most this often.
+pub const ALERT_REPEAT_LOG_SECONDS: u64 = 10;
+
+/// Default alert threshold on one cross-shard channel's depth, in batches (half its capacity).
+pub const ALERT_MESH_QUEUE_BATCHES_DEFAULT: u64 = MESH_CHANNEL_BATCHES_MAX as u64 / 2;
+
+/// Default alert threshold on the deepest session send queue of a shard, in stanzas (half the
+/// bound at which delivery bounces).
+pub const ALERT_SEND_QUEUE_STANZAS_DEFAULT: u64 = SESSION_SEND_QUEUE_STANZAS_MAX as u64 / 2;
+
+/// Default alert threshold on the messages held in one shard's offline queues.
+pub const ALERT_OFFLINE_MESSAGES_DEFAULT: u64 = 1_000_000;
+
+/// Default bound on one user's offline queue, in messages (a run-time knob).
+pub const OFFLINE_QUEUE_MESSAGES_MAX_DEFAULT: u64 = 10_000;
+
+/// Default bound on one user's offline queue, in bytes (a run-time knob).
+pub const OFFLINE_QUEUE_BYTES_MAX_DEFAULT: u64 = 16 * 1024 * 1024;
+
+/// Requests (snapshots, knob changes) queued for one shard from the admin port.
+pub const ADMIN_CHANNEL_REQUESTS_MAX: usize = 16;
+
+/// Largest admin request body (a knob change), in bytes.
+pub const ADMIN_REQUEST_BODY_BYTES_MAX: usize = 4 * 1024;
+
+/// Knob changes remembered for `/stats` (the oldest is forgotten first).
+pub const KNOB_CHANGES_KEPT: usize = 32;
