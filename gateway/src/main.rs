@@ -3,7 +3,7 @@
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -60,6 +60,69 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Live view of a running gateway: one row per shard, refreshed every interval.
+    Top {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Time between frames, e.g. `1s` or `500ms`.
+        #[arg(long, default_value = "1s", value_parser = gateway::admin_client::parse_duration)]
+        interval: Duration,
+        /// Frames to show, then exit [default: until interrupted].
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Record statistics samples to a file, or print a recording.
+    Sar {
+        #[command(subcommand)]
+        command: SarCommand,
+    },
+    /// Change a run-time knob of a running gateway, e.g. `gateway knob log_level debug`.
+    Knob {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// One of: log_level, accepts_per_second_per_shard, max_sessions_per_shard,
+        /// offline_queue_messages_max, offline_queue_bytes_max, alert_mesh_queue_batches,
+        /// alert_send_queue_stanzas, alert_offline_messages, mesh_receive_paused.
+        name: String,
+        value: String,
+        /// Token for the admin port [default: the config's admin_token].
+        #[arg(long, env = "GATEWAY_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
+}
+
+/// Where a running gateway's admin port is.
+#[derive(Args, Debug, Default)]
+struct AdminArgs {
+    /// The admin port [default: the config's admin_addr, 127.0.0.1:5280].
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+}
+
+impl AdminArgs {
+    fn addr(&self, config: &Config) -> SocketAddr {
+        self.admin_addr.unwrap_or(config.admin_addr)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum SarCommand {
+    /// Append samples of `/stats` to a file (JSON lines).
+    Record {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Time between samples, e.g. `1s` or `1m`.
+        #[arg(long, default_value = "1s", value_parser = gateway::admin_client::parse_duration)]
+        interval: Duration,
+        /// Samples to take, then exit [default: until interrupted].
+        #[arg(long)]
+        count: Option<u64>,
+        /// The recording to append to.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Print a recording as a table.
+    Show { file: PathBuf },
 }
 
 #[derive(Args, Debug, Default)]
@@ -147,6 +210,26 @@ fn main() {
     let result = match cli.command {
         None | Some(Command::Serve(_)) => gateway::server::serve(config),
         Some(Command::User { command }) => user_command(&config, command),
+        Some(Command::Top {
+            admin,
+            interval,
+            count,
+        }) => gateway::top::run(admin.addr(&config), interval, count),
+        Some(Command::Sar { command }) => match command {
+            SarCommand::Record {
+                admin,
+                interval,
+                count,
+                output,
+            } => gateway::sar::record(admin.addr(&config), interval, count, &output),
+            SarCommand::Show { file } => gateway::sar::show(&file),
+        },
+        Some(Command::Knob {
+            admin,
+            name,
+            value,
+            token,
+        }) => knob_command(&config, &admin, &name, &value, token),
     };
     if let Err(e) = result {
         // One line: what happened and, from the context, what to do.
@@ -233,6 +316,34 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     if let Some(v) = s.io_memory_bytes {
         config.io_memory_bytes = v;
     }
+}
+
+/// `gateway knob NAME VALUE`: one `POST /knobs`.
+fn knob_command(
+    config: &Config,
+    admin: &AdminArgs,
+    name: &str,
+    value: &str,
+    token: Option<String>,
+) -> Result<()> {
+    let addr = admin.addr(config);
+    let token = token.or_else(|| config.admin_token.clone());
+    let body = serde_json::to_string(&gateway::admin::KnobRequest {
+        name: name.to_owned(),
+        value: value.to_owned(),
+    })?;
+    let (code, answer) =
+        gateway::admin_client::request(addr, "POST", "/knobs", token.as_deref(), &body)?;
+    if code != 200 {
+        bail!(
+            "the gateway at {addr} refused the change ({code}): {}",
+            answer.trim()
+        );
+    }
+    let change: gateway::stats::KnobChange =
+        serde_json::from_str(&answer).with_context(|| format!("{addr} answered {answer:?}"))?;
+    println!("{}: {} -> {}", change.name, change.old, change.new);
+    Ok(())
 }
 
 /// Opens the stores for account commands, with the shard count already on disk if any, so an

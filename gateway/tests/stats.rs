@@ -1,0 +1,276 @@
+//! Live statistics against the real binary: alerts that fire and clear, knobs that take effect on
+//! the next connection, `gateway sar` and `gateway top`. (The exact counter movements after a
+//! login and a message are checked with a real Prometheus parser in tests/interop.)
+
+mod support;
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const CLI_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a figure may take to show: rates and alerts move once per 1 s tick.
+const SETTLE: Duration = Duration::from_secs(10);
+
+fn knob(admin: SocketAddr, name: &str, value: &str, extra: &[&str]) -> CmdOutput {
+    let admin = admin.to_string();
+    let mut args = vec!["knob", "--admin-addr", admin.as_str(), name, value];
+    args.extend_from_slice(extra);
+    run_gateway(&args, None, CLI_TIMEOUT)
+}
+
+fn set_knob(server: &Server, name: &str, value: &str) {
+    let out = knob(server.admin, name, value, &[]);
+    assert!(
+        out.success(),
+        "knob {name}={value}: {out:?}\n{}",
+        server.log()
+    );
+}
+
+/// Polls `path` until `accept` holds; panics past `SETTLE` with the last body.
+fn wait_for(server: &Server, path: &str, accept: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let body = http_get(server.admin, path)
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        if accept(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never matched; last:\n{body}\n--- log ---\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn mesh_alert_fires_when_the_queue_fills_and_clears_when_it_drains() {
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new().users(&[&a, &b]).start();
+    let mut alice = server.login(&a, "r");
+    let mut bob = server.login(&b, "r");
+    let to = bob.jid.clone().expect("bound");
+    set_knob(&server, "alert_mesh_queue_batches", "4");
+    set_knob(&server, "mesh_receive_paused", "true");
+    assert_eq!(http_get(server.admin, "/alerts").unwrap().1.trim(), "[]");
+
+    // One stanza per write and a pause between them: each goes out in its own mesh batch, and
+    // shard 1 takes none of them off the channel while paused.
+    const MESSAGES: usize = 12;
+    for i in 0..MESSAGES {
+        alice.send(&format!(
+            "<message to='{to}' type='chat' id='m{i}'><body>{i}</body></message>"
+        ));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alerts = wait_for(&server, "/alerts", |b| b.contains("mesh_queue"));
+    assert!(alerts.contains("\"peer\": 1"), "{alerts}");
+    let metrics = http_get(server.admin, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("gateway_alert{shard=\"0\",alert=\"mesh_queue\",peer=\"1\"} 1"),
+        "{metrics}"
+    );
+    assert!(server.log().contains("alert raised"), "{}", server.log());
+
+    set_knob(&server, "mesh_receive_paused", "false");
+    for i in 0..MESSAGES {
+        bob.expect_stanza("message", &format!("id='m{i}'"));
+    }
+    wait_for(&server, "/alerts", |b| b.trim() == "[]");
+    let metrics = http_get(server.admin, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("gateway_alert{shard=\"0\",alert=\"mesh_queue\",peer=\"1\"} 0"),
+        "{metrics}"
+    );
+    let log = server.log();
+    assert_eq!(log.matches("alert cleared").count(), 1, "{log}");
+}
+
+/// True when the server answers a stream header on `c` within `wait`.
+fn answers(c: &mut TcpStream, wait: Duration) -> bool {
+    c.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 256];
+    matches!(c.read(&mut buf), Ok(n) if n > 0)
+}
+
+#[test]
+fn max_sessions_knob_takes_effect_on_the_next_connection() {
+    let server = ServerBuilder::new().allow_plaintext().start();
+    set_knob(&server, "max_sessions_per_shard", "1");
+    // Three connections on two shards holding one each: at least one is not accepted.
+    let header = Client::stream_header(DOMAIN);
+    let mut conns: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut c = TcpStream::connect(server.c2s).unwrap();
+            std::io::Write::write_all(&mut c, header.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    let answered: Vec<bool> = conns
+        .iter_mut()
+        .map(|c| answers(c, Duration::from_secs(2)))
+        .collect();
+    let waiting: Vec<usize> = (0..3).filter(|&i| !answered[i]).collect();
+    assert!(
+        !waiting.is_empty(),
+        "all three accepted: {answered:?}\n{}",
+        server.log()
+    );
+    assert!(waiting.len() < 3, "none accepted: {answered:?}");
+
+    // Raising the knob lets the waiting connections in, without a restart.
+    set_knob(&server, "max_sessions_per_shard", "100");
+    for i in waiting {
+        assert!(
+            answers(&mut conns[i], IO_TIMEOUT),
+            "connection {i} still waits"
+        );
+    }
+    let stats = http_get(server.admin, "/stats").unwrap().1;
+    assert!(stats.contains("\"max_sessions_per_shard\": 100"), "{stats}");
+    assert!(
+        stats.contains("\"old\": \"1\""),
+        "the change is listed in /stats: {stats}"
+    );
+    assert!(server.log().contains("knob changed"), "{}", server.log());
+}
+
+#[test]
+fn knobs_need_the_token_when_one_is_configured_and_bad_values_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, "admin_token = 's3cret'\n").unwrap();
+    let server = ServerBuilder::new()
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .start();
+    let refused = knob(
+        server.admin,
+        "accepts_per_second_per_shard",
+        "5",
+        &["--token", "nope"],
+    );
+    assert!(!refused.success());
+    assert!(refused.stderr.contains("401"), "{refused:?}");
+    let ok = knob(
+        server.admin,
+        "accepts_per_second_per_shard",
+        "5",
+        &["--token", "s3cret"],
+    );
+    assert!(ok.success(), "{ok:?}");
+    assert_eq!(ok.stdout.trim(), "accepts_per_second_per_shard: 0 -> 5");
+    let bad = knob(
+        server.admin,
+        "max_sessions_per_shard",
+        "lots",
+        &["--token", "s3cret"],
+    );
+    assert!(!bad.success());
+    assert!(bad.stderr.contains("max_sessions_per_shard"), "{bad:?}");
+}
+
+#[test]
+fn admin_off_loopback_without_a_token_refuses_to_start() {
+    let out = run_gateway(
+        &["serve", "--admin-addr", "0.0.0.0:5999"],
+        None,
+        CLI_TIMEOUT,
+    );
+    assert!(!out.success());
+    assert!(out.stderr.contains("admin_token"), "{out:?}");
+}
+
+#[test]
+fn sar_records_and_reads_back_and_top_prints_frames() {
+    let a = users_on_shard(0, 1).remove(0);
+    let server = ServerBuilder::new().user(&a).start();
+    let _alice = server.login(&a, "r");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rec.jsonl");
+    let admin = server.admin.to_string();
+    let file_arg = file.to_str().unwrap();
+    let rec = run_gateway(
+        &[
+            "sar",
+            "record",
+            "--admin-addr",
+            &admin,
+            "--interval",
+            "200ms",
+            "--count",
+            "3",
+            "--output",
+            file_arg,
+        ],
+        None,
+        CLI_TIMEOUT,
+    );
+    assert!(rec.success(), "{rec:?}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let sessions: u64 = v["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sessions"].as_u64().unwrap())
+            .sum();
+        assert_eq!(sessions, 1, "{line}");
+    }
+    let show = run_gateway(&["sar", "show", file_arg], None, CLI_TIMEOUT);
+    assert!(show.success(), "{show:?}");
+    let lines: Vec<&str> = show.stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        5,
+        "header, 3 samples, average:\n{}",
+        show.stdout
+    );
+    assert!(lines[0].contains("sessions") && lines[4].starts_with("Average:"));
+    for row in &lines[1..4] {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[2], "1", "one session in every sample: {row}");
+    }
+
+    let top = run_gateway(
+        &[
+            "top",
+            "--admin-addr",
+            &admin,
+            "--interval",
+            "200ms",
+            "--count",
+            "2",
+        ],
+        None,
+        CLI_TIMEOUT,
+    );
+    assert!(top.success(), "{top:?}");
+    assert_eq!(
+        top.stdout.matches("gateway top").count(),
+        2,
+        "{}",
+        top.stdout
+    );
+    let rows: Vec<&str> = top
+        .stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("all"))
+        .collect();
+    assert_eq!(rows.len(), 2, "{}", top.stdout);
+    assert_eq!(
+        rows[1].split_whitespace().nth(2),
+        Some("1"),
+        "{}",
+        top.stdout
+    );
+}
