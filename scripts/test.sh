@@ -13,19 +13,20 @@ banner() {
 }
 
 PY="${PYTHON:-python3}"
-PY_MODULES="import slixmpp, pytest, pytest_timeout, xxhash"
+PY_MODULES="import slixmpp, pytest, pytest_timeout, xxhash, prometheus_client"
 
-banner "1/7 test dependencies (slixmpp, pytest, pytest-timeout, xxhash)"
+banner "1/7 test dependencies (slixmpp, pytest, pytest-timeout, xxhash, prometheus_client)"
 if "$PY" -c "$PY_MODULES" 2>/dev/null; then
     echo "already installed"
 else
     # PIP_BREAK_SYSTEM_PACKAGES: Debian's own python3 refuses pip installs otherwise (PEP 668).
     if ! PIP_BREAK_SYSTEM_PACKAGES=1 "$PY" -m pip install --quiet --disable-pip-version-check \
-        slixmpp pytest pytest-timeout xxhash; then
+        slixmpp pytest pytest-timeout xxhash prometheus_client; then
         echo "pip install failed; falling back to Debian packages"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-            python3 python3-slixmpp python3-pytest python3-pytest-timeout python3-xxhash
+            python3 python3-slixmpp python3-pytest python3-pytest-timeout python3-xxhash \
+            python3-prometheus-client
         PY=/usr/bin/python3
     fi
     "$PY" -c "$PY_MODULES"
