@@ -306,279 +306,378 @@ impl Admin {
     }
 }
 
+/// Extra labels of one sample, rendered: `direction="in",kind="iq"`.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{v}\""))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The samples of one per-shard family, by extra labels (empty: the shard label alone).
+type PerShard = fn(&ShardSnapshot) -> Vec<(String, f64)>;
+
+/// Samples: extra labels rendered, and the value.
+type Samples = Vec<(String, f64)>;
+
+fn one(v: u64) -> Vec<(String, f64)> {
+    vec![(String::new(), v as f64)]
+}
+
+fn by(label: &str, values: &[(&str, u64)]) -> Vec<(String, f64)> {
+    values
+        .iter()
+        .map(|(name, v)| (labels(&[(label, name)]), *v as f64))
+        .collect()
+}
+
+/// Every per-shard family: name, type, help, samples.
+const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
+    (
+        "gateway_connections",
+        "gauge",
+        "Open connections by state.",
+        |sh| {
+            by(
+                "state",
+                &[
+                    ("tls_handshake", sh.connections_tls_handshake),
+                    ("auth", sh.connections_auth),
+                    ("session", sh.connections_session),
+                ],
+            )
+        },
+    ),
+    (
+        "gateway_sessions",
+        "gauge",
+        "Bound sessions homed on the shard.",
+        |sh| one(sh.sessions),
+    ),
+    (
+        "gateway_accepted_total",
+        "counter",
+        "Connections accepted.",
+        |sh| one(sh.accepted),
+    ),
+    (
+        "gateway_handoffs_total",
+        "counter",
+        "Authenticated connections moved between shards.",
+        |sh| {
+            by(
+                "direction",
+                &[("in", sh.handoffs_in), ("out", sh.handoffs_out)],
+            )
+        },
+    ),
+    (
+        "gateway_stanzas_total",
+        "counter",
+        "Stanzas routed from sessions (in) and queued to sessions (out), by kind.",
+        |sh| {
+            let mut v = Vec::new();
+            for (dir, k) in [("in", &sh.stanzas_in), ("out", &sh.stanzas_out)] {
+                for (kind, n) in [
+                    ("message", k.message),
+                    ("presence", k.presence),
+                    ("iq", k.iq),
+                    ("other", k.other),
+                ] {
+                    v.push((labels(&[("direction", dir), ("kind", kind)]), n as f64));
+                }
+            }
+            v
+        },
+    ),
+    (
+        "gateway_stanzas_per_second",
+        "gauge",
+        "Decaying rate of stanzas over the window.",
+        |sh| {
+            let mut v = Vec::new();
+            for (dir, r) in [
+                ("in", sh.stanzas_in_per_second),
+                ("out", sh.stanzas_out_per_second),
+            ] {
+                for (window, x) in ["1s", "10s", "100s"].iter().zip(r) {
+                    v.push((labels(&[("direction", dir), ("window", window)]), x));
+                }
+            }
+            v
+        },
+    ),
+    (
+        "gateway_bytes_total",
+        "counter",
+        "Bytes read from and written to client sockets (TLS records included).",
+        |sh| by("direction", &[("in", sh.bytes_in), ("out", sh.bytes_out)]),
+    ),
+    (
+        "gateway_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed.",
+        |sh| one(sh.tls_handshakes),
+    ),
+    (
+        "gateway_auth_total",
+        "counter",
+        "SASL authentications by result.",
+        |sh| {
+            by(
+                "result",
+                &[
+                    ("success", sh.auth_successes),
+                    ("failure", sh.auth_failures),
+                ],
+            )
+        },
+    ),
+    (
+        "gateway_delivered_total",
+        "counter",
+        "Stanzas queued to a session.",
+        |sh| one(sh.delivered),
+    ),
+    (
+        "gateway_undeliverable_total",
+        "counter",
+        "Stanzas bounced because a session's send queue was full or gone.",
+        |sh| one(sh.undeliverable),
+    ),
+    (
+        "gateway_mesh_frames_total",
+        "counter",
+        "Frames sent to and received from other shards.",
+        |sh| {
+            by(
+                "direction",
+                &[("in", sh.mesh_frames_in), ("out", sh.mesh_frames_out)],
+            )
+        },
+    ),
+    (
+        "gateway_mesh_queue_batches",
+        "gauge",
+        "Batches waiting on the channel from shard to peer.",
+        |sh| {
+            sh.mesh
+                .iter()
+                .map(|m| {
+                    (
+                        labels(&[("peer", &m.peer.to_string())]),
+                        m.depth_batches as f64,
+                    )
+                })
+                .collect()
+        },
+    ),
+    (
+        "gateway_mesh_full_total",
+        "counter",
+        "Times the channel from shard to peer was full (backpressure).",
+        |sh| {
+            sh.mesh
+                .iter()
+                .map(|m| {
+                    (
+                        labels(&[("peer", &m.peer.to_string())]),
+                        m.full_events as f64,
+                    )
+                })
+                .collect()
+        },
+    ),
+    (
+        "gateway_send_queue_stanzas_max",
+        "gauge",
+        "Deepest session send queue of the shard.",
+        |sh| one(sh.send_queue_stanzas_max),
+    ),
+    (
+        "gateway_send_queue_stanzas",
+        "gauge",
+        "Stanzas in all session send queues of the shard.",
+        |sh| one(sh.send_queue_stanzas_total),
+    ),
+    (
+        "gateway_offline_messages",
+        "gauge",
+        "Messages held in the shard's offline queues.",
+        |sh| one(sh.offline.messages),
+    ),
+    (
+        "gateway_offline_bytes",
+        "gauge",
+        "Bytes held in the shard's offline queues.",
+        |sh| one(sh.offline.bytes),
+    ),
+    (
+        "gateway_offline_stored_total",
+        "counter",
+        "Messages stored in offline queues.",
+        |sh| one(sh.offline.stored),
+    ),
+    (
+        "gateway_offline_drained_total",
+        "counter",
+        "Messages that left offline queues.",
+        |sh| one(sh.offline.drained),
+    ),
+    (
+        "gateway_alert",
+        "gauge",
+        "1 while a queue is past its alert threshold.",
+        |sh| {
+            let up = |name: &str, peer: Option<usize>| {
+                u8::from(sh.alerts.iter().any(|a| a.name == name && a.peer == peer)) as f64
+            };
+            let mut v: Vec<(String, f64)> = sh
+                .mesh
+                .iter()
+                .map(|m| {
+                    let peer = m.peer.to_string();
+                    let l = labels(&[("alert", "mesh_queue"), ("peer", &peer)]);
+                    (l, up("mesh_queue", Some(m.peer)))
+                })
+                .collect();
+            for name in ["send_queue", "offline_queue"] {
+                v.push((labels(&[("alert", name), ("peer", "")]), up(name, None)));
+            }
+            v
+        },
+    ),
+    (
+        "gateway_shard_cpu_seconds_total",
+        "counter",
+        "CPU time of the shard's thread.",
+        |sh| {
+            sh.thread
+                .iter()
+                .flat_map(|t| {
+                    [
+                        (labels(&[("mode", "user")]), t.cpu_user_seconds),
+                        (labels(&[("mode", "system")]), t.cpu_system_seconds),
+                    ]
+                })
+                .collect()
+        },
+    ),
+    (
+        "gateway_shard_context_switches_total",
+        "counter",
+        "Context switches of the shard's thread.",
+        |sh| {
+            sh.thread
+                .iter()
+                .flat_map(|t| {
+                    by(
+                        "kind",
+                        &[
+                            ("voluntary", t.voluntary_context_switches),
+                            ("involuntary", t.involuntary_context_switches),
+                        ],
+                    )
+                })
+                .collect()
+        },
+    ),
+];
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
 /// Prometheus text exposition (format 0.0.4) of a snapshot: every per-shard figure with a
 /// `shard` label, latency histograms as summaries in seconds.
 pub fn prometheus(s: &StatsSnapshot) -> String {
     let mut out = String::with_capacity(16 * 1024);
-    let mut family = |name: &str, kind: &str, help: &str, samples: &mut dyn FnMut(&mut String)| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        samples(&mut out);
-    };
-    let per_shard = |name: &'static str, f: fn(&ShardSnapshot) -> u64| {
-        move |out: &mut String| {
-            for sh in &s.shards {
-                let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", sh.shard, f(sh));
+    let p = &s.process;
+    let k = &s.knobs;
+    let process: [(&str, &str, &str, Samples); 7] = [
+        ("gateway_up", "gauge", "1 while the gateway serves.", one(1)),
+        (
+            "gateway_ready",
+            "gauge",
+            "1 when every shard runs and the gateway is not draining.",
+            one(u64::from(s.health == "ready")),
+        ),
+        (
+            "gateway_stats_enabled",
+            "gauge",
+            "1 when hot-path counting (stanzas, bytes, routing latency) is on.",
+            one(u64::from(s.stats_enabled)),
+        ),
+        (
+            "gateway_process_resident_memory_bytes",
+            "gauge",
+            "Resident set size of the process.",
+            one(p.rss_bytes),
+        ),
+        (
+            "gateway_process_cpu_seconds_total",
+            "counter",
+            "CPU time of the whole process.",
+            vec![
+                (labels(&[("mode", "user")]), p.cpu_user_seconds),
+                (labels(&[("mode", "system")]), p.cpu_system_seconds),
+            ],
+        ),
+        (
+            "gateway_process_context_switches_total",
+            "counter",
+            "Context switches of the process's main thread.",
+            by(
+                "kind",
+                &[
+                    ("voluntary", p.voluntary_context_switches),
+                    ("involuntary", p.involuntary_context_switches),
+                ],
+            ),
+        ),
+        (
+            "gateway_knob",
+            "gauge",
+            "Numeric run-time knobs in force.",
+            by(
+                "name",
+                &[
+                    (
+                        "accepts_per_second_per_shard",
+                        k.accepts_per_second_per_shard,
+                    ),
+                    ("max_sessions_per_shard", k.max_sessions_per_shard),
+                    ("offline_queue_messages_max", k.offline_queue_messages_max),
+                    ("offline_queue_bytes_max", k.offline_queue_bytes_max),
+                    ("alert_mesh_queue_batches", k.alert_mesh_queue_batches),
+                    ("alert_send_queue_stanzas", k.alert_send_queue_stanzas),
+                    ("alert_offline_messages", k.alert_offline_messages),
+                    ("mesh_receive_paused", u64::from(k.mesh_receive_paused)),
+                ],
+            ),
+        ),
+    ];
+    for (name, kind, help, samples) in process {
+        family(&mut out, name, kind, help);
+        for (l, v) in samples {
+            match l.is_empty() {
+                true => writeln!(out, "{name} {v}"),
+                false => writeln!(out, "{name}{{{l}}} {v}"),
+            }
+            .ok();
+        }
+    }
+    for (name, kind, help, samples) in PER_SHARD {
+        family(&mut out, name, kind, help);
+        for sh in &s.shards {
+            for (l, v) in samples(sh) {
+                let sep = if l.is_empty() { "" } else { "," };
+                let _ = writeln!(out, "{name}{{shard=\"{}\"{sep}{l}}} {v}", sh.shard);
             }
         }
-    };
-    family(
-        "gateway_up",
-        "gauge",
-        "1 while the gateway serves.",
-        &mut |o| {
-            let _ = writeln!(o, "gateway_up 1");
-        },
-    );
-    family(
-        "gateway_ready",
-        "gauge",
-        "1 when every shard runs and the gateway is not draining.",
-        &mut |o| {
-            let _ = writeln!(o, "gateway_ready {}", u8::from(s.health == "ready"));
-        },
-    );
-    family(
-        "gateway_stats_enabled",
-        "gauge",
-        "1 when hot-path counting (stanzas, bytes, routing latency) is on.",
-        &mut |o| {
-            let _ = writeln!(o, "gateway_stats_enabled {}", u8::from(s.stats_enabled));
-        },
-    );
-    family(
-        "gateway_connections",
-        "gauge",
-        "Open connections by state.",
-        &mut |o| {
-            for sh in &s.shards {
-                for (state, v) in [
-                    ("tls_handshake", sh.connections_tls_handshake),
-                    ("auth", sh.connections_auth),
-                    ("session", sh.connections_session),
-                ] {
-                    let _ = writeln!(
-                        o,
-                        "gateway_connections{{shard=\"{}\",state=\"{state}\"}} {v}",
-                        sh.shard
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_sessions",
-        "gauge",
-        "Bound sessions homed on the shard.",
-        &mut per_shard("gateway_sessions", |sh| sh.sessions),
-    );
-    family(
-        "gateway_accepted_total",
-        "counter",
-        "Connections accepted.",
-        &mut per_shard("gateway_accepted_total", |sh| sh.accepted),
-    );
-    family(
-        "gateway_handoffs_total",
-        "counter",
-        "Authenticated connections moved between shards.",
-        &mut |o| {
-            for sh in &s.shards {
-                for (dir, v) in [("in", sh.handoffs_in), ("out", sh.handoffs_out)] {
-                    let _ = writeln!(
-                        o,
-                        "gateway_handoffs_total{{shard=\"{}\",direction=\"{dir}\"}} {v}",
-                        sh.shard
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_stanzas_total",
-        "counter",
-        "Stanzas routed from sessions (in) and queued to sessions (out), by kind.",
-        &mut |o| {
-            for sh in &s.shards {
-                for (dir, k) in [("in", &sh.stanzas_in), ("out", &sh.stanzas_out)] {
-                    for (kind, v) in [
-                        ("message", k.message),
-                        ("presence", k.presence),
-                        ("iq", k.iq),
-                        ("other", k.other),
-                    ] {
-                        let _ = writeln!(
-                            o,
-                            "gateway_stanzas_total{{shard=\"{}\",direction=\"{dir}\",kind=\"{kind}\"}} {v}",
-                            sh.shard
-                        );
-                    }
-                }
-            }
-        },
-    );
-    family(
-        "gateway_stanzas_per_second",
-        "gauge",
-        "Decaying rate of stanzas over the window.",
-        &mut |o| {
-            for sh in &s.shards {
-                for (dir, r) in [
-                    ("in", sh.stanzas_in_per_second),
-                    ("out", sh.stanzas_out_per_second),
-                ] {
-                    for (window, v) in ["1s", "10s", "100s"].iter().zip(r) {
-                        let _ = writeln!(
-                            o,
-                            "gateway_stanzas_per_second{{shard=\"{}\",direction=\"{dir}\",window=\"{window}\"}} {v}",
-                            sh.shard
-                        );
-                    }
-                }
-            }
-        },
-    );
-    family(
-        "gateway_bytes_total",
-        "counter",
-        "Bytes read from and written to client sockets (TLS records included).",
-        &mut |o| {
-            for sh in &s.shards {
-                for (dir, v) in [("in", sh.bytes_in), ("out", sh.bytes_out)] {
-                    let _ = writeln!(
-                        o,
-                        "gateway_bytes_total{{shard=\"{}\",direction=\"{dir}\"}} {v}",
-                        sh.shard
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_tls_handshakes_total",
-        "counter",
-        "TLS handshakes completed.",
-        &mut per_shard("gateway_tls_handshakes_total", |sh| sh.tls_handshakes),
-    );
-    family(
-        "gateway_auth_total",
-        "counter",
-        "SASL authentications by result.",
-        &mut |o| {
-            for sh in &s.shards {
-                for (result, v) in [
-                    ("success", sh.auth_successes),
-                    ("failure", sh.auth_failures),
-                ] {
-                    let _ = writeln!(
-                        o,
-                        "gateway_auth_total{{shard=\"{}\",result=\"{result}\"}} {v}",
-                        sh.shard
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_delivered_total",
-        "counter",
-        "Stanzas queued to a session.",
-        &mut per_shard("gateway_delivered_total", |sh| sh.delivered),
-    );
-    family(
-        "gateway_undeliverable_total",
-        "counter",
-        "Stanzas bounced because a session's send queue was full or gone.",
-        &mut per_shard("gateway_undeliverable_total", |sh| sh.undeliverable),
-    );
-    family(
-        "gateway_mesh_frames_total",
-        "counter",
-        "Frames sent to and received from other shards.",
-        &mut |o| {
-            for sh in &s.shards {
-                for (dir, v) in [("in", sh.mesh_frames_in), ("out", sh.mesh_frames_out)] {
-                    let _ = writeln!(
-                        o,
-                        "gateway_mesh_frames_total{{shard=\"{}\",direction=\"{dir}\"}} {v}",
-                        sh.shard
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_mesh_queue_batches",
-        "gauge",
-        "Batches waiting on the channel from shard to peer.",
-        &mut |o| {
-            for sh in &s.shards {
-                for m in &sh.mesh {
-                    let _ = writeln!(
-                        o,
-                        "gateway_mesh_queue_batches{{shard=\"{}\",peer=\"{}\"}} {}",
-                        sh.shard, m.peer, m.depth_batches
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_mesh_full_total",
-        "counter",
-        "Times the channel from shard to peer was full (backpressure).",
-        &mut |o| {
-            for sh in &s.shards {
-                for m in &sh.mesh {
-                    let _ = writeln!(
-                        o,
-                        "gateway_mesh_full_total{{shard=\"{}\",peer=\"{}\"}} {}",
-                        sh.shard, m.peer, m.full_events
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_send_queue_stanzas_max",
-        "gauge",
-        "Deepest session send queue of the shard.",
-        &mut per_shard("gateway_send_queue_stanzas_max", |sh| {
-            sh.send_queue_stanzas_max
-        }),
-    );
-    family(
-        "gateway_send_queue_stanzas",
-        "gauge",
-        "Stanzas in all session send queues of the shard.",
-        &mut per_shard("gateway_send_queue_stanzas", |sh| {
-            sh.send_queue_stanzas_total
-        }),
-    );
-    family(
-        "gateway_offline_messages",
-        "gauge",
-        "Messages held in the shard's offline queues.",
-        &mut per_shard("gateway_offline_messages", |sh| sh.offline.messages),
-    );
-    family(
-        "gateway_offline_bytes",
-        "gauge",
-        "Bytes held in the shard's offline queues.",
-        &mut per_shard("gateway_offline_bytes", |sh| sh.offline.bytes),
-    );
-    family(
-        "gateway_offline_stored_total",
-        "counter",
-        "Messages stored in offline queues.",
-        &mut per_shard("gateway_offline_stored_total", |sh| sh.offline.stored),
-    );
-    family(
-        "gateway_offline_drained_total",
-        "counter",
-        "Messages that left offline queues.",
-        &mut per_shard("gateway_offline_drained_total", |sh| sh.offline.drained),
-    );
+    }
     for (name, help, pick) in [
         (
             "gateway_routing_latency_seconds",
@@ -591,170 +690,29 @@ pub fn prometheus(s: &StatsSnapshot) -> String {
             |sh: &ShardSnapshot| sh.storage_latency,
         ),
     ] {
-        family(name, "summary", help, &mut |o| {
-            for sh in &s.shards {
-                let l = pick(sh);
-                for (q, v) in [
-                    ("0.5", l.p50_micros),
-                    ("0.9", l.p90_micros),
-                    ("0.99", l.p99_micros),
-                    ("0.999", l.p999_micros),
-                ] {
-                    let _ = writeln!(
-                        o,
-                        "{name}{{shard=\"{}\",quantile=\"{q}\"}} {}",
-                        sh.shard,
-                        v as f64 / 1e6
-                    );
-                }
-                let _ = writeln!(
-                    o,
-                    "{name}_sum{{shard=\"{}\"}} {}",
-                    sh.shard,
-                    l.sum_micros as f64 / 1e6
-                );
-                let _ = writeln!(o, "{name}_count{{shard=\"{}\"}} {}", sh.shard, l.count);
-            }
-        });
-    }
-    family(
-        "gateway_alert",
-        "gauge",
-        "1 while a queue is past its alert threshold.",
-        &mut |o| {
-            for sh in &s.shards {
-                for m in &sh.mesh {
-                    let up = sh
-                        .alerts
-                        .iter()
-                        .any(|a| a.name == "mesh_queue" && a.peer == Some(m.peer));
-                    let _ = writeln!(
-                        o,
-                        "gateway_alert{{shard=\"{}\",alert=\"mesh_queue\",peer=\"{}\"}} {}",
-                        sh.shard,
-                        m.peer,
-                        u8::from(up)
-                    );
-                }
-                for name in ["send_queue", "offline_queue"] {
-                    let up = sh.alerts.iter().any(|a| a.name == name);
-                    let _ = writeln!(
-                        o,
-                        "gateway_alert{{shard=\"{}\",alert=\"{name}\",peer=\"\"}} {}",
-                        sh.shard,
-                        u8::from(up)
-                    );
-                }
-            }
-        },
-    );
-    family(
-        "gateway_shard_cpu_seconds_total",
-        "counter",
-        "CPU time of the shard's thread.",
-        &mut |o| {
-            for sh in &s.shards {
-                if let Some(t) = &sh.thread {
-                    for (mode, v) in [
-                        ("user", t.cpu_user_seconds),
-                        ("system", t.cpu_system_seconds),
-                    ] {
-                        let _ = writeln!(
-                            o,
-                            "gateway_shard_cpu_seconds_total{{shard=\"{}\",mode=\"{mode}\"}} {v}",
-                            sh.shard
-                        );
-                    }
-                }
-            }
-        },
-    );
-    family(
-        "gateway_shard_context_switches_total",
-        "counter",
-        "Context switches of the shard's thread.",
-        &mut |o| {
-            for sh in &s.shards {
-                if let Some(t) = &sh.thread {
-                    for (kind, v) in [
-                        ("voluntary", t.voluntary_context_switches),
-                        ("involuntary", t.involuntary_context_switches),
-                    ] {
-                        let _ = writeln!(
-                            o,
-                            "gateway_shard_context_switches_total{{shard=\"{}\",kind=\"{kind}\"}} {v}",
-                            sh.shard
-                        );
-                    }
-                }
-            }
-        },
-    );
-    let p = &s.process;
-    family(
-        "gateway_process_resident_memory_bytes",
-        "gauge",
-        "Resident set size of the process.",
-        &mut |o| {
-            let _ = writeln!(o, "gateway_process_resident_memory_bytes {}", p.rss_bytes);
-        },
-    );
-    family(
-        "gateway_process_cpu_seconds_total",
-        "counter",
-        "CPU time of the whole process.",
-        &mut |o| {
-            let _ = writeln!(
-                o,
-                "gateway_process_cpu_seconds_total{{mode=\"user\"}} {}",
-                p.cpu_user_seconds
-            );
-            let _ = writeln!(
-                o,
-                "gateway_process_cpu_seconds_total{{mode=\"system\"}} {}",
-                p.cpu_system_seconds
-            );
-        },
-    );
-    family(
-        "gateway_process_context_switches_total",
-        "counter",
-        "Context switches of the process's main thread.",
-        &mut |o| {
-            let _ = writeln!(
-                o,
-                "gateway_process_context_switches_total{{kind=\"voluntary\"}} {}",
-                p.voluntary_context_switches
-            );
-            let _ = writeln!(
-                o,
-                "gateway_process_context_switches_total{{kind=\"involuntary\"}} {}",
-                p.involuntary_context_switches
-            );
-        },
-    );
-    let k = &s.knobs;
-    family(
-        "gateway_knob",
-        "gauge",
-        "Numeric run-time knobs in force.",
-        &mut |o| {
-            for (name, v) in [
-                (
-                    "accepts_per_second_per_shard",
-                    k.accepts_per_second_per_shard,
-                ),
-                ("max_sessions_per_shard", k.max_sessions_per_shard),
-                ("offline_queue_messages_max", k.offline_queue_messages_max),
-                ("offline_queue_bytes_max", k.offline_queue_bytes_max),
-                ("alert_mesh_queue_batches", k.alert_mesh_queue_batches),
-                ("alert_send_queue_stanzas", k.alert_send_queue_stanzas),
-                ("alert_offline_messages", k.alert_offline_messages),
-                ("mesh_receive_paused", u64::from(k.mesh_receive_paused)),
+        family(&mut out, name, "summary", help);
+        for sh in &s.shards {
+            let l = pick(sh);
+            let id = sh.shard;
+            for (q, v) in [
+                ("0.5", l.p50_micros),
+                ("0.9", l.p90_micros),
+                ("0.99", l.p99_micros),
+                ("0.999", l.p999_micros),
             ] {
-                let _ = writeln!(o, "gateway_knob{{name=\"{name}\"}} {v}");
+                let _ = writeln!(
+                    out,
+                    "{name}{{shard=\"{id}\",quantile=\"{q}\"}} {}",
+                    v as f64 / 1e6
+                );
             }
-        },
-    );
+            let _ = writeln!(
+                out,
+                "{name}_sum{{shard=\"{id}\"}} {}",
+                l.sum_micros as f64 / 1e6
+            );
+            let _ = writeln!(out, "{name}_count{{shard=\"{id}\"}} {}", l.count);
+        }
+    }
     out
 }

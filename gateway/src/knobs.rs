@@ -2,6 +2,8 @@
 //! Each shard holds its own copy, replaced by a message from the admin port, so the hot path
 //! reads plain fields of its own shard.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 use shared::config::Config;
 use shared::limits;
@@ -137,9 +139,40 @@ impl Knobs {
     }
 }
 
+/// A token bucket of one second's worth at `rate` per second: refills for `elapsed`, then takes
+/// one token. Returns the tokens left and, when none was there, how long until one is.
+pub fn take_token(tokens: f64, elapsed: Duration, rate: u64) -> (f64, Option<Duration>) {
+    let rate = rate.max(1) as f64;
+    let tokens = (tokens + elapsed.as_secs_f64() * rate).min(rate);
+    if tokens >= 1.0 {
+        (tokens - 1.0, None)
+    } else {
+        (tokens, Some(Duration::from_secs_f64((1.0 - tokens) / rate)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_bucket_paces_to_the_rate() {
+        // Full after a long pause: one second's worth back to back, then a wait of 1/rate.
+        let (mut tokens, mut wait) = (0.0, None);
+        let mut taken = 0;
+        let mut elapsed = Duration::from_secs(60);
+        while wait.is_none() {
+            (tokens, wait) = take_token(tokens, elapsed, 10);
+            elapsed = Duration::ZERO;
+            taken += wait.is_none() as u32;
+        }
+        assert_eq!(taken, 10);
+        let w = wait.unwrap();
+        assert!((w.as_secs_f64() - 0.1).abs() < 1e-9, "{w:?}");
+        // After that wait, exactly one more.
+        let (t, wait) = take_token(tokens, w, 10);
+        assert!(wait.is_none() && t < 1.0);
+    }
 
     #[test]
     fn every_named_knob_reads_and_writes() {

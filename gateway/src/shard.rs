@@ -364,17 +364,12 @@ impl Shard {
         if rate == 0 {
             return None;
         }
-        let rate = rate as f64;
         let now = Instant::now();
         let (tokens, at) = self.accept_bucket.get();
-        let tokens = (tokens + now.saturating_duration_since(at).as_secs_f64() * rate).min(rate);
-        if tokens >= 1.0 {
-            self.accept_bucket.set((tokens - 1.0, now));
-            None
-        } else {
-            self.accept_bucket.set((tokens, now));
-            Some(Duration::from_secs_f64((1.0 - tokens) / rate))
-        }
+        let (tokens, wait) =
+            crate::knobs::take_token(tokens, now.saturating_duration_since(at), rate);
+        self.accept_bucket.set((tokens, now));
+        wait
     }
 
     /// Queue depths now: the mesh channels and every session's send queue (a scan of the

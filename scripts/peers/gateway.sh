@@ -3,7 +3,7 @@
 #   install | setup USERS | start | stop | pid | status | version
 # Data under /tmp/peers/gateway. Environment: GATEWAY_BIN (default target/release/gateway,
 # under $CARGO_TARGET_DIR when set), GATEWAY_SHARDS (default nproc), GATEWAY_CPUS (e.g. 0,1),
-# GATEWAY_LABEL_SUFFIX.
+# GATEWAY_LABEL_SUFFIX, GATEWAY_CONFIG (a TOML config file passed with --config).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -21,6 +21,7 @@ case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 GATEWAY_BIN="${GATEWAY_BIN:-$TARGET_DIR/release/gateway}"
 SHARDS="${GATEWAY_SHARDS:-$(nproc)}"
 CPUS="${GATEWAY_CPUS:-}"
+CONFIG="${GATEWAY_CONFIG:-}"
 START_TIMEOUT="${START_TIMEOUT:-30}"
 STOP_TIMEOUT="${STOP_TIMEOUT:-15}"
 
@@ -78,6 +79,7 @@ cmd_start() {
         --c2s-addr "127.0.0.1:$C2S_PORT" --tls-addr "127.0.0.1:$TLS_PORT"
         --admin-addr "127.0.0.1:$ADMIN_PORT" --allow-plaintext)
     [ -n "$CPUS" ] && args+=(--cpus "$CPUS")
+    [ -n "$CONFIG" ] && args=(--config "$CONFIG" "${args[@]}")
     GW_ARGS=("${args[@]}")
     start_with_retry gw_launch cmd_stop "$LOGDIR/gateway.log" "cannot listen" || die "gateway did not start"
     log "gateway $(version) up on 127.0.0.1:$C2S_PORT (direct TLS $TLS_PORT), $SHARDS shards${CPUS:+ on CPUs $CPUS}, pid $JOB"
