@@ -7,7 +7,6 @@ use std::net::TcpStream as StdTcpStream;
 use std::rc::Rc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use router::credentials::Credentials;
@@ -18,7 +17,7 @@ use shared::shard::home_shard;
 use shared::stanza::Stanza;
 
 use crate::c2s::{C2s, Security, Services, Step};
-use crate::shard::{Outbox, Shard};
+use crate::shard::{Outbox, Outgoing, Shard};
 use crate::sys;
 
 /// The inline read buffer every connection's pending read uses (kept small: idle connections
@@ -185,7 +184,7 @@ impl Conn {
         // inside the task, and a read that fills it drains the socket through the shard's one
         // large buffer (`Shard::read_buf`), synchronously, before the next await.
         let mut small = [0u8; SMALL_READ_BYTES];
-        let mut drained: Vec<Bytes> = Vec::new();
+        let mut drained: Vec<Outgoing> = Vec::new();
         // Unbounded by design: the connection's event loop; every iteration waits for input.
         loop {
             let deadline = self.machine.deadline();
@@ -228,19 +227,15 @@ impl Conn {
                     if let Some(condition) = self.outbox.close_requested() {
                         let condition = (!condition.is_empty()).then_some(condition);
                         self.outbox.drain_into(&mut drained);
-                        for b in drained.drain(..) {
-                            self.out.extend_from_slice(&b);
-                        }
+                        self.write_outgoing(&mut drained);
                         self.machine.handle_close(condition, &mut self.out);
                         Step::Close
                     } else {
                         self.outbox.drain_into(&mut drained);
-                        for b in drained.drain(..) {
-                            self.out.extend_from_slice(&b);
-                        }
+                        let step = self.write_outgoing(&mut drained);
                         // A burst should not leave its queue's capacity on an idle connection.
                         drained = Vec::new();
-                        Step::Continue
+                        step
                     }
                 }
                 Wake::Tick => self.machine.handle_tick(&mut self.out, Instant::now()),
@@ -249,6 +244,32 @@ impl Conn {
                 return end;
             }
         }
+    }
+
+    /// Passes stanzas from the outbox through the machine (XEP-0198 counts and keeps them) into
+    /// the write buffer, sends an ack that waited for settlement, and asks the router for the
+    /// next page of an offline queue being delivered.
+    fn write_outgoing(&mut self, drained: &mut Vec<Outgoing>) -> Step {
+        let mut step = Step::Continue;
+        for (bytes, seq) in drained.drain(..) {
+            if step == Step::Continue {
+                step = self.machine.handle_outbound(bytes, seq, &mut self.out);
+            }
+        }
+        if step != Step::Continue || !self.bound {
+            return step;
+        }
+        let mut services = ShardServices {
+            shard: &self.shard,
+            conn: self.id,
+            bound: &mut self.bound,
+        };
+        if self.outbox.take_settled() {
+            self.machine.handle_settled(&mut services, &mut self.out);
+        }
+        self.shard.router.borrow_mut().handle_room(self.id);
+        self.shard.drain_router();
+        step
     }
 
     /// Writes what is pending and carries out the machine's step. `Some` ends the loop.
@@ -480,10 +501,23 @@ impl Services for ShardServices<'_> {
     }
 
     fn stanza(&mut self, stanza: Stanza) {
-        self.shard
-            .router
-            .borrow_mut()
-            .handle_stanza(self.conn, stanza);
+        self.shard.route_stanza(self.conn, stanza);
+    }
+
+    fn sm_enabled(&mut self) {
+        self.shard.router.borrow_mut().handle_sm_enabled(self.conn);
+    }
+
+    fn received(&mut self) -> u64 {
+        self.shard.router.borrow().received(self.conn)
+    }
+
+    fn settled(&mut self) -> u64 {
+        self.shard.router.borrow().settled(self.conn)
+    }
+
+    fn acked(&mut self, seqs: &[u64]) {
+        self.shard.router.borrow_mut().handle_acked(self.conn, seqs);
         self.shard.drain_router();
     }
 }

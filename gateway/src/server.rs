@@ -70,6 +70,12 @@ pub fn serve(config: Config) -> Result<()> {
             config.c2s_addr
         );
     }
+    if config.durability == "memory" {
+        tracing::warn!(
+            "durability = memory: messages are acknowledged without fsync and a host crash may \
+             lose them; use this only for benchmarks"
+        );
+    }
     // The host doctor's checks for this target, each problem logged once with its fix. Only what
     // stops the process from running at all is fatal (STYLE §1): glommio's memlock floor and a
     // disabled io_uring.
@@ -277,11 +283,25 @@ async fn run_shard(start: ShardStart) {
         }
     };
     let roster_store = crate::storage::ShardStore::new(start.stores.clone(), id);
-    let router = Router::new(
+    let mut router = Router::new(
         id,
         start.shards,
         start.config.domain.clone(),
         Box::new(roster_store),
+    );
+    let durability = match start.config.durability.as_str() {
+        "memory" => router::store::Durability::Memory,
+        _ => router::store::Durability::Durable,
+    };
+    let offline = crate::storage::ShardOffline::new(start.stores.clone(), id, durability);
+    let commit_stats = offline.stats.clone();
+    router.set_offline(
+        Box::new(offline),
+        router::OfflineLimits {
+            messages_max: start.config.offline_messages_max,
+            bytes_max: start.config.offline_bytes_max,
+            age_max: Duration::from_secs(start.config.offline_age_days_max * 86_400),
+        },
     );
     let shard = Rc::new(Shard::new(
         id,
@@ -343,5 +363,16 @@ async fn run_shard(start: ShardStart) {
     for t in tasks {
         t.cancel();
     }
+    // Whatever the last turn stored is committed before the shard ends.
+    if shard.router.borrow().needs_commit() {
+        shard.router.borrow_mut().commit();
+    }
+    tracing::info!(
+        shard = id,
+        durability = %start.config.durability,
+        offline = ?shard.router.borrow().offline_stats(),
+        storage = %commit_stats.borrow().summary(),
+        "storage"
+    );
     tracing::debug!(shard = id, stats = ?shard.stats.borrow(), "shard stopped");
 }

@@ -59,22 +59,41 @@ impl Flag {
 /// nothing until something is queued, so idle connections pay only for the empty struct.
 #[derive(Default)]
 pub struct Outbox {
-    queue: RefCell<VecDeque<Bytes>>,
+    queue: RefCell<VecDeque<Outgoing>>,
     close: Cell<Option<&'static str>>,
+    /// More of the connection's stanzas are settled: a XEP-0198 ack may be due.
+    settled: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
+
+/// One stanza for a connection: its bytes and, for a stored message the session acknowledges
+/// (XEP-0198), its sequence number in the user's offline queue.
+pub type Outgoing = (Bytes, Option<u64>);
 
 impl Outbox {
     /// Queues bytes; gives them back when the queue is full.
     pub fn push(&self, bytes: Bytes) -> Result<(), Bytes> {
+        self.push_stored(bytes, None).map_err(|(b, _)| b)
+    }
+    /// Queues a stanza with its offline sequence number; gives it back when the queue is full.
+    pub fn push_stored(&self, bytes: Bytes, seq: Option<u64>) -> Result<(), Outgoing> {
         let mut q = self.queue.borrow_mut();
         if q.len() >= SESSION_SEND_QUEUE_STANZAS_MAX {
-            return Err(bytes);
+            return Err((bytes, seq));
         }
-        q.push_back(bytes);
+        q.push_back((bytes, seq));
         drop(q);
         self.wake();
         Ok(())
+    }
+    /// Tells the connection that more of its stanzas are settled.
+    pub fn notify_settled(&self) {
+        self.settled.set(true);
+        self.wake();
+    }
+    /// Whether `notify_settled` was called since the last call.
+    pub fn take_settled(&self) -> bool {
+        self.settled.replace(false)
     }
     /// Orders the connection closed with this stream error condition (`""` for a plain close).
     pub fn close(&self, condition: &'static str) {
@@ -88,13 +107,13 @@ impl Outbox {
     }
     /// Takes everything queued, and the queue's allocation with it: a connection that goes idle
     /// after a burst keeps no queue capacity.
-    pub fn drain_into(&self, out: &mut Vec<Bytes>) {
+    pub fn drain_into(&self, out: &mut Vec<Outgoing>) {
         out.extend(std::mem::take(&mut *self.queue.borrow_mut()));
     }
     /// Resolves when something is queued or a close was ordered.
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| {
-            if !self.queue.borrow().is_empty() || self.close.get().is_some() {
+            if !self.queue.borrow().is_empty() || self.close.get().is_some() || self.settled.get() {
                 return Poll::Ready(());
             }
             self.waker.set(Some(cx.waker().clone()));
@@ -145,6 +164,8 @@ pub struct Shard {
     pub mesh_unblocked: Flag,
     /// Set when the shard is stopping: accept loops end, connections close.
     pub stopping: Flag,
+    /// A task is scheduled to commit the router's store batch at the end of this turn.
+    commit_scheduled: Cell<bool>,
     pub stats: RefCell<ShardStats>,
     /// The one large read buffer of the shard, borrowed only between two awaits (never across
     /// one), so connections share it instead of each holding their own.
@@ -204,6 +225,7 @@ impl Shard {
             mesh_blocked: RefCell::new(vec![false; shards]),
             mesh_unblocked,
             stopping: Flag::default(),
+            commit_scheduled: Cell::new(false),
             stats: RefCell::new(ShardStats::default()),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
@@ -229,8 +251,49 @@ impl Shard {
                     }
                 }
                 Action::Send { shard, frame } => self.queue_frame(shard, frame),
+                Action::DeliverStored { conn, stanza, seq } => {
+                    let outbox = self.conns.borrow().get(&conn).cloned();
+                    match outbox.map(|o| o.push_stored(stanza.bytes, seq)) {
+                        Some(Ok(())) => self.stats.borrow_mut().delivered += 1,
+                        // It stays in the offline queue for the session's next login.
+                        _ => self.stats.borrow_mut().undeliverable += 1,
+                    }
+                }
+                Action::Settled { conn } => {
+                    if let Some(outbox) = self.conns.borrow().get(&conn) {
+                        outbox.notify_settled();
+                    }
+                }
             }
         }
+        if !self.commit_scheduled.get() && self.router.borrow().needs_commit() {
+            // Group commit: the store writes of everything runnable in this turn go into one
+            // transaction (one fsync), committed by a task that runs after them.
+            self.commit_scheduled.set(true);
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                glommio::yield_if_needed().await;
+                shard.commit_scheduled.set(false);
+                {
+                    let mut router = shard.router.borrow_mut();
+                    router.set_clock(unix_ms());
+                    router.commit();
+                }
+                shard.drain_router();
+            })
+            .detach();
+        }
+    }
+
+    /// Passes a stanza of a bound local session to the router (with the wall clock set) and
+    /// executes what it decides.
+    pub fn route_stanza(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {
+        {
+            let mut router = self.router.borrow_mut();
+            router.set_clock(unix_ms());
+            router.handle_stanza(conn, stanza);
+        }
+        self.drain_router();
     }
 
     fn deliver(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {
@@ -332,4 +395,12 @@ impl Shard {
             glommio::yield_if_needed().await;
         }
     }
+}
+
+/// The wall clock in Unix milliseconds (stamps and ages of stored messages).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

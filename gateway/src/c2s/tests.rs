@@ -23,7 +23,8 @@ const MECHS_SCRAM: &str =
     "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism>\
                            <mechanism>SCRAM-SHA-1</mechanism></mechanisms>";
 const BIND_FEATURES: &str = "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
-                             <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session></stream:features>";
+                             <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
+                             <sm xmlns='urn:xmpp:sm:3'/></stream:features>";
 const NOT_AUTHORIZED: &str =
     "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>";
 
@@ -40,6 +41,10 @@ struct Mock {
     taken: Vec<String>,
     full: bool,
     stanzas: Vec<Stanza>,
+    sm_enabled: bool,
+    /// Of the stanzas passed on, how many are settled (the rest are in flight).
+    settled: u64,
+    acked: Vec<u64>,
 }
 
 impl Services for Mock {
@@ -63,6 +68,18 @@ impl Services for Mock {
     }
     fn stanza(&mut self, stanza: Stanza) {
         self.stanzas.push(stanza);
+    }
+    fn sm_enabled(&mut self) {
+        self.sm_enabled = true;
+    }
+    fn received(&mut self) -> u64 {
+        self.stanzas.len() as u64
+    }
+    fn settled(&mut self) -> u64 {
+        self.settled.min(self.stanzas.len() as u64)
+    }
+    fn acked(&mut self, seqs: &[u64]) {
+        self.acked.extend_from_slice(seqs);
     }
 }
 
@@ -745,7 +762,8 @@ fn established_other_elements() {
     let mut c = Client::tls();
     c.login_plain();
     c.bind("r");
-    let out = c.ok("<enable xmlns='urn:xmpp:sm:3'/>");
+    // XEP-0198 elements before enable.
+    let out = c.ok("<r xmlns='urn:xmpp:sm:3'/>");
     assert_eq!(
         out,
         "<failed xmlns='urn:xmpp:sm:3'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
@@ -856,4 +874,103 @@ fn byte_at_a_time_gives_the_same_output() {
     );
     assert_eq!(stanzas.len(), 1);
     assert_eq!(run(1), (mask_ids(&reference), steps, stanzas));
+}
+
+#[test]
+fn stream_management_counts_and_acks() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    // One stanza before enable: not counted.
+    c.ok("<presence/>");
+    c.svc.settled = 1;
+    assert_eq!(
+        c.ok("<enable xmlns='urn:xmpp:sm:3'/>"),
+        "<enabled xmlns='urn:xmpp:sm:3'/>"
+    );
+    assert!(c.svc.sm_enabled);
+    assert!(c.c2s.sm_enabled());
+    c.ok("<message to='bob@example.com'><body>1</body></message>");
+    c.ok("<message to='bob@example.com'><body>2</body></message>");
+    // The second message is not settled yet: the ack covers only the first...
+    c.svc.settled = 2;
+    assert_eq!(
+        c.ok("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='1'/>"
+    );
+    // ...and a second ack follows once it settles.
+    c.svc.settled = 3;
+    let mut out = Vec::new();
+    c.c2s.handle_settled(&mut c.svc, &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "<a xmlns='urn:xmpp:sm:3' h='2'/>"
+    );
+    let mut out = Vec::new();
+    c.c2s.handle_settled(&mut c.svc, &mut out);
+    assert!(out.is_empty(), "no ack without a request");
+
+    // Outbound: kept until acked; stored messages are reported on ack.
+    let mut out = Vec::new();
+    for i in 0..3u64 {
+        let step = c.c2s.handle_outbound(
+            Bytes::from(format!("<message id='{i}'/>")),
+            (i != 1).then_some(10 + i),
+            &mut out,
+        );
+        assert_eq!(step, Step::Continue);
+    }
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "<message id='0'/><message id='1'/><message id='2'/>"
+    );
+    assert_eq!(c.ok("<a xmlns='urn:xmpp:sm:3' h='2'/>"), "");
+    assert_eq!(c.svc.acked, [10]);
+    assert_eq!(c.ok("<a xmlns='urn:xmpp:sm:3' h='3'/>"), "");
+    assert_eq!(c.svc.acked, [10, 12]);
+    // An ack for more than was sent ends the stream.
+    let (step, out) = c.send("<a xmlns='urn:xmpp:sm:3' h='9'/>");
+    assert_eq!(step, Step::Close);
+    assert!(out.contains("handled-count-too-high"), "{out}");
+}
+
+#[test]
+fn stream_management_asks_for_acks_and_wraps_around() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    c.ok("<enable xmlns='urn:xmpp:sm:3'/>");
+    let mut out = Vec::new();
+    for _ in 0..SM_REQUEST_EVERY_STANZAS {
+        c.c2s
+            .handle_outbound(Bytes::from_static(b"<message/>"), None, &mut out);
+    }
+    assert!(String::from_utf8(out)
+        .unwrap()
+        .ends_with("<message/><r xmlns='urn:xmpp:sm:3'/>"));
+    c.ok(&format!(
+        "<a xmlns='urn:xmpp:sm:3' h='{SM_REQUEST_EVERY_STANZAS}'/>"
+    ));
+    // Counters are mod 2^32: an ack that wraps past zero releases the right number.
+    let sm = c.c2s.sm.as_mut().unwrap();
+    sm.sent = u32::MAX - 1;
+    sm.acked = u32::MAX - 1;
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        c.c2s
+            .handle_outbound(Bytes::from_static(b"<message/>"), Some(7), &mut out);
+    }
+    assert_eq!(c.c2s.sm.as_ref().unwrap().sent, 2);
+    assert_eq!(c.ok("<a xmlns='urn:xmpp:sm:3' h='1'/>"), "");
+    assert_eq!(c.c2s.sm.as_ref().unwrap().unacked.len(), 1);
+    assert_eq!(c.svc.acked, [7, 7, 7]);
+    // And h for received stanzas wraps too.
+    let sm = c.c2s.sm.as_mut().unwrap();
+    sm.local = u64::from(u32::MAX);
+    c.svc.settled = 5;
+    c.ok("<presence/>");
+    assert_eq!(
+        c.ok("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='0'/>"
+    );
 }
