@@ -388,6 +388,7 @@ impl Shard {
         // Unbounded loop by design: it is this shard's mesh event loop for one peer.
         while let Ok(batch) = rx.recv_async().await {
             self.stats.borrow_mut().mesh_frames_in += batch.len() as u64;
+            self.router.borrow_mut().set_clock(unix_ms());
             for frame in batch {
                 self.router.borrow_mut().handle_frame(frame);
                 self.drain_router();

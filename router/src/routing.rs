@@ -925,7 +925,10 @@ impl Router {
         let mut next = from;
         for m in &page {
             next = m.seq + 1;
-            if m.stored_unix_ms.saturating_add(age_max_ms) < self.clock_unix_ms {
+            // A stamp of 0 means the clock was never set when it was stored: keep it.
+            if m.stored_unix_ms > 0
+                && m.stored_unix_ms.saturating_add(age_max_ms) < self.clock_unix_ms
+            {
                 self.stats.purged += 1;
                 self.erase(&node, m.seq);
                 continue;
