@@ -48,6 +48,8 @@ pub struct C2sConfig {
     pub stanza_bytes_max: usize,
     /// An unauthenticated connection must have bound a resource by then.
     pub unauthenticated_timeout: std::time::Duration,
+    /// XEP-0198: how long a session that lost its connection may be resumed (zero: never).
+    pub sm_resume_timeout: std::time::Duration,
 }
 
 /// Whether the bytes the machine sees travelled under TLS.
@@ -73,7 +75,15 @@ pub trait Services {
     fn settled(&mut self) -> u64;
     /// The client acknowledged these stored messages (offline sequence numbers).
     fn acked(&mut self, seqs: &[u64]);
+    /// XEP-0198 resumption: takes over the detached session `previd` of `node`, if it is still
+    /// waiting; returns its stream-management state and full JID. The driver adopts the old
+    /// session's connection id and send queue.
+    fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)>;
 }
+
+/// The XEP-0198 state of a session whose connection was lost, kept for resumption.
+#[derive(Debug)]
+pub struct SmState(Box<Sm>);
 
 /// XEP-0198 state of a stream that enabled it.
 #[derive(Debug)]
@@ -91,6 +101,8 @@ struct Sm {
     unacked: VecDeque<(Bytes, Option<u64>)>,
     /// Stanzas sent since we last asked for an ack.
     since_request: usize,
+    /// The resumption id, when the client asked for resumption and it is on.
+    id: Option<String>,
 }
 
 /// What the driver must do after a call.
@@ -217,6 +229,78 @@ impl C2s {
         self.sm.is_some()
     }
 
+    /// The connection was lost (not closed by either side): if the session may be resumed,
+    /// returns its resumption id, its XEP-0198 state and full JID, and the machine is closed.
+    pub fn detach(&mut self) -> Option<(String, SmState, String)> {
+        let State::Established { full_jid } = &self.state else {
+            return None;
+        };
+        let id = self.sm.as_ref()?.id.clone()?;
+        let full_jid = full_jid.clone();
+        let sm = self.sm.take()?;
+        self.state = State::Closed;
+        Some((id, SmState(sm), full_jid))
+    }
+
+    /// `<resume previd h/>` instead of a bind (XEP-0198 §5).
+    fn on_resume(
+        &mut self,
+        stanza: &Stanza,
+        node: String,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let text = stanza.as_str();
+        let end = stanza.header.start_tag_end;
+        let previd = attr_value(text, end, "previd").unwrap_or_default();
+        let h = attr_value(text, end, "h").and_then(|h| h.parse::<u32>().ok());
+        let (Some(h), false) = (h, previd.is_empty()) else {
+            let _ = write!(
+                Sink(out),
+                "<failed xmlns='{NS_SM3}'><bad-request xmlns='{NS_STANZA_ERRORS}'/></failed>"
+            );
+            return cont(State::ExpectBind { node });
+        };
+        let Some((SmState(sm), full_jid)) = services.resume(&node, &previd) else {
+            let _ = write!(
+                Sink(out),
+                "<failed xmlns='{NS_SM3}'><item-not-found xmlns='{NS_STANZA_ERRORS}'/></failed>"
+            );
+            return cont(State::ExpectBind { node });
+        };
+        self.sm = Some(sm);
+        if !self.release_acked(h, services) {
+            return self.handled_count_too_high(out);
+        }
+        let sm = self.sm.as_mut().expect("set above");
+        let (received, settled) = (services.received(), services.settled());
+        let ours = settled.saturating_sub(sm.base).wrapping_add(sm.local) as u32;
+        sm.ack_wanted = settled < received;
+        let _ = write!(
+            Sink(out),
+            "<resumed xmlns='{NS_SM3}' h='{ours}' previd='{}'/>",
+            escape(&previd)
+        );
+        // What the client had not acknowledged is sent again (XEP-0198 §5), still unacked.
+        for (bytes, _) in &sm.unacked {
+            out.extend_from_slice(bytes);
+        }
+        if !sm.unacked.is_empty() {
+            sm.since_request = 0;
+            let _ = write!(Sink(out), "<r xmlns='{NS_SM3}'/>");
+        }
+        cont(State::Established { full_jid })
+    }
+
+    fn handled_count_too_high(&mut self, out: &mut Vec<u8>) -> Next {
+        let _ = write!(
+            Sink(out),
+            "<stream:error><undefined-condition xmlns='{NS_STREAM_ERRORS}'/>\
+             <handled-count-too-high xmlns='{NS_SM3}'/></stream:error></stream:stream>"
+        );
+        (State::Closed, Step::Close)
+    }
+
     /// Writes `<a h=.../>` for what is settled; keeps `ack_wanted` while some is not.
     fn send_ack(&mut self, services: &mut dyn Services, out: &mut Vec<u8>) {
         let Some(sm) = self.sm.as_mut() else {
@@ -230,19 +314,20 @@ impl C2s {
 
     /// `<a h=.../>` from the client: releases what it covers; stored messages among them are
     /// erased. An `h` beyond what was sent is a stream error (XEP-0198 §4).
-    fn on_client_ack(
-        &mut self,
-        stanza: &Stanza,
-        services: &mut dyn Services,
-        out: &mut Vec<u8>,
-    ) -> bool {
-        let Some(sm) = self.sm.as_mut() else {
-            return true;
-        };
+    fn on_client_ack(&mut self, stanza: &Stanza, services: &mut dyn Services) -> bool {
         let h = attr_value(stanza.as_str(), stanza.header.start_tag_end, "h")
             .and_then(|h| h.parse::<u32>().ok());
-        let Some(h) = h else {
-            return false;
+        match h {
+            Some(h) => self.release_acked(h, services),
+            None => false,
+        }
+    }
+
+    /// The client has handled `h` of our stanzas: releases them; false if `h` is beyond what was
+    /// sent.
+    fn release_acked(&mut self, h: u32, services: &mut dyn Services) -> bool {
+        let Some(sm) = self.sm.as_mut() else {
+            return true;
         };
         let newly = h.wrapping_sub(sm.acked) as usize;
         if newly > sm.unacked.len() {
@@ -263,7 +348,6 @@ impl C2s {
         if !seqs.is_empty() {
             services.acked(&seqs);
         }
-        let _ = out;
         true
     }
 
@@ -699,6 +783,12 @@ impl C2s {
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {
+        if stanza.kind == Kind::Other
+            && stanza.name() == "resume"
+            && stanza.xmlns().as_deref() == Some(NS_SM3)
+        {
+            return self.on_resume(&stanza, node, services, out);
+        }
         let bind = if stanza.kind == Kind::Iq {
             parse_iq(&stanza)
         } else {
@@ -774,6 +864,13 @@ impl C2s {
             Kind::Other if stanza.xmlns().as_deref() == Some(NS_SM3) => {
                 match stanza.name() {
                     "enable" if self.sm.is_none() => {
+                        let text = stanza.as_str();
+                        let wants_resume = matches!(
+                            attr_value(text, stanza.header.start_tag_end, "resume").as_deref(),
+                            Some("true" | "1")
+                        );
+                        let max = self.config.sm_resume_timeout.as_secs();
+                        let id = (wants_resume && max > 0).then(random_id);
                         self.sm = Some(Box::new(Sm {
                             base: services.received(),
                             local: 0,
@@ -782,19 +879,25 @@ impl C2s {
                             acked: 0,
                             unacked: VecDeque::new(),
                             since_request: 0,
+                            id: id.clone(),
                         }));
                         services.sm_enabled();
-                        let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
+                        match id {
+                            Some(id) => {
+                                let _ = write!(
+                                    Sink(out),
+                                    "<enabled xmlns='{NS_SM3}' id='{id}' resume='true' max='{max}'/>"
+                                );
+                            }
+                            None => {
+                                let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
+                            }
+                        }
                     }
                     "r" if self.sm.is_some() => self.send_ack(services, out),
                     "a" if self.sm.is_some() => {
-                        if !self.on_client_ack(&stanza, services, out) {
-                            let _ = write!(
-                                Sink(out),
-                                "<stream:error><undefined-condition xmlns='{NS_STREAM_ERRORS}'/>\
-                                 <handled-count-too-high xmlns='{NS_SM3}'/></stream:error></stream:stream>"
-                            );
-                            return (State::Closed, Step::Close);
+                        if !self.on_client_ack(&stanza, services) {
+                            return self.handled_count_too_high(out);
                         }
                     }
                     // `<enable/>` twice, `<resume/>` on a live stream, `<r/>`/`<a/>` before
@@ -811,6 +914,17 @@ impl C2s {
             Kind::Other => self.stream_error("unsupported-stanza-type", out),
         }
     }
+}
+
+/// A XEP-0198 resumption id: 128 random bits in hex.
+fn random_id() -> String {
+    let mut id = [0u8; 16];
+    // A failure leaves zeros; resumption still checks the user, so it cannot cross accounts.
+    let _ = getrandom::getrandom(&mut id);
+    id.iter().fold(String::with_capacity(32), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// `Vec<u8>` as a `fmt::Write` target.

@@ -16,7 +16,7 @@ use shared::limits::READ_CHUNK_BYTES;
 use shared::shard::home_shard;
 use shared::stanza::Stanza;
 
-use crate::c2s::{C2s, Security, Services, Step};
+use crate::c2s::{C2s, Security, Services, SmState, Step};
 use crate::shard::{Outbox, Outgoing, Shard};
 use crate::sys;
 
@@ -163,10 +163,17 @@ impl Conn {
     }
 
     fn cleanup(&mut self) {
-        self.shard.conns.borrow_mut().remove(&self.id);
         self.shard
             .open_connections
             .set(self.shard.open_connections.get() - 1);
+        if self.bound && !self.shard.stopping.is_open() {
+            // Lost, not closed: a XEP-0198 session waits to be resumed (its send queue stays).
+            if let Some((resume_id, sm, full_jid)) = self.machine.detach() {
+                self.shard.detach(self.id, resume_id, sm, full_jid);
+                return;
+            }
+        }
+        self.shard.conns.borrow_mut().remove(&self.id);
         if self.bound {
             self.shard.router.borrow_mut().handle_disconnect(self.id);
             self.shard.drain_router();
@@ -259,12 +266,14 @@ impl Conn {
         if step != Step::Continue || !self.bound {
             return step;
         }
+        let settled = self.outbox.take_settled();
         let mut services = ShardServices {
             shard: &self.shard,
-            conn: self.id,
+            conn: &mut self.id,
+            outbox: &mut self.outbox,
             bound: &mut self.bound,
         };
-        if self.outbox.take_settled() {
+        if settled {
             self.machine.handle_settled(&mut services, &mut self.out);
         }
         self.shard.router.borrow_mut().handle_room(self.id);
@@ -381,7 +390,8 @@ impl Conn {
         let now = Instant::now();
         let mut services = ShardServices {
             shard: &self.shard,
-            conn: self.id,
+            conn: &mut self.id,
+            outbox: &mut self.outbox,
             bound: &mut self.bound,
         };
         let Some(tls) = self.tls.as_mut() else {
@@ -469,7 +479,10 @@ impl Conn {
 /// The shard's services as the c2s machine sees them.
 struct ShardServices<'a> {
     shard: &'a Rc<Shard>,
-    conn: ConnId,
+    /// The connection's id and send queue; a XEP-0198 resumption replaces both with the resumed
+    /// session's.
+    conn: &'a mut ConnId,
+    outbox: &'a mut Rc<Outbox>,
     bound: &'a mut bool,
 }
 
@@ -492,7 +505,7 @@ impl Services for ShardServices<'_> {
             .shard
             .router
             .borrow_mut()
-            .bind(node, resource, self.conn);
+            .bind(node, resource, *self.conn);
         if bound.is_ok() {
             *self.bound = true;
         }
@@ -501,23 +514,38 @@ impl Services for ShardServices<'_> {
     }
 
     fn stanza(&mut self, stanza: Stanza) {
-        self.shard.route_stanza(self.conn, stanza);
+        self.shard.route_stanza(*self.conn, stanza);
     }
 
     fn sm_enabled(&mut self) {
-        self.shard.router.borrow_mut().handle_sm_enabled(self.conn);
+        self.shard.router.borrow_mut().handle_sm_enabled(*self.conn);
     }
 
     fn received(&mut self) -> u64 {
-        self.shard.router.borrow().received(self.conn)
+        self.shard.router.borrow().received(*self.conn)
     }
 
     fn settled(&mut self) -> u64 {
-        self.shard.router.borrow().settled(self.conn)
+        self.shard.router.borrow().settled(*self.conn)
+    }
+
+    fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)> {
+        let (old, sm, full_jid) = self.shard.resume(node, previd)?;
+        // This connection becomes the old session: its id, its send queue (with whatever was
+        // queued while it was away); its own fresh entry goes.
+        let outbox = self.shard.conns.borrow().get(&old).cloned()?;
+        self.shard.conns.borrow_mut().remove(&*self.conn);
+        *self.conn = old;
+        *self.outbox = outbox;
+        *self.bound = true;
+        Some((sm, full_jid))
     }
 
     fn acked(&mut self, seqs: &[u64]) {
-        self.shard.router.borrow_mut().handle_acked(self.conn, seqs);
+        self.shard
+            .router
+            .borrow_mut()
+            .handle_acked(*self.conn, seqs);
         self.shard.drain_router();
     }
 }

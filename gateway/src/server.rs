@@ -109,6 +109,7 @@ pub fn serve(config: Config) -> Result<()> {
         allow_plaintext: config.allow_plaintext,
         stanza_bytes_max: config.stanza_bytes_max,
         unauthenticated_timeout: Duration::from_secs(config.unauthenticated_timeout_seconds),
+        sm_resume_timeout: Duration::from_secs(config.sm_resume_timeout_seconds),
     });
     let c2s_direct_tls = Arc::new(C2sConfig {
         starttls_offered: false,
@@ -316,6 +317,9 @@ async fn run_shard(start: ShardStart) {
         start.ports.to,
         start.ports.handoff_to,
     ));
+    shard
+        .sm_resume_timeout
+        .set(Duration::from_secs(start.config.sm_resume_timeout_seconds));
     let mut tasks = Vec::new();
     tasks.push(
         glommio::spawn_local(conn::accept_loop(shard.clone(), c2s, Listener::StartTls)).detach(),

@@ -15,7 +15,7 @@ use router::{Action, ConnId, Frame, Router, Store};
 use shared::limits::{MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, SESSION_SEND_QUEUE_STANZAS_MAX};
 use shared::stanza::Stanza;
 
-use crate::c2s::C2sConfig;
+use crate::c2s::{C2sConfig, SmState};
 use crate::conn::Handoff;
 
 /// A level-triggered flag tasks can wait on (stop requested, mesh unblocked). Few tasks wait on
@@ -127,6 +127,15 @@ impl Outbox {
     }
 }
 
+/// A XEP-0198 session waiting for its client to resume it.
+struct Detached {
+    conn: ConnId,
+    sm: SmState,
+    full_jid: String,
+    /// Tells this detachment's timer from a later one under the same id.
+    generation: u64,
+}
+
 /// Cross-shard endpoints of one shard.
 pub struct MeshPorts {
     /// `to[j]`: batches for shard j (`None` for this shard itself).
@@ -166,6 +175,12 @@ pub struct Shard {
     pub stopping: Flag,
     /// A task is scheduled to commit the router's store batch at the end of this turn.
     commit_scheduled: Cell<bool>,
+    /// XEP-0198 sessions whose connection was lost, by resumption id, until resumed or expired.
+    /// Bounded by the sessions bound here (each is still a router session).
+    detached: RefCell<HashMap<String, Detached>>,
+    next_detach: Cell<u64>,
+    /// How long a detached session waits.
+    pub sm_resume_timeout: Cell<std::time::Duration>,
     pub stats: RefCell<ShardStats>,
     /// The one large read buffer of the shard, borrowed only between two awaits (never across
     /// one), so connections share it instead of each holding their own.
@@ -226,6 +241,9 @@ impl Shard {
             mesh_unblocked,
             stopping: Flag::default(),
             commit_scheduled: Cell::new(false),
+            detached: RefCell::new(HashMap::new()),
+            next_detach: Cell::new(0),
+            sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
             stats: RefCell::new(ShardStats::default()),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
@@ -294,6 +312,55 @@ impl Shard {
             router.handle_stanza(conn, stanza);
         }
         self.drain_router();
+    }
+
+    /// Keeps the session of lost connection `conn` for resumption under `resume_id`; its router
+    /// session and send queue stay. Past the timeout it ends like any closed session (its
+    /// unacknowledged messages are still in the offline queue for the next login).
+    pub fn detach(self: &Rc<Self>, conn: ConnId, resume_id: String, sm: SmState, full_jid: String) {
+        let generation = self.next_detach.get();
+        self.next_detach.set(generation + 1);
+        self.detached.borrow_mut().insert(
+            resume_id.clone(),
+            Detached {
+                conn,
+                sm,
+                full_jid,
+                generation,
+            },
+        );
+        let shard = self.clone();
+        let timeout = self.sm_resume_timeout.get();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(timeout).await;
+            let expired = {
+                let mut detached = shard.detached.borrow_mut();
+                match detached.get(&resume_id) {
+                    Some(d) if d.generation == generation => detached.remove(&resume_id),
+                    _ => None,
+                }
+            };
+            if let Some(d) = expired {
+                shard.conns.borrow_mut().remove(&d.conn);
+                shard.router.borrow_mut().handle_disconnect(d.conn);
+                shard.drain_router();
+            }
+        })
+        .detach();
+    }
+
+    /// Takes the detached session `resume_id` if it belongs to `node` and is still bound:
+    /// (its connection id, XEP-0198 state, full JID).
+    pub fn resume(&self, node: &str, resume_id: &str) -> Option<(ConnId, SmState, String)> {
+        let mut detached = self.detached.borrow_mut();
+        let d = detached.get(resume_id)?;
+        let bare = format!("{node}@{}/", self.domain);
+        let still_bound = self.router.borrow().full_jid(d.conn) == Some(d.full_jid.as_str());
+        if !d.full_jid.starts_with(&bare) || !still_bound {
+            return None;
+        }
+        let d = detached.remove(resume_id)?;
+        Some((d.conn, d.sm, d.full_jid))
     }
 
     fn deliver(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {

@@ -49,8 +49,14 @@ fn h_of(text: &str) -> u32 {
     text[i..i + j].parse().expect("numeric h")
 }
 
+/// A chat message with a receipt request to `to` (a local part, or `node@domain/resource`).
 fn chat(to: &str, id: &str) -> String {
-    format!("<message to='{to}@{DOMAIN}' id='{id}' type='chat'><request xmlns='urn:xmpp:receipts'/><body>{id}</body></message>")
+    let to = if to.contains('@') {
+        to.to_owned()
+    } else {
+        format!("{to}@{DOMAIN}")
+    };
+    format!("<message to='{to}' id='{id}' type='chat'><request xmlns='urn:xmpp:receipts'/><body>{id}</body></message>")
 }
 
 /// Logs `node` in with XEP-0198, sends initial presence and collects the ids of messages whose id
@@ -252,4 +258,92 @@ fn random_below(n: usize) -> usize {
     let mut b = [0u8; 8];
     getrandom::getrandom(&mut b).expect("random bytes");
     (u64::from_le_bytes(b) % n as u64) as usize
+}
+
+/// Logs in with XEP-0198 and resumption; returns the client and the resumption id.
+fn sm_login_resumable(server: &Server, node: &str, resource: &str) -> (Client, String) {
+    let mut c = server.login(node, resource);
+    c.send(&format!("<enable xmlns='{NS_SM}' resume='true'/>"));
+    let enabled = c.expect("/>");
+    let at = enabled.find("id='").expect("resumption id in <enabled/>") + 4;
+    let id = enabled[at..at + enabled[at..].find('\'').unwrap()].to_owned();
+    assert!(enabled.contains("resume='true'"), "{enabled}");
+    (c, id)
+}
+
+/// Reads messages whose id starts with `prefix` until `n` arrived; returns their ids.
+fn read_messages(c: &mut Client, prefix: &str, n: usize) -> Vec<String> {
+    let needle = format!(" id='{prefix}");
+    let mut got = Vec::new();
+    while got.len() < n {
+        let text = c
+            .try_read_until(IO_TIMEOUT, |s| {
+                let i = s.find("<message")?;
+                let j = s[i..].find("</message>")?;
+                Some(i + j + "</message>".len())
+            })
+            .unwrap_or_else(|e| panic!("after {got:?}: {e}"));
+        let msg = &text[text.rfind("<message").unwrap()..];
+        if let Some(i) = msg.find(&needle) {
+            let rest = &msg[i + 5..];
+            got.push(rest[..rest.find('\'').unwrap()].to_owned());
+        }
+    }
+    got
+}
+
+#[test]
+fn resumption_redelivers_exactly_what_was_not_acknowledged() {
+    // Goal: XEP-0198 resumption. B drops its TCP connection mid-stream, having received 5
+    // messages but acknowledged 3; A sends 2 more meanwhile. B resumes with h=5: it gets the 2
+    // new ones and nothing twice. Then a session that never resumes: what it had not
+    // acknowledged arrives at its next login once the window has passed.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--sm-resume-timeout-seconds")
+        .arg("2")
+        .start();
+    let mut sender = sm_login(&server, &a, "r");
+    let (mut rb, id) = sm_login_resumable(&server, &b, "r");
+    let to_b = format!("{b}@{DOMAIN}/r");
+    for i in 0..5 {
+        sender.send(&chat(&to_b, &format!("r{i}")));
+    }
+    assert_eq!(
+        read_messages(&mut rb, "r", 5),
+        ["r0", "r1", "r2", "r3", "r4"]
+    );
+    rb.send(&format!("<a xmlns='{NS_SM}' h='3'/>"));
+    assert_eq!(acked_h(&mut sender, 5, IO_TIMEOUT), 5);
+    drop(rb);
+    for i in 5..7 {
+        sender.send(&chat(&to_b, &format!("r{i}")));
+    }
+    assert_eq!(
+        acked_h(&mut sender, 7, IO_TIMEOUT),
+        7,
+        "stored while B is away"
+    );
+
+    let mut rb = Client::connect_starttls(server.c2s);
+    rb.auth_plain(&b, &password_of(&b)).unwrap();
+    rb.send(&format!("<resume xmlns='{NS_SM}' previd='{id}' h='5'/>"));
+    let resumed = rb.expect("/>");
+    assert!(resumed.contains("<resumed"), "{resumed}\n{}", server.log());
+    assert_eq!(read_messages(&mut rb, "r", 2), ["r5", "r6"]);
+    assert!(
+        rb.try_expect("id='r", Duration::from_millis(500)).is_err(),
+        "nothing else, nothing twice"
+    );
+    rb.jid = Some(format!("{b}@{DOMAIN}/r"));
+    rb.assert_alive();
+
+    // It drops again, having acknowledged nothing more, and never resumes.
+    drop(rb);
+    std::thread::sleep(Duration::from_secs(3));
+    // r0..r4 were acknowledged (h=5 on resume); r5 and r6 were not.
+    let got = collect(&server, &b, "r", 2, Duration::from_millis(300));
+    assert_eq!(got, ["r5", "r6"], "{}", server.log());
 }

@@ -45,6 +45,8 @@ struct Mock {
     /// Of the stanzas passed on, how many are settled (the rest are in flight).
     settled: u64,
     acked: Vec<u64>,
+    /// A detached session the next `resume` may take: (id, state, full JID).
+    detached: Option<(String, SmState, String)>,
 }
 
 impl Services for Mock {
@@ -81,6 +83,17 @@ impl Services for Mock {
     fn acked(&mut self, seqs: &[u64]) {
         self.acked.extend_from_slice(seqs);
     }
+    fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)> {
+        match self.detached.take() {
+            Some((id, sm, full)) if id == previd && full.starts_with(&format!("{node}@")) => {
+                Some((sm, full))
+            }
+            other => {
+                self.detached = other;
+                None
+            }
+        }
+    }
 }
 
 fn config(starttls_offered: bool, allow_plaintext: bool) -> Arc<C2sConfig> {
@@ -90,6 +103,7 @@ fn config(starttls_offered: bool, allow_plaintext: bool) -> Arc<C2sConfig> {
         allow_plaintext,
         stanza_bytes_max: 4096,
         unauthenticated_timeout: Duration::from_secs(30),
+        sm_resume_timeout: Duration::from_secs(300),
     })
 }
 
@@ -973,4 +987,74 @@ fn stream_management_asks_for_acks_and_wraps_around() {
         c.ok("<r xmlns='urn:xmpp:sm:3'/>"),
         "<a xmlns='urn:xmpp:sm:3' h='0'/>"
     );
+}
+
+#[test]
+fn stream_management_resumption() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    let out = c.ok("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    let id_at = out.find("id='").expect("resumption id") + 4;
+    let id = out[id_at..id_at + 32].to_owned();
+    assert_eq!(
+        out,
+        format!("<enabled xmlns='urn:xmpp:sm:3' id='{id}' resume='true' max='300'/>")
+    );
+    c.ok("<message to='bob@example.com'><body>1</body></message>");
+    c.svc.settled = 1;
+    let mut out = Vec::new();
+    for i in 0..3u64 {
+        c.c2s.handle_outbound(
+            Bytes::from(format!("<message id='o{i}'/>")),
+            Some(i),
+            &mut out,
+        );
+    }
+    c.ok("<a xmlns='urn:xmpp:sm:3' h='1'/>");
+    assert_eq!(c.svc.acked, [0]);
+    // The connection is lost: the session detaches.
+    let (rid, sm, full) = c.c2s.detach().expect("resumable");
+    assert_eq!(
+        (rid.as_str(), full.as_str()),
+        (id.as_str(), "alice@example.com/r")
+    );
+    assert!(c.c2s.detach().is_none(), "only once");
+
+    // A new connection resumes it: the client had seen 2 of our 3 stanzas.
+    let mut n = Client::tls();
+    n.svc.detached = Some((rid, sm, full));
+    n.svc.stanzas = c.svc.stanzas.clone();
+    n.svc.settled = 1;
+    n.login_plain();
+    assert!(n.ok(HEADER).ends_with(BIND_FEATURES));
+    let out = n.ok(&format!(
+        "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='2'/>"
+    ));
+    assert_eq!(
+        out,
+        format!(
+            "<resumed xmlns='urn:xmpp:sm:3' h='1' previd='{id}'/><message id='o2'/><r xmlns='urn:xmpp:sm:3'/>"
+        )
+    );
+    assert_eq!(n.svc.acked, [1]);
+    assert!(n.c2s.is_established());
+    assert_eq!(n.c2s.full_jid(), Some("alice@example.com/r"));
+    n.ok("<a xmlns='urn:xmpp:sm:3' h='3'/>");
+    assert_eq!(n.svc.acked, [1, 2]);
+
+    // An unknown id fails and the client may bind instead.
+    let mut m = Client::tls();
+    m.login_plain();
+    m.ok(HEADER);
+    assert_eq!(
+        m.ok("<resume xmlns='urn:xmpp:sm:3' previd='nope' h='0'/>"),
+        "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+    );
+    assert!(m
+        .ok("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+        .contains("<jid>"));
+    // Without resume='true' (or with resumption off) there is no id and no detaching.
+    m.ok("<enable xmlns='urn:xmpp:sm:3'/>");
+    assert!(m.c2s.detach().is_none());
 }
