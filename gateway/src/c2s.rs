@@ -10,17 +10,19 @@ mod sasl;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as Base64;
 use base64::Engine;
+use bytes::Bytes;
 use router::credentials::Credentials;
 use router::BindError;
 use shared::escape::escape;
 use shared::framer::{Event, Framer, StreamHeader};
-use shared::limits::AUTH_ATTEMPTS_MAX;
+use shared::limits::{AUTH_ATTEMPTS_MAX, SM_REQUEST_EVERY_STANZAS, SM_UNACKED_STANZAS_MAX};
 use shared::stanza::{Kind, Stanza};
 
 use self::sasl::{Failure, ScramHash, ScramServer};
@@ -46,6 +48,8 @@ pub struct C2sConfig {
     pub stanza_bytes_max: usize,
     /// An unauthenticated connection must have bound a resource by then.
     pub unauthenticated_timeout: std::time::Duration,
+    /// XEP-0198: how long a session that lost its connection may be resumed (zero: never).
+    pub sm_resume_timeout: std::time::Duration,
 }
 
 /// Whether the bytes the machine sees travelled under TLS.
@@ -63,6 +67,42 @@ pub trait Services {
     fn bind(&mut self, node: &str, resource: Option<&str>) -> Result<String, BindError>;
     /// A stanza from the bound session, `from` already stamped with the full JID.
     fn stanza(&mut self, stanza: Stanza);
+    /// XEP-0198 was enabled on this stream.
+    fn sm_enabled(&mut self);
+    /// Stanzas passed to `stanza` so far, and how many of them, counted from the first, are
+    /// settled (durable or delivered): an ack may cover only those.
+    fn received(&mut self) -> u64;
+    fn settled(&mut self) -> u64;
+    /// The client acknowledged these stored messages (offline sequence numbers).
+    fn acked(&mut self, seqs: &[u64]);
+    /// XEP-0198 resumption: takes over the detached session `previd` of `node`, if it is still
+    /// waiting; returns its stream-management state and full JID. The driver adopts the old
+    /// session's connection id and send queue.
+    fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)>;
+}
+
+/// The XEP-0198 state of a session whose connection was lost, kept for resumption.
+#[derive(Debug)]
+pub struct SmState(Box<Sm>);
+
+/// XEP-0198 state of a stream that enabled it.
+#[derive(Debug)]
+struct Sm {
+    /// `Services::received` when it was enabled: `h` counts from there.
+    base: u64,
+    /// Stanzas after enable that the machine answered itself (never passed to `stanza`).
+    local: u64,
+    /// A `<r/>` came while some stanzas were unsettled: send `<a/>` as they settle.
+    ack_wanted: bool,
+    /// Stanzas sent since enable, and how many of them the client acknowledged (mod 2^32).
+    sent: u32,
+    acked: u32,
+    /// What was sent and not acknowledged, oldest first, with its offline sequence number.
+    unacked: VecDeque<(Bytes, Option<u64>)>,
+    /// Stanzas sent since we last asked for an ack.
+    since_request: usize,
+    /// The resumption id, when the client asked for resumption and it is on.
+    id: Option<String>,
 }
 
 /// What the driver must do after a call.
@@ -121,6 +161,7 @@ pub struct C2s {
     header_sent: bool,
     auth_failures: u32,
     state: State,
+    sm: Option<Box<Sm>>,
 }
 
 /// The outcome of one event: the next state and what the driver must do.
@@ -141,7 +182,173 @@ impl C2s {
             header_sent: false,
             auth_failures: 0,
             state: State::ExpectStreamHeader { node: None },
+            sm: None,
         }
+    }
+
+    /// A stanza for the client (from the router): written to `out` and, with XEP-0198 on, kept
+    /// until the client acknowledges it, with an ack request every `SM_REQUEST_EVERY_STANZAS`.
+    /// `seq` is the stanza's offline sequence number when it is a stored message. Past
+    /// `SM_UNACKED_STANZAS_MAX` unacknowledged stanzas the stream is closed.
+    pub fn handle_outbound(&mut self, bytes: Bytes, seq: Option<u64>, out: &mut Vec<u8>) -> Step {
+        if matches!(self.state, State::Closed) {
+            return Step::Close;
+        }
+        out.extend_from_slice(&bytes);
+        let Some(sm) = self.sm.as_mut() else {
+            return Step::Continue;
+        };
+        sm.unacked.push_back((bytes, seq));
+        sm.sent = sm.sent.wrapping_add(1);
+        sm.since_request += 1;
+        if sm.unacked.len() > SM_UNACKED_STANZAS_MAX {
+            tracing::debug!(unacked = sm.unacked.len(), "client does not acknowledge");
+            let (state, step) = self.stream_error("policy-violation", out);
+            self.state = state;
+            return step;
+        }
+        if sm.since_request >= SM_REQUEST_EVERY_STANZAS {
+            sm.since_request = 0;
+            let _ = write!(Sink(out), "<r xmlns='{NS_SM3}'/>");
+        }
+        Step::Continue
+    }
+
+    /// More of this stream's stanzas are settled: sends the ack a `<r/>` was waiting for.
+    pub fn handle_settled(&mut self, services: &mut dyn Services, out: &mut Vec<u8>) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        if self.sm.as_ref().is_some_and(|sm| sm.ack_wanted) {
+            self.send_ack(services, out);
+        }
+    }
+
+    /// Whether XEP-0198 is on.
+    pub fn sm_enabled(&self) -> bool {
+        self.sm.is_some()
+    }
+
+    /// The connection was lost (not closed by either side): if the session may be resumed,
+    /// returns its resumption id, its XEP-0198 state and full JID, and the machine is closed.
+    pub fn detach(&mut self) -> Option<(String, SmState, String)> {
+        let State::Established { full_jid } = &self.state else {
+            return None;
+        };
+        let id = self.sm.as_ref()?.id.clone()?;
+        let full_jid = full_jid.clone();
+        let sm = self.sm.take()?;
+        self.state = State::Closed;
+        Some((id, SmState(sm), full_jid))
+    }
+
+    /// `<resume previd h/>` instead of a bind (XEP-0198 §5).
+    fn on_resume(
+        &mut self,
+        stanza: &Stanza,
+        node: String,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let text = stanza.as_str();
+        let end = stanza.header.start_tag_end;
+        let previd = attr_value(text, end, "previd").unwrap_or_default();
+        let h = attr_value(text, end, "h").and_then(|h| h.parse::<u32>().ok());
+        let (Some(h), false) = (h, previd.is_empty()) else {
+            let _ = write!(
+                Sink(out),
+                "<failed xmlns='{NS_SM3}'><bad-request xmlns='{NS_STANZA_ERRORS}'/></failed>"
+            );
+            return cont(State::ExpectBind { node });
+        };
+        let Some((SmState(sm), full_jid)) = services.resume(&node, &previd) else {
+            let _ = write!(
+                Sink(out),
+                "<failed xmlns='{NS_SM3}'><item-not-found xmlns='{NS_STANZA_ERRORS}'/></failed>"
+            );
+            return cont(State::ExpectBind { node });
+        };
+        self.sm = Some(sm);
+        if !self.release_acked(h, services) {
+            return self.handled_count_too_high(out);
+        }
+        let sm = self.sm.as_mut().expect("set above");
+        let (received, settled) = (services.received(), services.settled());
+        let ours = settled.saturating_sub(sm.base).wrapping_add(sm.local) as u32;
+        sm.ack_wanted = settled < received;
+        let _ = write!(
+            Sink(out),
+            "<resumed xmlns='{NS_SM3}' h='{ours}' previd='{}'/>",
+            escape(&previd)
+        );
+        // What the client had not acknowledged is sent again (XEP-0198 §5), still unacked.
+        for (bytes, _) in &sm.unacked {
+            out.extend_from_slice(bytes);
+        }
+        if !sm.unacked.is_empty() {
+            sm.since_request = 0;
+            let _ = write!(Sink(out), "<r xmlns='{NS_SM3}'/>");
+        }
+        cont(State::Established { full_jid })
+    }
+
+    fn handled_count_too_high(&mut self, out: &mut Vec<u8>) -> Next {
+        let _ = write!(
+            Sink(out),
+            "<stream:error><undefined-condition xmlns='{NS_STREAM_ERRORS}'/>\
+             <handled-count-too-high xmlns='{NS_SM3}'/></stream:error></stream:stream>"
+        );
+        (State::Closed, Step::Close)
+    }
+
+    /// Writes `<a h=.../>` for what is settled; keeps `ack_wanted` while some is not.
+    fn send_ack(&mut self, services: &mut dyn Services, out: &mut Vec<u8>) {
+        let Some(sm) = self.sm.as_mut() else {
+            return;
+        };
+        let (received, settled) = (services.received(), services.settled());
+        let h = settled.saturating_sub(sm.base).wrapping_add(sm.local) as u32;
+        sm.ack_wanted = settled < received;
+        let _ = write!(Sink(out), "<a xmlns='{NS_SM3}' h='{h}'/>");
+    }
+
+    /// `<a h=.../>` from the client: releases what it covers; stored messages among them are
+    /// erased. An `h` beyond what was sent is a stream error (XEP-0198 §4).
+    fn on_client_ack(&mut self, stanza: &Stanza, services: &mut dyn Services) -> bool {
+        let h = attr_value(stanza.as_str(), stanza.header.start_tag_end, "h")
+            .and_then(|h| h.parse::<u32>().ok());
+        match h {
+            Some(h) => self.release_acked(h, services),
+            None => false,
+        }
+    }
+
+    /// The client has handled `h` of our stanzas: releases them; false if `h` is beyond what was
+    /// sent.
+    fn release_acked(&mut self, h: u32, services: &mut dyn Services) -> bool {
+        let Some(sm) = self.sm.as_mut() else {
+            return true;
+        };
+        let newly = h.wrapping_sub(sm.acked) as usize;
+        if newly > sm.unacked.len() {
+            tracing::debug!(
+                h,
+                acked = sm.acked,
+                unacked = sm.unacked.len(),
+                "ack beyond sent"
+            );
+            return false;
+        }
+        sm.acked = h;
+        let seqs: Vec<u64> = sm
+            .unacked
+            .drain(..newly)
+            .filter_map(|(_, seq)| seq)
+            .collect();
+        if !seqs.is_empty() {
+            services.acked(&seqs);
+        }
+        true
     }
 
     pub fn handle_bytes(
@@ -422,7 +629,7 @@ impl C2s {
             Some(node) => {
                 let _ = write!(
                     Sink(out),
-                    "<bind xmlns='{NS_BIND}'/><session xmlns='{NS_SESSION}'><optional/></session>"
+                    "<bind xmlns='{NS_BIND}'/><session xmlns='{NS_SESSION}'><optional/></session><sm xmlns='{NS_SM3}'/>"
                 );
                 State::ExpectBind { node }
             }
@@ -581,6 +788,12 @@ impl C2s {
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {
+        if stanza.kind == Kind::Other
+            && stanza.name() == "resume"
+            && stanza.xmlns().as_deref() == Some(NS_SM3)
+        {
+            return self.on_resume(&stanza, node, services, out);
+        }
         let bind = if stanza.kind == Kind::Iq {
             parse_iq(&stanza)
         } else {
@@ -638,30 +851,85 @@ impl C2s {
                 }
                 if stanza.kind == Kind::Iq && is_session_iq(&stanza) {
                     // RFC 3921 legacy session establishment: a no-op, answered here.
-                    let _ = write!(Sink(out), "<iq type='result'");
-                    write_id(out, stanza.id().as_deref());
-                    out.extend_from_slice(b"/>");
-                    return cont(State::Established { full_jid });
+                    let mut result = Vec::new();
+                    let _ = write!(Sink(&mut result), "<iq type='result'");
+                    write_id(&mut result, stanza.id().as_deref());
+                    result.extend_from_slice(b"/>");
+                    if let Some(sm) = self.sm.as_mut() {
+                        sm.local += 1;
+                    }
+                    self.state = State::Established { full_jid };
+                    let step = self.handle_outbound(Bytes::from(result), None, out);
+                    let state = std::mem::replace(&mut self.state, State::Closed);
+                    return (state, step);
                 }
                 services.stanza(stanza.with_from(&full_jid));
                 cont(State::Established { full_jid })
             }
-            Kind::Other => {
-                let name = stanza.name();
-                if (name == "enable" || name == "resume")
-                    && stanza.xmlns().as_deref() == Some(NS_SM3)
-                {
-                    // XEP-0198 is not advertised (yet).
-                    let _ = write!(
-                        Sink(out),
-                        "<failed xmlns='{NS_SM3}'><unexpected-request xmlns='{NS_STANZA_ERRORS}'/></failed>"
-                    );
-                    return cont(State::Established { full_jid });
+            Kind::Other if stanza.xmlns().as_deref() == Some(NS_SM3) => {
+                match stanza.name() {
+                    "enable" if self.sm.is_none() => {
+                        let text = stanza.as_str();
+                        let wants_resume = matches!(
+                            attr_value(text, stanza.header.start_tag_end, "resume").as_deref(),
+                            Some("true" | "1")
+                        );
+                        let max = self.config.sm_resume_timeout.as_secs();
+                        let id = (wants_resume && max > 0).then(random_id);
+                        self.sm = Some(Box::new(Sm {
+                            base: services.received(),
+                            local: 0,
+                            ack_wanted: false,
+                            sent: 0,
+                            acked: 0,
+                            unacked: VecDeque::new(),
+                            since_request: 0,
+                            id: id.clone(),
+                        }));
+                        services.sm_enabled();
+                        match id {
+                            Some(id) => {
+                                let _ = write!(
+                                    Sink(out),
+                                    "<enabled xmlns='{NS_SM3}' id='{id}' resume='true' max='{max}'/>"
+                                );
+                            }
+                            None => {
+                                let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
+                            }
+                        }
+                    }
+                    "r" if self.sm.is_some() => self.send_ack(services, out),
+                    "a" if self.sm.is_some() => {
+                        if !self.on_client_ack(&stanza, services) {
+                            return self.handled_count_too_high(out);
+                        }
+                    }
+                    // `<enable/>` twice, `<resume/>` on a live stream, `<r/>`/`<a/>` before
+                    // enable: XEP-0198 §3 `unexpected-request`.
+                    _ => {
+                        let _ = write!(
+                            Sink(out),
+                            "<failed xmlns='{NS_SM3}'><unexpected-request xmlns='{NS_STANZA_ERRORS}'/></failed>"
+                        );
+                    }
                 }
-                self.stream_error("unsupported-stanza-type", out)
+                cont(State::Established { full_jid })
             }
+            Kind::Other => self.stream_error("unsupported-stanza-type", out),
         }
     }
+}
+
+/// A XEP-0198 resumption id: 128 random bits in hex.
+fn random_id() -> String {
+    let mut id = [0u8; 16];
+    // A failure leaves zeros; resumption still checks the user, so it cannot cross accounts.
+    let _ = getrandom::getrandom(&mut id);
+    id.iter().fold(String::with_capacity(32), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// `Vec<u8>` as a `fmt::Write` target.

@@ -7,7 +7,6 @@ use std::net::TcpStream as StdTcpStream;
 use std::rc::Rc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use router::credentials::Credentials;
@@ -17,8 +16,8 @@ use shared::limits::READ_CHUNK_BYTES;
 use shared::shard::home_shard;
 use shared::stanza::Stanza;
 
-use crate::c2s::{C2s, Security, Services, Step};
-use crate::shard::{Outbox, Shard};
+use crate::c2s::{C2s, Security, Services, SmState, Step};
+use crate::shard::{Outbox, Outgoing, Shard};
 use crate::stats::{self, ConnReport, Phase, ShardStats};
 use crate::sys;
 
@@ -169,10 +168,17 @@ impl Conn {
     fn cleanup(&mut self) {
         let failures = self.machine.auth_failures();
         ShardStats::report_conn(&self.shard.stats, &mut self.report, Phase::Gone, failures);
-        self.shard.conns.borrow_mut().remove(&self.id);
         self.shard
             .open_connections
             .set(self.shard.open_connections.get() - 1);
+        if self.bound && !self.shard.stopping.is_open() {
+            // Lost, not closed: a XEP-0198 session waits to be resumed (its send queue stays).
+            if let Some((resume_id, sm, full_jid)) = self.machine.detach() {
+                self.shard.detach(self.id, resume_id, sm, full_jid);
+                return;
+            }
+        }
+        self.shard.conns.borrow_mut().remove(&self.id);
         if self.bound {
             self.shard.router.borrow_mut().handle_disconnect(self.id);
             self.shard.drain_router();
@@ -190,7 +196,7 @@ impl Conn {
         // inside the task, and a read that fills it drains the socket through the shard's one
         // large buffer (`Shard::read_buf`), synchronously, before the next await.
         let mut small = [0u8; SMALL_READ_BYTES];
-        let mut drained: Vec<Bytes> = Vec::new();
+        let mut drained: Vec<Outgoing> = Vec::new();
         // Unbounded by design: the connection's event loop; every iteration waits for input.
         loop {
             let deadline = self.machine.deadline();
@@ -234,19 +240,15 @@ impl Conn {
                     if let Some(condition) = self.outbox.close_requested() {
                         let condition = (!condition.is_empty()).then_some(condition);
                         self.outbox.drain_into(&mut drained);
-                        for b in drained.drain(..) {
-                            self.out.extend_from_slice(&b);
-                        }
+                        self.write_outgoing(&mut drained);
                         self.machine.handle_close(condition, &mut self.out);
                         Step::Close
                     } else {
                         self.outbox.drain_into(&mut drained);
-                        for b in drained.drain(..) {
-                            self.out.extend_from_slice(&b);
-                        }
+                        let step = self.write_outgoing(&mut drained);
                         // A burst should not leave its queue's capacity on an idle connection.
                         drained = Vec::new();
-                        Step::Continue
+                        step
                     }
                 }
                 Wake::Tick => self.machine.handle_tick(&mut self.out, Instant::now()),
@@ -255,6 +257,35 @@ impl Conn {
                 return end;
             }
         }
+    }
+
+    /// Passes stanzas from the outbox through the machine (XEP-0198 counts and keeps them) into
+    /// the write buffer, sends an ack that waited for settlement, and asks the router for the
+    /// next page of an offline queue being delivered.
+    fn write_outgoing(&mut self, drained: &mut Vec<Outgoing>) -> Step {
+        let mut step = Step::Continue;
+        for (bytes, seq) in drained.drain(..) {
+            if step == Step::Continue {
+                step = self.machine.handle_outbound(bytes, seq, &mut self.out);
+            }
+        }
+        if step != Step::Continue || !self.bound {
+            return step;
+        }
+        let settled = self.outbox.take_settled();
+        let mut services = ShardServices {
+            shard: &self.shard,
+            conn: &mut self.id,
+            outbox: &mut self.outbox,
+            bound: &mut self.bound,
+            arrived: Instant::now(),
+        };
+        if settled {
+            self.machine.handle_settled(&mut services, &mut self.out);
+        }
+        self.shard.router.borrow_mut().handle_room(self.id);
+        self.shard.drain_router();
+        step
     }
 
     /// Writes what is pending and carries out the machine's step. `Some` ends the loop.
@@ -375,7 +406,8 @@ impl Conn {
         let now = Instant::now();
         let mut services = ShardServices {
             shard: &self.shard,
-            conn: self.id,
+            conn: &mut self.id,
+            outbox: &mut self.outbox,
             bound: &mut self.bound,
             arrived: now,
         };
@@ -466,7 +498,10 @@ impl Conn {
 /// The shard's services as the c2s machine sees them.
 struct ShardServices<'a> {
     shard: &'a Rc<Shard>,
-    conn: ConnId,
+    /// The connection's id and send queue; a XEP-0198 resumption replaces both with the resumed
+    /// session's.
+    conn: &'a mut ConnId,
+    outbox: &'a mut Rc<Outbox>,
     bound: &'a mut bool,
     /// When the bytes being handled were read: routing latency runs from here.
     arrived: Instant,
@@ -491,7 +526,7 @@ impl Services for ShardServices<'_> {
             .shard
             .router
             .borrow_mut()
-            .bind(node, resource, self.conn);
+            .bind(node, resource, *self.conn);
         if bound.is_ok() {
             *self.bound = true;
         }
@@ -501,14 +536,42 @@ impl Services for ShardServices<'_> {
 
     fn stanza(&mut self, stanza: Stanza) {
         let kind = stanza.kind;
-        self.shard
-            .router
-            .borrow_mut()
-            .handle_stanza(self.conn, stanza);
-        self.shard.drain_router();
+        self.shard.route_stanza(*self.conn, stanza);
         self.shard
             .stats
             .borrow_mut()
             .stanza_routed(kind, self.arrived);
+    }
+
+    fn sm_enabled(&mut self) {
+        self.shard.router.borrow_mut().handle_sm_enabled(*self.conn);
+    }
+
+    fn received(&mut self) -> u64 {
+        self.shard.router.borrow().received(*self.conn)
+    }
+
+    fn settled(&mut self) -> u64 {
+        self.shard.router.borrow().settled(*self.conn)
+    }
+
+    fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)> {
+        let (old, sm, full_jid) = self.shard.resume(node, previd)?;
+        // This connection becomes the old session: its id, its send queue (with whatever was
+        // queued while it was away); its own fresh entry goes.
+        let outbox = self.shard.conns.borrow().get(&old).cloned()?;
+        self.shard.conns.borrow_mut().remove(&*self.conn);
+        *self.conn = old;
+        *self.outbox = outbox;
+        *self.bound = true;
+        Some((sm, full_jid))
+    }
+
+    fn acked(&mut self, seqs: &[u64]) {
+        self.shard
+            .router
+            .borrow_mut()
+            .handle_acked(*self.conn, seqs);
+        self.shard.drain_router();
     }
 }

@@ -54,7 +54,7 @@ struct GlobalArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage accounts (the server must be stopped).
     User {
         #[command(subcommand)]
@@ -169,6 +169,21 @@ struct ServeArgs {
     /// Pinned io_uring memory per shard, bytes [default: 131072].
     #[arg(long)]
     io_memory_bytes: Option<usize>,
+    /// `durable` (fsync before acking, the default) or `memory` (no fsync; benchmarks only).
+    #[arg(long)]
+    durability: Option<String>,
+    /// Messages per user's offline queue [default: 10000].
+    #[arg(long)]
+    offline_messages_max: Option<usize>,
+    /// Bytes per user's offline queue [default: 16777216].
+    #[arg(long)]
+    offline_bytes_max: Option<usize>,
+    /// Days an offline message is kept [default: 30].
+    #[arg(long)]
+    offline_age_days_max: Option<u64>,
+    /// Seconds a XEP-0198 session may be resumed after its connection is lost [default: 300].
+    #[arg(long)]
+    sm_resume_timeout_seconds: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -315,6 +330,21 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = s.io_memory_bytes {
         config.io_memory_bytes = v;
+    }
+    if let Some(v) = &s.durability {
+        config.durability = v.clone();
+    }
+    if let Some(v) = s.offline_messages_max {
+        config.offline_messages_max = v;
+    }
+    if let Some(v) = s.offline_bytes_max {
+        config.offline_bytes_max = v;
+    }
+    if let Some(v) = s.offline_age_days_max {
+        config.offline_age_days_max = v;
+    }
+    if let Some(v) = s.sm_resume_timeout_seconds {
+        config.sm_resume_timeout_seconds = v;
     }
 }
 

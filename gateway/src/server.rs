@@ -73,6 +73,12 @@ pub fn serve(config: Config) -> Result<()> {
             config.c2s_addr
         );
     }
+    if config.durability == "memory" {
+        tracing::warn!(
+            "durability = memory: messages are acknowledged without fsync and a host crash may \
+             lose them; use this only for benchmarks"
+        );
+    }
     // The host doctor's checks for this target, each problem logged once with its fix. Only what
     // stops the process from running at all is fatal (STYLE §1): glommio's memlock floor and a
     // disabled io_uring.
@@ -106,6 +112,7 @@ pub fn serve(config: Config) -> Result<()> {
         allow_plaintext: config.allow_plaintext,
         stanza_bytes_max: config.stanza_bytes_max,
         unauthenticated_timeout: Duration::from_secs(config.unauthenticated_timeout_seconds),
+        sm_resume_timeout: Duration::from_secs(config.sm_resume_timeout_seconds),
     });
     let c2s_direct_tls = Arc::new(C2sConfig {
         starttls_offered: false,
@@ -299,11 +306,30 @@ async fn run_shard(start: ShardStart) {
     let storage_latency = Rc::new(std::cell::RefCell::new(Default::default()));
     let roster_store =
         crate::storage::ShardStore::new(start.stores.clone(), id, storage_latency.clone());
-    let router = Router::new(
+    let mut router = Router::new(
         id,
         start.shards,
         start.config.domain.clone(),
         Box::new(roster_store),
+    );
+    let durability = match start.config.durability.as_str() {
+        "memory" => router::store::Durability::Memory,
+        _ => router::store::Durability::Durable,
+    };
+    let offline = crate::storage::ShardOffline::new(
+        start.stores.clone(),
+        id,
+        durability,
+        storage_latency.clone(),
+    );
+    let commit_stats = offline.stats.clone();
+    router.set_offline(
+        Box::new(offline),
+        router::OfflineLimits {
+            messages_max: start.config.offline_messages_max,
+            bytes_max: start.config.offline_bytes_max,
+            age_max: Duration::from_secs(start.config.offline_age_days_max * 86_400),
+        },
     );
     let shard = Rc::new(Shard::new(
         id,
@@ -321,6 +347,9 @@ async fn run_shard(start: ShardStart) {
     ));
     shard.stats.borrow_mut().storage_latency = storage_latency;
     shard.tid.set(crate::stats::procfs::current_tid());
+    shard
+        .sm_resume_timeout
+        .set(Duration::from_secs(start.config.sm_resume_timeout_seconds));
     let mut tasks = Vec::new();
     tasks.push(
         glommio::spawn_local(conn::accept_loop(shard.clone(), c2s, Listener::StartTls)).detach(),
@@ -387,5 +416,16 @@ async fn run_shard(start: ShardStart) {
         handoffs_in = stats.handoffs_in,
         handoffs_out = stats.handoffs_out,
         "shard stopped"
+    );
+    // Whatever the last turn stored is committed before the shard ends.
+    if shard.router.borrow().needs_commit() {
+        shard.router.borrow_mut().commit();
+    }
+    tracing::info!(
+        shard = id,
+        durability = %start.config.durability,
+        offline = ?shard.router.borrow().offline_stats(),
+        storage = %commit_stats.borrow().summary(),
+        "storage"
     );
 }

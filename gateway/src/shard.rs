@@ -16,7 +16,7 @@ use router::{Action, ConnId, Frame, Router, Store};
 use shared::limits::{MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, SESSION_SEND_QUEUE_STANZAS_MAX};
 use shared::stanza::Stanza;
 
-use crate::c2s::C2sConfig;
+use crate::c2s::{C2sConfig, SmState};
 use crate::conn::Handoff;
 use crate::knobs::Knobs;
 pub use crate::stats::ShardStats;
@@ -63,22 +63,41 @@ impl Flag {
 /// nothing until something is queued, so idle connections pay only for the empty struct.
 #[derive(Default)]
 pub struct Outbox {
-    queue: RefCell<VecDeque<Bytes>>,
+    queue: RefCell<VecDeque<Outgoing>>,
     close: Cell<Option<&'static str>>,
+    /// More of the connection's stanzas are settled: a XEP-0198 ack may be due.
+    settled: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
+
+/// One stanza for a connection: its bytes and, for a stored message the session acknowledges
+/// (XEP-0198), its sequence number in the user's offline queue.
+pub type Outgoing = (Bytes, Option<u64>);
 
 impl Outbox {
     /// Queues bytes; gives them back when the queue is full.
     pub fn push(&self, bytes: Bytes) -> Result<(), Bytes> {
+        self.push_stored(bytes, None).map_err(|(b, _)| b)
+    }
+    /// Queues a stanza with its offline sequence number; gives it back when the queue is full.
+    pub fn push_stored(&self, bytes: Bytes, seq: Option<u64>) -> Result<(), Outgoing> {
         let mut q = self.queue.borrow_mut();
         if q.len() >= SESSION_SEND_QUEUE_STANZAS_MAX {
-            return Err(bytes);
+            return Err((bytes, seq));
         }
-        q.push_back(bytes);
+        q.push_back((bytes, seq));
         drop(q);
         self.wake();
         Ok(())
+    }
+    /// Tells the connection that more of its stanzas are settled.
+    pub fn notify_settled(&self) {
+        self.settled.set(true);
+        self.wake();
+    }
+    /// Whether `notify_settled` was called since the last call.
+    pub fn take_settled(&self) -> bool {
+        self.settled.replace(false)
     }
     /// Orders the connection closed with this stream error condition (`""` for a plain close).
     pub fn close(&self, condition: &'static str) {
@@ -96,13 +115,13 @@ impl Outbox {
     }
     /// Takes everything queued, and the queue's allocation with it: a connection that goes idle
     /// after a burst keeps no queue capacity.
-    pub fn drain_into(&self, out: &mut Vec<Bytes>) {
+    pub fn drain_into(&self, out: &mut Vec<Outgoing>) {
         out.extend(std::mem::take(&mut *self.queue.borrow_mut()));
     }
     /// Resolves when something is queued or a close was ordered.
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(move |cx| {
-            if !self.queue.borrow().is_empty() || self.close.get().is_some() {
+            if !self.queue.borrow().is_empty() || self.close.get().is_some() || self.settled.get() {
                 return Poll::Ready(());
             }
             self.waker.set(Some(cx.waker().clone()));
@@ -114,6 +133,15 @@ impl Outbox {
             w.wake();
         }
     }
+}
+
+/// A XEP-0198 session waiting for its client to resume it.
+struct Detached {
+    conn: ConnId,
+    sm: SmState,
+    full_jid: String,
+    /// Tells this detachment's timer from a later one under the same id.
+    generation: u64,
 }
 
 /// Cross-shard endpoints of one shard.
@@ -152,6 +180,14 @@ pub struct Shard {
     pub mesh_unblocked: Flag,
     /// Set when the shard is stopping: accept loops end, connections close.
     pub stopping: Flag,
+    /// A task is scheduled to commit the router's store batch at the end of this turn.
+    commit_scheduled: Cell<bool>,
+    /// XEP-0198 sessions whose connection was lost, by resumption id, until resumed or expired.
+    /// Bounded by the sessions bound here (each is still a router session).
+    detached: RefCell<HashMap<String, Detached>>,
+    next_detach: Cell<u64>,
+    /// How long a detached session waits.
+    pub sm_resume_timeout: Cell<std::time::Duration>,
     pub stats: RefCell<ShardStats>,
     /// This shard's copy of the run-time knobs, replaced by the admin port.
     pub knobs: RefCell<Knobs>,
@@ -215,6 +251,10 @@ impl Shard {
             accept_bucket: Cell::new((0.0, Instant::now())),
             mesh_receive_open,
             tid: Cell::new(0),
+            commit_scheduled: Cell::new(false),
+            detached: RefCell::new(HashMap::new()),
+            next_detach: Cell::new(0),
+            sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
     }
@@ -239,8 +279,98 @@ impl Shard {
                     }
                 }
                 Action::Send { shard, frame } => self.queue_frame(shard, frame),
+                Action::DeliverStored { conn, stanza, seq } => {
+                    let outbox = self.conns.borrow().get(&conn).cloned();
+                    match outbox.map(|o| o.push_stored(stanza.bytes, seq)) {
+                        Some(Ok(())) => self.stats.borrow_mut().delivered += 1,
+                        // It stays in the offline queue for the session's next login.
+                        _ => self.stats.borrow_mut().undeliverable += 1,
+                    }
+                }
+                Action::Settled { conn } => {
+                    if let Some(outbox) = self.conns.borrow().get(&conn) {
+                        outbox.notify_settled();
+                    }
+                }
             }
         }
+        if !self.commit_scheduled.get() && self.router.borrow().needs_commit() {
+            // Group commit: the store writes of everything runnable in this turn go into one
+            // transaction (one fsync), committed by a task that runs after them.
+            self.commit_scheduled.set(true);
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                glommio::yield_if_needed().await;
+                shard.commit_scheduled.set(false);
+                {
+                    let mut router = shard.router.borrow_mut();
+                    router.set_clock(unix_ms());
+                    router.commit();
+                }
+                shard.drain_router();
+            })
+            .detach();
+        }
+    }
+
+    /// Passes a stanza of a bound local session to the router (with the wall clock set) and
+    /// executes what it decides.
+    pub fn route_stanza(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {
+        {
+            let mut router = self.router.borrow_mut();
+            router.set_clock(unix_ms());
+            router.handle_stanza(conn, stanza);
+        }
+        self.drain_router();
+    }
+
+    /// Keeps the session of lost connection `conn` for resumption under `resume_id`; its router
+    /// session and send queue stay. Past the timeout it ends like any closed session (its
+    /// unacknowledged messages are still in the offline queue for the next login).
+    pub fn detach(self: &Rc<Self>, conn: ConnId, resume_id: String, sm: SmState, full_jid: String) {
+        let generation = self.next_detach.get();
+        self.next_detach.set(generation + 1);
+        self.detached.borrow_mut().insert(
+            resume_id.clone(),
+            Detached {
+                conn,
+                sm,
+                full_jid,
+                generation,
+            },
+        );
+        let shard = self.clone();
+        let timeout = self.sm_resume_timeout.get();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(timeout).await;
+            let expired = {
+                let mut detached = shard.detached.borrow_mut();
+                match detached.get(&resume_id) {
+                    Some(d) if d.generation == generation => detached.remove(&resume_id),
+                    _ => None,
+                }
+            };
+            if let Some(d) = expired {
+                shard.conns.borrow_mut().remove(&d.conn);
+                shard.router.borrow_mut().handle_disconnect(d.conn);
+                shard.drain_router();
+            }
+        })
+        .detach();
+    }
+
+    /// Takes the detached session `resume_id` if it belongs to `node` and is still bound:
+    /// (its connection id, XEP-0198 state, full JID).
+    pub fn resume(&self, node: &str, resume_id: &str) -> Option<(ConnId, SmState, String)> {
+        let mut detached = self.detached.borrow_mut();
+        let d = detached.get(resume_id)?;
+        let bare = format!("{node}@{}/", self.domain);
+        let still_bound = self.router.borrow().full_jid(d.conn) == Some(d.full_jid.as_str());
+        if !d.full_jid.starts_with(&bare) || !still_bound {
+            return None;
+        }
+        let d = detached.remove(resume_id)?;
+        Some((d.conn, d.sm, d.full_jid))
     }
 
     fn deliver(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {
@@ -343,6 +473,7 @@ impl Shard {
                 break;
             };
             self.stats.borrow_mut().mesh_frames_in += batch.len() as u64;
+            self.router.borrow_mut().set_clock(unix_ms());
             for frame in batch {
                 self.router.borrow_mut().handle_frame(frame);
                 self.drain_router();
@@ -447,4 +578,12 @@ impl Shard {
 pub enum AdminRequest {
     Snapshot(flume::Sender<ShardSnapshot>),
     SetKnobs(Knobs, flume::Sender<()>),
+}
+
+/// The wall clock in Unix milliseconds (stamps and ages of stored messages).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -1,13 +1,17 @@
-//! The router's view of storage on one shard: its own database for rosters. A shard writes only
-//! its own database; any shard may read credentials from the others (see `conn`).
+//! The router's view of storage on one shard: its own database for rosters and offline queues.
+//! A shard writes only its own database; any shard may read credentials from the others (see
+//! `conn`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
+use hdrhistogram::Histogram;
+use router::offline::{Batch, Stored, Usage};
 use router::roster::RosterItem;
-use router::{RosterStore, Store, StoreError};
+use router::store::Durability;
+use router::{OfflineStore, RosterStore, Store, StoreError};
 use shared::stats::LatencyHistogram;
 
 pub struct ShardStore {
@@ -40,6 +44,89 @@ impl RosterStore for ShardStore {
         let started = Instant::now();
         let result = self.stores[self.shard].set_roster(node, items);
         self.write_latency.borrow_mut().record_since(started);
+        result
+    }
+}
+
+/// Offline queues of one shard in its database, with the commit latency and batch size of each
+/// group commit recorded.
+pub struct ShardOffline {
+    stores: Arc<Vec<Store>>,
+    shard: usize,
+    durability: Durability,
+    pub stats: Rc<RefCell<CommitStats>>,
+    /// Write latency, shared with the shard's statistics (with the roster writes).
+    write_latency: Rc<RefCell<LatencyHistogram>>,
+}
+
+/// Group-commit measurements of one shard.
+pub struct CommitStats {
+    /// Microseconds per commit (write + fsync in the durable mode).
+    pub latency_us: Histogram<u64>,
+    /// Writes (inserts + erasures) per commit.
+    pub batch_writes: Histogram<u64>,
+}
+
+impl Default for CommitStats {
+    fn default() -> Self {
+        CommitStats {
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 2).expect("valid bounds"),
+            batch_writes: Histogram::new_with_bounds(1, 1_000_000, 2).expect("valid bounds"),
+        }
+    }
+}
+
+impl CommitStats {
+    /// One line for the log: commits, mean and p99 batch, p50/p99/max latency.
+    pub fn summary(&self) -> String {
+        let (l, b) = (&self.latency_us, &self.batch_writes);
+        format!(
+            "commits {} writes/commit mean {:.1} p99 {} latency_us p50 {} p99 {} max {}",
+            l.len(),
+            b.mean(),
+            b.value_at_quantile(0.99),
+            l.value_at_quantile(0.5),
+            l.value_at_quantile(0.99),
+            l.max()
+        )
+    }
+}
+
+impl ShardOffline {
+    pub fn new(
+        stores: Arc<Vec<Store>>,
+        shard: usize,
+        durability: Durability,
+        write_latency: Rc<RefCell<LatencyHistogram>>,
+    ) -> ShardOffline {
+        assert!(shard < stores.len());
+        ShardOffline {
+            stores,
+            shard,
+            durability,
+            stats: Rc::new(RefCell::new(CommitStats::default())),
+            write_latency,
+        }
+    }
+}
+
+impl OfflineStore for ShardOffline {
+    fn usage(&self, user: &str) -> Result<Usage, StoreError> {
+        self.stores[self.shard].offline_usage(user)
+    }
+    fn load(&self, user: &str, from: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
+        self.stores[self.shard].offline_load(user, from, limit)
+    }
+    fn commit(&self, batch: &Batch) -> Result<Vec<(String, usize)>, StoreError> {
+        // On the reactor: the shard waits for its fsync. One commit per turn bounds how often.
+        let started = Instant::now();
+        let result = self.stores[self.shard].offline_commit(batch, self.durability);
+        self.write_latency.borrow_mut().record_since(started);
+        let mut stats = self.stats.borrow_mut();
+        let _ = stats
+            .latency_us
+            .record(started.elapsed().as_micros().max(1) as u64);
+        let _ = stats.batch_writes.record(batch.len().max(1) as u64);
         result
     }
 }

@@ -7,6 +7,7 @@ pub mod build;
 pub mod credentials;
 pub mod errors;
 pub mod mesh;
+pub mod offline;
 pub mod roster;
 pub mod roster_store;
 pub mod routing;
@@ -20,3 +21,4 @@ pub use store::{Store, StoreError};
 
 /// A connection's id, unique within its shard for the process's life.
 pub type ConnId = u64;
+pub use offline::{MemoryOfflineStore, OfflineLimits, OfflineStore};

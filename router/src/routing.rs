@@ -11,15 +11,19 @@
 //! reactor for its duration. Rosters change rarely (subscriptions, roster sets), so this is
 //! accepted for now; the store-and-forward issue moves storage off the reactor.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use shared::limits::{JID_PART_BYTES_MAX, ROSTER_ITEMS_MAX, USER_SESSIONS_MAX};
+use shared::limits::{
+    JID_PART_BYTES_MAX, OFFLINE_DRAIN_PAGE_MESSAGES, ROSTER_ITEMS_MAX, STORE_BATCH_WRITES_MAX,
+    USER_SESSIONS_MAX,
+};
 use shared::shard::home_shard;
 use shared::stanza::{Kind, Stanza};
 
 use crate::build::{self, Attrs};
 use crate::errors::error_reply;
-use crate::mesh::Frame;
+use crate::mesh::{Frame, Origin};
+use crate::offline::{self, Batch, MemoryOfflineStore, OfflineLimits, OfflineStore, Stored, Usage};
 use crate::roster::{self, RosterItem, ROSTER_NS};
 use crate::roster_store::RosterStore;
 use crate::store::StoreError;
@@ -47,6 +51,17 @@ pub enum Action {
     },
     /// Send a frame to another shard's router.
     Send { shard: usize, frame: Frame },
+    /// Write this stored message to a local connection. `seq` is its number in the user's
+    /// offline queue when the session will acknowledge it (XEP-0198): on its ack the driver calls
+    /// `handle_acked`. If the connection's queue is full it is not bounced: it stays stored.
+    DeliverStored {
+        conn: ConnId,
+        stanza: Stanza,
+        seq: Option<u64>,
+    },
+    /// More of the connection's stanzas are settled (see `settled`): the driver lets its stream
+    /// machine send a XEP-0198 ack that was waiting for them.
+    Settled { conn: ConnId },
 }
 
 /// A successful bind.
@@ -75,6 +90,17 @@ struct Session {
     presence: Option<Stanza>,
     /// Requested the roster, so it gets roster pushes (RFC 6121 §2.1.6).
     interested: bool,
+    /// Acknowledges what it receives (XEP-0198): stored messages delivered to it are erased on
+    /// its ack, not on delivery.
+    sm: bool,
+    /// Stanzas received from it (`handle_stanza` calls).
+    received: u64,
+    /// Sequence numbers of its messages not yet settled (stored durably, delivered or refused).
+    outstanding: BTreeSet<u64>,
+    /// While its offline queue is being delivered: the next sequence number to load. New
+    /// messages for the user are stored, not delivered live, until the queue is through, so
+    /// order is kept.
+    draining: Option<u64>,
 }
 
 /// A user with at least one session here.
@@ -129,6 +155,38 @@ pub struct Router {
     delivered: u64,
     bounced: u64,
     forwarded: u64,
+    offline: Box<dyn OfflineStore>,
+    offline_limits: OfflineLimits,
+    /// Usage of users' offline queues including the pending batch, loaded on first need.
+    queues: HashMap<String, Usage>,
+    /// Writes of this turn, committed together by `commit`.
+    batch: Batch,
+    /// Origins whose messages the pending batch stores: settled when it commits.
+    batch_origins: Vec<Origin>,
+    /// Settled messages of other shards' connections, per shard, sent by `commit`.
+    remote_settled: Vec<Vec<(ConnId, u64)>>,
+    /// The origin of the message being routed now, until something takes responsibility for it.
+    current_origin: Option<Origin>,
+    clock_unix_ms: u64,
+    stats: OfflineStats,
+}
+
+/// Counters of the offline queues of one shard.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OfflineStats {
+    /// Messages written to a queue.
+    pub stored: u64,
+    /// Messages erased after delivery (and ack).
+    pub erased: u64,
+    /// Messages purged for age.
+    pub purged: u64,
+    /// Messages refused because the recipient's queue was full.
+    pub refused_full: u64,
+    /// Batches committed, and the writes they held.
+    pub commits: u64,
+    pub commit_writes: u64,
+    /// Commits that failed (their messages were answered with errors).
+    pub commit_failures: u64,
 }
 
 impl Router {
@@ -151,7 +209,133 @@ impl Router {
             delivered: 0,
             bounced: 0,
             forwarded: 0,
+            offline: Box::new(MemoryOfflineStore::new()),
+            offline_limits: OfflineLimits::default(),
+            queues: HashMap::new(),
+            batch: Batch::default(),
+            batch_origins: Vec::new(),
+            remote_settled: (0..shards).map(|_| Vec::new()).collect(),
+            current_origin: None,
+            clock_unix_ms: 0,
+            stats: OfflineStats::default(),
         }
+    }
+
+    /// Replaces the offline-queue storage (in-memory by default) and its limits.
+    pub fn set_offline(&mut self, store: Box<dyn OfflineStore>, limits: OfflineLimits) {
+        self.offline = store;
+        self.offline_limits = limits;
+        self.queues.clear();
+    }
+
+    /// Sets the wall clock (Unix milliseconds) used to stamp and age stored messages.
+    pub fn set_clock(&mut self, now_unix_ms: u64) {
+        self.clock_unix_ms = now_unix_ms;
+    }
+
+    /// Offline-queue counters.
+    pub fn offline_stats(&self) -> OfflineStats {
+        self.stats
+    }
+
+    /// Whether `commit` has work: store writes, or settlements to send to other shards.
+    pub fn needs_commit(&self) -> bool {
+        !self.batch.is_empty()
+            || !self.batch_origins.is_empty()
+            || self.remote_settled.iter().any(|v| !v.is_empty())
+    }
+
+    /// Commits the writes collected since the last commit in one transaction (group commit),
+    /// then settles the messages it stored. Call once per turn of the event loop when
+    /// `needs_commit`. If the store fails, every message the batch would have stored is answered
+    /// with `internal-server-error` (type `wait`): an error, never a silent loss.
+    pub fn commit(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        let origins = std::mem::take(&mut self.batch_origins);
+        if !batch.is_empty() {
+            match self.offline.commit(&batch) {
+                Ok(erased) => {
+                    self.stats.commits += 1;
+                    self.stats.commit_writes += batch.len() as u64;
+                    self.stats.stored += batch.puts.len() as u64;
+                    for (user, bytes) in erased {
+                        self.stats.erased += 1;
+                        if let Some(u) = self.queues.get_mut(&user) {
+                            u.messages = u.messages.saturating_sub(1);
+                            u.bytes = u.bytes.saturating_sub(bytes);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.stats.commit_failures += 1;
+                    tracing::error!(shard = self.shard, error = %e, writes = batch.len(),
+                        "offline store commit failed; its messages are answered with errors");
+                    // What is on disk is unknown now: reload usage on next need.
+                    self.queues.clear();
+                    for (_, m) in batch.puts {
+                        if let Some(stanza) = build::from_bytes(m.bytes) {
+                            self.bounce(&stanza, "wait", "internal-server-error");
+                        }
+                    }
+                }
+            }
+        }
+        for origin in origins {
+            self.settle(origin);
+        }
+        for shard in 0..self.shards {
+            if !self.remote_settled[shard].is_empty() {
+                let settled = std::mem::take(&mut self.remote_settled[shard]);
+                self.actions.push_back(Action::Send {
+                    shard,
+                    frame: Frame::Settled(settled),
+                });
+            }
+        }
+    }
+
+    /// XEP-0198 was enabled on `conn`'s stream.
+    pub fn handle_sm_enabled(&mut self, conn: ConnId) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.sm = true;
+        }
+    }
+
+    /// `conn`'s client acknowledged these stored messages (sequence numbers in its user's
+    /// queue): they are erased.
+    pub fn handle_acked(&mut self, conn: ConnId, seqs: &[u64]) {
+        let Some(node) = self.sessions.get(&conn).map(|s| s.node.clone()) else {
+            return;
+        };
+        for &seq in seqs {
+            self.erase(&node, seq);
+        }
+    }
+
+    /// `conn`'s send queue has drained: the next page of its offline queue, if it is being
+    /// delivered.
+    pub fn handle_room(&mut self, conn: ConnId) {
+        if self
+            .sessions
+            .get(&conn)
+            .is_some_and(|s| s.draining.is_some())
+        {
+            self.drain_page(conn);
+        }
+    }
+
+    /// How many of the stanzas `conn` sent are settled, counted from the first: every stanza
+    /// before the first unsettled message. A XEP-0198 `h` may cover only these.
+    pub fn settled(&self, conn: ConnId) -> u64 {
+        self.sessions
+            .get(&conn)
+            .map(|s| s.outstanding.first().copied().unwrap_or(s.received))
+            .unwrap_or(0)
+    }
+
+    /// Stanzas received from `conn` so far.
+    pub fn received(&self, conn: ConnId) -> u64 {
+        self.sessions.get(&conn).map(|s| s.received).unwrap_or(0)
     }
 
     /// The (normalised) domain served.
@@ -244,6 +428,10 @@ impl Router {
                 priority: 0,
                 presence: None,
                 interested: false,
+                sm: false,
+                received: 0,
+                outstanding: BTreeSet::new(),
+                draining: None,
             },
         );
         Ok(Bound { full_jid })
@@ -283,14 +471,32 @@ impl Router {
     /// A stanza from the bound local session `conn`, its `from` already stamped with the
     /// session's full JID.
     pub fn handle_stanza(&mut self, conn: ConnId, stanza: Stanza) {
-        let Some(sess) = self.sessions.get(&conn) else {
+        let Some(sess) = self.sessions.get_mut(&conn) else {
             tracing::debug!(conn, "stanza from an unbound connection dropped");
             return;
         };
         let node = sess.node.clone();
+        let seq = sess.received;
+        sess.received += 1;
         if stanza.kind == Kind::Other {
             return;
         }
+        if stanza.kind == Kind::Message {
+            self.current_origin = Some(Origin {
+                shard: self.shard,
+                conn,
+                seq,
+            });
+        }
+        self.handle_stanza_inner(conn, &node, stanza);
+        // Nothing took the message over (delivered, refused, or not routable): it is settled.
+        if let Some(origin) = self.current_origin.take() {
+            self.settle(origin);
+        }
+    }
+
+    fn handle_stanza_inner(&mut self, conn: ConnId, node: &str, stanza: Stanza) {
+        let node = node.to_string();
         let target = match stanza.to() {
             None => None,
             Some(to) => match self.classify(&to) {
@@ -344,6 +550,22 @@ impl Router {
     /// A frame from another shard.
     pub fn handle_frame(&mut self, frame: Frame) {
         match frame {
+            Frame::Settled(settled) => {
+                for (conn, seq) in settled {
+                    self.settle(Origin {
+                        shard: self.shard,
+                        conn,
+                        seq,
+                    });
+                }
+            }
+            Frame::Message { stanza, origin } => {
+                self.current_origin = Some(origin);
+                self.handle_frame(Frame::Stanza(stanza));
+                if let Some(origin) = self.current_origin.take() {
+                    self.settle(origin);
+                }
+            }
             Frame::Stanza(stanza) => {
                 let target = stanza.to().and_then(|to| self.classify(&to));
                 match target {
@@ -457,10 +679,17 @@ impl Router {
             self.inbound(stanza, node, resource);
         } else {
             self.forwarded += 1;
-            self.actions.push_back(Action::Send {
-                shard,
-                frame: Frame::Stanza(stanza),
-            });
+            let frame = match self.current_origin.take() {
+                Some(origin) if stanza.kind == Kind::Message => {
+                    self.hold(origin);
+                    Frame::Message { stanza, origin }
+                }
+                other => {
+                    self.current_origin = other;
+                    Frame::Stanza(stanza)
+                }
+            };
+            self.actions.push_back(Action::Send { shard, frame });
         }
     }
 
@@ -528,6 +757,206 @@ impl Router {
         }
     }
 
+    // ---- offline queues (XEP-0160) and settlement ----
+
+    /// A chat or normal message for `node`, to be given to the sessions `targets` (none: the
+    /// user is offline). It is stored unless a target without stream management (which cannot
+    /// acknowledge) takes it live; stored messages are delivered live to targets that are not
+    /// still receiving their offline queue, and erased on ack. A full queue or a failing store
+    /// refuses the message with an error when no target can take it live.
+    fn store_and_deliver(&mut self, stanza: Stanza, node: &str, targets: Vec<ConnId>) {
+        let (mut live, mut any_draining, mut all_sm) = (Vec::new(), false, true);
+        for conn in targets {
+            let Some(s) = self.sessions.get(&conn) else {
+                continue;
+            };
+            if s.draining.is_some() {
+                any_draining = true;
+            } else {
+                all_sm &= s.sm;
+                live.push((conn, s.sm));
+            }
+        }
+        if !(live.is_empty() || any_draining || all_sm) {
+            for (conn, _) in live {
+                self.deliver(conn, stanza.clone());
+            }
+            return;
+        }
+        match self.store(node, &stanza) {
+            Ok(seq) => {
+                for (conn, sm) in live {
+                    self.delivered += 1;
+                    self.actions.push_back(Action::DeliverStored {
+                        conn,
+                        stanza: stanza.clone(),
+                        seq: sm.then_some(seq),
+                    });
+                }
+            }
+            Err(condition) if live.is_empty() => {
+                self.bounce(&stanza, "wait", condition);
+            }
+            Err(_) => {
+                for (conn, _) in live {
+                    self.deliver(conn, stanza.clone());
+                }
+            }
+        }
+    }
+
+    /// Adds `stanza` to `node`'s queue in the pending batch; the current origin, if any, is
+    /// settled when the batch commits. Fails with the stanza error condition to answer.
+    fn store(&mut self, node: &str, stanza: &Stanza) -> Result<u64, &'static str> {
+        let limits = self.offline_limits;
+        let usage = match self.queues.get_mut(node) {
+            Some(u) => u,
+            None => match self.offline.usage(node) {
+                Ok(u) => self.queues.entry(node.to_string()).or_insert(u),
+                Err(e) => {
+                    tracing::error!(node, error = %e, "offline queue unreadable");
+                    return Err("internal-server-error");
+                }
+            },
+        };
+        let len = stanza.bytes.len();
+        if usage.messages >= limits.messages_max || usage.bytes + len > limits.bytes_max {
+            self.stats.refused_full += 1;
+            tracing::debug!(
+                node,
+                messages = usage.messages,
+                bytes = usage.bytes,
+                "offline queue full"
+            );
+            return Err("resource-constraint");
+        }
+        let seq = usage.next_seq;
+        usage.next_seq += 1;
+        usage.messages += 1;
+        usage.bytes += len;
+        self.batch.puts.push((
+            node.to_string(),
+            Stored {
+                seq,
+                stored_unix_ms: self.clock_unix_ms,
+                bytes: stanza.bytes.clone(),
+            },
+        ));
+        if let Some(origin) = self.current_origin.take() {
+            self.hold(origin);
+            self.batch_origins.push(origin);
+        }
+        if self.batch.len() >= STORE_BATCH_WRITES_MAX {
+            self.commit();
+        }
+        Ok(seq)
+    }
+
+    /// Erases `node`'s message `seq`: dropped from the pending batch if not yet committed,
+    /// else erased by the next commit.
+    fn erase(&mut self, node: &str, seq: u64) {
+        if let Some(i) = self
+            .batch
+            .puts
+            .iter()
+            .position(|(u, m)| m.seq == seq && u == node)
+        {
+            let (_, m) = self.batch.puts.swap_remove(i);
+            if let Some(u) = self.queues.get_mut(node) {
+                u.messages = u.messages.saturating_sub(1);
+                u.bytes = u.bytes.saturating_sub(m.bytes.len());
+            }
+            return;
+        }
+        self.batch.deletes.push((node.to_string(), seq));
+        if self.batch.len() >= STORE_BATCH_WRITES_MAX {
+            self.commit();
+        }
+    }
+
+    /// A message of a local connection is now in flight: its ack waits for `settle`.
+    fn hold(&mut self, origin: Origin) {
+        if origin.shard == self.shard {
+            if let Some(s) = self.sessions.get_mut(&origin.conn) {
+                s.outstanding.insert(origin.seq);
+            }
+        }
+    }
+
+    /// `origin`'s message is handled: its connection's ack may cover it.
+    fn settle(&mut self, origin: Origin) {
+        if origin.shard != self.shard {
+            self.remote_settled[origin.shard].push((origin.conn, origin.seq));
+            return;
+        }
+        if let Some(s) = self.sessions.get_mut(&origin.conn) {
+            if s.outstanding.remove(&origin.seq) && s.sm {
+                self.actions
+                    .push_back(Action::Settled { conn: origin.conn });
+            }
+        }
+    }
+
+    /// Delivers the next page of `conn`'s offline queue, stamped with XEP-0203 delays. Messages
+    /// past the age limit are purged instead. The pending batch is committed first so the page
+    /// holds everything stored so far.
+    fn drain_page(&mut self, conn: ConnId) {
+        let Some((node, from, sm)) = self
+            .sessions
+            .get(&conn)
+            .and_then(|s| Some((s.node.clone(), s.draining?, s.sm)))
+        else {
+            return;
+        };
+        if !self.batch.is_empty() {
+            self.commit();
+        }
+        let page = match self.offline.load(&node, from, OFFLINE_DRAIN_PAGE_MESSAGES) {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!(node, error = %e, "offline queue unreadable; delivery stopped");
+                if let Some(s) = self.sessions.get_mut(&conn) {
+                    s.draining = None;
+                }
+                return;
+            }
+        };
+        let age_max_ms = self.offline_limits.age_max.as_millis() as u64;
+        let mut next = from;
+        for m in &page {
+            next = m.seq + 1;
+            // A stamp of 0 means the clock was never set when it was stored: keep it.
+            if m.stored_unix_ms > 0
+                && m.stored_unix_ms.saturating_add(age_max_ms) < self.clock_unix_ms
+            {
+                self.stats.purged += 1;
+                self.erase(&node, m.seq);
+                continue;
+            }
+            let stanza = offline::with_delay(&m.bytes, &self.domain, m.stored_unix_ms)
+                .and_then(build::from_bytes)
+                .or_else(|| build::from_bytes(m.bytes.clone()));
+            let Some(stanza) = stanza else {
+                tracing::warn!(node, seq = m.seq, "stored message unreadable; erased");
+                self.erase(&node, m.seq);
+                continue;
+            };
+            self.delivered += 1;
+            self.actions.push_back(Action::DeliverStored {
+                conn,
+                stanza,
+                seq: sm.then_some(m.seq),
+            });
+            if !sm {
+                // Nothing will acknowledge it: delivery is all we can know.
+                self.erase(&node, m.seq);
+            }
+        }
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.draining = (page.len() == OFFLINE_DRAIN_PAGE_MESSAGES).then_some(next);
+        }
+    }
+
     // ---- inbound: stanzas for users whose home is this shard ----
 
     fn inbound(&mut self, stanza: Stanza, node: &str, resource: Option<String>) {
@@ -541,8 +970,16 @@ impl Router {
 
     /// RFC 6121 §8.5.
     fn inbound_message(&mut self, stanza: Stanza, node: &str, resource: Option<String>) {
+        let stored_kind = !matches!(
+            stanza.type_().as_deref(),
+            Some("error" | "groupchat" | "headline")
+        );
         if let Some(conn) = resource.as_deref().and_then(|r| self.conn_of(node, r)) {
-            self.deliver(conn, stanza);
+            if stored_kind {
+                self.store_and_deliver(stanza, node, vec![conn]);
+            } else {
+                self.deliver(conn, stanza);
+            }
             return;
         }
         let type_ = stanza.type_().map(|t| t.into_owned());
@@ -564,17 +1001,13 @@ impl Router {
                     .into_iter()
                     .filter(|(_, p)| *p >= 0)
                     .collect();
-                match avail.iter().map(|(_, p)| *p).max() {
-                    Some(best) => {
-                        for (conn, p) in avail {
-                            if p == best {
-                                self.deliver(conn, stanza.clone());
-                            }
-                        }
-                    }
-                    // Offline (no offline storage yet): an explicit error, never a silent drop.
-                    None => self.bounce(&stanza, "cancel", "service-unavailable"),
-                }
+                let best = avail.iter().map(|(_, p)| *p).max();
+                let targets = avail
+                    .into_iter()
+                    .filter(|(_, p)| Some(*p) == best)
+                    .map(|(c, _)| c)
+                    .collect();
+                self.store_and_deliver(stanza, node, targets);
             }
         }
     }
@@ -639,6 +1072,11 @@ impl Router {
                 self.broadcast(&node, &full, &stanza, None);
                 if initial {
                     self.after_initial_presence(conn, &node);
+                    // XEP-0160: the offline queue follows initial presence.
+                    if let Some(s) = self.sessions.get_mut(&conn) {
+                        s.draining = Some(0);
+                    }
+                    self.drain_page(conn);
                 }
             }
             // Only an available session's unavailable is broadcast. Broadcast before marking

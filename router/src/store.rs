@@ -7,7 +7,7 @@
 //! store.lock             a tiny redb database held open (so exclusively locked) by the process
 //!                        using the store; a second process gets `StoreError::InUse`
 //! store/manifest         text: `shards = N` and `domain = D`
-//! store/shard-<i>.redb   one database per shard, tables `accounts` and `rosters`
+//! store/shard-<i>.redb   one database per shard, tables `accounts`, `rosters` and `offline`
 //! ```
 //!
 //! A user `node` lives in shard `home_shard("node@domain", N)`, the same function routing uses.
@@ -26,12 +26,16 @@ use redb::{Database, ReadableTable, TableDefinition};
 use shared::shard::home_shard;
 
 use crate::credentials::Credentials;
+use crate::offline::{Batch, Stored, Usage};
 use crate::roster::RosterItem;
 
 /// Local part → `Credentials::to_bytes`.
 const ACCOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("accounts");
 /// Local part → JSON of `Vec<RosterItem>`.
 const ROSTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("rosters");
+/// (local part, sequence number) → stored time (Unix ms, 8 bytes little-endian) + stanza bytes:
+/// the user's offline queue, in order.
+const OFFLINE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("offline");
 
 const STORE_DIR: &str = "store";
 const TMP_DIR: &str = "store.tmp";
@@ -290,6 +294,90 @@ impl Store {
     }
 }
 
+/// Whether a commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Written and fsynced before the commit returns (the default).
+    Durable,
+    /// Written without fsync: a crash of the host may lose it (benchmarks only).
+    Memory,
+}
+
+impl Store {
+    /// What `user`'s offline queue holds.
+    pub fn offline_usage(&self, user: &str) -> Result<Usage, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OFFLINE)?;
+        let mut usage = Usage::default();
+        for entry in table.range((user, 0u64)..=(user, u64::MAX))? {
+            let (key, value) = entry?;
+            usage.messages += 1;
+            usage.bytes += value.value().len().saturating_sub(8);
+            usage.next_seq = key.value().1 + 1;
+        }
+        Ok(usage)
+    }
+
+    /// Up to `limit` offline messages of `user` with `seq >= from`, oldest first.
+    pub fn offline_load(
+        &self,
+        user: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Stored>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OFFLINE)?;
+        let mut out = Vec::new();
+        for entry in table.range((user, from)..=(user, u64::MAX))?.take(limit) {
+            let (key, value) = entry?;
+            let value = value.value();
+            let Some((stamp, bytes)) = value.split_first_chunk::<8>() else {
+                return Err(StoreError::Corrupt(format!(
+                    "an offline message of {user} in shard {} is truncated",
+                    self.shard
+                )));
+            };
+            out.push(Stored {
+                seq: key.value().1,
+                stored_unix_ms: u64::from_le_bytes(*stamp),
+                bytes: bytes::Bytes::copy_from_slice(bytes),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Applies a batch of offline-queue writes in one transaction (one fsync when `Durable`).
+    /// Returns (user, bytes) of each message erased.
+    pub fn offline_commit(
+        &self,
+        batch: &Batch,
+        durability: Durability,
+    ) -> Result<Vec<(String, usize)>, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        if durability == Durability::Memory {
+            txn.set_durability(redb::Durability::None);
+        }
+        let mut erased = Vec::new();
+        {
+            let mut table = txn.open_table(OFFLINE)?;
+            let mut value = Vec::new();
+            for (user, m) in &batch.puts {
+                value.clear();
+                value.extend_from_slice(&m.stored_unix_ms.to_le_bytes());
+                value.extend_from_slice(&m.bytes);
+                table.insert((user.as_str(), m.seq), value.as_slice())?;
+            }
+            for (user, seq) in &batch.deletes {
+                if let Some(old) = table.remove((user.as_str(), *seq))? {
+                    erased.push((user.clone(), old.value().len().saturating_sub(8)));
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(erased)
+    }
+}
+
 /// Opens (`create`: or creates) a redb database, mapping "locked by someone else" to `InUse`.
 fn open_db(path: &Path, data_dir: &Path, create: bool) -> Result<Database, StoreError> {
     let result = if create {
@@ -310,6 +398,7 @@ fn ensure_tables(db: &Database) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
     txn.open_table(ACCOUNTS)?;
     txn.open_table(ROSTERS)?;
+    txn.open_table(OFFLINE)?;
     txn.commit()?;
     Ok(())
 }
@@ -442,7 +531,7 @@ fn repartition(
         .map(|i| open_db(&shard_path(&tmp_dir, i), data_dir, true))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let mut moved = (0u64, 0u64);
+    let mut moved = (0u64, 0u64, 0u64);
     {
         let txns = new_dbs
             .iter()
@@ -480,6 +569,28 @@ fn repartition(
                 }
             }
         }
+        // Offline queues, keyed by (user, seq): each user's queue moves whole, in order.
+        {
+            let mut offline = txns
+                .iter()
+                .map(|t| t.open_table(OFFLINE))
+                .collect::<Result<Vec<_>, _>>()?;
+            for old in &old_dbs {
+                let txn = old.begin_read()?;
+                let table = match txn.open_table(OFFLINE) {
+                    Ok(table) => table,
+                    Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                for entry in table.iter()? {
+                    let (key, value) = entry?;
+                    let (user, seq) = key.value();
+                    let home = home_shard_of(user, domain, new_shards);
+                    offline[home].insert((user, seq), value.value())?;
+                    moved.2 += 1;
+                }
+            }
+        }
         // Durability::Immediate (the default): each commit is on disk when it returns.
         for txn in txns {
             txn.commit()?;
@@ -501,6 +612,7 @@ fn repartition(
         tracing::info!(
             accounts = moved.0,
             rosters = moved.1,
+            offline_messages = moved.2,
             from_shards = old_shards,
             to_shards = new_shards,
             "re-partitioned the store"
@@ -706,6 +818,61 @@ mod tests {
         }
         let stores = Store::open_all(dir.path(), 3, DOMAIN).unwrap();
         check_layout(&stores, &users);
+    }
+
+    #[test]
+    fn offline_queues_survive_reopen_and_repartition() {
+        let dir = tempfile::tempdir().unwrap();
+        let users: Vec<String> = (0..20).map(|i| format!("u{i}")).collect();
+        let msg = |seq: u64| Stored {
+            seq,
+            stored_unix_ms: 1000 + seq,
+            bytes: bytes::Bytes::from(format!("<message id='{seq}'/>")),
+        };
+        {
+            let stores = Store::open_all(dir.path(), 2, DOMAIN).unwrap();
+            for u in &users {
+                let mut batch = Batch::default();
+                for seq in 0..3 {
+                    batch.puts.push((u.clone(), msg(seq)));
+                }
+                let durability = if u == "u0" {
+                    Durability::Memory
+                } else {
+                    Durability::Durable
+                };
+                store_for(&stores, u)
+                    .offline_commit(&batch, durability)
+                    .unwrap();
+            }
+            let s = store_for(&stores, "u1");
+            let erased = s
+                .offline_commit(
+                    &Batch {
+                        puts: vec![],
+                        deletes: vec![("u1".into(), 0), ("u1".into(), 9)],
+                    },
+                    Durability::Durable,
+                )
+                .unwrap();
+            assert_eq!(erased, vec![("u1".to_owned(), msg(0).bytes.len())]);
+        }
+        for shards in [3, 1] {
+            let stores = Store::open_all(dir.path(), shards, DOMAIN).unwrap();
+            for u in &users {
+                let s = store_for(&stores, u);
+                let got = s.offline_load(u, 0, 100).unwrap();
+                let want: Vec<_> = if u == "u1" {
+                    (1..3).map(msg).collect()
+                } else {
+                    (0..3).map(msg).collect()
+                };
+                assert_eq!(got, want, "{u} with {shards} shards");
+                let usage = s.offline_usage(u).unwrap();
+                assert_eq!((usage.messages, usage.next_seq), (want.len(), 3));
+                assert_eq!(s.offline_load(u, 2, 1).unwrap(), vec![msg(2)]);
+            }
+        }
     }
 
     #[test]

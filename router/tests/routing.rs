@@ -6,8 +6,11 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use router::errors::error_condition;
+use router::offline::Stored;
 use router::roster::{RosterItem, Subscription};
-use router::{Action, BindError, MemoryRosterStore, RosterStore, Router};
+use router::{
+    Action, BindError, MemoryOfflineStore, MemoryRosterStore, OfflineLimits, RosterStore, Router,
+};
 use shared::framer::{Event, Framer};
 use shared::shard::home_shard;
 use shared::stanza::Stanza;
@@ -42,6 +45,11 @@ fn user_on(shard: usize, shards: usize, skip: usize) -> String {
 struct Net {
     routers: Vec<Router>,
     stores: Vec<Rc<MemoryRosterStore>>,
+    offline: Vec<Rc<MemoryOfflineStore>>,
+    /// conn -> offline sequence numbers of stored messages delivered to it for ack, in order.
+    stored_seqs: HashMap<u64, Vec<u64>>,
+    /// conns told that more of their stanzas are settled.
+    settled_told: Vec<u64>,
     /// conn -> its shard.
     conn_shard: HashMap<u64, usize>,
     inbox: HashMap<u64, Vec<Stanza>>,
@@ -54,19 +62,36 @@ impl Net {
         let stores: Vec<_> = (0..shards)
             .map(|_| Rc::new(MemoryRosterStore::new()))
             .collect();
+        Net::with_limits(shards, stores, OfflineLimits::default())
+    }
+
+    fn with_limits(
+        shards: usize,
+        stores: Vec<Rc<MemoryRosterStore>>,
+        limits: OfflineLimits,
+    ) -> Net {
+        let offline: Vec<_> = (0..shards)
+            .map(|_| Rc::new(MemoryOfflineStore::new()))
+            .collect();
         let routers = (0..shards)
             .map(|i| {
-                Router::new(
+                let mut r = Router::new(
                     i,
                     shards,
                     DOMAIN.to_string(),
                     Box::new(Rc::clone(&stores[i])),
-                )
+                );
+                r.set_offline(Box::new(Rc::clone(&offline[i])), limits);
+                r.set_clock(CLOCK_MS);
+                r
             })
             .collect();
         Net {
             routers,
             stores,
+            offline,
+            stored_seqs: HashMap::new(),
+            settled_told: Vec::new(),
             conn_shard: HashMap::new(),
             inbox: HashMap::new(),
             closed: Vec::new(),
@@ -141,11 +166,29 @@ impl Net {
                             assert_ne!(shard, i, "Send to self");
                             self.routers[shard].handle_frame(frame);
                         }
+                        Action::DeliverStored { conn, stanza, seq } => {
+                            assert_eq!(self.conn_shard.get(&conn), Some(&i));
+                            self.inbox.entry(conn).or_default().push(stanza);
+                            if let Some(seq) = seq {
+                                self.stored_seqs.entry(conn).or_default().push(seq);
+                            }
+                        }
+                        Action::Settled { conn } => self.settled_told.push(conn),
                     }
                 }
             }
             if idle {
-                return;
+                // End of the turn: each shard commits its batch (group commit).
+                let mut committed = false;
+                for r in &mut self.routers {
+                    if r.needs_commit() {
+                        r.commit();
+                        committed = true;
+                    }
+                }
+                if !committed {
+                    return;
+                }
             }
         }
     }
@@ -162,6 +205,9 @@ impl Net {
         self.stores[self.home(node)].roster(node).unwrap()
     }
 }
+
+/// The wall clock the routers see: 2026-11-26T17:01:52Z.
+const CLOCK_MS: u64 = 1_795_712_512_000;
 
 fn bare(node: &str) -> String {
     format!("{node}@{DOMAIN}")
@@ -254,46 +300,302 @@ fn bare_jid_message_goes_to_highest_priority() {
     assert!(net.inbox.is_empty(), "{:?}", net.inbox);
 }
 
+impl Net {
+    fn enable_sm(&mut self, conn: u64) {
+        let shard = self.conn_shard[&conn];
+        self.routers[shard].handle_sm_enabled(conn);
+    }
+    /// The client on `conn` acknowledges every stored message it was given.
+    fn ack_all(&mut self, conn: u64) {
+        let shard = self.conn_shard[&conn];
+        let seqs = self.stored_seqs.remove(&conn).unwrap_or_default();
+        self.routers[shard].handle_acked(conn, &seqs);
+        self.run();
+    }
+    fn room(&mut self, conn: u64) {
+        let shard = self.conn_shard[&conn];
+        self.routers[shard].handle_room(conn);
+        self.run();
+    }
+    fn queued(&self, node: &str) -> Vec<Stored> {
+        self.offline[self.home(node)].messages(node)
+    }
+    fn settled(&self, conn: u64) -> u64 {
+        self.routers[self.conn_shard[&conn]].settled(conn)
+    }
+}
+
+fn chat(to: &str, id: &str) -> String {
+    format!("<message to='{to}@{DOMAIN}' id='{id}' type='chat'><body>{id}</body></message>")
+}
+
+/// The ids of the messages among `v`.
+fn ids(v: &[Stanza]) -> Vec<String> {
+    v.iter()
+        .filter(|s| s.name() == "message")
+        .map(|s| s.id().unwrap_or_default().into_owned())
+        .collect()
+}
+
 #[test]
-fn message_to_offline_user_bounces_service_unavailable() {
+fn offline_messages_wait_and_arrive_after_initial_presence_in_order_with_delay() {
+    // Goal: XEP-0160 on the recipient's home shard, cross-shard and same-shard senders alike.
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let same = user_on(0, 2, 1);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let s1 = net.bind(&same, "r");
+    for i in 0..5 {
+        net.send(a1, &chat(&b, &format!("m{i}")));
+    }
+    net.send(s1, &chat(&b, "m5"));
+    assert!(net.take(a1).is_empty(), "the sender got no error");
+    assert!(net.take(s1).is_empty());
+    assert_eq!(net.queued(&b).len(), 6, "stored on b's home shard");
+    assert_eq!(
+        net.settled(a1),
+        5,
+        "every message of a1 is settled once committed"
+    );
+    // Bound without presence: nothing yet.
+    let b1 = net.bind(&b, "phone");
+    assert!(net.take(b1).is_empty());
+    net.send(b1, "<presence/>");
+    let got: Vec<_> = net
+        .take(b1)
+        .into_iter()
+        .filter(|s| s.name() == "message")
+        .collect();
+    assert_eq!(ids(&got), ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    for m in &got {
+        assert!(
+            m.as_str().contains(
+                "<delay xmlns='urn:xmpp:delay' from='localhost' stamp='2026-11-26T17:01:52.000Z'/>"
+            ),
+            "{}",
+            m.as_str()
+        );
+        assert_eq!(
+            m.from()
+                .as_deref()
+                .map(|f| f.split('/').next().unwrap().to_owned()),
+            Some(if m.id().as_deref() == Some("m5") {
+                bare(&same)
+            } else {
+                bare(&a)
+            })
+        );
+    }
+    // Without stream management delivery is all the server can know: erased.
+    assert!(net.queued(&b).is_empty());
+    // Online now: live delivery, nothing stored.
+    net.send(a1, &chat(&b, "live"));
+    assert_eq!(ids(&net.take(b1)), ["live"]);
+    assert!(net.queued(&b).is_empty());
+}
+
+#[test]
+fn stream_management_sessions_erase_only_on_ack() {
     let mut net = Net::new(2);
     let a = user_on(0, 2, 0);
     let b = user_on(1, 2, 0);
     let a1 = net.bind(&a, "r");
-    // Offline entirely.
+    net.send(a1, &chat(&b, "o1"));
+    net.send(a1, &chat(&b, "o2"));
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    net.send(b1, "<presence/>");
+    assert_eq!(ids(&net.take(b1)), ["o1", "o2"]);
+    assert_eq!(net.queued(&b).len(), 2, "kept until acked");
+    // Live messages to an SM session are stored too, and delivered.
+    net.send(a1, &chat(&b, "l1"));
+    assert_eq!(ids(&net.take(b1)), ["l1"]);
+    assert_eq!(net.queued(&b).len(), 3);
+    // The session ends without acking: the next login gets all of them, in order.
+    net.stored_seqs.clear();
+    net.disconnect(b1);
+    let b2 = net.bind(&b, "r");
+    net.enable_sm(b2);
+    net.send(b2, "<presence/>");
+    assert_eq!(ids(&net.take(b2)), ["o1", "o2", "l1"]);
+    net.ack_all(b2);
+    assert!(net.queued(&b).is_empty(), "erased once acked");
+    assert_eq!(net.routers[net.home(&b)].offline_stats().erased, 3);
+}
+
+#[test]
+fn sender_settles_only_after_the_recipients_shard_commits() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    net.enable_sm(a1);
+    let full = net.routers[0].full_jid(a1).unwrap().to_string();
+    // Drive by hand: the message crosses to shard 1, which has not committed yet.
+    net.routers[0].handle_stanza(a1, stanza(&chat(&b, "x")).with_from(&full));
+    assert_eq!(net.routers[0].received(a1), 1);
+    assert_eq!(net.settled(a1), 0, "in flight");
+    let Some(Action::Send { shard: 1, frame }) = net.routers[0].poll_action() else {
+        panic!("expected a frame to shard 1");
+    };
+    net.routers[1].handle_frame(frame);
+    assert!(net.routers[1].poll_action().is_none());
+    assert_eq!(net.settled(a1), 0, "stored but not committed");
+    assert!(net.routers[1].needs_commit());
+    net.routers[1].commit();
+    assert_eq!(net.offline[1].commits(), 1);
+    net.run();
+    assert_eq!(net.settled(a1), 1);
+    assert_eq!(net.settled_told, [a1]);
+    // An IQ to the server is settled at once.
     net.send(
         a1,
-        &format!("<message to='{b}@{DOMAIN}' id='off' type='chat'><body>hi</body></message>"),
+        "<iq type='get' id='p'><ping xmlns='urn:xmpp:ping'/></iq>",
     );
-    let got = net.take(a1);
-    assert_eq!(got.len(), 1, "{:?}", texts(&got));
-    assert_eq!(got[0].type_().as_deref(), Some("error"));
-    assert_eq!(got[0].id().as_deref(), Some("off"));
+    assert_eq!(net.settled(a1), 2);
+}
+
+#[test]
+fn one_commit_per_turn_holds_many_messages() {
+    let mut net = Net::new(1);
+    let a = user_on(0, 1, 0);
+    let b = user_on(0, 1, 1);
+    let a1 = net.bind(&a, "r");
+    let full = net.routers[0].full_jid(a1).unwrap().to_string();
+    for i in 0..50 {
+        net.routers[0].handle_stanza(a1, stanza(&chat(&b, &format!("m{i}"))).with_from(&full));
+    }
+    net.run();
+    assert_eq!(net.offline[0].commits(), 1, "group commit");
+    assert_eq!(net.queued(&b).len(), 50);
+    assert_eq!(net.settled(a1), 50);
+}
+
+#[test]
+fn full_queue_refuses_with_resource_constraint_and_keeps_what_it_had() {
+    let limits = OfflineLimits {
+        messages_max: 3,
+        bytes_max: 1 << 20,
+        ..OfflineLimits::default()
+    };
+    let stores = (0..2).map(|_| Rc::new(MemoryRosterStore::new())).collect();
+    let mut net = Net::with_limits(2, stores, limits);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    for i in 0..5 {
+        net.send(a1, &chat(&b, &format!("m{i}")));
+    }
+    let errors = net.take(a1);
+    assert_eq!(ids(&errors), ["m3", "m4"]);
+    for e in &errors {
+        assert_eq!(
+            error_condition(e),
+            Some(("wait".into(), "resource-constraint".into()))
+        );
+    }
+    assert_eq!(net.queued(&b).len(), 3);
     assert_eq!(
-        got[0].to().as_deref(),
-        Some(format!("{a}@{DOMAIN}/r").as_str())
+        net.settled(a1),
+        5,
+        "an error answer settles the message too"
     );
+    // A byte bound too.
+    let small = OfflineLimits {
+        messages_max: 100,
+        bytes_max: 200,
+        ..OfflineLimits::default()
+    };
+    let stores = (0..1).map(|_| Rc::new(MemoryRosterStore::new())).collect();
+    let mut net = Net::with_limits(1, stores, small);
+    let a = user_on(0, 1, 0);
+    let b = user_on(0, 1, 1);
+    let a1 = net.bind(&a, "r");
+    for i in 0..5 {
+        net.send(a1, &chat(&b, &format!("m{i}")));
+    }
+    let stored = net.queued(&b).len();
+    assert!((1..5).contains(&stored), "{stored}");
+    assert_eq!(net.take(a1).len(), 5 - stored);
+}
+
+#[test]
+fn a_failing_store_answers_with_errors() {
+    let mut net = Net::new(1);
+    let a = user_on(0, 1, 0);
+    let b = user_on(0, 1, 1);
+    let a1 = net.bind(&a, "r");
+    net.offline[0].set_failing(true);
+    net.send(a1, &chat(&b, "m0"));
+    let got = net.take(a1);
     assert_eq!(
         error_condition(&got[0]),
-        Some(("cancel".into(), "service-unavailable".into()))
+        Some(("wait".into(), "internal-server-error".into()))
     );
-    // Bound but never sent presence: still offline for bare-JID messages.
-    let _b1 = net.bind(&b, "quiet");
+    assert_eq!(net.settled(a1), 1);
+}
+
+#[test]
+fn a_long_queue_is_delivered_in_pages_and_live_messages_wait_their_turn() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let n = shared::limits::OFFLINE_DRAIN_PAGE_MESSAGES * 2 + 10;
+    for i in 0..n {
+        net.send(a1, &chat(&b, &format!("m{i}")));
+    }
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    net.send(b1, "<presence/>");
+    let mut got = ids(&net.take(b1));
+    assert_eq!(got.len(), shared::limits::OFFLINE_DRAIN_PAGE_MESSAGES);
+    // A live message while the queue is being delivered goes behind it.
+    net.send(a1, &chat(&b, "late"));
+    assert!(net.take(b1).is_empty());
+    // Bounded: each page needs a drained send queue.
+    for _ in 0..4 {
+        net.room(b1);
+        got.extend(ids(&net.take(b1)));
+    }
+    let mut want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    want.push("late".into());
+    assert_eq!(got, want);
+    // Through: live delivery again.
+    net.send(a1, &chat(&b, "after"));
+    assert_eq!(ids(&net.take(b1)), ["after"]);
+}
+
+#[test]
+fn old_messages_are_purged_not_delivered() {
+    let mut net = Net::new(1);
+    let a = user_on(0, 1, 0);
+    let b = user_on(0, 1, 1);
+    let a1 = net.bind(&a, "r");
+    net.send(a1, &chat(&b, "old"));
+    let age = OfflineLimits::default().age_max.as_millis() as u64;
+    net.routers[0].set_clock(CLOCK_MS + age + 1);
+    net.send(a1, &chat(&b, "new"));
+    let b1 = net.bind(&b, "r");
+    net.send(b1, "<presence/>");
+    assert_eq!(ids(&net.take(b1)), ["new"]);
+    assert_eq!(net.routers[0].offline_stats().purged, 1);
+    assert!(net.queued(&b).is_empty());
+}
+
+#[test]
+fn full_jid_to_an_absent_resource_is_stored_for_the_bare_jid() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
     net.send(
         a1,
-        &format!("<message to='{b}@{DOMAIN}' id='off2'><body>hi</body></message>"),
+        &format!("<message to='{b}@{DOMAIN}/gone' id='f' type='chat'><body>x</body></message>"),
     );
-    let got = net.take(a1);
-    assert_eq!(got.len(), 1);
-    assert_eq!(error_condition(&got[0]).unwrap().1, "service-unavailable");
-    assert!(net.inbox.is_empty());
-    // Same-shard offline user too.
-    let c = user_on(0, 2, 1);
-    net.send(
-        a1,
-        &format!("<message to='{c}@{DOMAIN}' id='off3'><body>hi</body></message>"),
-    );
-    assert_eq!(net.take(a1).len(), 1);
+    assert!(net.take(a1).is_empty());
+    assert_eq!(net.queued(&b).len(), 1);
 }
 
 #[test]
@@ -898,7 +1200,7 @@ mod props {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
         // Goal: whatever sessions come and go, no stanza is ever delivered to an unbound conn or
         // on the wrong shard (asserted in Net::run), and a message to a user with no available
-        // session comes back as an error rather than vanishing.
+        // session is stored (or comes back as an error) rather than vanishing.
         #[test]
         fn never_delivers_to_unbound_conns(ops in proptest::collection::vec(op(), 1..60)) {
             let mut net = Net::new(2);
@@ -929,10 +1231,17 @@ mod props {
                             Some(r) => format!("{}@{DOMAIN}/r{r}", users[to_user]),
                             None => format!("{}@{DOMAIN}", users[to_user]),
                         };
+                        let stored = |net: &Net| -> u64 {
+                            net.routers.iter().map(|r| r.offline_stats().stored).sum()
+                        };
                         let before: usize = net.inbox.values().map(Vec::len).sum();
+                        let stored_before = stored(&net);
                         net.send(conn, &format!("<message to='{to}' type='chat' id='pm'><body>x</body></message>"));
                         let after: usize = net.inbox.values().map(Vec::len).sum();
-                        prop_assert!(after > before, "message to {to} vanished");
+                        prop_assert!(
+                            after > before || stored(&net) > stored_before,
+                            "message to {to} vanished"
+                        );
                     }
                     Op::Subscribe { pick, to_user, approve } if !live.is_empty() => {
                         let (conn, _) = live[pick % live.len()];

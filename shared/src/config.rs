@@ -72,6 +72,17 @@ pub struct Config {
     pub accepts_per_second_per_shard: u64,
     /// Connections each shard holds at once (0: `max_connections` spread over the shards).
     pub max_sessions_per_shard: u64,
+    /// `durable` (default): a stanza is acknowledged to its sender only once it is written and
+    /// fsynced (group commit) or delivered. `memory`: no fsync, for benchmarks only.
+    pub durability: String,
+    /// Messages one user's offline queue may hold; past it senders get `resource-constraint`.
+    pub offline_messages_max: usize,
+    /// Bytes one user's offline queue may hold.
+    pub offline_bytes_max: usize,
+    /// Days an offline message is kept before it is purged.
+    pub offline_age_days_max: u64,
+    /// XEP-0198: seconds a session that lost its connection may be resumed.
+    pub sm_resume_timeout_seconds: u64,
 }
 
 impl Default for Config {
@@ -104,6 +115,11 @@ impl Default for Config {
             alert_offline_messages: limits::ALERT_OFFLINE_MESSAGES_DEFAULT,
             accepts_per_second_per_shard: 0,
             max_sessions_per_shard: 0,
+            durability: "durable".to_owned(),
+            offline_messages_max: limits::OFFLINE_MESSAGES_MAX_DEFAULT,
+            offline_bytes_max: limits::OFFLINE_BYTES_MAX_DEFAULT,
+            offline_age_days_max: limits::OFFLINE_AGE_DAYS_MAX_DEFAULT,
+            sm_resume_timeout_seconds: limits::SM_RESUME_TIMEOUT_SECONDS_DEFAULT,
         }
     }
 }
@@ -202,6 +218,37 @@ impl Config {
                 fix: "set admin_token in the config file, or bind admin_addr to 127.0.0.1",
             });
         }
+        if self.durability != "durable" && self.durability != "memory" {
+            return Err(ConfigError::Invalid {
+                key: "durability",
+                problem: format!("{:?} is not a durability mode", self.durability),
+                fix: "use `durable` (the default) or `memory` (benchmarks only: no fsync)",
+            });
+        }
+        if self.offline_messages_max == 0 || self.offline_bytes_max < self.stanza_bytes_max {
+            return Err(ConfigError::Invalid {
+                key: "offline_messages_max",
+                problem: format!(
+                    "offline_messages_max {} / offline_bytes_max {} cannot hold one stanza",
+                    self.offline_messages_max, self.offline_bytes_max
+                ),
+                fix: "use at least 1 message and at least stanza_bytes_max bytes",
+            });
+        }
+        if self.offline_age_days_max == 0 || self.offline_age_days_max > 3650 {
+            return Err(ConfigError::Invalid {
+                key: "offline_age_days_max",
+                problem: format!("{} days is out of range", self.offline_age_days_max),
+                fix: "use 1 to 3650 days (default 30)",
+            });
+        }
+        if self.sm_resume_timeout_seconds > 86_400 {
+            return Err(ConfigError::Invalid {
+                key: "sm_resume_timeout_seconds",
+                problem: format!("{} seconds is over a day", self.sm_resume_timeout_seconds),
+                fix: "use 0 (no resumption) to 86400 seconds (default 300)",
+            });
+        }
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid {
                 key: "max_connections",
@@ -244,6 +291,25 @@ mod tests {
             .to_string();
         assert!(err.contains("admin_token"), "{err}");
         Config::from_toml("admin_addr = '0.0.0.0:5280'\nadmin_token = 'secret'").unwrap();
+    }
+
+    #[test]
+    fn durability_and_offline_keys_are_checked() {
+        let c = Config::from_toml("durability = 'memory'\noffline_messages_max = 5").unwrap();
+        assert_eq!(
+            (c.durability.as_str(), c.offline_messages_max),
+            ("memory", 5)
+        );
+        for bad in [
+            "durability = 'fast'",
+            "offline_messages_max = 0",
+            "offline_age_days_max = 0",
+            "sm_resume_timeout_seconds = 100000",
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -57,6 +57,40 @@ pub const SHUTDOWN_TIMEOUT_SECONDS_DEFAULT: u64 = 5;
 /// Connections one gateway process accepts in total (all shards); past it, accepts pause.
 pub const MAX_CONNECTIONS_DEFAULT: usize = 1_000_000;
 
+/// Messages one user's offline queue may hold (XEP-0160) before senders get
+/// `resource-constraint`. Config key `offline_messages_max`.
+pub const OFFLINE_MESSAGES_MAX_DEFAULT: usize = 10_000;
+
+/// Bytes of stanzas one user's offline queue may hold. Config key `offline_bytes_max`.
+pub const OFFLINE_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
+
+/// Days an offline message is kept; older ones are purged (and counted) instead of delivered.
+/// Config key `offline_age_days_max`.
+pub const OFFLINE_AGE_DAYS_MAX_DEFAULT: u64 = 30;
+
+/// Offline messages loaded and queued for a session at once during delivery at login; the next
+/// page follows when the session's send queue has drained. Must fit the send queue.
+pub const OFFLINE_DRAIN_PAGE_MESSAGES: usize = 256;
+
+/// Store writes (inserts and erasures) collected in one turn before they are committed inline,
+/// without waiting for the end of the turn. Bounds the pending batch's memory.
+pub const STORE_BATCH_WRITES_MAX: usize = 4096;
+
+/// XEP-0198: stanzas sent to a client and not yet acknowledged by it. Past this the stream is
+/// closed (`policy-violation`); unacknowledged messages stay in the offline queue. Each entry is
+/// a `Bytes` handle (32 bytes) plus its shared payload.
+pub const SM_UNACKED_STANZAS_MAX: usize = 20_000;
+
+/// XEP-0198: the server asks for an ack (`<r/>`) after this many unacknowledged stanzas.
+pub const SM_REQUEST_EVERY_STANZAS: usize = 32;
+
+/// XEP-0198: default seconds a session that lost its connection waits to be resumed.
+/// Config key `sm_resume_timeout_seconds`.
+pub const SM_RESUME_TIMEOUT_SECONDS_DEFAULT: u64 = 300;
+
+const _: () = assert!(OFFLINE_DRAIN_PAGE_MESSAGES < SESSION_SEND_QUEUE_STANZAS_MAX);
+const _: () =
+    assert!(OFFLINE_MESSAGES_MAX_DEFAULT + SESSION_SEND_QUEUE_STANZAS_MAX < SM_UNACKED_STANZAS_MAX);
 const _: () = assert!(STREAM_HEADER_BYTES_MAX < STANZA_BYTES_MAX);
 const _: () = assert!(MESH_BATCH_FRAMES_MAX > 0);
 const _: () = assert!(STANZA_DEPTH_MAX >= 8);

@@ -181,8 +181,13 @@ def gateway():
 class Client(slixmpp.ClientXMPP):
     """A slixmpp client that trusts the self-signed certificate and records what arrives."""
 
-    def __init__(self, jid: str, password: str, mech: str | None = None):
+    def __init__(self, jid: str, password: str, mech: str | None = None, sm: bool = False):
         super().__init__(jid, password, sasl_mech=mech)
+        if sm:
+            # XEP-0198 stream management and XEP-0184 receipts (answered automatically).
+            self.register_plugin("xep_0198")
+            self.register_plugin("xep_0184")
+            self.register_plugin("xep_0203")
         self.ssl_context.check_hostname = False
         self.ssl_context.verify_mode = ssl.CERT_NONE
         self.register_plugin("xep_0030")  # service discovery
@@ -190,6 +195,8 @@ class Client(slixmpp.ClientXMPP):
         self.messages: asyncio.Queue = asyncio.Queue()
         self.errors: asyncio.Queue = asyncio.Queue()
         self.presences: asyncio.Queue = asyncio.Queue()
+        self.receipts: asyncio.Queue = asyncio.Queue()
+        self.add_event_handler("receipt_received", lambda m: self.receipts.put_nowait(m))
         self.started: asyncio.Future = asyncio.get_running_loop().create_future()
         self.add_event_handler("session_start", self._on_start)
         self.add_event_handler("failed_auth", lambda s: self._fail(f"SASL failure: {s}"))
@@ -221,9 +228,11 @@ async def login(
     mech: str | None = None,
     password: str | None = None,
     timeout: float = 20,
+    sm: bool = False,
 ) -> Client:
-    """Connects (STARTTLS on the c2s port, or direct TLS on the tls port) and waits for the session."""
-    c = Client(f"{node}@{DOMAIN}/{resource}", password or password_of(node), mech)
+    """Connects (STARTTLS on the c2s port, or direct TLS on the tls port) and waits for the session.
+    With `sm`, the client uses XEP-0198 and answers XEP-0184 receipt requests."""
+    c = Client(f"{node}@{DOMAIN}/{resource}", password or password_of(node), mech, sm=sm)
     c.enable_plaintext = False
     c.enable_direct_tls = direct_tls
     c.enable_starttls = not direct_tls

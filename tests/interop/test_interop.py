@@ -6,6 +6,7 @@ SIGTERM at the end, asserting exit code 0 within the shutdown timeout.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -157,27 +158,77 @@ def test_sasl_mechanism(gateway, mech, direct_tls):
     run(body())
 
 
-def test_message_to_offline_user_is_service_unavailable(gateway):
-    """Goal: a message to an existing user with no session bounces with service-unavailable.
-    Method: A sends a chat message to B's bare JID and to a full JID of B while B is offline; each
-    must come back as type='error' with condition service-unavailable and the original id."""
+def test_offline_messages_and_receipts_are_stored_and_forwarded(gateway):
+    """Goal: XEP-0160 store and forward with XEP-0184 receipts, through a real client with XEP-0198.
+    Method: A (shard 0) sends 20 chat messages with receipt requests to B (shard 1), who is
+    offline, half to B's bare JID and half to a full JID of B that is not connected; A's acks come
+    back (XEP-0198) and A logs out. The server is restarted (SIGTERM) in between. B logs in, sends
+    presence and must get all 20 in order, each with a XEP-0203 delay; B's client answers each
+    receipt request while A is offline. A logs in again and must get all 20 receipts."""
+    n = 20
+    ua, ub = gateway.s0[0], gateway.s1[0]
+    ids = [token(f"m{i:02}") for i in range(n)]
 
-    async def body():
-        a = await login(gateway, gateway.s0[0])
+    async def send_all():
+        a = await login(gateway, ua, sm=True)
         try:
-            offline = f"{gateway.s1[0]}@{DOMAIN}"
-            for to in (offline, offline + "/nowhere"):
-                msg = a.make_message(mto=to, mbody=token("offline"), mtype="chat")
-                msg["id"] = token("id")
+            a.send_presence()
+            for i, mid in enumerate(ids):
+                to = f"{ub}@{DOMAIN}" if i % 2 == 0 else f"{ub}@{DOMAIN}/gone"
+                msg = a.make_message(mto=to, mbody=f"body {i}", mtype="chat")
+                msg["id"] = mid
+                msg["request_receipt"] = True
                 msg.send()
-                err = await next_matching(a.errors, lambda m: m["id"] == msg["id"], what=f"error for {to}")
-                assert err["type"] == "error"
-                assert err["error"]["condition"] == "service-unavailable", str(err)
-                assert bare(err["from"]) == offline, str(err)
+            # Every message is acknowledged by the server (stored durably) before A leaves.
+            sm = a.plugin["xep_0198"]
+            deadline = asyncio.get_running_loop().time() + 10
+            while sm.last_ack < n and asyncio.get_running_loop().time() < deadline:
+                sm.request_ack()
+                await asyncio.sleep(0.1)
+            assert sm.last_ack >= n, f"server acked {sm.last_ack} of {n}"
+            assert a.errors.empty(), "no error for a stored message"
         finally:
             await close(a)
 
-    run(body())
+    async def receive_all():
+        b = await login(gateway, ub, resource="phone", sm=True)
+        try:
+            b.send_presence()
+            got = []
+            while len(got) < n:
+                m = await next_matching(b.messages, lambda m: m["body"].startswith("body"), what=f"offline message after {[g['id'] for g in got]}")
+                got.append(m)
+            assert [m["id"] for m in got] == ids
+            for m in got:
+                assert "urn:xmpp:delay" in str(m), str(m)
+                assert bare(m["from"]) == f"{ua}@{DOMAIN}"
+            # B's client sent a receipt for each; wait until the server acked them (stored for A).
+            sm = b.plugin["xep_0198"]
+            deadline = asyncio.get_running_loop().time() + 10
+            while sm.last_ack < n and asyncio.get_running_loop().time() < deadline:
+                sm.request_ack()
+                await asyncio.sleep(0.1)
+            assert sm.last_ack >= n, f"server acked {sm.last_ack} receipts of {n}"
+        finally:
+            await close(b)
+
+    async def receipts():
+        a = await login(gateway, ua, resource="back", sm=True)
+        try:
+            a.send_presence()
+            seen = set()
+            while len(seen) < n:
+                r = await next_matching(a.receipts, lambda r: True, what="receipt")
+                seen.add(r["receipt"])
+            assert seen == set(ids)
+        finally:
+            await close(a)
+
+    run(send_all())
+    gateway.stop()
+    gateway.start()
+    run(receive_all())
+    run(receipts())
 
 
 def test_roster_persists_across_restart(gateway):

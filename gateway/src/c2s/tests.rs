@@ -23,7 +23,8 @@ const MECHS_SCRAM: &str =
     "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism>\
                            <mechanism>SCRAM-SHA-1</mechanism></mechanisms>";
 const BIND_FEATURES: &str = "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
-                             <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session></stream:features>";
+                             <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
+                             <sm xmlns='urn:xmpp:sm:3'/></stream:features>";
 const NOT_AUTHORIZED: &str =
     "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>";
 
@@ -40,6 +41,12 @@ struct Mock {
     taken: Vec<String>,
     full: bool,
     stanzas: Vec<Stanza>,
+    sm_enabled: bool,
+    /// Of the stanzas passed on, how many are settled (the rest are in flight).
+    settled: u64,
+    acked: Vec<u64>,
+    /// A detached session the next `resume` may take: (id, state, full JID).
+    detached: Option<(String, SmState, String)>,
 }
 
 impl Services for Mock {
@@ -64,6 +71,29 @@ impl Services for Mock {
     fn stanza(&mut self, stanza: Stanza) {
         self.stanzas.push(stanza);
     }
+    fn sm_enabled(&mut self) {
+        self.sm_enabled = true;
+    }
+    fn received(&mut self) -> u64 {
+        self.stanzas.len() as u64
+    }
+    fn settled(&mut self) -> u64 {
+        self.settled.min(self.stanzas.len() as u64)
+    }
+    fn acked(&mut self, seqs: &[u64]) {
+        self.acked.extend_from_slice(seqs);
+    }
+    fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)> {
+        match self.detached.take() {
+            Some((id, sm, full)) if id == previd && full.starts_with(&format!("{node}@")) => {
+                Some((sm, full))
+            }
+            other => {
+                self.detached = other;
+                None
+            }
+        }
+    }
 }
 
 fn config(starttls_offered: bool, allow_plaintext: bool) -> Arc<C2sConfig> {
@@ -73,6 +103,7 @@ fn config(starttls_offered: bool, allow_plaintext: bool) -> Arc<C2sConfig> {
         allow_plaintext,
         stanza_bytes_max: 4096,
         unauthenticated_timeout: Duration::from_secs(30),
+        sm_resume_timeout: Duration::from_secs(300),
     })
 }
 
@@ -745,7 +776,8 @@ fn established_other_elements() {
     let mut c = Client::tls();
     c.login_plain();
     c.bind("r");
-    let out = c.ok("<enable xmlns='urn:xmpp:sm:3'/>");
+    // XEP-0198 elements before enable.
+    let out = c.ok("<r xmlns='urn:xmpp:sm:3'/>");
     assert_eq!(
         out,
         "<failed xmlns='urn:xmpp:sm:3'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
@@ -856,4 +888,173 @@ fn byte_at_a_time_gives_the_same_output() {
     );
     assert_eq!(stanzas.len(), 1);
     assert_eq!(run(1), (mask_ids(&reference), steps, stanzas));
+}
+
+#[test]
+fn stream_management_counts_and_acks() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    // One stanza before enable: not counted.
+    c.ok("<presence/>");
+    c.svc.settled = 1;
+    assert_eq!(
+        c.ok("<enable xmlns='urn:xmpp:sm:3'/>"),
+        "<enabled xmlns='urn:xmpp:sm:3'/>"
+    );
+    assert!(c.svc.sm_enabled);
+    assert!(c.c2s.sm_enabled());
+    c.ok("<message to='bob@example.com'><body>1</body></message>");
+    c.ok("<message to='bob@example.com'><body>2</body></message>");
+    // The second message is not settled yet: the ack covers only the first...
+    c.svc.settled = 2;
+    assert_eq!(
+        c.ok("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='1'/>"
+    );
+    // ...and a second ack follows once it settles.
+    c.svc.settled = 3;
+    let mut out = Vec::new();
+    c.c2s.handle_settled(&mut c.svc, &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "<a xmlns='urn:xmpp:sm:3' h='2'/>"
+    );
+    let mut out = Vec::new();
+    c.c2s.handle_settled(&mut c.svc, &mut out);
+    assert!(out.is_empty(), "no ack without a request");
+
+    // Outbound: kept until acked; stored messages are reported on ack.
+    let mut out = Vec::new();
+    for i in 0..3u64 {
+        let step = c.c2s.handle_outbound(
+            Bytes::from(format!("<message id='{i}'/>")),
+            (i != 1).then_some(10 + i),
+            &mut out,
+        );
+        assert_eq!(step, Step::Continue);
+    }
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "<message id='0'/><message id='1'/><message id='2'/>"
+    );
+    assert_eq!(c.ok("<a xmlns='urn:xmpp:sm:3' h='2'/>"), "");
+    assert_eq!(c.svc.acked, [10]);
+    assert_eq!(c.ok("<a xmlns='urn:xmpp:sm:3' h='3'/>"), "");
+    assert_eq!(c.svc.acked, [10, 12]);
+    // An ack for more than was sent ends the stream.
+    let (step, out) = c.send("<a xmlns='urn:xmpp:sm:3' h='9'/>");
+    assert_eq!(step, Step::Close);
+    assert!(out.contains("handled-count-too-high"), "{out}");
+}
+
+#[test]
+fn stream_management_asks_for_acks_and_wraps_around() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    c.ok("<enable xmlns='urn:xmpp:sm:3'/>");
+    let mut out = Vec::new();
+    for _ in 0..SM_REQUEST_EVERY_STANZAS {
+        c.c2s
+            .handle_outbound(Bytes::from_static(b"<message/>"), None, &mut out);
+    }
+    assert!(String::from_utf8(out)
+        .unwrap()
+        .ends_with("<message/><r xmlns='urn:xmpp:sm:3'/>"));
+    c.ok(&format!(
+        "<a xmlns='urn:xmpp:sm:3' h='{SM_REQUEST_EVERY_STANZAS}'/>"
+    ));
+    // Counters are mod 2^32: an ack that wraps past zero releases the right number.
+    let sm = c.c2s.sm.as_mut().unwrap();
+    sm.sent = u32::MAX - 1;
+    sm.acked = u32::MAX - 1;
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        c.c2s
+            .handle_outbound(Bytes::from_static(b"<message/>"), Some(7), &mut out);
+    }
+    assert_eq!(c.c2s.sm.as_ref().unwrap().sent, 2);
+    assert_eq!(c.ok("<a xmlns='urn:xmpp:sm:3' h='1'/>"), "");
+    assert_eq!(c.c2s.sm.as_ref().unwrap().unacked.len(), 1);
+    assert_eq!(c.svc.acked, [7, 7, 7]);
+    // And h for received stanzas wraps too.
+    let sm = c.c2s.sm.as_mut().unwrap();
+    sm.local = u64::from(u32::MAX);
+    c.svc.settled = 5;
+    c.ok("<presence/>");
+    assert_eq!(
+        c.ok("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='0'/>"
+    );
+}
+
+#[test]
+fn stream_management_resumption() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    let out = c.ok("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    let id_at = out.find("id='").expect("resumption id") + 4;
+    let id = out[id_at..id_at + 32].to_owned();
+    assert_eq!(
+        out,
+        format!("<enabled xmlns='urn:xmpp:sm:3' id='{id}' resume='true' max='300'/>")
+    );
+    c.ok("<message to='bob@example.com'><body>1</body></message>");
+    c.svc.settled = 1;
+    let mut out = Vec::new();
+    for i in 0..3u64 {
+        c.c2s.handle_outbound(
+            Bytes::from(format!("<message id='o{i}'/>")),
+            Some(i),
+            &mut out,
+        );
+    }
+    c.ok("<a xmlns='urn:xmpp:sm:3' h='1'/>");
+    assert_eq!(c.svc.acked, [0]);
+    // The connection is lost: the session detaches.
+    let (rid, sm, full) = c.c2s.detach().expect("resumable");
+    assert_eq!(
+        (rid.as_str(), full.as_str()),
+        (id.as_str(), "alice@example.com/r")
+    );
+    assert!(c.c2s.detach().is_none(), "only once");
+
+    // A new connection resumes it: the client had seen 2 of our 3 stanzas.
+    let mut n = Client::tls();
+    n.svc.detached = Some((rid, sm, full));
+    n.svc.stanzas = c.svc.stanzas.clone();
+    n.svc.settled = 1;
+    n.login_plain();
+    assert!(n.ok(HEADER).ends_with(BIND_FEATURES));
+    let out = n.ok(&format!(
+        "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='2'/>"
+    ));
+    assert_eq!(
+        out,
+        format!(
+            "<resumed xmlns='urn:xmpp:sm:3' h='1' previd='{id}'/><message id='o2'/><r xmlns='urn:xmpp:sm:3'/>"
+        )
+    );
+    assert_eq!(n.svc.acked, [1]);
+    assert!(n.c2s.is_established());
+    assert_eq!(n.c2s.full_jid(), Some("alice@example.com/r"));
+    n.ok("<a xmlns='urn:xmpp:sm:3' h='3'/>");
+    assert_eq!(n.svc.acked, [1, 2]);
+
+    // An unknown id fails and the client may bind instead.
+    let mut m = Client::tls();
+    m.login_plain();
+    m.ok(HEADER);
+    assert_eq!(
+        m.ok("<resume xmlns='urn:xmpp:sm:3' previd='nope' h='0'/>"),
+        "<failed xmlns='urn:xmpp:sm:3'><item-not-found xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+    );
+    assert!(m
+        .ok("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+        .contains("<jid>"));
+    // Without resume='true' (or with resumption off) there is no id and no detaching.
+    m.ok("<enable xmlns='urn:xmpp:sm:3'/>");
+    assert!(m.c2s.detach().is_none());
 }

@@ -245,11 +245,15 @@ impl Server {
     }
 
     fn spawn(&mut self) {
-        let mut args: Vec<String> = vec![
-            "--data-dir".into(),
-            self.data_dir.to_str().unwrap().into(),
-            "--shards".into(),
-            SHARDS.to_string(),
+        // Extra args may set their own shard count (a restart with another `--shards`).
+        let shards = match self.extra.iter().position(|a| a == "--shards") {
+            Some(_) => Vec::new(),
+            None => vec!["--shards".to_owned(), SHARDS.to_string()],
+        };
+        let mut args: Vec<String> =
+            vec!["--data-dir".into(), self.data_dir.to_str().unwrap().into()];
+        args.extend(shards);
+        args.extend([
             "--scram-iterations".into(),
             SCRAM_ITERATIONS.into(),
             "--log-level".into(),
@@ -262,7 +266,7 @@ impl Server {
             self.tls.to_string(),
             "--admin-addr".into(),
             self.admin.to_string(),
-        ];
+        ]);
         if self.allow_plaintext {
             args.push("--allow-plaintext".into());
         }
@@ -348,6 +352,17 @@ impl Server {
             "gateway exited with {status}\n--- log ---\n{}",
             self.log()
         );
+    }
+
+    /// Replaces the extra `serve` flags used by the next `restart`.
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.extra = args.iter().map(|a| a.to_string()).collect();
+    }
+
+    /// SIGKILL, then wait for the process to be gone (a crash: nothing is flushed).
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.wait_exit(Duration::from_secs(30));
     }
 
     /// Starts the server again on the same data dir and ports.

@@ -1,0 +1,349 @@
+//! Store and forward against the real binary: offline queues across restarts and a change of
+//! `--shards`, XEP-0198 acks that cover only durable messages, the per-user bound, and the crash
+//! test (SIGKILL at random moments; every message acknowledged to its sender must be delivered).
+//!
+//! The crash test's size comes from `CRASH_RUNS` and `CRASH_MESSAGES` (defaults small for CI);
+//! `scripts/crash-test.sh` runs it long.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const NS_SM: &str = "urn:xmpp:sm:3";
+
+/// Logs in and enables XEP-0198.
+fn sm_login(server: &Server, node: &str, resource: &str) -> Client {
+    let mut c = server.login(node, resource);
+    c.send(&format!("<enable xmlns='{NS_SM}'/>"));
+    c.expect("<enabled");
+    c
+}
+
+/// The highest `h` in the acks `<a h=.../>` that arrive within `timeout`, after asking with
+/// `<r/>`, once one is at least `want` (or the deadline passes).
+fn acked_h(c: &mut Client, want: u32, timeout: Duration) -> u32 {
+    let deadline = Instant::now() + timeout;
+    let mut best = 0;
+    c.send(&format!("<r xmlns='{NS_SM}'/>"));
+    while best < want && Instant::now() < deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(text) = c.try_read_until(left.min(Duration::from_millis(500)), |s| {
+            let i = s.find("<a xmlns='urn:xmpp:sm:3' h='")?;
+            let j = s[i..].find("/>")?;
+            Some(i + j + 2)
+        }) else {
+            c.send(&format!("<r xmlns='{NS_SM}'/>"));
+            continue;
+        };
+        best = best.max(h_of(&text));
+    }
+    best
+}
+
+fn h_of(text: &str) -> u32 {
+    let i = text.rfind(" h='").expect("h") + 4;
+    let j = text[i..].find('\'').expect("h end");
+    text[i..i + j].parse().expect("numeric h")
+}
+
+/// A chat message with a receipt request to `to` (a local part, or `node@domain/resource`).
+fn chat(to: &str, id: &str) -> String {
+    let to = if to.contains('@') {
+        to.to_owned()
+    } else {
+        format!("{to}@{DOMAIN}")
+    };
+    format!("<message to='{to}' id='{id}' type='chat'><request xmlns='urn:xmpp:receipts'/><body>{id}</body></message>")
+}
+
+/// Logs `node` in with XEP-0198, sends initial presence and collects the ids of messages whose id
+/// starts with `prefix`, until `want` distinct ones arrived and no more came for `quiet`; then
+/// acknowledges everything received. Returns ids in arrival order.
+fn collect(server: &Server, node: &str, prefix: &str, want: usize, quiet: Duration) -> Vec<String> {
+    let mut c = sm_login(server, node, "collect");
+    c.send("<presence/>");
+    let mut got = Vec::new();
+    let mut stanzas = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Instant::now();
+    let needle = format!(" id='{prefix}");
+    while Instant::now() < deadline {
+        let distinct: BTreeSet<_> = got.iter().collect();
+        if distinct.len() >= want && last.elapsed() >= quiet {
+            break;
+        }
+        let Ok(text) = c.try_read_until(Duration::from_millis(200), |s| {
+            let i = s.find("<message")?;
+            let j = s[i..].find("</message>")?;
+            Some(i + j + "</message>".len())
+        }) else {
+            continue;
+        };
+        stanzas += 1 + text.matches("<presence").count() as u32;
+        last = Instant::now();
+        let msg = &text[text.find("<message").unwrap()..];
+        if let Some(i) = msg.find(&needle) {
+            let rest = &msg[i + 5..];
+            let id = &rest[..rest.find('\'').unwrap()];
+            assert!(msg.contains("urn:xmpp:delay"), "no delay stamp: {msg}");
+            got.push(id.to_owned());
+        }
+    }
+    // Everything this session received is acknowledged, so the queue is erased.
+    c.send(&format!("<a xmlns='{NS_SM}' h='{stanzas}'/>"));
+    c.assert_alive();
+    got
+}
+
+#[test]
+fn offline_messages_survive_restart_and_a_shard_change_and_the_bound_holds() {
+    // Goal: XEP-0160 end to end: a message for an offline user is stored on its home shard,
+    // acked to the sender only once durable, kept across a restart and a change of --shards,
+    // delivered in order after initial presence with a delay stamp; past the per-user bound the
+    // sender gets resource-constraint and the store keeps what it had.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let mut server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--offline-messages-max")
+        .arg("25")
+        .start();
+    let mut sender = sm_login(&server, &a, "r");
+    for i in 0..30 {
+        sender.send(&chat(&b, &format!("q{i:02}")));
+    }
+    for i in 25..30 {
+        let err = sender.expect_stanza("message", &format!("id='q{i}'"));
+        assert!(is_type(&err, "error"), "{err}");
+        assert!(err.contains("<resource-constraint"), "{err}");
+    }
+    let h = acked_h(&mut sender, 30, Duration::from_secs(10));
+    assert_eq!(h, 30, "every message is handled (stored or refused)");
+    drop(sender);
+    server.stop();
+    server.set_args(&["--shards", "3"]);
+    server.restart();
+    server.stop();
+    server.set_args(&["--shards", "2"]);
+    server.restart();
+    let want: Vec<String> = (0..25).map(|i| format!("q{i:02}")).collect();
+    let got = collect(&server, &b, "q", 25, Duration::from_millis(300));
+    assert_eq!(got, want, "\n--- log ---\n{}", server.log());
+    // Acknowledged: erased. The next login gets nothing.
+    let again = collect(&server, &b, "q", 0, Duration::from_millis(500));
+    assert!(again.is_empty(), "{again:?}");
+}
+
+#[test]
+fn crash_test_every_acknowledged_message_is_delivered() {
+    // Goal: the durability promise. A sender streams messages to offline users on both shards
+    // with XEP-0198 acks; the gateway is SIGKILLed at a random moment after some acks; after a
+    // restart every message acked to the sender arrives, whatever the moment.
+    let runs: usize = env_or("CRASH_RUNS", 5);
+    let messages: usize = env_or("CRASH_MESSAGES", 300);
+    let sender = users_on_shard(0, 1).remove(0);
+    let mut recipients = users_on_shard(0, 3)[1..].to_vec();
+    recipients.extend(users_on_shard(1, 2));
+    let mut all = vec![sender.clone()];
+    all.extend(recipients.iter().cloned());
+    let mut server = ServerBuilder::new().users(&all).start();
+    let (mut total_acked, mut total_delivered, mut total_lost, mut total_extra) = (0, 0, 0, 0);
+    for run in 0..runs {
+        let chunk = 50;
+        let chunks = messages.div_ceil(chunk);
+        // Kill after a random number of chunks (at least one ack seen).
+        let kill_after = 1 + random_below(chunks.max(2) - 1);
+        let mut c = sm_login(&server, &sender, "s");
+        let mut acked = 0u32;
+        let mut sent = 0usize;
+        let mut per: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for k in 0..chunks {
+            for _ in 0..chunk.min(messages - sent) {
+                let to = &recipients[sent % recipients.len()];
+                let id = format!("c{run}x{sent:06}");
+                c.send(&chat(to, &id));
+                per.entry(to.as_str()).or_default().push(id);
+                sent += 1;
+            }
+            if k + 1 == kill_after {
+                // Some acks seen, the latest chunk in flight: crash now.
+                c.send(&format!("<r xmlns='{NS_SM}'/>"));
+                acked = acked.max(read_acks_now(&mut c));
+                server.kill();
+                break;
+            }
+            acked = acked.max(acked_h(&mut c, sent as u32, Duration::from_secs(10)));
+        }
+        drop(c);
+        server.restart();
+        // h counts the sender's stanzas after enable: exactly its messages, in order.
+        let acked_ids: BTreeSet<String> = (0..acked as usize)
+            .map(|i| format!("c{run}x{i:06}"))
+            .collect();
+        let mut delivered = BTreeSet::new();
+        for r in &recipients {
+            let want = per
+                .get(r.as_str())
+                .map(|ids| ids.iter().filter(|i| acked_ids.contains(*i)).count())
+                .unwrap_or(0);
+            let got = collect(
+                &server,
+                r,
+                &format!("c{run}x"),
+                want,
+                Duration::from_millis(300),
+            );
+            let distinct: BTreeSet<_> = got.iter().cloned().collect();
+            assert_eq!(
+                distinct.len(),
+                got.len(),
+                "duplicates at a first login: {got:?}"
+            );
+            let mut sorted = got.clone();
+            sorted.sort();
+            assert_eq!(got, sorted, "out of order for {r}");
+            delivered.extend(distinct);
+        }
+        let lost: Vec<_> = acked_ids.difference(&delivered).collect();
+        eprintln!(
+            "crash run {run}: sent {sent}, acked {acked}, delivered {}, lost {}, unacked but delivered {}",
+            delivered.len(),
+            lost.len(),
+            delivered.difference(&acked_ids).count()
+        );
+        assert!(
+            lost.is_empty(),
+            "run {run}: acked but lost: {lost:?}\n--- log ---\n{}",
+            server.log()
+        );
+        total_acked += acked as usize;
+        total_delivered += delivered.len();
+        total_lost += lost.len();
+        total_extra += delivered.difference(&acked_ids).count();
+    }
+    eprintln!(
+        "crash test: runs {runs}, messages acked {total_acked}, delivered {total_delivered}, \
+         lost {total_lost}, delivered though not acked {total_extra}"
+    );
+}
+
+/// Reads whatever acks arrive within a short moment, without waiting for any in particular.
+fn read_acks_now(c: &mut Client) -> u32 {
+    let mut best = 0;
+    let deadline = Instant::now() + Duration::from_millis(50);
+    while Instant::now() < deadline {
+        match c.try_read_until(Duration::from_millis(20), |s| {
+            let i = s.find("<a xmlns='urn:xmpp:sm:3' h='")?;
+            let j = s[i..].find("/>")?;
+            Some(i + j + 2)
+        }) {
+            Ok(text) => best = best.max(h_of(&text)),
+            Err(_) => continue,
+        }
+    }
+    best
+}
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn random_below(n: usize) -> usize {
+    let mut b = [0u8; 8];
+    getrandom::getrandom(&mut b).expect("random bytes");
+    (u64::from_le_bytes(b) % n as u64) as usize
+}
+
+/// Logs in with XEP-0198 and resumption; returns the client and the resumption id.
+fn sm_login_resumable(server: &Server, node: &str, resource: &str) -> (Client, String) {
+    let mut c = server.login(node, resource);
+    c.send(&format!("<enable xmlns='{NS_SM}' resume='true'/>"));
+    let enabled = c.expect("/>");
+    let at = enabled.find("id='").expect("resumption id in <enabled/>") + 4;
+    let id = enabled[at..at + enabled[at..].find('\'').unwrap()].to_owned();
+    assert!(enabled.contains("resume='true'"), "{enabled}");
+    (c, id)
+}
+
+/// Reads messages whose id starts with `prefix` until `n` arrived; returns their ids.
+fn read_messages(c: &mut Client, prefix: &str, n: usize) -> Vec<String> {
+    let needle = format!(" id='{prefix}");
+    let mut got = Vec::new();
+    while got.len() < n {
+        let text = c
+            .try_read_until(IO_TIMEOUT, |s| {
+                let i = s.find("<message")?;
+                let j = s[i..].find("</message>")?;
+                Some(i + j + "</message>".len())
+            })
+            .unwrap_or_else(|e| panic!("after {got:?}: {e}"));
+        let msg = &text[text.rfind("<message").unwrap()..];
+        if let Some(i) = msg.find(&needle) {
+            let rest = &msg[i + 5..];
+            got.push(rest[..rest.find('\'').unwrap()].to_owned());
+        }
+    }
+    got
+}
+
+#[test]
+fn resumption_redelivers_exactly_what_was_not_acknowledged() {
+    // Goal: XEP-0198 resumption. B drops its TCP connection mid-stream, having received 5
+    // messages but acknowledged 3; A sends 2 more meanwhile. B resumes with h=5: it gets the 2
+    // new ones and nothing twice. Then a session that never resumes: what it had not
+    // acknowledged arrives at its next login once the window has passed.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--sm-resume-timeout-seconds")
+        .arg("2")
+        .start();
+    let mut sender = sm_login(&server, &a, "r");
+    let (mut rb, id) = sm_login_resumable(&server, &b, "r");
+    let to_b = format!("{b}@{DOMAIN}/r");
+    for i in 0..5 {
+        sender.send(&chat(&to_b, &format!("r{i}")));
+    }
+    assert_eq!(
+        read_messages(&mut rb, "r", 5),
+        ["r0", "r1", "r2", "r3", "r4"]
+    );
+    rb.send(&format!("<a xmlns='{NS_SM}' h='3'/>"));
+    assert_eq!(acked_h(&mut sender, 5, IO_TIMEOUT), 5);
+    drop(rb);
+    for i in 5..7 {
+        sender.send(&chat(&to_b, &format!("r{i}")));
+    }
+    assert_eq!(
+        acked_h(&mut sender, 7, IO_TIMEOUT),
+        7,
+        "stored while B is away"
+    );
+
+    let mut rb = Client::connect_starttls(server.c2s);
+    rb.auth_plain(&b, &password_of(&b)).unwrap();
+    rb.send(&format!("<resume xmlns='{NS_SM}' previd='{id}' h='5'/>"));
+    let resumed = rb.expect("/>");
+    assert!(resumed.contains("<resumed"), "{resumed}\n{}", server.log());
+    assert_eq!(read_messages(&mut rb, "r", 2), ["r5", "r6"]);
+    assert!(
+        rb.try_expect("id='r", Duration::from_millis(500)).is_err(),
+        "nothing else, nothing twice"
+    );
+    rb.jid = Some(format!("{b}@{DOMAIN}/r"));
+    rb.assert_alive();
+
+    // It drops again, having acknowledged nothing more, and never resumes.
+    drop(rb);
+    std::thread::sleep(Duration::from_secs(3));
+    // r0..r4 were acknowledged (h=5 on resume); r5 and r6 were not.
+    let got = collect(&server, &b, "r", 2, Duration::from_millis(300));
+    assert_eq!(got, ["r5", "r6"], "{}", server.log());
+}
