@@ -432,12 +432,12 @@ impl C2s {
         }
     }
 
-    /// True once a resource is bound and until the stream closes.
     /// SASL failures on this stream so far.
     pub fn auth_failures(&self) -> u32 {
         self.auth_failures
     }
 
+    /// True once a resource is bound and until the stream closes.
     pub fn is_established(&self) -> bool {
         matches!(self.state, State::Established { .. })
     }

@@ -170,7 +170,7 @@ pub fn table(samples: &[StatsSnapshot]) -> String {
         let p99 = s
             .shards
             .iter()
-            .map(|x| x.routing_latency.p99_micros)
+            .map(|x| x.routing_latency_last_tick.p99_micros)
             .max()
             .unwrap_or(0);
         let _ = writeln!(

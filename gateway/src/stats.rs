@@ -280,6 +280,8 @@ impl ShardStats {
         r.accepted.tick(self.accepted, elapsed);
         r.offline_stored.tick(self.offline_stored, elapsed);
         r.offline_drained.tick(self.offline_drained, elapsed);
+        self.routing_latency.roll();
+        self.storage_latency.borrow_mut().roll();
 
         let repeat = Duration::from_secs(ALERT_REPEAT_LOG_SECONDS);
         let shard = self.shard;
@@ -330,40 +332,42 @@ impl ShardStats {
     /// connection table.
     pub fn snapshot(&self, sessions: u64, connections: u64, knobs: &Knobs) -> ShardSnapshot {
         let mut alerts = Vec::new();
-        for (peer, alert) in self.mesh_alerts.iter().enumerate() {
+        let mut raised = |alert: &Alert, name: &str, peer: Option<usize>, value, threshold| {
             if alert.is_raised() {
                 alerts.push(AlertSnapshot {
                     shard: self.shard,
-                    name: "mesh_queue".to_owned(),
-                    peer: Some(peer),
-                    value: self
-                        .queues
-                        .mesh_depth_batches
-                        .get(peer)
-                        .copied()
-                        .unwrap_or(0),
-                    threshold: knobs.alert_mesh_queue_batches,
+                    name: name.to_owned(),
+                    peer,
+                    value,
+                    threshold,
                 });
             }
+        };
+        let q = &self.queues;
+        for (peer, alert) in self.mesh_alerts.iter().enumerate() {
+            let depth = q.mesh_depth_batches.get(peer).copied().unwrap_or(0);
+            raised(
+                alert,
+                "mesh_queue",
+                Some(peer),
+                depth,
+                knobs.alert_mesh_queue_batches,
+            );
         }
-        if self.send_queue_alert.is_raised() {
-            alerts.push(AlertSnapshot {
-                shard: self.shard,
-                name: "send_queue".to_owned(),
-                peer: None,
-                value: self.queues.send_queue_stanzas_max,
-                threshold: knobs.alert_send_queue_stanzas,
-            });
-        }
-        if self.offline_alert.is_raised() {
-            alerts.push(AlertSnapshot {
-                shard: self.shard,
-                name: "offline_queue".to_owned(),
-                peer: None,
-                value: self.offline_messages,
-                threshold: knobs.alert_offline_messages,
-            });
-        }
+        raised(
+            &self.send_queue_alert,
+            "send_queue",
+            None,
+            q.send_queue_stanzas_max,
+            knobs.alert_send_queue_stanzas,
+        );
+        raised(
+            &self.offline_alert,
+            "offline_queue",
+            None,
+            self.offline_messages,
+            knobs.alert_offline_messages,
+        );
         ShardSnapshot {
             shard: self.shard,
             connections,
@@ -414,6 +418,7 @@ impl ShardStats {
             bytes_out_per_second: self.rates.bytes_out.per_second(),
             accepted_per_second: self.rates.accepted.per_second(),
             routing_latency: self.routing_latency.snapshot(),
+            routing_latency_last_tick: self.routing_latency.last_window(),
             storage_latency: self.storage_latency.borrow().snapshot(),
             alerts,
             thread: None,
@@ -489,7 +494,11 @@ pub struct ShardSnapshot {
     pub bytes_in_per_second: [f64; 3],
     pub bytes_out_per_second: [f64; 3],
     pub accepted_per_second: [f64; 3],
+    /// Since the shard started.
     pub routing_latency: LatencySnapshot,
+    /// Over the last tick (one second): what `top` and `sar` show.
+    #[serde(default)]
+    pub routing_latency_last_tick: LatencySnapshot,
     pub storage_latency: LatencySnapshot,
     pub alerts: Vec<AlertSnapshot>,
     /// The shard thread's CPU and context switches, where the kernel gives them.

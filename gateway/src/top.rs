@@ -119,7 +119,7 @@ pub fn render(addr: SocketAddr, previous: Option<&StatsSnapshot>, s: &StatsSnaps
             mesh,
             sh.send_queue_stanzas_max,
             sh.offline.messages,
-            sh.routing_latency.p99_micros as f64 / 1000.0,
+            sh.routing_latency_last_tick.p99_micros as f64 / 1000.0,
             cpu,
             if alerts.is_empty() {
                 "-".to_owned()
@@ -174,7 +174,7 @@ impl Totals {
         self.mesh = self.mesh.max(mesh);
         self.send_queue = self.send_queue.max(sh.send_queue_stanzas_max);
         self.offline += sh.offline.messages;
-        self.p99_micros = self.p99_micros.max(sh.routing_latency.p99_micros);
+        self.p99_micros = self.p99_micros.max(sh.routing_latency_last_tick.p99_micros);
         self.alerts += sh.alerts.len();
     }
 }

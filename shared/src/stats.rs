@@ -47,32 +47,63 @@ const LATENCY_MAX_MICROS: u64 = 60_000_000;
 /// Significant figures kept: 2 gives 1% precision in ~20 KiB per histogram.
 const LATENCY_SIGNIFICANT_FIGURES: u8 = 2;
 
-/// A latency histogram in microseconds (hdrhistogram), with the sum kept for Prometheus.
+/// A latency histogram in microseconds (hdrhistogram), with the sum kept for Prometheus. Records
+/// go to a window that `roll` (once per tick) folds into the running total, so a reader gets both
+/// the figures since start and those of the last window.
 #[derive(Debug, Clone)]
 pub struct LatencyHistogram {
-    histogram: hdrhistogram::Histogram<u64>,
+    window: hdrhistogram::Histogram<u64>,
+    total: hdrhistogram::Histogram<u64>,
     sum_micros: u64,
+    window_sum_micros: u64,
+    last_window: LatencySnapshot,
+}
+
+fn new_histogram() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(
+        LATENCY_MIN_MICROS,
+        LATENCY_MAX_MICROS,
+        LATENCY_SIGNIFICANT_FIGURES,
+    )
+    .expect("static histogram bounds are valid")
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
         LatencyHistogram {
-            histogram: hdrhistogram::Histogram::new_with_bounds(
-                LATENCY_MIN_MICROS,
-                LATENCY_MAX_MICROS,
-                LATENCY_SIGNIFICANT_FIGURES,
-            )
-            .expect("static histogram bounds are valid"),
+            window: new_histogram(),
+            total: new_histogram(),
             sum_micros: 0,
+            window_sum_micros: 0,
+            last_window: LatencySnapshot::default(),
         }
+    }
+}
+
+fn figures(h: &hdrhistogram::Histogram<u64>, sum_micros: u64) -> LatencySnapshot {
+    if h.is_empty() {
+        return LatencySnapshot {
+            sum_micros,
+            ..LatencySnapshot::default()
+        };
+    }
+    LatencySnapshot {
+        count: h.len(),
+        sum_micros,
+        p50_micros: h.value_at_quantile(0.5),
+        p90_micros: h.value_at_quantile(0.9),
+        p99_micros: h.value_at_quantile(0.99),
+        p999_micros: h.value_at_quantile(0.999),
+        max_micros: h.max(),
     }
 }
 
 impl LatencyHistogram {
     pub fn record(&mut self, latency: Duration) {
         let micros = (latency.as_micros() as u64).clamp(LATENCY_MIN_MICROS, LATENCY_MAX_MICROS);
-        self.histogram.saturating_record(micros);
+        self.window.saturating_record(micros);
         self.sum_micros = self.sum_micros.saturating_add(micros);
+        self.window_sum_micros = self.window_sum_micros.saturating_add(micros);
     }
 
     /// Records the time from `since` to now.
@@ -80,24 +111,28 @@ impl LatencyHistogram {
         self.record(since.elapsed());
     }
 
+    /// Ends the current window: its figures become `last_window`, its counts join the total.
+    pub fn roll(&mut self) {
+        self.last_window = figures(&self.window, self.window_sum_micros);
+        self.window_sum_micros = 0;
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.total.add(&self.window);
+        self.window.reset();
+    }
+
+    /// Figures since start (the open window included).
     pub fn snapshot(&self) -> LatencySnapshot {
-        let h = &self.histogram;
-        let q = |q: f64| {
-            if h.is_empty() {
-                0
-            } else {
-                h.value_at_quantile(q)
-            }
-        };
-        LatencySnapshot {
-            count: h.len(),
-            sum_micros: self.sum_micros,
-            p50_micros: q(0.5),
-            p90_micros: q(0.9),
-            p99_micros: q(0.99),
-            p999_micros: q(0.999),
-            max_micros: if h.is_empty() { 0 } else { h.max() },
+        if self.window.is_empty() {
+            return figures(&self.total, self.sum_micros);
         }
+        let mut all = self.total.clone();
+        let _ = all.add(&self.window);
+        figures(&all, self.sum_micros)
+    }
+
+    /// Figures of the last closed window (one tick).
+    pub fn last_window(&self) -> LatencySnapshot {
+        self.last_window
     }
 }
 
@@ -215,6 +250,21 @@ mod tests {
         assert!((49_000..=51_000).contains(&s.p50_micros), "{s:?}");
         assert!((98_000..=100_000).contains(&s.p99_micros), "{s:?}");
         assert!(s.max_micros >= 99_000);
+        assert_eq!(h.last_window().count, 0, "no window closed yet");
+        h.roll();
+        assert_eq!(h.last_window(), s, "the first window holds everything");
+        assert_eq!(h.snapshot(), s, "rolling loses nothing");
+        h.record(Duration::from_millis(500));
+        h.roll();
+        let w = h.last_window();
+        assert_eq!((w.count, w.sum_micros), (1, 500_000));
+        assert!(
+            (495_000..=505_000).contains(&w.p99_micros),
+            "1% precision: {w:?}"
+        );
+        assert_eq!(h.snapshot().count, 101);
+        h.roll();
+        assert_eq!(h.last_window().count, 0, "an idle window is empty");
     }
 
     #[test]
