@@ -4,6 +4,7 @@
 mod admin;
 pub mod c2s;
 mod conn;
+mod push;
 pub mod server;
 mod shard;
 mod storage;

@@ -99,6 +99,19 @@ pub fn serve(config: Config) -> Result<()> {
             c.fix
         );
     }
+    // The push hook's address is resolved once, here, never on a shard's reactor.
+    let push_target = match &config.push_url {
+        Some(url) => {
+            let (authority, path) = shared::config::parse_http_url(url)
+                .context("push_url is not an http://host:port/path URL")?;
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)
+                .with_context(|| format!("resolving the push_url host {authority}"))?
+                .next()
+                .with_context(|| format!("the push_url host {authority} has no address"))?;
+            Some((addr, authority, path))
+        }
+        None => None,
+    };
     let stores = Store::open_all(&config.data_dir, shards, &config.domain)
         .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
     let stores = Arc::new(stores);
@@ -174,6 +187,7 @@ pub fn serve(config: Config) -> Result<()> {
             control: control_rx,
             ready: ready_tx.clone(),
             all_ready: all_ready.clone(),
+            push_target: push_target.clone(),
         };
         let join = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
@@ -247,6 +261,7 @@ struct ShardStart {
     control: flume::Receiver<Control>,
     ready: std::sync::mpsc::Sender<Result<usize, String>>,
     all_ready: Arc<std::sync::atomic::AtomicBool>,
+    push_target: Option<(std::net::SocketAddr, String, String)>,
 }
 
 async fn run_shard(start: ShardStart) {
@@ -321,6 +336,17 @@ async fn run_shard(start: ShardStart) {
         .sm_resume_timeout
         .set(Duration::from_secs(start.config.sm_resume_timeout_seconds));
     let mut tasks = Vec::new();
+    if let Some((addr, authority, path)) = start.push_target.clone() {
+        let pusher = Rc::new(crate::push::Pusher::new(
+            addr,
+            authority,
+            path,
+            start.config.domain.clone(),
+            start.config.push_queue_max,
+        ));
+        *shard.push.borrow_mut() = Some(pusher.clone());
+        tasks.push(glommio::spawn_local(pusher.run()).detach());
+    }
     tasks.push(
         glommio::spawn_local(conn::accept_loop(shard.clone(), c2s, Listener::StartTls)).detach(),
     );
@@ -378,5 +404,8 @@ async fn run_shard(start: ShardStart) {
         storage = %commit_stats.borrow().summary(),
         "storage"
     );
+    if let Some(push) = shard.push.borrow().as_ref() {
+        tracing::info!(shard = id, stats = ?push.stats.get(), "push hook");
+    }
     tracing::debug!(shard = id, stats = ?shard.stats.borrow(), "shard stopped");
 }

@@ -181,6 +181,8 @@ pub struct Shard {
     next_detach: Cell<u64>,
     /// How long a detached session waits.
     pub sm_resume_timeout: Cell<std::time::Duration>,
+    /// The push hook, when configured.
+    pub push: RefCell<Option<Rc<crate::push::Pusher>>>,
     pub stats: RefCell<ShardStats>,
     /// The one large read buffer of the shard, borrowed only between two awaits (never across
     /// one), so connections share it instead of each holding their own.
@@ -244,6 +246,7 @@ impl Shard {
             detached: RefCell::new(HashMap::new()),
             next_detach: Cell::new(0),
             sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
+            push: RefCell::new(None),
             stats: RefCell::new(ShardStats::default()),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
@@ -275,6 +278,11 @@ impl Shard {
                         Some(Ok(())) => self.stats.borrow_mut().delivered += 1,
                         // It stays in the offline queue for the session's next login.
                         _ => self.stats.borrow_mut().undeliverable += 1,
+                    }
+                }
+                Action::Push { node, count } => {
+                    if let Some(push) = self.push.borrow().as_ref() {
+                        push.enqueue(&node, count);
                     }
                 }
                 Action::Settled { conn } => {
