@@ -1323,3 +1323,20 @@ fn odd_input_never_panics() {
     );
     assert!(net.roster(&a).is_empty(), "{:?}", net.roster(&a));
 }
+
+#[test]
+fn a_message_stored_before_the_clock_was_set_is_not_purged() {
+    // Regression: a shard that had only received mesh frames had never had its clock set, so
+    // the first cross-shard message was stamped 0 and then purged as 56 years old at login.
+    let mut net = Net::new(2);
+    net.routers[1].set_clock(0);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    net.send(a1, &chat(&b, "first"));
+    net.routers[1].set_clock(CLOCK_MS);
+    let b1 = net.bind(&b, "r");
+    net.send(b1, "<presence/>");
+    assert_eq!(ids(&net.take(b1)), ["first"]);
+    assert_eq!(net.routers[1].offline_stats().purged, 0);
+}
