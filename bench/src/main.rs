@@ -1,4 +1,4 @@
-//! `bench`: the load generator. Scenarios `idle`, `login`, `chat`, `reconnect` drive any XMPP
+//! `bench`: the load generator. Scenarios `idle`, `login`, `chat`, `reconnect`, `offline` drive any XMPP
 //! server on this machine as a black box and write a JSON report; `plot` charts reports.
 
 use std::path::PathBuf;
@@ -41,6 +41,9 @@ impl Scenario {
 enum Command {
     #[command(flatten)]
     Scenario(Scenario),
+    /// Store and forward: one sender fills --users offline users' queues with --messages
+    /// messages (XEP-0198 acks), then each logs in and drains: stored/s, ack latency, drain/s.
+    Offline(bench::scenarios::Opts),
     /// Chart JSON reports into an SVG.
     Plot {
         /// Reports written with --json.
@@ -70,6 +73,7 @@ fn main() {
             let (kind, opts) = scenario.split();
             scenarios::worker_main(kind, opts, bench::workers::Link::Stdio).map(|()| 0)
         }
+        Command::Offline(opts) => scenarios::offline::run(opts),
         Command::Plot { files, output } => plot(&files, &output),
     };
     match code {

@@ -7,6 +7,7 @@ pub mod c2s;
 mod conn;
 pub mod knobs;
 pub mod logging;
+mod push;
 pub mod sar;
 pub mod server;
 mod shard;

@@ -184,6 +184,12 @@ struct ServeArgs {
     /// Seconds a XEP-0198 session may be resumed after its connection is lost [default: 300].
     #[arg(long)]
     sm_resume_timeout_seconds: Option<u64>,
+    /// Push hook URL (`http://host:port/path`) POSTed `{"user","count"}` for offline users.
+    #[arg(long)]
+    push_url: Option<String>,
+    /// Push notifications queued per shard [default: 4096].
+    #[arg(long)]
+    push_queue_max: Option<usize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -345,6 +351,12 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = s.sm_resume_timeout_seconds {
         config.sm_resume_timeout_seconds = v;
+    }
+    if let Some(v) = &s.push_url {
+        config.push_url = Some(v.clone());
+    }
+    if let Some(v) = s.push_queue_max {
+        config.push_queue_max = v;
     }
 }
 

@@ -102,6 +102,19 @@ pub fn serve(config: Config) -> Result<()> {
             c.fix
         );
     }
+    // The push hook's address is resolved once, here, never on a shard's reactor.
+    let push_target = match &config.push_url {
+        Some(url) => {
+            let (authority, path) = shared::config::parse_http_url(url)
+                .context("push_url is not an http://host:port/path URL")?;
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&authority)
+                .with_context(|| format!("resolving the push_url host {authority}"))?
+                .next()
+                .with_context(|| format!("the push_url host {authority} has no address"))?;
+            Some((addr, authority, path))
+        }
+        None => None,
+    };
     let stores = Store::open_all(&config.data_dir, shards, &config.domain)
         .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
     let stores = Arc::new(stores);
@@ -189,6 +202,7 @@ pub fn serve(config: Config) -> Result<()> {
                 Vec::new()
             },
             all_ready: all_ready.clone(),
+            push_target: push_target.clone(),
         };
         let join = LocalExecutorBuilder::new(placement)
             .name(&format!("shard-{id}"))
@@ -266,6 +280,7 @@ struct ShardStart {
     admin_rx: flume::Receiver<AdminRequest>,
     /// Senders to every shard's admin loop (shard 0 only, which serves the admin port).
     admin_tx: Vec<flume::Sender<AdminRequest>>,
+    push_target: Option<(std::net::SocketAddr, String, String)>,
 }
 
 async fn run_shard(start: ShardStart) {
@@ -351,6 +366,17 @@ async fn run_shard(start: ShardStart) {
         .sm_resume_timeout
         .set(Duration::from_secs(start.config.sm_resume_timeout_seconds));
     let mut tasks = Vec::new();
+    if let Some((addr, authority, path)) = start.push_target.clone() {
+        let pusher = Rc::new(crate::push::Pusher::new(
+            addr,
+            authority,
+            path,
+            start.config.domain.clone(),
+            start.config.push_queue_max,
+        ));
+        *shard.push.borrow_mut() = Some(pusher.clone());
+        tasks.push(glommio::spawn_local(pusher.run()).detach());
+    }
     tasks.push(
         glommio::spawn_local(conn::accept_loop(shard.clone(), c2s, Listener::StartTls)).detach(),
     );
@@ -428,4 +454,8 @@ async fn run_shard(start: ShardStart) {
         storage = %commit_stats.borrow().summary(),
         "storage"
     );
+    let push = shard.push.borrow().clone();
+    if let Some(push) = push {
+        tracing::info!(shard = id, stats = ?push.stats.get(), "push hook");
+    }
 }

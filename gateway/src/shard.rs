@@ -188,6 +188,8 @@ pub struct Shard {
     next_detach: Cell<u64>,
     /// How long a detached session waits.
     pub sm_resume_timeout: Cell<std::time::Duration>,
+    /// The push hook, when configured.
+    pub push: RefCell<Option<Rc<crate::push::Pusher>>>,
     pub stats: RefCell<ShardStats>,
     /// This shard's copy of the run-time knobs, replaced by the admin port.
     pub knobs: RefCell<Knobs>,
@@ -255,6 +257,7 @@ impl Shard {
             detached: RefCell::new(HashMap::new()),
             next_detach: Cell::new(0),
             sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
+            push: RefCell::new(None),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
     }
@@ -285,6 +288,11 @@ impl Shard {
                         Some(Ok(())) => self.stats.borrow_mut().delivered += 1,
                         // It stays in the offline queue for the session's next login.
                         _ => self.stats.borrow_mut().undeliverable += 1,
+                    }
+                }
+                Action::Push { node, count } => {
+                    if let Some(push) = self.push.borrow().as_ref() {
+                        push.enqueue(&node, count);
                     }
                 }
                 Action::Settled { conn } => {

@@ -347,3 +347,97 @@ fn resumption_redelivers_exactly_what_was_not_acknowledged() {
     let got = collect(&server, &b, "r", 2, Duration::from_millis(300));
     assert_eq!(got, ["r5", "r6"], "{}", server.log());
 }
+
+#[test]
+fn push_hook_posts_user_and_count_with_retries() {
+    // Goal: the push hook. A message stored for a user with no session makes the server POST
+    // {"user","count"} (never the body) to the configured URL; a failed POST is retried.
+    // Method: a local HTTP receiver answers 500 first, then 200; A sends 3 messages to offline B.
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/push", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
+    std::thread::spawn(move || {
+        // Bounded: at most 20 requests, each with a read timeout.
+        for (n, conn) in listener.incoming().take(20).enumerate() {
+            let Ok(mut conn) = conn else { continue };
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut req = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while let Ok(k) = conn.read(&mut chunk) {
+                if k == 0 {
+                    break;
+                }
+                req.extend_from_slice(&chunk[..k]);
+                let text = String::from_utf8_lossy(&req);
+                if let Some(i) = text.find("\r\n\r\n") {
+                    let len: usize = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if req.len() >= i + 4 + len {
+                        break;
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&req).into_owned();
+            let status = if n == 0 {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = conn.write_all(
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            );
+            let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+            if tx.send((head.to_owned(), body.to_owned())).is_err() {
+                return;
+            }
+        }
+    });
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--push-url")
+        .arg(&url)
+        .start();
+    let mut sender = sm_login(&server, &a, "r");
+    for i in 0..3 {
+        sender.send(&chat(&b, &format!("secret-body-{i}")));
+    }
+    assert_eq!(acked_h(&mut sender, 3, IO_TIMEOUT), 3);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut requests = Vec::new();
+    let mut max_count = 0;
+    while (max_count < 3 || requests.len() < 2) && Instant::now() < deadline {
+        let Ok((head, body)) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        assert!(head.starts_with("POST /push HTTP/1.1"), "{head}");
+        assert!(
+            body.starts_with(&format!("{{\"user\":\"{b}@{DOMAIN}\",\"count\":")),
+            "{body}"
+        );
+        assert!(
+            !body.contains("secret"),
+            "the message never travels: {body}"
+        );
+        let count: usize = body
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('}')
+            .parse()
+            .unwrap();
+        max_count = max_count.max(count);
+        requests.push(body);
+    }
+    assert_eq!(max_count, 3, "requests: {requests:?}\n{}", server.log());
+    assert!(
+        requests.len() >= 2,
+        "the first (refused) was retried: {requests:?}"
+    );
+}

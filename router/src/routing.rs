@@ -62,6 +62,9 @@ pub enum Action {
     /// More of the connection's stanzas are settled (see `settled`): the driver lets its stream
     /// machine send a XEP-0198 ack that was waiting for them.
     Settled { conn: ConnId },
+    /// A message was stored for `node`, who has no session to take it: the push hook may tell
+    /// the user's devices. `count` is how many messages wait. Never carries the message.
+    Push { node: String, count: usize },
 }
 
 /// A successful bind.
@@ -785,6 +788,13 @@ impl Router {
         }
         match self.store(node, &stanza) {
             Ok(seq) => {
+                if live.is_empty() && !any_draining {
+                    let count = self.queues.get(node).map_or(1, |u| u.messages);
+                    self.actions.push_back(Action::Push {
+                        node: node.to_string(),
+                        count,
+                    });
+                }
                 for (conn, sm) in live {
                     self.delivered += 1;
                     self.actions.push_back(Action::DeliverStored {

@@ -50,6 +50,8 @@ struct Net {
     stored_seqs: HashMap<u64, Vec<u64>>,
     /// conns told that more of their stanzas are settled.
     settled_told: Vec<u64>,
+    /// Push hook calls: (user, messages waiting).
+    pushes: Vec<(String, usize)>,
     /// conn -> its shard.
     conn_shard: HashMap<u64, usize>,
     inbox: HashMap<u64, Vec<Stanza>>,
@@ -92,6 +94,7 @@ impl Net {
             offline,
             stored_seqs: HashMap::new(),
             settled_told: Vec::new(),
+            pushes: Vec::new(),
             conn_shard: HashMap::new(),
             inbox: HashMap::new(),
             closed: Vec::new(),
@@ -174,6 +177,7 @@ impl Net {
                             }
                         }
                         Action::Settled { conn } => self.settled_told.push(conn),
+                        Action::Push { node, count } => self.pushes.push((node, count)),
                     }
                 }
             }
@@ -353,6 +357,19 @@ fn offline_messages_wait_and_arrive_after_initial_presence_in_order_with_delay()
     assert!(net.take(a1).is_empty(), "the sender got no error");
     assert!(net.take(s1).is_empty());
     assert_eq!(net.queued(&b).len(), 6, "stored on b's home shard");
+    let pushes: Vec<usize> = net
+        .pushes
+        .iter()
+        .map(|(n, c)| {
+            assert_eq!(n, &b);
+            *c
+        })
+        .collect();
+    assert_eq!(
+        pushes,
+        [1, 2, 3, 4, 5, 6],
+        "one push per stored message, with the count"
+    );
     assert_eq!(
         net.settled(a1),
         5,
@@ -440,6 +457,11 @@ fn sender_settles_only_after_the_recipients_shard_commits() {
         panic!("expected a frame to shard 1");
     };
     net.routers[1].handle_frame(frame);
+    // Only the push hook's nudge: nothing settles before the commit.
+    assert!(matches!(
+        net.routers[1].poll_action(),
+        Some(Action::Push { count: 1, .. })
+    ));
     assert!(net.routers[1].poll_action().is_none());
     assert_eq!(net.settled(a1), 0, "stored but not committed");
     assert!(net.routers[1].needs_commit());
@@ -1300,4 +1322,21 @@ fn odd_input_never_panics() {
         "not-allowed"
     );
     assert!(net.roster(&a).is_empty(), "{:?}", net.roster(&a));
+}
+
+#[test]
+fn a_message_stored_before_the_clock_was_set_is_not_purged() {
+    // Regression: a shard that had only received mesh frames had never had its clock set, so
+    // the first cross-shard message was stamped 0 and then purged as 56 years old at login.
+    let mut net = Net::new(2);
+    net.routers[1].set_clock(0);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    net.send(a1, &chat(&b, "first"));
+    net.routers[1].set_clock(CLOCK_MS);
+    let b1 = net.bind(&b, "r");
+    net.send(b1, "<presence/>");
+    assert_eq!(ids(&net.take(b1)), ["first"]);
+    assert_eq!(net.routers[1].offline_stats().purged, 0);
 }

@@ -83,6 +83,11 @@ pub struct Config {
     pub offline_age_days_max: u64,
     /// XEP-0198: seconds a session that lost its connection may be resumed.
     pub sm_resume_timeout_seconds: u64,
+    /// Push hook: `http://host:port/path` to POST `{"user":..,"count":..}` to when a message is
+    /// stored for a user with no session. Unset: no hook.
+    pub push_url: Option<String>,
+    /// Push notifications queued per shard; past it new ones are dropped and counted.
+    pub push_queue_max: usize,
 }
 
 impl Default for Config {
@@ -120,6 +125,8 @@ impl Default for Config {
             offline_bytes_max: limits::OFFLINE_BYTES_MAX_DEFAULT,
             offline_age_days_max: limits::OFFLINE_AGE_DAYS_MAX_DEFAULT,
             sm_resume_timeout_seconds: limits::SM_RESUME_TIMEOUT_SECONDS_DEFAULT,
+            push_url: None,
+            push_queue_max: limits::PUSH_QUEUE_NOTIFICATIONS_MAX_DEFAULT,
         }
     }
 }
@@ -249,6 +256,22 @@ impl Config {
                 fix: "use 0 (no resumption) to 86400 seconds (default 300)",
             });
         }
+        if let Some(url) = &self.push_url {
+            if parse_http_url(url).is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "push_url",
+                    problem: format!("{url:?} is not an http://host:port/path URL"),
+                    fix: "use e.g. `http://127.0.0.1:8080/push` (plain HTTP to a local relay)",
+                });
+            }
+        }
+        if self.push_queue_max == 0 {
+            return Err(ConfigError::Invalid {
+                key: "push_queue_max",
+                problem: "0 notifications".to_owned(),
+                fix: "use at least 1 (default 4096)",
+            });
+        }
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid {
                 key: "max_connections",
@@ -258,6 +281,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Splits `http://host:port/path` into (`host:port`, `/path`); the port defaults to 80.
+pub fn parse_http_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() || authority.contains('@') || path.contains(char::is_whitespace) {
+        return None;
+    }
+    let authority = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_owned()
+    } else if authority.contains(':') && !authority.ends_with(']') {
+        return None;
+    } else {
+        format!("{authority}:80")
+    };
+    Some((authority, path.to_owned()))
 }
 
 #[cfg(test)]
@@ -310,6 +356,24 @@ mod tests {
             let key = bad.split(' ').next().unwrap();
             assert!(err.contains(key), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn push_urls() {
+        assert_eq!(
+            parse_http_url("http://127.0.0.1:8080/push"),
+            Some(("127.0.0.1:8080".into(), "/push".into()))
+        );
+        assert_eq!(
+            parse_http_url("http://relay"),
+            Some(("relay:80".into(), "/".into()))
+        );
+        assert_eq!(parse_http_url("https://x/"), None);
+        assert_eq!(parse_http_url("http://a:b:c/"), None);
+        let err = Config::from_toml("push_url = 'ftp://x'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("push_url"), "{err}");
     }
 
     #[test]

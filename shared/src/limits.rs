@@ -84,6 +84,20 @@ pub const SM_UNACKED_STANZAS_MAX: usize = 20_000;
 /// XEP-0198: the server asks for an ack (`<r/>`) after this many unacknowledged stanzas.
 pub const SM_REQUEST_EVERY_STANZAS: usize = 32;
 
+/// Push notifications waiting per shard for the push hook; past it new ones are dropped and
+/// counted (the messages themselves are stored; only the nudge is lost). Config key
+/// `push_queue_max`. Each entry is a user name and a count (~64 bytes).
+pub const PUSH_QUEUE_NOTIFICATIONS_MAX_DEFAULT: usize = 4096;
+
+/// Attempts per push notification before it is dropped (and counted).
+pub const PUSH_ATTEMPTS_MAX: u32 = 5;
+
+/// First retry delay of a failed push, doubled per attempt.
+pub const PUSH_RETRY_BASE_MS: u64 = 100;
+
+/// Milliseconds one push request (connect, send, status line) may take.
+pub const PUSH_REQUEST_TIMEOUT_MS: u64 = 2_000;
+
 /// XEP-0198: default seconds a session that lost its connection waits to be resumed.
 /// Config key `sm_resume_timeout_seconds`.
 pub const SM_RESUME_TIMEOUT_SECONDS_DEFAULT: u64 = 300;

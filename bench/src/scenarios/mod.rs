@@ -3,6 +3,7 @@
 //! sessions through the phases).
 
 mod chat;
+pub mod offline;
 mod parent;
 mod worker;
 
@@ -82,9 +83,12 @@ pub struct Opts {
     /// Messages per second in total (chat).
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
-    /// Message body size in bytes (chat).
+    /// Message body size in bytes (chat, offline).
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Messages stored for offline users (offline).
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: u64,
     /// Connects per second in total [default: 2000 for idle and chat, unlimited for login].
     #[arg(long)]
     pub ramp: Option<f64>,
