@@ -7,6 +7,8 @@
 #
 #   scripts/stats-cost.sh [--rate MSG/S] [--duration S] [--users N] [--rounds N] [--out DIR]
 #                         [--top FILE]   (also capture `gateway top` frames during the first run)
+#                         [--sweep]      (instead: `chat --sweep` from --rate x1.2 per step, p99
+#                                         bound 10 ms; compares the highest rate held)
 #
 # Binaries: $GATEWAY_BIN and $BENCH (default target/release/{gateway,bench} under
 # $CARGO_TARGET_DIR). Server data and logs under $PEERS_ROOT (default /tmp/peers).
@@ -24,6 +26,7 @@ USERS=1000
 ROUNDS=3
 OUT="/tmp/stats-cost-$(date +%Y%m%d-%H%M%S)"
 TOP=""
+SWEEP=0
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 BENCH="${BENCH:-$TARGET_DIR/release/bench}"
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
         --rounds) need "$@"; ROUNDS=$2; shift 2 ;;
         --out) need "$@"; OUT=$2; shift 2 ;;
         --top) need "$@"; TOP=$2; shift 2 ;;
+        --sweep) SWEEP=1; shift ;;
         -h|--help) usage 0 ;;
         *) echo "error: unknown argument $1" >&2; usage ;;
     esac
@@ -64,9 +68,12 @@ for round in $(seq 1 "$ROUNDS"); do
                 > "$TOP" 2>&1 &
             top_pid=$!
         fi
-        log "round $round, statistics $mode: bench chat --rate $RATE --duration $DURATION"
+        load=(--rate "$RATE" --duration "$DURATION")
+        [ "$SWEEP" = 1 ] && load=(--sweep --sweep-start "$RATE" --sweep-factor 1.2 \
+            --sweep-steps-max 30 --p99-bound-ms 10 --duration "$DURATION")
+        log "round $round, statistics $mode: bench chat ${load[*]}"
         "$BENCH" chat --target "127.0.0.1:$C2S_PORT" --tls none --sessions "$USERS" \
-            --rate "$RATE" --duration "$DURATION" --server-pid "$pid" --server-shards "$SHARDS" \
+            "${load[@]}" --server-pid "$pid" --server-shards "$SHARDS" \
             --label "gateway stats $mode" --json "$OUT/$mode-$round.json" > "$OUT/$mode-$round.txt" 2>&1 \
             || log "bench reported a failure (see $OUT/$mode-$round.txt)"
         [ -n "$top_pid" ] && wait "$top_pid" || true
@@ -74,9 +81,20 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-python3 - "$OUT" "$ROUNDS" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$SWEEP" <<'PY'
 import json, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, sweep = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+if sweep:
+    held = {"on": [], "off": []}
+    for r in range(1, rounds + 1):
+        for mode in ("on", "off"):
+            j = json.load(open(f"{out}/{mode}-{r}.json"))
+            ok = [s["delivered_msgs_per_second"] for s in j["sweep"] if s["held"]]
+            held[mode].append(max(ok) if ok else 0.0)
+            print(f"{mode}-{r:<5} highest rate held (p99 <= 10 ms, nothing lost): {held[mode][-1]:.0f} msg/s")
+    on, off = statistics.median(held["on"]), statistics.median(held["off"])
+    print(f"median highest rate held: on {on:.0f} msg/s, off {off:.0f} msg/s; on / off {on / off:.3f}")
+    sys.exit(0)
 rows = {"on": [], "off": []}
 print(f"{'run':<8} {'delivered/s':>12} {'server cpu s':>13} {'msgs/cpu-s':>11} {'p50 ms':>8} {'p99 ms':>8} {'lost':>6}")
 for r in range(1, rounds + 1):

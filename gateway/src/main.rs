@@ -64,12 +64,8 @@ enum Command {
     Top {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Time between frames, e.g. `1s` or `500ms`.
-        #[arg(long, default_value = "1s", value_parser = gateway::admin_client::parse_duration)]
-        interval: Duration,
-        /// Frames to show, then exit [default: until interrupted].
-        #[arg(long)]
-        count: Option<u64>,
+        #[command(flatten)]
+        sampling: Sampling,
     },
     /// Record statistics samples to a file, or print a recording.
     Sar {
@@ -99,6 +95,17 @@ struct AdminArgs {
     admin_addr: Option<SocketAddr>,
 }
 
+/// How often `top` and `sar record` read `/stats`, and how many times.
+#[derive(Args, Debug)]
+struct Sampling {
+    /// Time between samples (frames of `top`), e.g. `1s`, `500ms` or `1m`.
+    #[arg(long, default_value = "1s", value_parser = gateway::admin_client::parse_duration)]
+    interval: Duration,
+    /// Samples to take, then exit [default: until interrupted].
+    #[arg(long)]
+    count: Option<u64>,
+}
+
 impl AdminArgs {
     fn addr(&self, config: &Config) -> SocketAddr {
         self.admin_addr.unwrap_or(config.admin_addr)
@@ -111,12 +118,8 @@ enum SarCommand {
     Record {
         #[command(flatten)]
         admin: AdminArgs,
-        /// Time between samples, e.g. `1s` or `1m`.
-        #[arg(long, default_value = "1s", value_parser = gateway::admin_client::parse_duration)]
-        interval: Duration,
-        /// Samples to take, then exit [default: until interrupted].
-        #[arg(long)]
-        count: Option<u64>,
+        #[command(flatten)]
+        sampling: Sampling,
         /// The recording to append to.
         #[arg(long, short)]
         output: PathBuf,
@@ -231,18 +234,20 @@ fn main() {
     let result = match cli.command {
         None | Some(Command::Serve(_)) => gateway::server::serve(config),
         Some(Command::User { command }) => user_command(&config, command),
-        Some(Command::Top {
-            admin,
-            interval,
-            count,
-        }) => gateway::top::run(admin.addr(&config), interval, count),
+        Some(Command::Top { admin, sampling }) => {
+            gateway::top::run(admin.addr(&config), sampling.interval, sampling.count)
+        }
         Some(Command::Sar { command }) => match command {
             SarCommand::Record {
                 admin,
-                interval,
-                count,
+                sampling,
                 output,
-            } => gateway::sar::record(admin.addr(&config), interval, count, &output),
+            } => gateway::sar::record(
+                admin.addr(&config),
+                sampling.interval,
+                sampling.count,
+                &output,
+            ),
             SarCommand::Show { file } => gateway::sar::show(&file),
         },
         Some(Command::Knob {

@@ -285,44 +285,36 @@ impl ShardStats {
 
         let repeat = Duration::from_secs(ALERT_REPEAT_LOG_SECONDS);
         let shard = self.shard;
+        let check = |alert: &mut Alert, name: &str, peer, value, threshold| {
+            let event = alert.check(value, threshold, now, repeat);
+            log_alert(event, name, shard, peer, value, threshold);
+        };
         for (peer, (alert, &depth)) in self
             .mesh_alerts
             .iter_mut()
             .zip(&queues.mesh_depth_batches)
             .enumerate()
         {
-            let event = alert.check(depth, knobs.alert_mesh_queue_batches, now, repeat);
-            log_alert(
-                event,
+            check(
+                alert,
                 "mesh_queue",
-                shard,
                 Some(peer),
                 depth,
                 knobs.alert_mesh_queue_batches,
             );
         }
-        let depth = queues.send_queue_stanzas_max;
-        let event = self
-            .send_queue_alert
-            .check(depth, knobs.alert_send_queue_stanzas, now, repeat);
-        log_alert(
-            event,
+        check(
+            &mut self.send_queue_alert,
             "send_queue",
-            shard,
             None,
-            depth,
+            queues.send_queue_stanzas_max,
             knobs.alert_send_queue_stanzas,
         );
-        let held = self.offline_messages;
-        let event = self
-            .offline_alert
-            .check(held, knobs.alert_offline_messages, now, repeat);
-        log_alert(
-            event,
+        check(
+            &mut self.offline_alert,
             "offline_queue",
-            shard,
             None,
-            held,
+            self.offline_messages,
             knobs.alert_offline_messages,
         );
         self.queues = queues;

@@ -274,3 +274,38 @@ fn sar_records_and_reads_back_and_top_prints_frames() {
         top.stdout
     );
 }
+
+#[test]
+fn json_logs_and_the_log_level_knob() {
+    let a = users_on_shard(0, 1).remove(0);
+    let server = ServerBuilder::new()
+        .user(&a)
+        .arg("--log-format")
+        .arg("json")
+        .start();
+    let fail_once = || {
+        let mut c = Client::connect_starttls(server.c2s);
+        assert!(c.auth_plain(&a, "wrong").is_err());
+    };
+    // At `info`, a SASL failure (logged at debug) leaves no line.
+    fail_once();
+    set_knob(&server, "log_level", "gateway=debug");
+    fail_once();
+    let deadline = Instant::now() + SETTLE;
+    while !server.log().contains("c2s SASL failure") {
+        assert!(
+            Instant::now() < deadline,
+            "no debug line after the knob:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = server.log();
+    assert_eq!(log.matches("c2s SASL failure").count(), 1, "{log}");
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+    assert!(log.contains("\"knob\":\"log_level\""), "{log}");
+}
