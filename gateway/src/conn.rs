@@ -2,17 +2,15 @@
 //! `c2s` machine and the router, and writes what they produce. Kept thin on purpose: the lean
 //! io_uring path of a later issue replaces it.
 
-use std::io::{Read, Write};
 use std::net::TcpStream as StdTcpStream;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use router::credentials::Credentials;
 use router::{BindError, ConnId};
-use rustls::ServerConnection;
-use shared::limits::READ_CHUNK_BYTES;
+use shared::limits::CLOSE_WRITE_GRACE_MILLISECONDS;
 use shared::shard::home_shard;
 use shared::stanza::Stanza;
 
@@ -20,6 +18,7 @@ use crate::c2s::{C2s, Security, Services, SmState, Step};
 use crate::shard::{Outbox, Outgoing, Shard};
 use crate::stats::{self, ConnReport, Phase, ShardStats};
 use crate::sys;
+use crate::tls::{Received, TlsSession};
 
 /// The inline read buffer every connection's pending read uses (kept small: idle connections
 /// hold one each). A read that fills it continues through the shard's `READ_CHUNK_BYTES` buffer.
@@ -40,9 +39,10 @@ pub enum Listener {
 /// An authenticated connection moving to its user's home shard.
 pub struct Handoff {
     pub socket: StdTcpStream,
-    pub tls: Option<Box<ServerConnection>>,
+    /// The TLS session with any ciphertext and plaintext it holds that the machine has not seen.
+    pub tls: Option<Box<TlsSession>>,
     pub machine: C2s,
-    /// Bytes read from the socket but not yet given to rustls (or to the machine, without TLS).
+    /// Bytes read from the socket but not yet given to the machine (without TLS only).
     pub unread: Vec<u8>,
 }
 
@@ -74,7 +74,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Listener
         shard.stats.borrow_mut().accepted += 1;
         let (config, security, tls) = match kind {
             Listener::StartTls => (shard.c2s_starttls.clone(), Security::Plain, None),
-            Listener::DirectTls => match ServerConnection::new(shard.tls.clone()) {
+            Listener::DirectTls => match TlsSession::new(shard.tls.clone()) {
                 Ok(tls) => (
                     shard.c2s_direct_tls.clone(),
                     Security::Tls,
@@ -107,7 +107,7 @@ fn spawn_driver(
     shard: Rc<Shard>,
     id: ConnId,
     stream: TcpStream,
-    tls: Option<Box<ServerConnection>>,
+    tls: Option<Box<TlsSession>>,
     machine: C2s,
     unread: Vec<u8>,
 ) {
@@ -138,7 +138,7 @@ enum End {
 struct Conn {
     shard: Rc<Shard>,
     id: ConnId,
-    tls: Option<Box<ServerConnection>>,
+    tls: Option<Box<TlsSession>>,
     machine: C2s,
     outbox: Rc<Outbox>,
     bound: bool,
@@ -228,11 +228,17 @@ impl Conn {
                 Wake::Read(Ok(n)) => {
                     self.shard.stats.borrow_mut().bytes_in(n);
                     let (mut step, mut rest) = self.handle_input(&small[..n]);
+                    let mut more = false;
                     if n == small.len() && step == Step::Continue {
-                        (step, rest) = self.drain_socket(stream);
+                        (step, rest, more) = self.drain_socket(stream);
                     }
                     if let Some(end) = self.after_step(stream, step, rest).await {
                         return end;
+                    }
+                    if more {
+                        // The socket still holds input: let the shard's other tasks (the
+                        // recipients' writers among them) run before this one reads again.
+                        futures_lite::future::yield_now().await;
                     }
                     continue;
                 }
@@ -295,7 +301,10 @@ impl Conn {
         step: Step,
         unread: Vec<u8>,
     ) -> Option<End> {
-        let phase = stats::phase_of(self.bound, self.tls.as_deref());
+        let phase = stats::phase_of(
+            self.bound,
+            self.tls.as_ref().is_some_and(|t| t.is_handshaking()),
+        );
         let failures = self.machine.auth_failures();
         ShardStats::report_conn(&self.shard.stats, &mut self.report, phase, failures);
         if self.flush(stream).await.is_err() {
@@ -305,12 +314,13 @@ impl Conn {
             Step::Continue => None,
             Step::Close => {
                 if let Some(tls) = self.tls.as_mut() {
-                    tls.send_close_notify();
-                    let _ = self.flush(stream).await;
+                    if tls.close_notify().is_ok() {
+                        let _ = self.flush(stream).await;
+                    }
                 }
                 Some(End::Closed)
             }
-            Step::StartTls => match ServerConnection::new(self.shard.tls.clone()) {
+            Step::StartTls => match TlsSession::new(self.shard.tls.clone()) {
                 Ok(tls) => {
                     self.tls = Some(Box::new(tls));
                     self.machine.handle_tls_established();
@@ -376,8 +386,8 @@ impl Conn {
     /// Reads what else the socket holds through the shard's large buffer, without awaiting: each
     /// read is polled once and completes at once when data is there (glommio tries the `recv`
     /// before arming a poll). Bounded by `DRAIN_READS_MAX` so one busy connection cannot starve
-    /// the shard; what is left waits for the next turn.
-    fn drain_socket(&mut self, stream: &mut TcpStream) -> (Step, Vec<u8>) {
+    /// the shard; what is left waits for the next turn (`true` in the result: there may be more).
+    fn drain_socket(&mut self, stream: &mut TcpStream) -> (Step, Vec<u8>, bool) {
         let shard = self.shard.clone();
         for _ in 0..DRAIN_READS_MAX {
             let mut big = shard.read_buf.borrow_mut();
@@ -389,15 +399,15 @@ impl Conn {
                     shard.stats.borrow_mut().bytes_in(n);
                     n
                 }
-                Some(Ok(_)) | Some(Err(_)) => return (Step::Close, Vec::new()),
-                None => break,
+                Some(Ok(_)) | Some(Err(_)) => return (Step::Close, Vec::new(), false),
+                None => return (Step::Continue, Vec::new(), false),
             };
             let (step, rest) = self.handle_input(&big[..n]);
             if step != Step::Continue || n < big.len() {
-                return (step, rest);
+                return (step, rest, false);
             }
         }
-        (Step::Continue, Vec::new())
+        (Step::Continue, Vec::new(), true)
     }
 
     /// Feeds received bytes through TLS (if any) into the machine. Returns the step and the
@@ -418,46 +428,21 @@ impl Conn {
                 Vec::new(),
             );
         };
-        let mut rest = data;
-        let mut plain = [0u8; READ_CHUNK_BYTES];
-        // Bounded: each pass consumes input or ends; rustls takes at least one record per pass.
-        loop {
-            if !rest.is_empty() {
-                if let Err(e) = tls.read_tls(&mut rest) {
-                    tracing::debug!(error = %e, "TLS read failed");
-                    return (Step::Close, Vec::new());
-                }
-            }
-            if let Err(e) = tls.process_new_packets() {
+        let machine = &mut self.machine;
+        let out = &mut self.out;
+        let mut feed = |plain: &[u8]| match machine.handle_bytes(plain, &mut services, out, now) {
+            Step::Continue => None,
+            step => Some(step),
+        };
+        match tls.receive(data, &mut feed) {
+            // Lets the machine work through what its framer already holds (after a handoff).
+            Ok(Received::Fed(None)) => (feed(&[]).unwrap_or(Step::Continue), Vec::new()),
+            Ok(Received::Fed(Some(step))) => (step, Vec::new()),
+            Ok(Received::PeerClosed) => (Step::Close, Vec::new()),
+            Err(e) => {
                 tracing::debug!(error = %e, "TLS error");
-                // rustls queued an alert; flush writes it.
-                return (Step::Close, Vec::new());
-            }
-            // Bounded by the plaintext rustls holds.
-            loop {
-                match tls.reader().read(&mut plain) {
-                    Ok(0) => return (Step::Close, Vec::new()),
-                    Ok(n) => {
-                        let step = self.machine.handle_bytes(
-                            &plain[..n],
-                            &mut services,
-                            &mut self.out,
-                            now,
-                        );
-                        if step != Step::Continue {
-                            return (step, rest.to_vec());
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(_) => return (Step::Close, Vec::new()),
-                }
-            }
-            if rest.is_empty() {
-                return (
-                    self.machine
-                        .handle_bytes(&[], &mut services, &mut self.out, now),
-                    Vec::new(),
-                );
+                // An alert may be queued in the session's outgoing records; flush writes it.
+                (Step::Close, Vec::new())
             }
         }
     }
@@ -467,24 +452,22 @@ impl Conn {
         match self.tls.as_mut() {
             None => {
                 if !self.out.is_empty() {
-                    stream.write_all(&self.out).await?;
+                    write_wire(stream, &self.outbox, &self.out).await?;
                     self.shard.stats.borrow_mut().bytes_out(self.out.len());
                     self.out.clear();
                 }
             }
             Some(tls) => {
-                if !self.out.is_empty() {
-                    tls.writer().write_all(&self.out)?;
-                    self.out.clear();
+                let sent = tls.send(&self.out);
+                self.out.clear();
+                // Records queued before a failure (an alert) still go out.
+                if !tls.outgoing.is_empty() {
+                    write_wire(stream, &self.outbox, &tls.outgoing).await?;
+                    self.shard.stats.borrow_mut().bytes_out(tls.outgoing.len());
+                    tls.outgoing.clear();
                 }
-                let mut wire = Vec::new();
-                while tls.wants_write() {
-                    tls.write_tls(&mut wire)?;
-                }
-                if !wire.is_empty() {
-                    stream.write_all(&wire).await?;
-                    self.shard.stats.borrow_mut().bytes_out(wire.len());
-                }
+                tls.release_idle();
+                sent.map_err(std::io::Error::other)?;
             }
         }
         if self.out.capacity() > 0 {
@@ -493,6 +476,22 @@ impl Conn {
         }
         Ok(())
     }
+}
+
+/// Writes `bytes`; once the connection's close is ordered, a write the peer does not take within
+/// `CLOSE_WRITE_GRACE_MILLISECONDS` fails, so a peer that stopped reading cannot hold its session
+/// (and the memory queued for it) open.
+async fn write_wire(stream: &mut TcpStream, outbox: &Outbox, bytes: &[u8]) -> std::io::Result<()> {
+    let write = stream.write_all(bytes);
+    let give_up = async {
+        outbox.closing().await;
+        glommio::timer::sleep(Duration::from_millis(CLOSE_WRITE_GRACE_MILLISECONDS)).await;
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "closing, and the peer does not read",
+        ))
+    };
+    futures_lite::future::or(write, give_up).await
 }
 
 /// The shard's services as the c2s machine sees them.

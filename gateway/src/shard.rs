@@ -58,6 +58,10 @@ impl Flag {
     }
 }
 
+/// The stream error a session gets when its send queue is full (it reads slower than it is
+/// written to; RFC 6120 §4.9.3.18).
+pub const SLOW_READER_STREAM_ERROR: &str = "resource-constraint";
+
 /// What the shard sends a connection's task: stanzas to write, or an order to close. Single
 /// consumer (the connection's task), bounded by `SESSION_SEND_QUEUE_STANZAS_MAX`; it allocates
 /// nothing until something is queued, so idle connections pay only for the empty struct.
@@ -117,6 +121,16 @@ impl Outbox {
     /// after a burst keeps no queue capacity.
     pub fn drain_into(&self, out: &mut Vec<Outgoing>) {
         out.extend(std::mem::take(&mut *self.queue.borrow_mut()));
+    }
+    /// Resolves once a close was ordered.
+    pub fn closing(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.close.get().is_some() {
+                return Poll::Ready(());
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
     }
     /// Resolves when something is queued or a close was ordered.
     pub fn ready(&self) -> impl Future<Output = ()> + '_ {
@@ -384,7 +398,14 @@ impl Shard {
     fn deliver(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {
         let outbox = self.conns.borrow().get(&conn).cloned();
         // Cloning `Bytes` bumps a reference count: fan-out shares one buffer.
-        let queued = outbox.is_some_and(|o| o.push(stanza.bytes.clone()).is_ok());
+        let queued = outbox.is_some_and(|o| match o.push(stanza.bytes.clone()) {
+            Ok(()) => true,
+            Err(_) => {
+                // A reader this slow holds memory for everyone writing to it: close its stream.
+                o.close(SLOW_READER_STREAM_ERROR);
+                false
+            }
+        });
         match queued {
             true => {
                 let mut stats = self.stats.borrow_mut();

@@ -45,11 +45,11 @@ impl ConnReport {
 
 /// A connection's phase from its driver's state.
 #[inline]
-pub fn phase_of(bound: bool, tls: Option<&rustls::ServerConnection>) -> Phase {
-    match (bound, tls) {
+pub fn phase_of(bound: bool, tls_handshaking: bool) -> Phase {
+    match (bound, tls_handshaking) {
         (true, _) => Phase::Session,
-        (false, Some(tls)) if tls.is_handshaking() => Phase::TlsHandshake,
-        _ => Phase::Auth,
+        (false, true) => Phase::TlsHandshake,
+        (false, false) => Phase::Auth,
     }
 }
 

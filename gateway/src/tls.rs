@@ -6,6 +6,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, WriteTraffic,
+};
 use rustls::ServerConfig;
 use shared::config::Config;
 
@@ -32,8 +36,16 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>> {
             )
         })?;
     server.alpn_protocols = vec![b"xmpp-client".to_vec()];
+    // Stateless TLS 1.3 tickets (keys rotated by rustls): a reconnecting client resumes without
+    // a certificate signature, and the server keeps no per-session cache.
+    server.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session ticketer")?;
+    server.send_tls13_tickets = TLS13_TICKETS_PER_HANDSHAKE;
     Ok(Arc::new(server))
 }
+
+/// Tickets sent after each full TLS 1.3 handshake: one per reconnect a client may attempt
+/// before its next full handshake.
+const TLS13_TICKETS_PER_HANDSHAKE: usize = 1;
 
 /// Paths of the generated certificate, creating it on first start.
 fn generated_paths(config: &Config) -> Result<(PathBuf, PathBuf)> {
@@ -108,3 +120,282 @@ fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
             )
         })
 }
+
+/// Why a TLS session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The peer sent something rustls rejected (rustls has queued an alert in `outgoing`).
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The session can no longer encrypt (after close, or its key's use count is spent).
+    #[error("TLS: cannot encrypt: {0}")]
+    Encrypt(#[from] EncryptError),
+    /// A state this server never enables (early data).
+    #[error("TLS: unexpected state {0}")]
+    Unexpected(&'static str),
+}
+
+/// One connection's TLS session over rustls's unbuffered API: the connection owns no TLS buffer
+/// while idle. `incoming` keeps only the bytes of a record not yet complete and `outgoing` only
+/// records not yet written; both give their allocation back once empty (`release_idle`).
+pub struct TlsSession {
+    conn: UnbufferedServerConnection,
+    /// Received TLS bytes rustls has not consumed yet (a partial record, or records after the
+    /// machine stopped early). Bounded by one TLS record plus one socket read.
+    incoming: Vec<u8>,
+    /// Plaintext decrypted but not yet given to the machine, because it stopped early
+    /// (authenticated: the rest follows the handoff).
+    plain_unread: Vec<u8>,
+    /// TLS records to write, in order.
+    pub outgoing: Vec<u8>,
+}
+
+/// What `TlsSession::receive` produced.
+pub enum Received<S> {
+    /// Decrypted plaintext went to `feed`; `Some` is the step that stopped it.
+    Fed(Option<S>),
+    /// The peer sent close_notify.
+    PeerClosed,
+}
+
+impl TlsSession {
+    /// True until the handshake is complete.
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    pub fn new(config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
+        Ok(Self {
+            conn: UnbufferedServerConnection::new(config)?,
+            incoming: Vec::new(),
+            plain_unread: Vec::new(),
+            outgoing: Vec::new(),
+        })
+    }
+
+    /// Takes `data` off the wire, runs the handshake (its records land in `outgoing`) and hands
+    /// decrypted plaintext to `feed` in order, starting with plaintext left from an earlier call.
+    /// `feed` returns `None` to go on; a step stops the feeding and the rest of the plaintext
+    /// and ciphertext stays here for the next call (possibly on another shard).
+    pub fn receive<S>(
+        &mut self,
+        data: &[u8],
+        feed: &mut dyn FnMut(&[u8]) -> Option<S>,
+    ) -> Result<Received<S>, TlsError> {
+        self.incoming.extend_from_slice(data);
+        if !self.plain_unread.is_empty() {
+            let plain = std::mem::take(&mut self.plain_unread);
+            if let Some(step) = feed(&plain) {
+                return Ok(Received::Fed(Some(step)));
+            }
+        }
+        let mut step = None;
+        // Bounded: every pass consumes a record, encodes a queued handshake message, or ends.
+        loop {
+            let status = self.conn.process_tls_records(&mut self.incoming);
+            let mut discard = status.discard;
+            let mut done = false;
+            let mut peer_closed = false;
+            let state = match status.state {
+                Ok(state) => state,
+                Err(e) => {
+                    self.queue_alert();
+                    return Err(e.into());
+                }
+            };
+            match state {
+                ConnectionState::ReadTraffic(mut traffic) => {
+                    while let Some(record) = traffic.next_record() {
+                        let record = record?;
+                        discard += record.discard;
+                        if step.is_none() {
+                            step = feed(record.payload);
+                        } else {
+                            // The machine stopped: keep the rest for the next call, in order.
+                            self.plain_unread.extend_from_slice(record.payload);
+                        }
+                    }
+                    done = step.is_some();
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut encode, &mut self.outgoing)?
+                }
+                // Records are written in order by the driver before anything else: marking them
+                // sent here is sound.
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => done = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                    done = true;
+                    peer_closed = true;
+                }
+                ConnectionState::ReadEarlyData(_) => {
+                    return Err(TlsError::Unexpected("early data"))
+                }
+                _ => return Err(TlsError::Unexpected("unknown")),
+            }
+            self.incoming.drain(..discard);
+            if peer_closed {
+                return Ok(Received::PeerClosed);
+            }
+            if done {
+                break;
+            }
+        }
+        self.release_idle();
+        Ok(Received::Fed(step))
+    }
+
+    /// Encrypts `plain` into `outgoing`. Plaintext produced before the handshake finished (a
+    /// timeout's stream error) cannot be sent and is dropped, as the connection is closing.
+    pub fn send(&mut self, plain: &[u8]) -> Result<(), TlsError> {
+        if plain.is_empty() {
+            return Ok(());
+        }
+        if self.conn.is_handshaking() {
+            tracing::debug!(
+                bytes = plain.len(),
+                "TLS handshake unfinished: output dropped"
+            );
+            return Ok(());
+        }
+        self.with_write_traffic(&mut |traffic, out| encrypt_into(traffic, plain, out))
+    }
+
+    /// Queues a close_notify alert in `outgoing` (nothing when the handshake never finished).
+    pub fn close_notify(&mut self) -> Result<(), TlsError> {
+        if self.conn.is_handshaking() {
+            return Ok(());
+        }
+        self.with_write_traffic(&mut |traffic, out| {
+            let start = out.len();
+            out.resize(start + CLOSE_NOTIFY_RECORD_BYTES_MAX, 0);
+            let n = traffic.queue_close_notify(&mut out[start..])?;
+            out.truncate(start + n);
+            Ok(())
+        })
+    }
+
+    /// Drives the session to its write state without taking input, then runs `write`.
+    fn with_write_traffic(&mut self, write: &mut WriteRecords<'_>) -> Result<(), TlsError> {
+        // Bounded: each pass encodes a queued message or ends (rustls queues a few at most).
+        for _ in 0..TLS_STATE_STEPS_MAX {
+            let status = self.conn.process_tls_records(&mut []);
+            match status.state? {
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    return write(&mut traffic, &mut self.outgoing)
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    encode_into(&mut encode, &mut self.outgoing)?
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                // Edge-triggered once; the next pass gives the write state.
+                ConnectionState::PeerClosed => {}
+                ConnectionState::Closed => return Err(TlsError::Unexpected("closed")),
+                ConnectionState::ReadTraffic(_) => {
+                    return Err(TlsError::Unexpected("unread traffic"))
+                }
+                ConnectionState::BlockedHandshake => {
+                    return Err(TlsError::Unexpected("handshaking"))
+                }
+                _ => return Err(TlsError::Unexpected("unknown")),
+            }
+        }
+        Err(TlsError::Unexpected("no write state"))
+    }
+
+    /// After an error rustls has queued an alert: encode it into `outgoing` (best effort; the
+    /// connection closes after writing it).
+    fn queue_alert(&mut self) {
+        for _ in 0..TLS_STATE_STEPS_MAX {
+            let status = self.conn.process_tls_records(&mut []);
+            match status.state {
+                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                    if encode_into(&mut encode, &mut self.outgoing).is_err() {
+                        return;
+                    }
+                }
+                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+                _ => return,
+            }
+        }
+    }
+
+    /// Gives back the allocations of empty buffers: an idle session holds none.
+    pub fn release_idle(&mut self) {
+        for buf in [
+            &mut self.incoming,
+            &mut self.plain_unread,
+            &mut self.outgoing,
+        ] {
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = Vec::new();
+            }
+        }
+    }
+}
+
+/// Writes records into `outgoing` once the session may send application data.
+type WriteRecords<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> Result<(), TlsError>
+    + 'a;
+
+/// Passes through `process_tls_records` without a write state before giving up (a handful
+/// suffices: queued handshake messages, a key update).
+const TLS_STATE_STEPS_MAX: usize = 64;
+
+/// A close_notify record: header, alert, TLS 1.3 content type and AEAD tag (TLS 1.2: explicit
+/// nonce instead of the type), with room to spare.
+const CLOSE_NOTIFY_RECORD_BYTES_MAX: usize = 64;
+
+fn encode_into(
+    encode: &mut EncodeTlsData<'_, ServerConnectionData>,
+    out: &mut Vec<u8>,
+) -> Result<(), TlsError> {
+    let start = out.len();
+    // Handshake messages are small but certificate chains are not: grow to what rustls asks.
+    out.resize(start + ENCODE_GUESS_BYTES, 0);
+    let n = match encode.encode(&mut out[start..]) {
+        Ok(n) => n,
+        Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            out.resize(start + required_size, 0);
+            encode
+                .encode(&mut out[start..])
+                .map_err(|_| TlsError::Unexpected("encode"))?
+        }
+        Err(EncodeError::AlreadyEncoded) => return Err(TlsError::Unexpected("encoded twice")),
+    };
+    out.truncate(start + n);
+    Ok(())
+}
+
+/// First guess of the room one handshake record needs.
+const ENCODE_GUESS_BYTES: usize = 2048;
+
+fn encrypt_into(
+    traffic: &mut WriteTraffic<'_, ServerConnectionData>,
+    plain: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), TlsError> {
+    let start = out.len();
+    // Per record of up to 16 KiB: 5 bytes of header, 1 of content type, 16 of tag (TLS 1.2
+    // GCM: 8 of explicit nonce); rustls tells the exact need if this falls short.
+    let records = plain.len() / TLS_RECORD_PLAINTEXT_BYTES_MAX + 1;
+    out.resize(
+        start + plain.len() + records * TLS_RECORD_OVERHEAD_BYTES_MAX,
+        0,
+    );
+    let n = match traffic.encrypt(plain, &mut out[start..]) {
+        Ok(n) => n,
+        Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+            out.resize(start + required_size, 0);
+            traffic.encrypt(plain, &mut out[start..])?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    out.truncate(start + n);
+    Ok(())
+}
+
+/// Largest plaintext in one TLS record (RFC 8446 §5.1).
+const TLS_RECORD_PLAINTEXT_BYTES_MAX: usize = 16 * 1024;
+/// Most bytes a record adds to its plaintext with the AEAD suites we offer.
+const TLS_RECORD_OVERHEAD_BYTES_MAX: usize = 32;

@@ -22,6 +22,10 @@ pub const READ_CHUNK_BYTES: usize = 4 * 1024;
 /// Each queued stanza is a `Bytes` handle (32 bytes) plus its shared payload.
 pub const SESSION_SEND_QUEUE_STANZAS_MAX: usize = 1024;
 
+/// Once a connection's close is ordered (its send queue overflowed, shutdown, conflict), a write
+/// blocked on a peer that does not read gets this long before the socket is closed anyway.
+pub const CLOSE_WRITE_GRACE_MILLISECONDS: u64 = 2_000;
+
 /// Batches queued on one cross-shard channel (one channel per ordered pair of shards). A full
 /// channel is backpressure: the sending shard stops reading from its connections.
 pub const MESH_CHANNEL_BATCHES_MAX: usize = 1024;

@@ -471,7 +471,7 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-fn tls_config(alpn: bool) -> Arc<ClientConfig> {
+pub fn tls_config(alpn: bool) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -1,0 +1,343 @@
+//! The connection I/O path against the real `gateway` binary: input split at every few bytes
+//! (TLS records and stanzas across the server's reads), a burst far larger than the server's read
+//! buffers (nothing lost or reordered), and a reader too slow for what it is sent (bounded send
+//! queue, then its stream is closed with `resource-constraint`).
+
+mod support;
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
+use support::*;
+
+/// A raw client whose writes go out `chunk` bytes per `write` with a pause after each, so the
+/// server sees its TLS records and stanzas split across many reads.
+struct Raw {
+    tcp: TcpStream,
+    tls: Option<ClientConnection>,
+    chunk: usize,
+    pause: Duration,
+    /// Plaintext received and not yet consumed by `expect`.
+    text: String,
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr, tls: bool, recv_buffer_bytes: Option<usize>) -> Raw {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        if let Some(bytes) = recv_buffer_bytes {
+            socket.set_recv_buffer_size(bytes).unwrap();
+        }
+        socket.connect_timeout(&addr.into(), IO_TIMEOUT).unwrap();
+        let tcp: TcpStream = socket.into();
+        tcp.set_nodelay(true).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        let tls = tls.then(|| {
+            let mut conn =
+                ClientConnection::new(tls_config(true), ServerName::try_from(DOMAIN).unwrap())
+                    .unwrap();
+            // The burst goes to rustls in one write.
+            conn.set_buffer_limit(None);
+            conn
+        });
+        let mut c = Raw {
+            tcp,
+            tls,
+            chunk: usize::MAX,
+            pause: Duration::ZERO,
+            text: String::new(),
+            pending: Vec::new(),
+            eof: false,
+        };
+        c.flush_tls();
+        c
+    }
+
+    fn write_wire(&mut self, bytes: &[u8]) {
+        for piece in bytes.chunks(self.chunk.min(bytes.len().max(1))) {
+            self.tcp.write_all(piece).expect("write");
+            if !self.pause.is_zero() {
+                std::thread::sleep(self.pause);
+            }
+        }
+    }
+
+    fn flush_tls(&mut self) {
+        let mut wire = Vec::new();
+        if let Some(tls) = self.tls.as_mut() {
+            while tls.wants_write() {
+                tls.write_tls(&mut wire).unwrap();
+            }
+        }
+        if !wire.is_empty() {
+            self.write_wire(&wire);
+        }
+    }
+
+    fn send(&mut self, text: &str) {
+        match self.tls.as_mut() {
+            Some(tls) => {
+                tls.writer().write_all(text.as_bytes()).unwrap();
+                self.flush_tls();
+            }
+            None => self.write_wire(text.as_bytes()),
+        }
+    }
+
+    /// Reads what is there (waiting up to the socket's read timeout); false at end of stream.
+    fn read_some(&mut self) -> bool {
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = match self.tcp.read(&mut buf) {
+            Ok(0) => {
+                self.eof = true;
+                return false;
+            }
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return true
+            }
+            Err(_) => {
+                self.eof = true;
+                return false;
+            }
+        };
+        match self.tls.as_mut() {
+            None => self.pending.extend_from_slice(&buf[..n]),
+            Some(tls) => {
+                let wire = buf[..n].to_vec();
+                let mut input = &wire[..];
+                // Bounded: each pass hands rustls some input and takes all its plaintext.
+                while !input.is_empty() {
+                    tls.read_tls(&mut input).unwrap();
+                    tls.process_new_packets().expect("TLS from the server");
+                    loop {
+                        match tls.reader().read(&mut buf) {
+                            Ok(0) => {
+                                self.eof = true;
+                                break;
+                            }
+                            Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                self.flush_tls();
+            }
+        }
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(s) => s.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        self.text
+            .push_str(std::str::from_utf8(&self.pending[..valid]).unwrap());
+        self.pending.drain(..valid);
+        !self.eof
+    }
+
+    /// Reads until `needle` arrives; returns the text up to and including it and consumes it.
+    fn expect(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        // Where the search resumes: text before it was searched already.
+        let mut from = 0;
+        loop {
+            if let Some(i) = self.text[from..].find(needle) {
+                let rest = self.text.split_off(from + i + needle.len());
+                return std::mem::replace(&mut self.text, rest);
+            }
+            from = self.text.len().saturating_sub(needle.len());
+            while !self.text.is_char_boundary(from) {
+                from -= 1;
+            }
+            assert!(
+                Instant::now() < deadline && !self.eof,
+                "no {needle:?} (eof: {}); got {:?}",
+                self.eof,
+                &self.text[self.text.len().saturating_sub(400)..]
+            );
+            self.read_some();
+        }
+    }
+
+    fn login(&mut self, node: &str) {
+        self.send(&Client::stream_header(DOMAIN));
+        self.expect("</stream:features>");
+        let creds = base64::engine::general_purpose::STANDARD
+            .encode(format!("\0{node}\0{}", password_of(node)));
+        self.send(&format!(
+            "<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{creds}</auth>"
+        ));
+        self.expect("<success");
+        self.send(&Client::stream_header(DOMAIN));
+        self.expect("</stream:features>");
+        self.send(&format!(
+            "<iq type='set' id='b1'><bind xmlns='{NS_BIND}'><resource>r</resource></bind></iq>"
+        ));
+        self.expect("</iq>");
+        self.send("<presence/>");
+    }
+}
+
+/// Messages in the burst, and the bytes of each body: the burst (~2 MiB) is hundreds of times
+/// the server's per-connection read (256 bytes) and its per-shard read buffer (4 KiB), and many
+/// times what one connection may read per turn (256 KiB).
+const BURST_MESSAGES: usize = 3000;
+const BURST_BODY_BYTES: usize = 700;
+
+/// `a` logs in with every write split into 3-byte pieces (TLS records, the handshake and stanzas
+/// all cross the server's reads), then sends `b` one burst in a single write; `b` must receive
+/// every message, in order.
+fn split_input_and_burst(tls: bool) {
+    let [a_node, b_node] = ["user1", "user2"];
+    let mut builder = ServerBuilder::new().users(&[a_node, b_node]);
+    if !tls {
+        builder = builder.allow_plaintext();
+    }
+    let server = builder.start();
+    let addr = if tls { server.tls } else { server.c2s };
+    let mut a = Raw::connect(addr, tls, None);
+    a.chunk = 3;
+    a.pause = Duration::from_millis(1);
+    a.login(a_node);
+    let mut b = Raw::connect(addr, tls, None);
+    b.login(b_node);
+    // `b` is present once its own presence comes back to it.
+    b.expect("<presence");
+
+    a.chunk = usize::MAX;
+    a.pause = Duration::ZERO;
+    let filler = "x".repeat(BURST_BODY_BYTES);
+    let mut burst = String::new();
+    for i in 0..BURST_MESSAGES {
+        burst.push_str(&format!(
+            "<message to='{b_node}@{DOMAIN}' type='chat' id='m{i}'><body>{i} {filler}</body></message>"
+        ));
+    }
+    let sender = std::thread::spawn(move || {
+        a.send(&burst);
+        a
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for i in 0..BURST_MESSAGES {
+        assert!(Instant::now() < deadline, "burst not through in 60 s");
+        let got = b.expect("</message>");
+        assert!(
+            got.contains(&format!("id='m{i}'"))
+                && got.contains(&format!("<body>{i} {filler}</body>")),
+            "message {i} missing or out of order; got {:?}",
+            &got[..got.len().min(300)]
+        );
+        assert!(!got.contains("type='error'"), "message {i} bounced: {got}");
+    }
+    let mut a = sender.join().unwrap();
+    // Both sessions are still fine.
+    a.send(&format!(
+        "<message to='{b_node}@{DOMAIN}' type='chat' id='last'><body>end</body></message>"
+    ));
+    b.expect("id='last'");
+}
+
+#[test]
+fn tls_records_split_across_reads_and_a_burst_arrive_whole_and_in_order() {
+    split_input_and_burst(true);
+}
+
+#[test]
+fn plaintext_split_across_reads_and_a_burst_arrive_whole_and_in_order() {
+    split_input_and_burst(false);
+}
+
+/// Bytes of each message body sent to the slow reader, and the most messages sent (a bound:
+/// the reader's send queue holds 1,024 stanzas, the kernel a few MiB more).
+const SLOW_BODY_BYTES: usize = 16 * 1024;
+const SLOW_MESSAGES_MAX: usize = 4000;
+
+#[test]
+fn a_reader_that_falls_behind_is_closed_with_resource_constraint() {
+    let [slow_node, writer_node] = ["user1", "user2"];
+    let server = ServerBuilder::new()
+        .users(&[slow_node, writer_node])
+        .allow_plaintext()
+        .start();
+    // The kernel's receive window stays at its default while the reader does not read.
+    let mut slow = Raw::connect(server.c2s, false, None);
+    slow.login(slow_node);
+    let mut writer = Raw::connect(server.c2s, false, None);
+    writer.login(writer_node);
+    writer.expect("<presence");
+
+    let mut send_side = writer.tcp.try_clone().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_sender = stop.clone();
+    let filler = "y".repeat(SLOW_BODY_BYTES);
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < SLOW_MESSAGES_MAX && !stop_sender.load(std::sync::atomic::Ordering::Relaxed) {
+            let m = format!(
+                "<message to='{slow_node}@{DOMAIN}' type='chat' id='s{sent}'><body>{sent} {filler}</body></message>"
+            );
+            if send_side.write_all(m.as_bytes()).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    // The writer learns that its messages no longer fit: they bounce with resource-constraint.
+    let bounced = writer.expect("<resource-constraint");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    assert!(bounced.contains("type='error'"), "{bounced:.300}");
+
+    // The slow reader, reading at last, gets what was queued, in order, then the stream error,
+    // then the end of the connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !slow.eof && Instant::now() < deadline {
+        slow.read_some();
+    }
+    assert!(slow.eof, "slow reader's connection not closed");
+    let text = std::mem::take(&mut slow.text);
+    let error = format!("<resource-constraint xmlns='{NS_STREAM_ERRORS}'/>");
+    let at = text.find(&error).unwrap_or_else(|| {
+        panic!(
+            "no stream error; tail {:?}",
+            &text[text.len().saturating_sub(300)..]
+        )
+    });
+    assert!(
+        text[..at].ends_with("<stream:error>"),
+        "{:?}",
+        &text[at.saturating_sub(200)..]
+    );
+    let received = text[..at].matches("</message>").count();
+    assert!(
+        received < sent,
+        "received {received} of {sent}: nothing was cut off"
+    );
+    let mut at = 0;
+    for i in 0..received {
+        let id = format!("id='s{i}'");
+        let found = text[at..].find(&id);
+        assert!(
+            found.is_some(),
+            "message {i} of {received} missing or out of order"
+        );
+        at += found.unwrap() + id.len();
+    }
+}
