@@ -183,6 +183,8 @@ pub struct Shard {
     pub sm_resume_timeout: Cell<std::time::Duration>,
     /// The push hook, when configured.
     pub push: RefCell<Option<Rc<crate::push::Pusher>>>,
+    /// Runs store commits off the reactor; without it they run inline.
+    pub committer: RefCell<Option<crate::storage::Committer>>,
     pub stats: RefCell<ShardStats>,
     /// The one large read buffer of the shard, borrowed only between two awaits (never across
     /// one), so connections share it instead of each holding their own.
@@ -247,6 +249,7 @@ impl Shard {
             next_detach: Cell::new(0),
             sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
             push: RefCell::new(None),
+            committer: RefCell::new(None),
             stats: RefCell::new(ShardStats::default()),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
@@ -299,12 +302,26 @@ impl Shard {
             let shard = self.clone();
             glommio::spawn_local(async move {
                 glommio::yield_if_needed().await;
-                shard.commit_scheduled.set(false);
-                {
+                let committer = shard.committer.borrow().clone();
+                let ticket = {
                     let mut router = shard.router.borrow_mut();
                     router.set_clock(unix_ms());
-                    router.commit();
+                    match &committer {
+                        Some(_) => router.begin_commit(),
+                        None => {
+                            router.commit();
+                            None
+                        }
+                    }
+                };
+                shard.drain_router();
+                if let (Some(committer), Some(mut ticket)) = (committer, ticket) {
+                    // The fsync runs on the blocking thread; routing goes on, filling the next
+                    // batch, which the next commit takes whole.
+                    committer.run(&mut ticket).await;
+                    shard.router.borrow_mut().finish_commit(ticket);
                 }
+                shard.commit_scheduled.set(false);
                 shard.drain_router();
             })
             .detach();
