@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shared::config::Config;
-use shared::limits;
 
 /// The knobs in force. Field names are the knob names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,8 +65,8 @@ impl Knobs {
                 0 => per_shard,
                 n => n,
             },
-            offline_queue_messages_max: limits::OFFLINE_QUEUE_MESSAGES_MAX_DEFAULT,
-            offline_queue_bytes_max: limits::OFFLINE_QUEUE_BYTES_MAX_DEFAULT,
+            offline_queue_messages_max: config.offline_messages_max as u64,
+            offline_queue_bytes_max: config.offline_bytes_max as u64,
             alert_mesh_queue_batches: config.alert_mesh_queue_batches,
             alert_send_queue_stanzas: config.alert_send_queue_stanzas,
             alert_offline_messages: config.alert_offline_messages,

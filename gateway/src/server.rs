@@ -338,6 +338,7 @@ async fn run_shard(start: ShardStart) {
         storage_latency.clone(),
     );
     let commit_stats = offline.stats.clone();
+    let committer = offline.committer();
     router.set_offline(
         Box::new(offline),
         router::OfflineLimits {
@@ -365,6 +366,7 @@ async fn run_shard(start: ShardStart) {
     shard
         .sm_resume_timeout
         .set(Duration::from_secs(start.config.sm_resume_timeout_seconds));
+    *shard.committer.borrow_mut() = Some(committer);
     let mut tasks = Vec::new();
     if let Some((addr, authority, path)) = start.push_target.clone() {
         let pusher = Rc::new(crate::push::Pusher::new(
@@ -443,8 +445,12 @@ async fn run_shard(start: ShardStart) {
         handoffs_out = stats.handoffs_out,
         "shard stopped"
     );
-    // Whatever the last turn stored is committed before the shard ends.
-    if shard.router.borrow().needs_commit() {
+    // Whatever the last turn stored is committed before the shard ends (after any commit in
+    // flight, bounded by the deadline).
+    while shard.router.borrow().commit_in_flight() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    if shard.router.borrow().needs_commit() && !shard.router.borrow().commit_in_flight() {
         shard.router.borrow_mut().commit();
     }
     tracing::info!(

@@ -204,6 +204,8 @@ pub struct Shard {
     pub sm_resume_timeout: Cell<std::time::Duration>,
     /// The push hook, when configured.
     pub push: RefCell<Option<Rc<crate::push::Pusher>>>,
+    /// Runs store commits off the reactor; without it they run inline.
+    pub committer: RefCell<Option<crate::storage::Committer>>,
     pub stats: RefCell<ShardStats>,
     /// This shard's copy of the run-time knobs, replaced by the admin port.
     pub knobs: RefCell<Knobs>,
@@ -272,6 +274,7 @@ impl Shard {
             next_detach: Cell::new(0),
             sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
             push: RefCell::new(None),
+            committer: RefCell::new(None),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),
         }
     }
@@ -323,12 +326,26 @@ impl Shard {
             let shard = self.clone();
             glommio::spawn_local(async move {
                 glommio::yield_if_needed().await;
-                shard.commit_scheduled.set(false);
-                {
+                let committer = shard.committer.borrow().clone();
+                let ticket = {
                     let mut router = shard.router.borrow_mut();
                     router.set_clock(unix_ms());
-                    router.commit();
+                    match &committer {
+                        Some(_) => router.begin_commit(),
+                        None => {
+                            router.commit();
+                            None
+                        }
+                    }
+                };
+                shard.drain_router();
+                if let (Some(committer), Some(mut ticket)) = (committer, ticket) {
+                    // The fsync runs on the blocking thread; routing goes on, filling the next
+                    // batch, which the next commit takes whole.
+                    committer.run(&mut ticket).await;
+                    shard.router.borrow_mut().finish_commit(ticket);
                 }
+                shard.commit_scheduled.set(false);
                 shard.drain_router();
             })
             .detach();
@@ -562,12 +579,22 @@ impl Shard {
             glommio::timer::sleep(period).await;
             let queues = self.queue_figures();
             let knobs = self.knobs.borrow().clone();
+            self.sync_offline();
             self.stats.borrow_mut().tick(Instant::now(), queues, &knobs);
         }
     }
 
+    /// Copies the offline-queue figures the router keeps into the statistics.
+    fn sync_offline(&self) {
+        let o = self.router.borrow().offline_stats();
+        self.stats
+            .borrow_mut()
+            .set_offline(o.held_messages, o.held_bytes, o.stored, o.erased);
+    }
+
     /// This shard's statistics now.
     pub fn snapshot(&self) -> ShardSnapshot {
+        self.sync_offline();
         let sessions = self.router.borrow().session_count() as u64;
         let connections = self.open_connections.get() as u64;
         let knobs = self.knobs.borrow();
@@ -583,6 +610,10 @@ impl Shard {
         } else {
             self.mesh_receive_open.set();
         }
+        self.router.borrow_mut().set_offline_bounds(
+            usize::try_from(knobs.offline_queue_messages_max).unwrap_or(usize::MAX),
+            usize::try_from(knobs.offline_queue_bytes_max).unwrap_or(usize::MAX),
+        );
         *self.knobs.borrow_mut() = knobs;
     }
 

@@ -216,18 +216,14 @@ impl ShardStats {
         self.auth_successes += 1;
     }
 
-    /// A message was stored in an offline queue of this shard.
-    pub fn offline_stored(&mut self, bytes: u64) {
-        self.offline_stored += 1;
-        self.offline_messages += 1;
-        self.offline_bytes += bytes;
-    }
-
-    /// A message left an offline queue of this shard (delivered and acknowledged, or expired).
-    pub fn offline_drained(&mut self, bytes: u64) {
-        self.offline_drained += 1;
-        self.offline_messages = self.offline_messages.saturating_sub(1);
-        self.offline_bytes = self.offline_bytes.saturating_sub(bytes);
+    /// Takes the offline-queue figures the router keeps (it counts them at each commit):
+    /// messages and bytes held now, and messages stored and drained (delivered and acknowledged,
+    /// or purged for age) since start.
+    pub fn set_offline(&mut self, held_messages: u64, held_bytes: u64, stored: u64, drained: u64) {
+        self.offline_messages = held_messages;
+        self.offline_bytes = held_bytes;
+        self.offline_stored = stored;
+        self.offline_drained = drained;
     }
 
     /// Updates the connection gauges from a connection's state. Borrows the stats only when
@@ -736,9 +732,7 @@ mod tests {
     #[test]
     fn offline_api_keeps_gauges_and_totals() {
         let mut s = ShardStats::new(0, 1, true);
-        s.offline_stored(100);
-        s.offline_stored(50);
-        s.offline_drained(100);
+        s.set_offline(1, 50, 2, 1);
         let o = s.snapshot(0, 0, &Knobs::default()).offline;
         assert_eq!((o.messages, o.bytes, o.stored, o.drained), (1, 50, 2, 1));
     }

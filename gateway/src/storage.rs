@@ -110,9 +110,59 @@ impl ShardOffline {
     }
 }
 
+impl ShardOffline {
+    /// What the shard's commit task needs to run commits on the executor's blocking thread.
+    pub fn committer(&self) -> Committer {
+        Committer {
+            stores: self.stores.clone(),
+            shard: self.shard,
+            durability: self.durability,
+            stats: self.stats.clone(),
+            write_latency: self.write_latency.clone(),
+        }
+    }
+}
+
+/// Runs one shard's offline commits off the reactor (glommio's blocking thread), so the shard
+/// keeps routing during the fsync and the next batch fills meanwhile.
+#[derive(Clone)]
+pub struct Committer {
+    stores: Arc<Vec<Store>>,
+    shard: usize,
+    durability: Durability,
+    stats: Rc<RefCell<CommitStats>>,
+    write_latency: Rc<RefCell<LatencyHistogram>>,
+}
+
+impl Committer {
+    /// Commits `ticket.batch` and puts the store's answer in `ticket.result`.
+    pub async fn run(&self, ticket: &mut router::CommitTicket) {
+        let batch = std::mem::take(&mut ticket.batch);
+        let (stores, shard, durability) = (self.stores.clone(), self.shard, self.durability);
+        let (batch, result, micros) = glommio::executor()
+            .spawn_blocking(move || {
+                let started = Instant::now();
+                let result = stores[shard].offline_commit(&batch, durability);
+                (batch, result, started.elapsed().as_micros() as u64)
+            })
+            .await;
+        self.write_latency
+            .borrow_mut()
+            .record(std::time::Duration::from_micros(micros));
+        let mut stats = self.stats.borrow_mut();
+        let _ = stats.latency_us.record(micros.max(1));
+        let _ = stats.batch_writes.record(batch.len().max(1) as u64);
+        ticket.batch = batch;
+        ticket.result = Some(result);
+    }
+}
+
 impl OfflineStore for ShardOffline {
     fn usage(&self, user: &str) -> Result<Usage, StoreError> {
         self.stores[self.shard].offline_usage(user)
+    }
+    fn totals(&self) -> Result<(u64, u64), StoreError> {
+        self.stores[self.shard].offline_totals()
     }
     fn load(&self, user: &str, from: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
         self.stores[self.shard].offline_load(user, from, limit)

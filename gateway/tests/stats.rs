@@ -309,3 +309,50 @@ fn json_logs_and_the_log_level_knob() {
     }
     assert!(log.contains("\"knob\":\"log_level\""), "{log}");
 }
+
+/// The value of `name{shard="N"}` in a `/metrics` body.
+fn metric(body: &str, name: &str, shard: usize) -> Option<f64> {
+    let prefix = format!("{name}{{shard=\"{shard}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[test]
+fn offline_figures_follow_the_queues_and_the_offline_bound_knob_takes_effect() {
+    // Goal: the offline gauges and counters on /metrics are the router's (stored, held, drained),
+    // and `offline_queue_messages_max` changed at run time bounds the next message.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new().users(&[&a, &b]).start();
+    set_knob(&server, "offline_queue_messages_max", "3");
+    let mut sender = server.login(&a, "r");
+    for i in 0..5 {
+        sender.send(&format!(
+            "<message to='{b}@{DOMAIN}' id='k{i}' type='chat'><body>k{i}</body></message>"
+        ));
+    }
+    for i in 3..5 {
+        let err = sender.expect_stanza("message", &format!("id='k{i}'"));
+        assert!(is_type(&err, "error"), "{err}");
+        assert!(err.contains("<resource-constraint"), "{err}");
+    }
+    let body = wait_for(&server, "/metrics", |m| {
+        metric(m, "gateway_offline_messages", 1) == Some(3.0)
+            && metric(m, "gateway_offline_stored_total", 1) == Some(3.0)
+    });
+    let bytes = metric(&body, "gateway_offline_bytes", 1).expect("offline bytes");
+    assert!(bytes > 3.0 * 40.0, "3 stored messages hold {bytes} bytes");
+    assert_eq!(metric(&body, "gateway_offline_messages", 0), Some(0.0));
+    // The recipient logs in: delivered without XEP-0198, the queue drains.
+    let mut recipient = server.login(&b, "r");
+    recipient.send("<presence/>");
+    for i in 0..3 {
+        recipient.expect_stanza("message", &format!("id='k{i}'"));
+    }
+    wait_for(&server, "/metrics", |m| {
+        metric(m, "gateway_offline_messages", 1) == Some(0.0)
+            && metric(m, "gateway_offline_bytes", 1) == Some(0.0)
+            && metric(m, "gateway_offline_drained_total", 1) == Some(3.0)
+    });
+}

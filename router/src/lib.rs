@@ -16,7 +16,7 @@ pub mod store;
 pub use errors::error_reply;
 pub use mesh::Frame;
 pub use roster_store::{MemoryRosterStore, RosterStore};
-pub use routing::{Action, BindError, Bound, Router};
+pub use routing::{Action, BindError, Bound, CommitTicket, Router};
 pub use store::{Store, StoreError};
 
 /// A connection's id, unique within its shard for the process's life.

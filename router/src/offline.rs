@@ -73,6 +73,9 @@ impl Default for OfflineLimits {
 pub trait OfflineStore {
     /// What `user`'s queue holds now (committed writes only).
     fn usage(&self, user: &str) -> Result<Usage, StoreError>;
+    /// Messages and bytes held in all queues (committed writes only); may scan everything, so
+    /// it is called once, when the store is set.
+    fn totals(&self) -> Result<(u64, u64), StoreError>;
     /// Up to `limit` messages of `user` with `seq >= from`, oldest first.
     fn load(&self, user: &str, from: u64, limit: usize) -> Result<Vec<Stored>, StoreError>;
     /// Applies a batch in one transaction; returns, per erased message, (user, its byte length)
@@ -117,6 +120,11 @@ impl OfflineStore for MemoryOfflineStore {
         }
         Ok(usage)
     }
+    fn totals(&self) -> Result<(u64, u64), StoreError> {
+        let queues = self.queues.borrow();
+        let bytes = queues.values().map(|m| m.bytes.len() as u64).sum();
+        Ok((queues.len() as u64, bytes))
+    }
     fn load(&self, user: &str, from: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
         let queues = self.queues.borrow();
         Ok(queues
@@ -148,6 +156,9 @@ impl OfflineStore for MemoryOfflineStore {
 impl<T: OfflineStore + ?Sized> OfflineStore for std::rc::Rc<T> {
     fn usage(&self, user: &str) -> Result<Usage, StoreError> {
         (**self).usage(user)
+    }
+    fn totals(&self) -> Result<(u64, u64), StoreError> {
+        (**self).totals()
     }
     fn load(&self, user: &str, from: u64, limit: usize) -> Result<Vec<Stored>, StoreError> {
         (**self).load(user, from, limit)

@@ -172,6 +172,20 @@ pub struct Router {
     current_origin: Option<Origin>,
     clock_unix_ms: u64,
     stats: OfflineStats,
+    /// A batch is being committed elsewhere (`begin_commit` .. `finish_commit`).
+    commit_in_flight: bool,
+    /// Sessions whose offline delivery waits for the commit in flight (its messages must be
+    /// visible to the page they load).
+    drain_after_commit: Vec<ConnId>,
+}
+
+/// A batch on its way to the store (see `Router::begin_commit`).
+#[derive(Debug)]
+pub struct CommitTicket {
+    pub batch: Batch,
+    origins: Vec<Origin>,
+    /// The store's answer, set by whoever ran the commit.
+    pub result: Option<Result<Vec<(String, usize)>, StoreError>>,
 }
 
 /// Counters of the offline queues of one shard.
@@ -190,6 +204,13 @@ pub struct OfflineStats {
     pub commit_writes: u64,
     /// Commits that failed (their messages were answered with errors).
     pub commit_failures: u64,
+    /// Bytes of the messages stored (`stored`) and erased (`erased`).
+    pub stored_bytes: u64,
+    pub erased_bytes: u64,
+    /// What the shard's queues hold now (committed): counted once when the store is set, then
+    /// kept by every commit.
+    pub held_messages: u64,
+    pub held_bytes: u64,
 }
 
 impl Router {
@@ -221,14 +242,31 @@ impl Router {
             current_origin: None,
             clock_unix_ms: 0,
             stats: OfflineStats::default(),
+            commit_in_flight: false,
+            drain_after_commit: Vec::new(),
         }
     }
 
     /// Replaces the offline-queue storage (in-memory by default) and its limits.
     pub fn set_offline(&mut self, store: Box<dyn OfflineStore>, limits: OfflineLimits) {
+        match store.totals() {
+            Ok((messages, bytes)) => {
+                self.stats.held_messages = messages;
+                self.stats.held_bytes = bytes;
+            }
+            Err(e) => tracing::warn!(shard = self.shard, error = %e,
+                "cannot count the offline queues; their gauges start at 0"),
+        }
         self.offline = store;
         self.offline_limits = limits;
         self.queues.clear();
+    }
+
+    /// Changes the per-user offline bounds (a run-time knob); queues already past a lowered
+    /// bound keep what they hold and refuse more.
+    pub fn set_offline_bounds(&mut self, messages_max: usize, bytes_max: usize) {
+        self.offline_limits.messages_max = messages_max;
+        self.offline_limits.bytes_max = bytes_max;
     }
 
     /// Sets the wall clock (Unix milliseconds) used to stamp and age stored messages.
@@ -253,16 +291,61 @@ impl Router {
     /// `needs_commit`. If the store fails, every message the batch would have stored is answered
     /// with `internal-server-error` (type `wait`): an error, never a silent loss.
     pub fn commit(&mut self) {
-        let batch = std::mem::take(&mut self.batch);
-        let origins = std::mem::take(&mut self.batch_origins);
+        if let Some(mut ticket) = self.begin_commit() {
+            let result = self.offline.commit(&ticket.batch);
+            ticket.result = Some(result);
+            self.finish_commit(ticket);
+        }
+    }
+
+    /// Starts a commit to be run elsewhere (the shard's blocking thread, so the reactor does not
+    /// wait for the fsync and the next batch fills meanwhile: group commit). Sends settlements
+    /// that need no commit. `None` while another commit is in flight or there is nothing to
+    /// write. Run `ticket.batch` through the store, put the result in `ticket.result`, then call
+    /// `finish_commit`.
+    pub fn begin_commit(&mut self) -> Option<CommitTicket> {
+        self.send_remote_settled();
+        if self.commit_in_flight || (self.batch.is_empty() && self.batch_origins.is_empty()) {
+            return None;
+        }
+        self.commit_in_flight = true;
+        Some(CommitTicket {
+            batch: std::mem::take(&mut self.batch),
+            origins: std::mem::take(&mut self.batch_origins),
+            result: None,
+        })
+    }
+
+    /// Whether a commit is in flight.
+    pub fn commit_in_flight(&self) -> bool {
+        self.commit_in_flight
+    }
+
+    /// Ends a commit begun with `begin_commit`: counts it, settles the messages it stored (or
+    /// answers them with `internal-server-error` if it failed), and resumes offline deliveries
+    /// that waited for it.
+    pub fn finish_commit(&mut self, ticket: CommitTicket) {
+        self.commit_in_flight = false;
+        let CommitTicket {
+            batch,
+            origins,
+            result,
+        } = ticket;
         if !batch.is_empty() {
-            match self.offline.commit(&batch) {
+            match result.unwrap_or_else(|| Err(StoreError::Backend("commit not run".into()))) {
                 Ok(erased) => {
                     self.stats.commits += 1;
                     self.stats.commit_writes += batch.len() as u64;
                     self.stats.stored += batch.puts.len() as u64;
+                    let put_bytes: u64 = batch.puts.iter().map(|(_, m)| m.bytes.len() as u64).sum();
+                    self.stats.stored_bytes += put_bytes;
+                    self.stats.held_messages += batch.puts.len() as u64;
+                    self.stats.held_bytes += put_bytes;
                     for (user, bytes) in erased {
                         self.stats.erased += 1;
+                        self.stats.erased_bytes += bytes as u64;
+                        self.stats.held_messages = self.stats.held_messages.saturating_sub(1);
+                        self.stats.held_bytes = self.stats.held_bytes.saturating_sub(bytes as u64);
                         if let Some(u) = self.queues.get_mut(&user) {
                             u.messages = u.messages.saturating_sub(1);
                             u.bytes = u.bytes.saturating_sub(bytes);
@@ -286,6 +369,13 @@ impl Router {
         for origin in origins {
             self.settle(origin);
         }
+        self.send_remote_settled();
+        for conn in std::mem::take(&mut self.drain_after_commit) {
+            self.drain_page(conn);
+        }
+    }
+
+    fn send_remote_settled(&mut self) {
         for shard in 0..self.shards {
             if !self.remote_settled[shard].is_empty() {
                 let settled = std::mem::take(&mut self.remote_settled[shard]);
@@ -856,7 +946,7 @@ impl Router {
             self.hold(origin);
             self.batch_origins.push(origin);
         }
-        if self.batch.len() >= STORE_BATCH_WRITES_MAX {
+        if self.batch.len() >= STORE_BATCH_WRITES_MAX && !self.commit_in_flight {
             self.commit();
         }
         Ok(seq)
@@ -879,7 +969,7 @@ impl Router {
             return;
         }
         self.batch.deletes.push((node.to_string(), seq));
-        if self.batch.len() >= STORE_BATCH_WRITES_MAX {
+        if self.batch.len() >= STORE_BATCH_WRITES_MAX && !self.commit_in_flight {
             self.commit();
         }
     }
@@ -918,6 +1008,13 @@ impl Router {
         else {
             return;
         };
+        if self.commit_in_flight {
+            // Its messages may be in the batch being committed: load once it is.
+            if !self.drain_after_commit.contains(&conn) {
+                self.drain_after_commit.push(conn);
+            }
+            return;
+        }
         if !self.batch.is_empty() {
             self.commit();
         }

@@ -304,6 +304,20 @@ pub enum Durability {
 }
 
 impl Store {
+    /// Messages and bytes held in all offline queues of this shard: a scan of the whole table,
+    /// for the statistics' starting point (once per start).
+    pub fn offline_totals(&self) -> Result<(u64, u64), StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OFFLINE)?;
+        let (mut messages, mut bytes) = (0u64, 0u64);
+        for entry in table.iter()? {
+            let (_, value) = entry?;
+            messages += 1;
+            bytes += value.value().len().saturating_sub(8) as u64;
+        }
+        Ok((messages, bytes))
+    }
+
     /// What `user`'s offline queue holds.
     pub fn offline_usage(&self, user: &str) -> Result<Usage, StoreError> {
         let txn = self.db.begin_read()?;

@@ -1340,3 +1340,37 @@ fn a_message_stored_before_the_clock_was_set_is_not_purged() {
     assert_eq!(ids(&net.take(b1)), ["first"]);
     assert_eq!(net.routers[1].offline_stats().purged, 0);
 }
+
+#[test]
+fn a_login_during_a_commit_in_flight_waits_for_it() {
+    // The commit runs off the shard (begin_commit .. finish_commit); a login meanwhile must not
+    // load a page that lacks the messages being committed.
+    let mut net = Net::new(1);
+    let a = user_on(0, 1, 0);
+    let b = user_on(0, 1, 1);
+    let a1 = net.bind(&a, "r");
+    net.send(a1, &chat(&b, "m0"));
+    let full = net.routers[0].full_jid(a1).unwrap().to_string();
+    net.routers[0].handle_stanza(a1, stanza(&chat(&b, "m1")).with_from(&full));
+    let mut ticket = net.routers[0].begin_commit().expect("a batch to commit");
+    assert!(
+        net.routers[0].begin_commit().is_none(),
+        "one commit in flight at a time"
+    );
+    let b1 = net.bind(&b, "r");
+    let full_b = net.routers[0].full_jid(b1).unwrap().to_string();
+    net.routers[0].handle_stanza(b1, stanza("<presence/>").with_from(&full_b));
+    while let Some(a) = net.routers[0].poll_action() {
+        assert!(
+            !matches!(a, Action::DeliverStored { .. }),
+            "delivered before the commit"
+        );
+    }
+    assert_eq!(net.settled(a1), 1, "m1 is not settled while in flight");
+    use router::OfflineStore;
+    ticket.result = Some(net.offline[0].commit(&ticket.batch));
+    net.routers[0].finish_commit(ticket);
+    net.run();
+    assert_eq!(ids(&net.take(b1)), ["m0", "m1"]);
+    assert_eq!(net.settled(a1), 2);
+}

@@ -129,12 +129,6 @@ pub const ALERT_SEND_QUEUE_STANZAS_DEFAULT: u64 = SESSION_SEND_QUEUE_STANZAS_MAX
 /// Default alert threshold on the messages held in one shard's offline queues.
 pub const ALERT_OFFLINE_MESSAGES_DEFAULT: u64 = 1_000_000;
 
-/// Default bound on one user's offline queue, in messages (a run-time knob).
-pub const OFFLINE_QUEUE_MESSAGES_MAX_DEFAULT: u64 = 10_000;
-
-/// Default bound on one user's offline queue, in bytes (a run-time knob).
-pub const OFFLINE_QUEUE_BYTES_MAX_DEFAULT: u64 = 16 * 1024 * 1024;
-
 /// Requests (snapshots, knob changes) queued for one shard from the admin port.
 pub const ADMIN_CHANNEL_REQUESTS_MAX: usize = 16;
 
