@@ -317,6 +317,7 @@ async fn run_shard(start: ShardStart) {
         glommio::spawn_local(shard.clone().pump_mesh(rx)).detach();
     }
     glommio::spawn_local(conn::adopt_loop(shard.clone(), start.ports.handoff_from)).detach();
+    tasks.push(glommio::spawn_local(conn::return_memory_loop(shard.clone())).detach());
     let _ = start.ready.send(Ok(id));
     tracing::debug!(shard = id, "shard running");
 
