@@ -29,6 +29,8 @@ OUT=""
 # The budgets of issue 4, bytes of server user memory per idle authenticated session.
 BUDGET_TLS_BYTES=3072
 BUDGET_PLAIN_BYTES=1536
+# Seconds after bench ends before the server's RSS is read again ("RSS settled").
+SETTLE_SECONDS=5
 
 usage() { sed -n '2,13p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -72,7 +74,7 @@ slab_bytes() { awk '/^Slab:/ {print $2 * 1024}' /proc/meminfo; }
 
 summary="$OUT/summary.txt"
 : > "$summary"
-printf '%-7s %8s %9s %12s %8s %14s %12s %12s %12s\n' mode sessions failed "B/session" budget "kernel B/sock" "RSS before" "RSS held" "RSS closed" | tee -a "$summary"
+printf '%-7s %8s %9s %12s %8s %14s %12s %12s %12s %12s\n' mode sessions failed "B/session" budget "kernel B/sock" "RSS before" "RSS held" "RSS closed" "RSS settled" | tee -a "$summary"
 status=0
 IFS=, read -ra modes <<< "$MODES"
 for mode in "${modes[@]}"; do
@@ -101,6 +103,10 @@ for mode in "${modes[@]}"; do
         > "$OUT/bench-$mode.log" 2>&1 || status=1
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
+    # bench reads the server's RSS right after its sessions close; give the server a few seconds
+    # to finish the disconnects and return memory, then read it again.
+    sleep "$SETTLE_SECONDS"
+    awk '/^VmRSS:/ {print $2 * 1024}' "/proc/$pid/status" > "$OUT/rss-settled.$mode" 2>/dev/null || true
     "$GW" stop
     if [ ! -s "$OUT/idle-$mode.json" ]; then
         echo "$mode: bench wrote no report; see $OUT/bench-$mode.log" | tee -a "$summary"
@@ -108,9 +114,9 @@ for mode in "${modes[@]}"; do
         status=1
         continue
     fi
-    python3 - "$OUT/idle-$mode.json" "$mode" "$budget" "$slab0" "$OUT/slab.$mode" "$SESSIONS" <<'EOF' | tee -a "$summary"
+    python3 - "$OUT/idle-$mode.json" "$mode" "$budget" "$slab0" "$OUT/slab.$mode" "$OUT/rss-settled.$mode" <<'EOF' | tee -a "$summary"
 import json, os, sys
-path, mode, budget, slab0, slab_path, sessions = sys.argv[1:]
+path, mode, budget, slab0, slab_path, settled_path = sys.argv[1:]
 r = json.load(open(path))
 s = r["server"]
 est = r["counts"]["established"]
@@ -120,10 +126,13 @@ if os.path.exists(slab_path) and est:
     # Both ends of every session are sockets on this box: the slab delta covers 2 per session.
     kernel = "%d" % ((int(open(slab_path).read()) - int(slab0)) / (2 * est))
 mib = lambda b: "%.1f MiB" % (b / 2**20)
+settled = "-"
+if os.path.exists(settled_path) and open(settled_path).read().strip():
+    settled = mib(int(open(settled_path).read()))
 verdict = "ok" if per is not None and per <= int(budget) else "OVER"
-print("%-7s %8d %9d %12s %8s %14s %12s %12s %12s %s" % (
+print("%-7s %8d %9d %12s %8s %14s %12s %12s %12s %12s %s" % (
     mode, est, r["counts"]["failed"], "-" if per is None else "%.0f" % per, budget, kernel,
-    mib(s["rss_before_bytes"]), mib(s["rss_peak_bytes"]), mib(s["rss_after_bytes"]), verdict))
+    mib(s["rss_before_bytes"]), mib(s["rss_peak_bytes"]), mib(s["rss_after_bytes"]), settled, verdict))
 EOF
 done
 echo "reports and logs: $OUT" >&2

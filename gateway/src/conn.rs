@@ -10,7 +10,10 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
 use router::credentials::Credentials;
 use router::{BindError, ConnId};
-use shared::limits::CLOSE_WRITE_GRACE_MILLISECONDS;
+use shared::limits::{
+    CLOSE_WRITE_GRACE_MILLISECONDS, MEMORY_RETURN_CLOSED_CONNECTIONS_MIN,
+    MEMORY_RETURN_INTERVAL_MILLISECONDS,
+};
 use shared::shard::home_shard;
 use shared::stanza::Stanza;
 
@@ -89,6 +92,36 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Listener
         let machine = C2s::new(config, security, Instant::now());
         let id = shard.next_conn_id();
         spawn_driver(shard.clone(), id, stream, tls, machine, Vec::new());
+    }
+}
+
+/// Hands freed memory back to the OS after many connections closed (a storm of disconnects),
+/// looking every `MEMORY_RETURN_INTERVAL_MILLISECONDS`; ends when the shard stops.
+pub async fn return_memory_loop(shard: Rc<Shard>) {
+    let mut high = shard.open_connections.get();
+    // Unbounded by design: one cheap check per interval for the shard's life.
+    loop {
+        let stopped = futures_lite::future::or(
+            async {
+                glommio::timer::sleep(Duration::from_millis(MEMORY_RETURN_INTERVAL_MILLISECONDS))
+                    .await;
+                false
+            },
+            async {
+                shard.stopping.wait().await;
+                true
+            },
+        )
+        .await;
+        if stopped {
+            return;
+        }
+        let open = shard.open_connections.get();
+        high = high.max(open);
+        if high - open >= MEMORY_RETURN_CLOSED_CONNECTIONS_MIN {
+            sys::return_freed_memory();
+            high = open;
+        }
     }
 }
 

@@ -409,6 +409,7 @@ async fn run_shard(start: ShardStart) {
     glommio::spawn_local(conn::adopt_loop(shard.clone(), start.ports.handoff_from)).detach();
     tasks.push(glommio::spawn_local(shard.clone().stats_loop()).detach());
     glommio::spawn_local(shard.clone().admin_loop(start.admin_rx)).detach();
+    tasks.push(glommio::spawn_local(conn::return_memory_loop(shard.clone())).detach());
     let _ = start.ready.send(Ok(id));
     tracing::debug!(shard = id, "shard running");
 

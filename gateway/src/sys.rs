@@ -24,6 +24,24 @@ pub fn adopt_socket(socket: StdTcpStream) -> glommio::net::TcpStream {
     unsafe { glommio::net::TcpStream::from_raw_fd(fd) }
 }
 
+extern "C" {
+    /// mimalloc (the global allocator, linked through the `mimalloc` crate): collects the calling
+    /// thread's heap; with `force`, purges freed pages back to the OS now.
+    fn mi_collect(force: bool);
+}
+
+// Keeps the `mimalloc` crate (and so the C library that defines `mi_collect`) linked into every
+// binary of this crate, tests included.
+use mimalloc as _;
+
+/// Returns the calling thread's freed allocator pages to the OS (`mi_collect(true)`): idle shard
+/// threads would otherwise keep the memory of closed connections.
+pub fn return_freed_memory() {
+    // SAFETY: `mi_collect` takes a plain bool and touches only the calling thread's heap and the
+    // allocator's own thread-safe structures.
+    unsafe { mi_collect(true) }
+}
+
 /// Gives the calling thread SCHED_FIFO at `priority` (1..=99).
 pub fn set_realtime_fifo(priority: i32) -> std::io::Result<()> {
     let param = libc::sched_param {

@@ -29,6 +29,15 @@ struct Raw {
 
 impl Raw {
     fn connect(addr: SocketAddr, tls: bool, recv_buffer_bytes: Option<usize>) -> Raw {
+        Raw::connect_with(addr, tls.then(|| tls_config(true)), recv_buffer_bytes)
+    }
+
+    /// Connects with this TLS client configuration (its session cache makes reconnects resume).
+    fn connect_with(
+        addr: SocketAddr,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+        recv_buffer_bytes: Option<usize>,
+    ) -> Raw {
         let socket = socket2::Socket::new(
             socket2::Domain::IPV4,
             socket2::Type::STREAM,
@@ -44,10 +53,9 @@ impl Raw {
         tcp.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
         tcp.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
-        let tls = tls.then(|| {
+        let tls = tls.map(|config| {
             let mut conn =
-                ClientConnection::new(tls_config(true), ServerName::try_from(DOMAIN).unwrap())
-                    .unwrap();
+                ClientConnection::new(config, ServerName::try_from(DOMAIN).unwrap()).unwrap();
             // The burst goes to rustls in one write.
             conn.set_buffer_limit(None);
             conn
@@ -340,4 +348,28 @@ fn a_reader_that_falls_behind_is_closed_with_resource_constraint() {
         );
         at += found.unwrap() + id.len();
     }
+}
+
+#[test]
+fn a_reconnect_resumes_the_tls_session_with_a_ticket() {
+    let node = "user1";
+    let server = ServerBuilder::new().user(node).start();
+    // One client configuration, so one session cache, for both connections.
+    let config = tls_config(true);
+    let mut first = Raw::connect_with(server.tls, Some(config.clone()), None);
+    first.login(node);
+    first.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>");
+    first.expect("id='p1'");
+    let kind = first.tls.as_ref().unwrap().handshake_kind();
+    assert_eq!(kind, Some(rustls::HandshakeKind::Full), "first connection");
+    drop(first);
+
+    let mut second = Raw::connect_with(server.tls, Some(config), None);
+    second.login(node);
+    let kind = second.tls.as_ref().unwrap().handshake_kind();
+    assert_eq!(
+        kind,
+        Some(rustls::HandshakeKind::Resumed),
+        "the reconnect did a full handshake: no ticket was used"
+    );
 }

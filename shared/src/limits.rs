@@ -26,6 +26,13 @@ pub const SESSION_SEND_QUEUE_STANZAS_MAX: usize = 1024;
 /// blocked on a peer that does not read gets this long before the socket is closed anyway.
 pub const CLOSE_WRITE_GRACE_MILLISECONDS: u64 = 2_000;
 
+/// How often a shard looks whether enough connections closed to hand freed memory back to the OS.
+pub const MEMORY_RETURN_INTERVAL_MILLISECONDS: u64 = 1_000;
+
+/// Connections a shard must have lost since its last return of freed memory before it does it
+/// again (the allocator keeps freed pages per thread until asked; a storm of closes frees many).
+pub const MEMORY_RETURN_CLOSED_CONNECTIONS_MIN: usize = 256;
+
 /// Batches queued on one cross-shard channel (one channel per ordered pair of shards). A full
 /// channel is backpressure: the sending shard stops reading from its connections.
 pub const MESH_CHANNEL_BATCHES_MAX: usize = 1024;
