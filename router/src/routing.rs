@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use bytes::Bytes;
 use shared::limits::{
     JID_PART_BYTES_MAX, OFFLINE_DRAIN_PAGE_MESSAGES, ROSTER_ITEMS_MAX, STORE_BATCH_WRITES_MAX,
     USER_SESSIONS_MAX,
@@ -720,6 +721,22 @@ impl Router {
         if let Some(e) = error_reply(&stanza, "wait", "resource-constraint") {
             self.bounced += 1;
             self.route_addressed(e);
+        }
+    }
+
+    /// A stanza written to (or queued for) session `conn` that the session never acknowledged,
+    /// found when the session ended without resumption (XEP-0198 §5: as if never delivered).
+    /// An IQ request answers its sender with `recipient-unavailable` (type `wait`: the
+    /// addressee may come back); a message needs nothing here (a stored one is still in the
+    /// offline queue, erased only by an ack); presence and the rest are dropped. Call it before
+    /// `handle_disconnect`.
+    pub fn handle_unacked(&mut self, conn: ConnId, bytes: Bytes) {
+        let _ = conn;
+        let Some(stanza) = build::from_bytes(bytes) else {
+            return;
+        };
+        if stanza.kind == Kind::Iq && matches!(stanza.type_().as_deref(), Some("get" | "set")) {
+            self.bounce(&stanza, "wait", "recipient-unavailable");
         }
     }
 

@@ -1135,6 +1135,39 @@ fn undeliverable_bounces_resource_constraint() {
 }
 
 #[test]
+fn unacked_iq_requests_get_an_error_when_the_session_ends() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    let to = format!("{b}@{DOMAIN}/r");
+    net.send(
+        a1,
+        &format!("<iq to='{to}' id='get1' type='get'><q xmlns='x'/></iq>"),
+    );
+    net.send(a1, &format!("<iq to='{to}' id='res1' type='result'/>"));
+    net.send(a1, &format!("<presence to='{to}' id='p1'/>"));
+    let given = net.take(b1);
+    assert_eq!(given.len(), 3);
+    // b1 ends without acknowledging any of them.
+    for s in given {
+        net.routers[1].handle_unacked(b1, s.bytes.clone());
+    }
+    net.disconnect(b1);
+    net.run();
+    let got = net.take(a1);
+    assert_eq!(got.len(), 1, "{:?}", texts(&got));
+    assert_eq!(got[0].id().as_deref(), Some("get1"));
+    assert_eq!(got[0].type_().as_deref(), Some("error"));
+    assert_eq!(
+        error_condition(&got[0]),
+        Some(("wait".into(), "recipient-unavailable".into()))
+    );
+}
+
+#[test]
 fn directed_presence_and_reflection() {
     let mut net = Net::new(2);
     let a = user_on(0, 2, 0);
