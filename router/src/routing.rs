@@ -873,7 +873,9 @@ impl Router {
     /// user is offline). It is stored unless a target without stream management (which cannot
     /// acknowledge) takes it live; stored messages are delivered live to targets that are not
     /// still receiving their offline queue, and erased on ack. A full queue or a failing store
-    /// refuses the message with an error when no target can take it live.
+    /// refuses the message with an error whenever it had to be stored: delivered live but not
+    /// stored, it would be acked to its sender and then lost if the recipient's session ended
+    /// (or the server crashed) before the recipient acknowledged it.
     fn store_and_deliver(&mut self, stanza: Stanza, node: &str, targets: Vec<ConnId>) {
         let (mut live, mut any_draining, mut all_sm) = (Vec::new(), false, true);
         for conn in targets {
@@ -911,14 +913,7 @@ impl Router {
                     });
                 }
             }
-            Err(condition) if live.is_empty() => {
-                self.bounce(&stanza, "wait", condition);
-            }
-            Err(_) => {
-                for (conn, _) in live {
-                    self.deliver(conn, stanza.clone());
-                }
-            }
+            Err(condition) => self.bounce(&stanza, "wait", condition),
         }
     }
 

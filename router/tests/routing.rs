@@ -523,6 +523,26 @@ fn full_queue_refuses_with_resource_constraint_and_keeps_what_it_had() {
         5,
         "an error answer settles the message too"
     );
+    // The recipient online with XEP-0198 but not acknowledging: its queue fills just the same,
+    // and past the bound the sender is refused rather than acked for a message only delivered.
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    net.send(b1, "<presence/>");
+    assert_eq!(ids(&net.take(b1)), ["m0", "m1", "m2"]);
+    net.send(a1, &chat(&b, "live1"));
+    assert!(net.take(b1).is_empty(), "not delivered unstored");
+    let e = net.take(a1);
+    assert_eq!(ids(&e), ["live1"]);
+    assert_eq!(
+        error_condition(&e[0]),
+        Some(("wait".into(), "resource-constraint".into()))
+    );
+    // Once acked, the queue has room: stored and delivered.
+    net.ack_all(b1);
+    net.send(a1, &chat(&b, "live2"));
+    assert_eq!(ids(&net.take(b1)), ["live2"]);
+    assert!(net.take(a1).is_empty());
+    assert_eq!(net.queued(&b).len(), 1, "only live2, kept until acked");
     // A byte bound too.
     let small = OfflineLimits {
         messages_max: 100,
