@@ -38,6 +38,7 @@ const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
 const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 const NS_PING: &str = "urn:xmpp:ping";
+const NS_SM3: &str = "urn:xmpp:sm:3";
 
 /// The stream element's name as virtually every server writes it.
 const DEFAULT_STREAM_NAME: &str = "stream:stream";
@@ -122,6 +123,10 @@ pub struct ClientConfig {
     pub resource: Option<String>,
     /// Send initial presence after bind (default true in the driver).
     pub send_presence: bool,
+    /// Enable XEP-0198 stream management after initial presence: every message sent is
+    /// followed by `<r/>` (the server's `<a h/>` comes back as `Event::Acked`), and what the
+    /// server sends is acknowledged with `<a h/>` on its `<r/>` and after each read.
+    pub sm: bool,
 }
 
 /// Why a session ended.
@@ -166,6 +171,8 @@ pub enum Event {
     Established { full_jid: String },
     /// A <message> with a <body> arrived (messages of type `error` are not reported).
     Message { from: String, body: String },
+    /// XEP-0198: the server's `<a h/>`: it has handled `h` of our stanzas (mod 2^32).
+    Acked { h: u32 },
     /// The stream is over (either side) or failed; `during_login` tells login failures from later
     /// drops. Always the last event.
     Closed {
@@ -242,6 +249,11 @@ pub struct Client {
     header_seen: bool,
     tls_done: bool,
     was_established: bool,
+    /// XEP-0198: the server's `<enabled/>` arrived; `sm_in` stanzas received since then, of
+    /// which `sm_in_acked` were acknowledged to the server (both mod 2^32).
+    sm_on: bool,
+    sm_in: u32,
+    sm_in_acked: u32,
 }
 
 impl Client {
@@ -264,6 +276,9 @@ impl Client {
             header_seen: false,
             tls_done: false,
             was_established: false,
+            sm_on: false,
+            sm_in: 0,
+            sm_in_acked: 0,
         }
     }
 
@@ -304,6 +319,11 @@ impl Client {
             .is_some_and(|f| f.buffered_bytes() == 0)
         {
             self.framer = None;
+        }
+        // XEP-0198 allows an `<a/>` at any time: acknowledge what this read brought, so the
+        // server may erase what it stored for us without waiting for its next `<r/>`.
+        if self.sm_on && self.stage == Stage::Established && self.sm_in != self.sm_in_acked {
+            self.write_ack(out);
         }
     }
 
@@ -357,6 +377,9 @@ impl Client {
                 "</body></message>",
             ],
         );
+        if self.config.sm && self.stage == Stage::Established {
+            put(out, &["<r xmlns='", NS_SM3, "'/>"]);
+        }
     }
 
     /// Appends `</stream:stream>`; further input is ignored except to notice the close, which
@@ -400,6 +423,35 @@ impl Client {
         self.header_seen = false;
         self.stream_name = None;
         self.write_header(out);
+    }
+
+    fn write_ack(&mut self, out: &mut Vec<u8>) {
+        self.sm_in_acked = self.sm_in;
+        let h = self.sm_in.to_string();
+        put(out, &["<a xmlns='", NS_SM3, "' h='", &h, "'/>"]);
+    }
+
+    /// XEP-0198 elements once established: `<enabled/>`, the server's `<r/>` and `<a h/>`.
+    fn on_sm(&mut self, s: &Stanza, name: &str, out: &mut Vec<u8>) {
+        if !s.as_str().contains(NS_SM3) {
+            return;
+        }
+        match name {
+            "enabled" => self.sm_on = true,
+            "r" if self.sm_on => self.write_ack(out),
+            "a" => {
+                let text = s.as_str();
+                let h = text
+                    .split_once(" h='")
+                    .or_else(|| text.split_once(" h=\""))
+                    .and_then(|(_, rest)| rest.split(['\'', '"']).next())
+                    .and_then(|v| v.parse::<u32>().ok());
+                if let Some(h) = h {
+                    self.push_event(Event::Acked { h });
+                }
+            }
+            _ => {}
+        }
     }
 
     fn push_event(&mut self, ev: Event) {
@@ -461,6 +513,7 @@ impl Client {
             Stage::AuthSent => self.on_sasl(s, name, out),
             Stage::BindFeatures if name == "features" => self.on_bind_features(s, out),
             Stage::BindSent | Stage::SessionSent if s.kind == Kind::Iq => self.on_login_iq(s, out),
+            Stage::Established if s.kind == Kind::Other => self.on_sm(s, name, out),
             Stage::BindSent | Stage::SessionSent | Stage::Established => self.on_routed(s, out),
             Stage::Closing | Stage::Done | Stage::Idle | Stage::TlsHandshake => {}
             Stage::Features | Stage::StartTlsSent | Stage::BindFeatures => {
@@ -699,6 +752,9 @@ impl Client {
         if self.config.send_presence {
             out.extend_from_slice(b"<presence/>");
         }
+        if self.config.sm {
+            put(out, &["<enable xmlns='", NS_SM3, "'/>"]);
+        }
         self.stage = Stage::Established;
         self.was_established = true;
         self.login = None;
@@ -708,6 +764,9 @@ impl Client {
 
     /// Stanzas from other entities (and the server's own IQs) once authenticated.
     fn on_routed(&mut self, s: &Stanza, out: &mut Vec<u8>) {
+        if self.sm_on && s.kind != Kind::Other {
+            self.sm_in = self.sm_in.wrapping_add(1);
+        }
         match s.kind {
             Kind::Message => {
                 if s.type_().as_deref() == Some("error") {
@@ -929,6 +988,7 @@ mod tests {
             password: "secret".into(),
             resource: None,
             send_presence: true,
+            sm: false,
         })
     }
 
@@ -1421,6 +1481,50 @@ mod tests {
             false,
         );
         assert_eq!((out.as_str(), ev), ("", vec![]));
+    }
+
+    #[test]
+    fn stream_management_enables_counts_and_acks() {
+        let cfg = Arc::new(ClientConfig {
+            sm: true,
+            ..(*config(TlsMode::None, Mechanism::Plain)).clone()
+        });
+        let mut c = started(cfg);
+        let steps = plain_login(&mut c, false);
+        assert!(c.is_established());
+        assert!(
+            steps[3]
+                .0
+                .ends_with("<presence/><enable xmlns='urn:xmpp:sm:3'/>"),
+            "{}",
+            steps[3].0
+        );
+        // Stanzas before <enabled/> are not counted; after it each read is acknowledged.
+        let msg = "<message from='b@example.com/y'><body>hi</body></message>";
+        let (out, _) = feed(&mut c, msg, false);
+        assert_eq!(out, "");
+        let (out, ev) = feed(
+            &mut c,
+            &format!(
+                "<enabled xmlns='urn:xmpp:sm:3'/>{msg}<presence from='b@example.com/y'/>{msg}"
+            ),
+            false,
+        );
+        assert_eq!(out, "<a xmlns='urn:xmpp:sm:3' h='3'/>");
+        assert_eq!(ev.len(), 2);
+        // Nothing new: no ack; the server's <r/> always gets one.
+        let (out, _) = feed(&mut c, " ", false);
+        assert_eq!(out, "");
+        let (out, _) = feed(&mut c, "<r xmlns='urn:xmpp:sm:3'/>", false);
+        assert_eq!(out, "<a xmlns='urn:xmpp:sm:3' h='3'/>");
+        // A message sent asks for an ack; the server's answer is an event.
+        let mut out = Vec::new();
+        c.send_message("d@example.com", "1", "x", &mut out);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("</message><r xmlns='urn:xmpp:sm:3'/>"));
+        let (out, ev) = feed(&mut c, "<a xmlns='urn:xmpp:sm:3' h='7'/><a h='9'/>", false);
+        assert_eq!((out.as_str(), ev), ("", vec![Event::Acked { h: 7 }]));
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub struct ChatStep {
     pub sent: AtomicU64,
     pub delivered: AtomicU64,
     pub duplicated: AtomicU64,
+    /// XEP-0198 (`--sm`): messages the server acknowledged to their senders (`<a h/>`).
+    pub acked: AtomicU64,
     /// Scheduled sends skipped because the sender's session was not established.
     pub unsendable: AtomicU64,
 }
@@ -140,6 +142,7 @@ impl ChatStep {
             sent: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             duplicated: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
             unsendable: AtomicU64::new(0),
         }
     }
@@ -153,6 +156,8 @@ pub struct ThreadReport {
     pub established_at_ms: hdrhistogram::Histogram<u64>,
     /// Message latency, µs.
     pub chat: Recorder,
+    /// XEP-0198 ack latency (scheduled send to the server's `<a h/>` covering it), µs.
+    pub ack: Recorder,
     pub failed_by_reason: BTreeMap<String, u64>,
     pub hints: BTreeSet<String>,
 }
@@ -305,6 +310,11 @@ struct Conn {
     state: State,
     /// TLS created on `Event::StartTls`; the machine is told once the handshake is done.
     starttls_wait: bool,
+    /// XEP-0198: messages sent, the server's last `<a h/>` (both mod 2^32), and the scheduled
+    /// send time (ns since the epoch) of the last message sent.
+    sm_sent: u32,
+    sm_acked: u32,
+    last_scheduled_ns: u64,
 }
 
 /// Why a connection ends.
@@ -352,6 +362,7 @@ struct Thread {
     login: Recorder,
     established_at_ms: hdrhistogram::Histogram<u64>,
     chat_rec: Recorder,
+    ack_rec: Recorder,
     failed_by_reason: BTreeMap<String, u64>,
     hints: BTreeSet<String>,
     quit: bool,
@@ -394,6 +405,7 @@ impl Thread {
             login: Recorder::new(),
             established_at_ms: offsets_histogram(),
             chat_rec: Recorder::new(),
+            ack_rec: Recorder::new(),
             failed_by_reason: BTreeMap::new(),
             hints: BTreeSet::new(),
             quit: false,
@@ -507,6 +519,7 @@ impl Thread {
                         offsets_histogram(),
                     ),
                     chat: std::mem::take(&mut self.chat_rec),
+                    ack: std::mem::take(&mut self.ack_rec),
                     failed_by_reason: std::mem::take(&mut self.failed_by_reason),
                     hints: std::mem::take(&mut self.hints),
                 });
@@ -625,6 +638,9 @@ impl Thread {
                     started_us,
                     state: State::Connecting,
                     starttls_wait: false,
+                    sm_sent: 0,
+                    sm_acked: 0,
+                    last_scheduled_ns: 0,
                 });
                 self.shared.open.fetch_add(1, Ordering::Relaxed);
                 self.open_count += 1;
@@ -681,6 +697,8 @@ impl Thread {
             self.scratch.out.clear();
             conn.client
                 .send_message(&to, &g.to_string(), &body, &mut self.scratch.out);
+            conn.sm_sent = conn.sm_sent.wrapping_add(1);
+            conn.last_scheduled_ns = scheduled_ns;
             step.sent.fetch_add(1, Ordering::Relaxed);
             if send(conn, &mut self.scratch).is_err() {
                 self.remove(slot, End::Fail("closed".into()));
@@ -864,6 +882,22 @@ impl Thread {
                     }
                 }
                 Event::Message { body, .. } => self.receipt(&body),
+                Event::Acked { h } => {
+                    let newly = h.wrapping_sub(conn.sm_acked);
+                    if newly == 0 || newly > conn.sm_sent.wrapping_sub(conn.sm_acked) {
+                        continue; // A repeat, or more than we sent: nothing to count.
+                    }
+                    conn.sm_acked = h;
+                    let Some(step) = &self.chat else { continue };
+                    step.acked.fetch_add(newly as u64, Ordering::Relaxed);
+                    // Timed only when the ack covers everything sent, so the last send's
+                    // scheduled time is the covered message's.
+                    if h == conn.sm_sent && conn.last_scheduled_ns >= step.start_ns {
+                        let now_ns = step.epoch.elapsed().as_nanos() as u64;
+                        let us = now_ns.saturating_sub(conn.last_scheduled_ns) / 1000;
+                        self.ack_rec.record_us(us.max(1));
+                    }
+                }
                 Event::Closed {
                     reason,
                     during_login,

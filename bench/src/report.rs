@@ -18,6 +18,10 @@ pub struct Report {
     pub counts: Counts,
     pub rates: Rates,
     pub latency_us: Latency,
+    /// `chat --sm`: from a message's scheduled send time to the server's XEP-0198 ack covering
+    /// it; `null` otherwise (and in files written before it existed).
+    #[serde(default)]
+    pub ack_latency_us: Option<Latency>,
     pub server: Option<ProcessFigures>,
     pub client: ProcessFigures,
     pub machine: Machine,
@@ -49,6 +53,10 @@ pub struct Counts {
     pub delivered: u64,
     pub lost: u64,
     pub duplicated: u64,
+    /// `chat --sm`: messages the server acknowledged to their senders (XEP-0198 `<a h/>`).
+    /// Absent in files written before it existed (read as 0).
+    #[serde(default)]
+    pub acked: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -107,6 +115,9 @@ pub struct SweepStep {
     pub lost: u64,
     /// p99 stayed under the bound and nothing was lost.
     pub held: bool,
+    /// `chat --sm`: ack latency of this step (see `Report::ack_latency_us`).
+    #[serde(default)]
+    pub ack_latency_us: Option<Latency>,
 }
 
 impl Report {
@@ -125,6 +136,7 @@ impl Report {
             counts: Counts::default(),
             rates: Rates::default(),
             latency_us: Latency::default(),
+            ack_latency_us: None,
             server: None,
             client: ProcessFigures::default(),
             machine: crate::procfs::machine(),
@@ -256,6 +268,19 @@ impl Report {
                 ms(l.max)
             );
         }
+        if let Some(l) = self.ack_latency_us.as_ref().filter(|l| l.samples > 0) {
+            let ms = |us: u64| us as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "XEP-0198 ack latency ms ({} samples, {} acked): p50 {:.2} p90 {:.2} p99 {:.2} max {:.2}",
+                l.samples,
+                self.counts.acked,
+                ms(l.p50),
+                ms(l.p90),
+                ms(l.p99),
+                ms(l.max)
+            );
+        }
         for step in &self.sweep {
             let _ = writeln!(
                 out,
@@ -340,6 +365,7 @@ pub(crate) mod tests {
             delivered: 49_999,
             lost: 1,
             duplicated: 0,
+            acked: 49_990,
         };
         report.rates = Rates {
             sessions_per_second: 250.0,
@@ -379,6 +405,7 @@ pub(crate) mod tests {
                 latency_us: latency(400 * (i as u64 + 1).pow(2)),
                 lost: if i == 3 { 12 } else { 0 },
                 held: i < 3,
+                ack_latency_us: (i == 0).then(|| latency(900)),
             })
             .collect();
         report.passed = false;
@@ -401,6 +428,7 @@ pub(crate) mod tests {
             "counts",
             "rates",
             "latency_us",
+            "ack_latency_us",
             "server",
             "client",
             "machine",
@@ -444,6 +472,22 @@ pub(crate) mod tests {
         assert_eq!(report.schema_version, SCHEMA_VERSION);
         assert_eq!(report.sweep.len(), 3);
         assert!((report.max_held_rate() - 3996.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn files_without_the_ack_fields_still_read() {
+        let report = filled("gateway", 1);
+        let mut value = serde_json::to_value(&report).unwrap();
+        let object = value.as_object_mut().unwrap();
+        object.remove("ack_latency_us");
+        object["counts"].as_object_mut().unwrap().remove("acked");
+        for step in object["sweep"].as_array_mut().unwrap() {
+            step.as_object_mut().unwrap().remove("ack_latency_us");
+        }
+        let back: Report = serde_json::from_value(value).unwrap();
+        assert_eq!(back.counts.acked, 0);
+        assert!(back.ack_latency_us.is_none());
+        assert!(back.sweep.iter().all(|s| s.ack_latency_us.is_none()));
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub struct StepResult {
     pub unsendable: u64,
     pub latency_b64: String,
     pub seconds: f64,
+    /// XEP-0198 (`--sm`): messages the server acked to their senders, and the ack latency.
+    #[serde(default)]
+    pub acked: u64,
+    #[serde(default)]
+    pub ack_latency_b64: String,
 }
 
 /// What a worker reports at the end.

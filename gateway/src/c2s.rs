@@ -85,6 +85,22 @@ pub trait Services {
 #[derive(Debug)]
 pub struct SmState(Box<Sm>);
 
+impl SmState {
+    /// What the client never acknowledged, except stored messages (the offline queue keeps
+    /// those until an ack erases them).
+    pub fn into_unacked(self) -> Vec<Bytes> {
+        unacked_unstored(self.0.unacked)
+    }
+}
+
+fn unacked_unstored(unacked: VecDeque<(Bytes, Option<u64>)>) -> Vec<Bytes> {
+    unacked
+        .into_iter()
+        .filter(|(_, seq)| seq.is_none())
+        .map(|(bytes, _)| bytes)
+        .collect()
+}
+
 /// XEP-0198 state of a stream that enabled it.
 #[derive(Debug)]
 struct Sm {
@@ -222,6 +238,15 @@ impl C2s {
         if self.sm.as_ref().is_some_and(|sm| sm.ack_wanted) {
             self.send_ack(services, out);
         }
+    }
+
+    /// The session ends for good: takes what the client never acknowledged (see
+    /// [`SmState::into_unacked`]); empty without XEP-0198.
+    pub fn take_unacked(&mut self) -> Vec<Bytes> {
+        self.sm
+            .as_mut()
+            .map(|sm| unacked_unstored(std::mem::take(&mut sm.unacked)))
+            .unwrap_or_default()
     }
 
     /// Whether XEP-0198 is on.

@@ -211,10 +211,11 @@ impl Conn {
                 return;
             }
         }
-        self.shard.conns.borrow_mut().remove(&self.id);
         if self.bound {
-            self.shard.router.borrow_mut().handle_disconnect(self.id);
-            self.shard.drain_router();
+            let unacked = self.machine.take_unacked();
+            self.shard.end_session(self.id, unacked);
+        } else {
+            self.shard.conns.borrow_mut().remove(&self.id);
         }
     }
 

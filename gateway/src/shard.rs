@@ -390,12 +390,34 @@ impl Shard {
                 }
             };
             if let Some(d) = expired {
-                shard.conns.borrow_mut().remove(&d.conn);
-                shard.router.borrow_mut().handle_disconnect(d.conn);
-                shard.drain_router();
+                shard.end_session(d.conn, d.sm.into_unacked());
             }
         })
         .detach();
+    }
+
+    /// Session `conn` ends without resumption. `unacked` is what its client was given and never
+    /// acknowledged; with what is still in its send queue it goes to the router (an IQ request
+    /// among it gets an error reply), then the session is gone.
+    pub fn end_session(self: &Rc<Self>, conn: ConnId, mut unacked: Vec<Bytes>) {
+        if let Some(outbox) = self.conns.borrow_mut().remove(&conn) {
+            let mut queued = Vec::new();
+            outbox.drain_into(&mut queued);
+            unacked.extend(
+                queued
+                    .into_iter()
+                    .filter(|(_, seq)| seq.is_none())
+                    .map(|(b, _)| b),
+            );
+        }
+        {
+            let mut router = self.router.borrow_mut();
+            for bytes in unacked {
+                router.handle_unacked(conn, bytes);
+            }
+            router.handle_disconnect(conn);
+        }
+        self.drain_router();
     }
 
     /// Takes the detached session `resume_id` if it belongs to `node` and is still bound:

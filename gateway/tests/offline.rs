@@ -349,6 +349,38 @@ fn resumption_redelivers_exactly_what_was_not_acknowledged() {
 }
 
 #[test]
+fn unacked_iq_requests_are_answered_with_an_error_when_the_session_ends() {
+    // Goal: XEP-0198 §5: a session that ends without resumption must not swallow IQ requests
+    // it never acknowledged: their senders get recipient-unavailable, both when the connection
+    // ends with no resumption possible and when a resumable session's window runs out.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--sm-resume-timeout-seconds")
+        .arg("1")
+        .start();
+    let mut sender = server.login(&a, "r");
+    for (resumable, id) in [(false, "gone1"), (true, "gone2")] {
+        let mut rb = if resumable {
+            sm_login_resumable(&server, &b, "r").0
+        } else {
+            sm_login(&server, &b, "r")
+        };
+        sender.send(&format!(
+            "<iq to='{b}@{DOMAIN}/r' id='{id}' type='get'><query xmlns='jabber:iq:version'/></iq>"
+        ));
+        let got = rb.expect_stanza("iq", &format!("id='{id}'"));
+        assert!(is_type(&got, "get"), "{got}");
+        drop(rb);
+        let err = sender.expect_stanza("iq", &format!("id='{id}'"));
+        assert!(is_type(&err, "error"), "{err}\n{}", server.log());
+        assert!(err.contains("<recipient-unavailable"), "{err}");
+    }
+    sender.assert_alive();
+}
+
+#[test]
 fn push_hook_posts_user_and_count_with_retries() {
     // Goal: the push hook. A message stored for a user with no session makes the server POST
     // {"user","count"} (never the body) to the configured URL; a failed POST is retried.

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use bytes::Bytes;
 use shared::limits::{
     JID_PART_BYTES_MAX, OFFLINE_DRAIN_PAGE_MESSAGES, ROSTER_ITEMS_MAX, STORE_BATCH_WRITES_MAX,
     USER_SESSIONS_MAX,
@@ -723,6 +724,22 @@ impl Router {
         }
     }
 
+    /// A stanza written to (or queued for) session `conn` that the session never acknowledged,
+    /// found when the session ended without resumption (XEP-0198 §5: as if never delivered).
+    /// An IQ request answers its sender with `recipient-unavailable` (type `wait`: the
+    /// addressee may come back); a message needs nothing here (a stored one is still in the
+    /// offline queue, erased only by an ack); presence and the rest are dropped. Call it before
+    /// `handle_disconnect`.
+    pub fn handle_unacked(&mut self, conn: ConnId, bytes: Bytes) {
+        let _ = conn;
+        let Some(stanza) = build::from_bytes(bytes) else {
+            return;
+        };
+        if stanza.kind == Kind::Iq && matches!(stanza.type_().as_deref(), Some("get" | "set")) {
+            self.bounce(&stanza, "wait", "recipient-unavailable");
+        }
+    }
+
     /// The next action for the driver, oldest first.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
@@ -856,7 +873,9 @@ impl Router {
     /// user is offline). It is stored unless a target without stream management (which cannot
     /// acknowledge) takes it live; stored messages are delivered live to targets that are not
     /// still receiving their offline queue, and erased on ack. A full queue or a failing store
-    /// refuses the message with an error when no target can take it live.
+    /// refuses the message with an error whenever it had to be stored: delivered live but not
+    /// stored, it would be acked to its sender and then lost if the recipient's session ended
+    /// (or the server crashed) before the recipient acknowledged it.
     fn store_and_deliver(&mut self, stanza: Stanza, node: &str, targets: Vec<ConnId>) {
         let (mut live, mut any_draining, mut all_sm) = (Vec::new(), false, true);
         for conn in targets {
@@ -894,14 +913,7 @@ impl Router {
                     });
                 }
             }
-            Err(condition) if live.is_empty() => {
-                self.bounce(&stanza, "wait", condition);
-            }
-            Err(_) => {
-                for (conn, _) in live {
-                    self.deliver(conn, stanza.clone());
-                }
-            }
+            Err(condition) => self.bounce(&stanza, "wait", condition),
         }
     }
 

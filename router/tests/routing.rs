@@ -523,6 +523,26 @@ fn full_queue_refuses_with_resource_constraint_and_keeps_what_it_had() {
         5,
         "an error answer settles the message too"
     );
+    // The recipient online with XEP-0198 but not acknowledging: its queue fills just the same,
+    // and past the bound the sender is refused rather than acked for a message only delivered.
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    net.send(b1, "<presence/>");
+    assert_eq!(ids(&net.take(b1)), ["m0", "m1", "m2"]);
+    net.send(a1, &chat(&b, "live1"));
+    assert!(net.take(b1).is_empty(), "not delivered unstored");
+    let e = net.take(a1);
+    assert_eq!(ids(&e), ["live1"]);
+    assert_eq!(
+        error_condition(&e[0]),
+        Some(("wait".into(), "resource-constraint".into()))
+    );
+    // Once acked, the queue has room: stored and delivered.
+    net.ack_all(b1);
+    net.send(a1, &chat(&b, "live2"));
+    assert_eq!(ids(&net.take(b1)), ["live2"]);
+    assert!(net.take(a1).is_empty());
+    assert_eq!(net.queued(&b).len(), 1, "only live2, kept until acked");
     // A byte bound too.
     let small = OfflineLimits {
         messages_max: 100,
@@ -1132,6 +1152,39 @@ fn undeliverable_bounces_resource_constraint() {
         Some(("wait".into(), "resource-constraint".into()))
     );
     assert_eq!(got[0].id().as_deref(), Some("full"));
+}
+
+#[test]
+fn unacked_iq_requests_get_an_error_when_the_session_ends() {
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    let to = format!("{b}@{DOMAIN}/r");
+    net.send(
+        a1,
+        &format!("<iq to='{to}' id='get1' type='get'><q xmlns='x'/></iq>"),
+    );
+    net.send(a1, &format!("<iq to='{to}' id='res1' type='result'/>"));
+    net.send(a1, &format!("<presence to='{to}' id='p1'/>"));
+    let given = net.take(b1);
+    assert_eq!(given.len(), 3);
+    // b1 ends without acknowledging any of them.
+    for s in given {
+        net.routers[1].handle_unacked(b1, s.bytes.clone());
+    }
+    net.disconnect(b1);
+    net.run();
+    let got = net.take(a1);
+    assert_eq!(got.len(), 1, "{:?}", texts(&got));
+    assert_eq!(got[0].id().as_deref(), Some("get1"));
+    assert_eq!(got[0].type_().as_deref(), Some("error"));
+    assert_eq!(
+        error_condition(&got[0]),
+        Some(("wait".into(), "recipient-unavailable".into()))
+    );
 }
 
 #[test]

@@ -116,8 +116,10 @@ fn run_step(w: &mut Worker, rate: f64, partners: Arc<Vec<u32>>) -> Result<StepRe
     }
     w.driver.end_chat();
     let mut rec = Recorder::new();
+    let mut ack = Recorder::new();
     for r in w.driver.collect(Duration::from_secs(10))? {
         rec.merge(&r.chat);
+        ack.merge(&r.ack);
     }
     let sent = step.sent.load(Ordering::Relaxed);
     let delivered = step.delivered.load(Ordering::Relaxed);
@@ -131,6 +133,8 @@ fn run_step(w: &mut Worker, rate: f64, partners: Arc<Vec<u32>>) -> Result<StepRe
         unsendable: step.unsendable.load(Ordering::Relaxed),
         latency_b64: rec.to_base64(),
         seconds: duration.as_secs_f64(),
+        acked: step.acked.load(Ordering::Relaxed),
+        ack_latency_b64: ack.to_base64(),
     };
     let l = rec.summary();
     w.say(
@@ -155,6 +159,8 @@ pub struct MergedStep {
     pub unsendable: u64,
     pub seconds: f64,
     pub latency: Recorder,
+    pub acked: u64,
+    pub ack_latency: Recorder,
 }
 
 pub fn merge_steps(steps: &[StepResult]) -> Result<MergedStep> {
@@ -168,6 +174,8 @@ pub fn merge_steps(steps: &[StepResult]) -> Result<MergedStep> {
         unsendable: 0,
         seconds: steps.iter().map(|s| s.seconds).fold(0.0, f64::max),
         latency: Recorder::new(),
+        acked: 0,
+        ack_latency: Recorder::new(),
     };
     for s in steps {
         m.scheduled += s.scheduled;
@@ -177,6 +185,11 @@ pub fn merge_steps(steps: &[StepResult]) -> Result<MergedStep> {
         m.lost += s.lost;
         m.unsendable += s.unsendable;
         m.latency.merge(&Recorder::from_base64(&s.latency_b64)?);
+        m.acked += s.acked;
+        if !s.ack_latency_b64.is_empty() {
+            m.ack_latency
+                .merge(&Recorder::from_base64(&s.ack_latency_b64)?);
+        }
     }
     Ok(m)
 }
@@ -195,6 +208,7 @@ mod tests {
                 password: "pw".into(),
                 resource: None,
                 send_presence: true,
+                sm: false,
             }),
             tls: None,
             server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),

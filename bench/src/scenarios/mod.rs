@@ -125,6 +125,10 @@ pub struct Opts {
     /// A resource to bind (default: the server picks).
     #[arg(long)]
     pub resource: Option<String>,
+    /// Every session enables XEP-0198 stream management: the server then stores each message to
+    /// an online user until the recipient acknowledges it; senders ask for and count acks (chat).
+    #[arg(long)]
+    pub sm: bool,
     /// Chat: run steps at rising rates until p99 exceeds --p99-bound-ms or messages are lost.
     #[arg(long)]
     pub sweep: bool,
@@ -348,6 +352,7 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
             password: opts.password.clone(),
             resource: opts.resource.clone(),
             send_presence: true,
+            sm: opts.sm,
         }),
         tls: tls_config(opts, tls)?,
         server_name,

@@ -161,6 +161,7 @@ pub fn run(kind: Kind, opts: Opts, args: Vec<String>) -> Result<i32> {
                     latency_us: l,
                     lost: m.lost,
                     held,
+                    ack_latency_us: opts.sm.then(|| m.ack_latency.summary()),
                 });
                 merged_steps.push(m);
                 let more = opts.sweep && held && j + 1 < steps;
@@ -275,6 +276,7 @@ fn build_report(
             counts.delivered += m.delivered;
             counts.lost += m.lost;
             counts.duplicated += m.duplicated;
+            counts.acked += m.acked;
             if m.unsendable > 0 {
                 report.notes.push(format!(
                     "{:.0}/s: {} scheduled sends skipped (sender not online)",
@@ -303,6 +305,13 @@ fn build_report(
             report.rates.sent_msgs_per_second = m.sent as f64 / m.seconds.max(1e-9);
             report.rates.delivered_msgs_per_second = m.delivered as f64 / m.seconds.max(1e-9);
             report.latency_us = m.latency.summary();
+            if opts.sm {
+                report.ack_latency_us = Some(m.ack_latency.summary());
+                report.notes.push(format!(
+                    "XEP-0198 on (--sm): {} of {} messages acked to their senders",
+                    m.acked, m.sent
+                ));
+            }
         }
         if opts.sweep {
             report.notes.push(format!(
@@ -316,8 +325,11 @@ fn build_report(
             ));
             report.passed = sessions_ok && sweep.iter().any(|s| s.held);
         } else {
-            report.passed =
-                sessions_ok && counts.lost == 0 && counts.sent > 0 && counts.duplicated == 0;
+            report.passed = sessions_ok
+                && counts.lost == 0
+                && counts.sent > 0
+                && counts.duplicated == 0
+                && (!opts.sm || counts.acked == counts.sent);
         }
         if opts.sweep {
             report.sweep = sweep;
