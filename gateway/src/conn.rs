@@ -157,7 +157,15 @@ fn spawn_driver(
         bound: false,
         out: Vec::new(),
     };
-    glommio::spawn_local(conn.run(stream, unread)).detach();
+    let task = conn.run(stream, unread);
+    // For per-session memory breakdowns (`--log-level gateway::conn=trace`).
+    tracing::trace!(
+        task_bytes = std::mem::size_of_val(&task),
+        machine_bytes = std::mem::size_of::<C2s>(),
+        tls_session_bytes = std::mem::size_of::<TlsSession>(),
+        "connection task"
+    );
+    glommio::spawn_local(task).detach();
 }
 
 /// How a connection's run ended.
