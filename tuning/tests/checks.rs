@@ -59,7 +59,7 @@ fn status_of(report: &Report, name: &str) -> Status {
 fn memory_budget_arithmetic() {
     let t = Target::new(1_000_000);
     let needs = Needs::for_target(&t);
-    assert_eq!(needs.memory_bytes, 1_000_000 * (4_200 + 18_000));
+    assert_eq!(needs.memory_bytes, 1_000_000 * (4_200 + 9_500));
     assert_eq!(needs.tcp_mem_pages, 1_000_000);
     assert_eq!(needs.nofile, 1_000_000 + check::FD_HEADROOM);
     assert_eq!(
@@ -78,7 +78,7 @@ fn memory_budget_arithmetic() {
         ..t
     };
     let needs = Needs::for_target(&bench);
-    assert_eq!(needs.memory_bytes, 1_000_000 * (2 * 4_200 + 18_000));
+    assert_eq!(needs.memory_bytes, 1_000_000 * (2 * 4_200 + 9_500));
     assert_eq!(needs.tcp_mem_pages, 2_000_000);
     assert_eq!(Needs::source_addresses(1_000_000, 28_232), 36);
     assert_eq!(Needs::source_addresses(1_000_000, 64_512), 16);
