@@ -84,20 +84,20 @@ fn memory_budget_arithmetic() {
     assert_eq!(Needs::source_addresses(1_000_000, 64_512), 16);
     assert_eq!(Needs::source_addresses(10, 28_232), 1);
 
-    // 22.2 GB against 64 GiB: ok; against 24 GiB: above 75%, warn; against 16 GiB: blocks.
+    // 13.7 GB against 64 GiB: ok; against 16 GiB: above 75%, warn; against 12 GiB: blocks.
     let mut facts = tuned_facts();
     assert_eq!(status_of(&Report::new(&facts, &t), "memory"), Status::Ok);
-    facts.meminfo.as_mut().unwrap().mem_total_bytes = 24 * GIB;
-    assert_eq!(status_of(&Report::new(&facts, &t), "memory"), Status::Warn);
     facts.meminfo.as_mut().unwrap().mem_total_bytes = 16 * GIB;
+    assert_eq!(status_of(&Report::new(&facts, &t), "memory"), Status::Warn);
+    facts.meminfo.as_mut().unwrap().mem_total_bytes = 12 * GIB;
     assert_eq!(
         status_of(&Report::new(&facts, &t), "memory"),
         Status::Blocks
     );
-    // Reserved huge pages come off the top: 64 GiB with 48 GiB of hugetlb blocks.
+    // Reserved huge pages come off the top: 64 GiB with 53 GiB of hugetlb blocks.
     let mem = facts.meminfo.as_mut().unwrap();
     mem.mem_total_bytes = 64 * GIB;
-    mem.hugepages_total = 48 * 512;
+    mem.hugepages_total = 53 * 512;
     assert_eq!(
         status_of(&Report::new(&facts, &t), "memory"),
         Status::Blocks
