@@ -9,8 +9,10 @@
 # deadlines.
 #
 #   scripts/chat-durability.sh [--rate MSG/S] [--duration S] [--users N] [--rounds N] [--out DIR]
-#                              [--sweep]   (instead: `chat --sm --sweep` from --rate x1.2 per
-#                                           step, p99 bound 10 ms; compares the highest rate held)
+#                              [--sweep]   (instead: `chat --sm --sweep` from --rate x--factor
+#                                           per step while p99 <= --p99-bound-ms; compares the
+#                                           highest rate held)
+#                              [--factor F] [--p99-bound-ms MS]   (sweep; default 1.2 and 10)
 #
 # Binaries: $GATEWAY_BIN and $BENCH (default target/release/{gateway,bench} under
 # $CARGO_TARGET_DIR). Server data and logs under $PEERS_ROOT (default /tmp/peers); ports from
@@ -29,6 +31,8 @@ USERS=1000
 ROUNDS=3
 OUT="/tmp/chat-durability-$(date +%Y%m%d-%H%M%S)"
 SWEEP=0
+FACTOR=1.2
+BOUND_MS=10
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 BENCH="${BENCH:-$TARGET_DIR/release/bench}"
@@ -45,6 +49,8 @@ while [ $# -gt 0 ]; do
         --rounds) need "$@"; ROUNDS=$2; shift 2 ;;
         --out) need "$@"; OUT=$2; shift 2 ;;
         --sweep) SWEEP=1; shift ;;
+        --factor) need "$@"; FACTOR=$2; shift 2 ;;
+        --p99-bound-ms) need "$@"; BOUND_MS=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "error: unknown argument $1" >&2; usage ;;
     esac
@@ -65,8 +71,8 @@ for round in $(seq 1 "$ROUNDS"); do
         pid=$("$PEERS/gateway.sh" pid)
         lines_before=$(wc -l < "$GWLOG")
         load=(--rate "$RATE" --duration "$DURATION")
-        [ "$SWEEP" = 1 ] && load=(--sweep --sweep-start "$RATE" --sweep-factor 1.2 \
-            --sweep-steps-max 30 --p99-bound-ms 10 --duration "$DURATION")
+        [ "$SWEEP" = 1 ] && load=(--sweep --sweep-start "$RATE" --sweep-factor "$FACTOR" \
+            --sweep-steps-max 30 --p99-bound-ms "$BOUND_MS" --duration "$DURATION")
         log "round $round, durability $mode: bench chat --sm ${load[*]}"
         "$BENCH" chat --sm --target "127.0.0.1:$C2S_PORT" --tls none --sessions "$USERS" \
             "${load[@]}" --server-pid "$pid" --server-shards "$SHARDS" \
@@ -81,9 +87,9 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-python3 - "$OUT" "$ROUNDS" "$SWEEP" <<'PY'
+python3 - "$OUT" "$ROUNDS" "$SWEEP" "$BOUND_MS" <<'PY'
 import json, statistics, sys
-out, rounds, sweep = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+out, rounds, sweep, bound = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
 modes = ("durable", "memory")
 if sweep:
     held = {m: [] for m in modes}
@@ -92,7 +98,7 @@ if sweep:
             j = json.load(open(f"{out}/{m}-{r}.json"))
             ok = [s["delivered_msgs_per_second"] for s in j["sweep"] if s["held"]]
             held[m].append(max(ok) if ok else 0.0)
-            print(f"{m}-{r:<5} highest rate held (p99 <= 10 ms, nothing lost): {held[m][-1]:.0f} msg/s")
+            print(f"{m}-{r:<5} highest rate held (p99 <= {bound} ms, nothing lost): {held[m][-1]:.0f} msg/s")
     d, mem = statistics.median(held["durable"]), statistics.median(held["memory"])
     print(f"median highest rate held: durable {d:.0f} msg/s, memory {mem:.0f} msg/s; "
           f"durable / memory {d / mem if mem else float('nan'):.3f}")

@@ -283,5 +283,53 @@ fn bench_against_gateway() {
     assert_eq!(r.counts.established, 100);
     assert!(r.rates.time_to_100pct_seconds.is_some());
 
+    // chat with XEP-0198 (--sm): every message stored, delivered, acked by its recipient and
+    // erased; every one acked to its sender.
+    let json = dir.path().join("chat-sm.json");
+    let (code, r) = bench(
+        &[
+            "chat",
+            "--sm",
+            "--target",
+            &c2s_target,
+            "--users",
+            "20",
+            "--rate",
+            "100",
+            "--duration",
+            "2",
+            "--tls",
+            "none",
+        ],
+        &json,
+    );
+    assert_eq!(code, 0, "chat --sm failed: {:?} {:?}", r.counts, r.notes);
+    assert!(r.counts.sent > 0);
+    assert_eq!(r.counts.delivered, r.counts.sent);
+    assert_eq!(r.counts.acked, r.counts.sent);
+    let ack = r.ack_latency_us.expect("ack latency with --sm");
+    assert!(ack.samples > 0 && ack.p50 <= ack.max, "{ack:?}");
+
+    // offline over STARTTLS: stored, then drained at login, nothing lost.
+    let json = dir.path().join("offline.json");
+    let (code, r) = bench(
+        &[
+            "offline",
+            "--target",
+            &c2s_target,
+            "--users",
+            "5",
+            "--messages",
+            "300",
+            "--tls",
+            "starttls",
+            "--insecure",
+        ],
+        &json,
+    );
+    assert_eq!(code, 0, "offline failed: {:?} {:?}", r.counts, r.notes);
+    assert_eq!(r.target.tls, "starttls");
+    assert_eq!((r.counts.sent, r.counts.delivered), (300, 300));
+
     drop(server);
 }

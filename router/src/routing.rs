@@ -15,8 +15,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use shared::limits::{
-    JID_PART_BYTES_MAX, OFFLINE_DRAIN_PAGE_MESSAGES, ROSTER_ITEMS_MAX, STORE_BATCH_WRITES_MAX,
-    USER_SESSIONS_MAX,
+    JID_PART_BYTES_MAX, OFFLINE_DRAIN_PAGE_MESSAGES, OFFLINE_USAGE_CACHE_USERS_MAX,
+    ROSTER_ITEMS_MAX, STORE_BATCH_WRITES_MAX, USER_SESSIONS_MAX,
 };
 use shared::shard::home_shard;
 use shared::stanza::{Kind, Stanza};
@@ -161,8 +161,12 @@ pub struct Router {
     forwarded: u64,
     offline: Box<dyn OfflineStore>,
     offline_limits: OfflineLimits,
-    /// Usage of users' offline queues including the pending batch, loaded on first need.
+    /// Usage of users' offline queues including the pending batch, loaded on first need. Bounded
+    /// by `evict_usage` (see `OFFLINE_USAGE_CACHE_USERS_MAX`).
     queues: HashMap<String, Usage>,
+    /// `queues` is swept once it holds more than this many users.
+    queues_sweep_at: usize,
+    queues_max: usize,
     /// Writes of this turn, committed together by `commit`.
     batch: Batch,
     /// Origins whose messages the pending batch stores: settled when it commits.
@@ -237,6 +241,8 @@ impl Router {
             offline: Box::new(MemoryOfflineStore::new()),
             offline_limits: OfflineLimits::default(),
             queues: HashMap::new(),
+            queues_sweep_at: OFFLINE_USAGE_CACHE_USERS_MAX,
+            queues_max: OFFLINE_USAGE_CACHE_USERS_MAX,
             batch: Batch::default(),
             batch_origins: Vec::new(),
             remote_settled: (0..shards).map(|_| Vec::new()).collect(),
@@ -278,6 +284,40 @@ impl Router {
     /// Offline-queue counters.
     pub fn offline_stats(&self) -> OfflineStats {
         self.stats
+    }
+
+    /// Sets the bound of the offline-usage cache (default `OFFLINE_USAGE_CACHE_USERS_MAX`).
+    pub fn set_usage_cache_max(&mut self, users: usize) {
+        self.queues_max = users.max(1);
+        self.queues_sweep_at = self.queues_max;
+    }
+
+    /// Users whose offline-queue usage is cached now.
+    pub fn usage_cache_len(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Past the cache bound, forgets the usage of users with no session here and no write in
+    /// the pending batch, unless a commit is in flight (its writes are not in the store yet, so
+    /// a reload would miss them and hand out their sequence numbers again). Reloading gives
+    /// `next_seq` one past the highest stored: a sequence number below it that was erased can
+    /// come back, but only a session of that user could still acknowledge it, and none exists.
+    /// If nothing can go, the next sweep waits until the cache has doubled (amortised cost).
+    fn evict_usage(&mut self) {
+        if self.queues.len() <= self.queues_sweep_at || self.commit_in_flight {
+            return;
+        }
+        let pending: std::collections::HashSet<&str> = self
+            .batch
+            .puts
+            .iter()
+            .map(|(u, _)| u.as_str())
+            .chain(self.batch.deletes.iter().map(|(u, _)| u.as_str()))
+            .collect();
+        let users = &self.users;
+        self.queues
+            .retain(|node, _| users.contains_key(node) || pending.contains(node.as_str()));
+        self.queues_sweep_at = self.queues_max.max(self.queues.len() * 2);
     }
 
     /// Whether `commit` has work: store writes, or settlements to send to other shards.
@@ -357,8 +397,19 @@ impl Router {
                     self.stats.commit_failures += 1;
                     tracing::error!(shard = self.shard, error = %e, writes = batch.len(),
                         "offline store commit failed; its messages are answered with errors");
-                    // What is on disk is unknown now: reload usage on next need.
-                    self.queues.clear();
+                    // What is on disk is unknown now: reload usage on next need. A user with
+                    // sessions may have been given the failed messages' sequence numbers, and
+                    // may ack them later: those users keep their next sequence number.
+                    let users = &self.users;
+                    self.queues.retain(|node, _| users.contains_key(node));
+                    let kept: Vec<String> = self.queues.keys().cloned().collect();
+                    for node in kept {
+                        let fresh = self.offline.usage(&node);
+                        if let (Ok(mut fresh), Some(old)) = (fresh, self.queues.get_mut(&node)) {
+                            fresh.next_seq = fresh.next_seq.max(old.next_seq);
+                            *old = fresh;
+                        }
+                    }
                     for (_, m) in batch.puts {
                         if let Some(stanza) = build::from_bytes(m.bytes) {
                             self.bounce(&stanza, "wait", "internal-server-error");
@@ -374,6 +425,7 @@ impl Router {
         for conn in std::mem::take(&mut self.drain_after_commit) {
             self.drain_page(conn);
         }
+        self.evict_usage();
     }
 
     fn send_remote_settled(&mut self) {
@@ -961,6 +1013,8 @@ impl Router {
         if self.batch.len() >= STORE_BATCH_WRITES_MAX && !self.commit_in_flight {
             self.commit();
         }
+        // After the put joined the batch, so this user's entry stays.
+        self.evict_usage();
         Ok(seq)
     }
 

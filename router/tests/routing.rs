@@ -576,6 +576,26 @@ fn a_failing_store_answers_with_errors() {
         Some(("wait".into(), "internal-server-error".into()))
     );
     assert_eq!(net.settled(a1), 1);
+    // A recipient online with XEP-0198 was given the failed message with its sequence number
+    // (delivery does not wait for the commit): a later message must not reuse that number, or
+    // a late ack of the first would erase the second.
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    net.send(b1, "<presence/>");
+    net.offline[0].set_failing(false);
+    net.send(a1, &chat(&b, "m1"));
+    net.offline[0].set_failing(true);
+    net.send(a1, &chat(&b, "m2"));
+    assert_eq!(ids(&net.take(b1)), ["m1", "m2"]);
+    assert_eq!(ids(&net.take(a1)), ["m2"], "m2 refused: not stored");
+    net.offline[0].set_failing(false);
+    net.send(a1, &chat(&b, "m3"));
+    let seqs = net.stored_seqs[&b1].clone();
+    assert_eq!(seqs.len(), 3);
+    assert!(seqs[2] > seqs[1], "m3 reuses m2's number: {seqs:?}");
+    net.routers[0].handle_acked(b1, &seqs[1..2]);
+    net.run();
+    assert_eq!(net.queued(&b).len(), 2, "m1 and m3 kept");
 }
 
 #[test]
@@ -1185,6 +1205,61 @@ fn unacked_iq_requests_get_an_error_when_the_session_ends() {
         error_condition(&got[0]),
         Some(("wait".into(), "recipient-unavailable".into()))
     );
+}
+
+#[test]
+fn usage_cache_stays_bounded_and_never_reuses_a_sequence_a_session_may_ack() {
+    let mut net = Net::new(1);
+    net.routers[0].set_usage_cache_max(8);
+    let a = user_on(0, 1, 0);
+    let b = user_on(0, 1, 1);
+    let a1 = net.bind(&a, "r");
+    let (b1, b2) = (net.bind(&b, "one"), net.bind(&b, "two"));
+    for c in [b1, b2] {
+        net.enable_sm(c);
+        net.send(c, "<presence/>");
+    }
+    net.take_all();
+    net.send(a1, &chat(&b, "m0"));
+    let seq0 = net.stored_seqs[&b2][0];
+    // b1 acknowledges m0: erased, b's queue is empty; b2 still holds m0 unacknowledged.
+    net.routers[0].handle_acked(b1, &[seq0]);
+    net.run();
+    assert!(net.queued(&b).is_empty());
+    let churn = |net: &mut Net, round: usize| {
+        for i in 0..100 {
+            net.send(a1, &chat(&format!("churn{round}x{i}"), "c"));
+            let len = net.routers[0].usage_cache_len();
+            assert!(len <= 9, "cache holds {len} users");
+        }
+    };
+    churn(&mut net, 0);
+    net.send(a1, &chat(&b, "m1"));
+    let seq1 = *net.stored_seqs[&b2].last().unwrap();
+    assert_ne!(
+        seq1, seq0,
+        "b has sessions: its next sequence number is kept"
+    );
+    // b2's late ack of m0 must not erase m1.
+    net.routers[0].handle_acked(b2, &[seq0]);
+    net.run();
+    let q = net.queued(&b);
+    assert_eq!(q.len(), 1);
+    assert_eq!(q[0].seq, seq1);
+    // Without sessions b's entry goes too, and comes back from the store intact.
+    net.disconnect(b1);
+    net.disconnect(b2);
+    net.stored_seqs.clear();
+    net.take_all();
+    churn(&mut net, 1);
+    let b3 = net.bind(&b, "three");
+    net.enable_sm(b3);
+    net.send(b3, "<presence/>");
+    assert_eq!(ids(&net.take(b3)), ["m1"]);
+    net.send(a1, &chat(&b, "m2"));
+    assert_eq!(ids(&net.take(b3)), ["m2"]);
+    assert_eq!(net.stored_seqs[&b3], [seq1, seq1 + 1]);
+    assert!(net.take(a1).is_empty(), "nothing refused");
 }
 
 #[test]

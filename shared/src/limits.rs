@@ -83,6 +83,12 @@ pub const OFFLINE_AGE_DAYS_MAX_DEFAULT: u64 = 30;
 /// page follows when the session's send queue has drained. Must fit the send queue.
 pub const OFFLINE_DRAIN_PAGE_MESSAGES: usize = 256;
 
+/// Users whose offline-queue usage (messages, bytes, next sequence number) a shard's router keeps
+/// in memory. Past it, entries of users with no session and no write pending or in flight are
+/// evicted and reloaded from the store on next need (a user's sessions are what could still
+/// acknowledge old sequence numbers, so a user with sessions is never evicted).
+pub const OFFLINE_USAGE_CACHE_USERS_MAX: usize = 65_536;
+
 /// Store writes (inserts and erasures) collected in one turn before they are committed inline,
 /// without waiting for the end of the turn. Bounds the pending batch's memory.
 pub const STORE_BATCH_WRITES_MAX: usize = 4096;

@@ -299,7 +299,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-fn tls_config(opts: &Opts, mode: TlsMode) -> Result<Option<Arc<rustls::ClientConfig>>> {
+pub(super) fn tls_config(opts: &Opts, mode: TlsMode) -> Result<Option<Arc<rustls::ClientConfig>>> {
     if mode == TlsMode::None {
         return Ok(None);
     }

@@ -6,17 +6,19 @@
 //! Measured: messages stored per second (to the sender's last ack), the ack latency per batch
 //! (`latency_us`: from a batch's `<r/>` to the `<a/>` covering it), and the drain rate at login
 //! (messages received per second from initial presence to the last one). Blocking sockets on one
-//! thread, plaintext only (`--tls none`): this scenario measures the server's storage, not TLS.
+//! thread; `--tls none`, `starttls` or `direct` (rustls over the blocking socket).
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 
-use super::{loopback_target, Opts};
+use super::{loopback_target, tls_config, Opts};
+use crate::client::TlsMode;
 use crate::report::{Latency, Report, Target};
 
 /// Messages written before asking for an ack.
@@ -29,9 +31,8 @@ const WAIT: Duration = Duration::from_secs(30);
 const DRAIN_ACK_EVERY: u64 = 500;
 
 pub fn run(opts: Opts) -> Result<i32> {
-    if opts.tls != "none" {
-        bail!("bench offline speaks plaintext only: pass --tls none (and run the server with allow_plaintext)");
-    }
+    let mode = opts.tls_mode()?;
+    let tls = tls_config(&opts, mode)?.map(|config| (mode, config));
     let addr = loopback_target(&opts.target)?;
     let recipients: Vec<String> = (1..=opts.sessions.max(1))
         .map(|i| format!("{}{}", opts.user_prefix, opts.first + i))
@@ -41,7 +42,7 @@ pub fn run(opts: Opts) -> Result<i32> {
     let body = "x".repeat(opts.size);
 
     // Store phase.
-    let mut s = Session::login(addr, &opts, &sender).context("sender login")?;
+    let mut s = Session::login(addr, &opts, tls.as_ref(), &sender).context("sender login")?;
     let mut ack_latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut pending: std::collections::VecDeque<(u64, Instant)> = Default::default();
     let mut acked = 0u64;
@@ -88,7 +89,7 @@ pub fn run(opts: Opts) -> Result<i32> {
         let want = (0..total)
             .filter(|i| (i % recipients.len() as u64) as usize == k)
             .count() as u64;
-        let mut c = Session::login(addr, &opts, r)?;
+        let mut c = Session::login(addr, &opts, tls.as_ref(), r)?;
         let t = Instant::now();
         c.write("<presence/>")?;
         let mut seen = HashSet::new();
@@ -125,7 +126,7 @@ pub fn run(opts: Opts) -> Result<i32> {
         Target {
             address: addr.to_string(),
             domain: opts.domain.clone(),
-            tls: "none".into(),
+            tls: opts.tls.to_ascii_lowercase(),
             label: opts.label.clone(),
         },
         params,
@@ -161,19 +162,41 @@ pub fn run(opts: Opts) -> Result<i32> {
     Ok(if report.passed { 0 } else { 1 })
 }
 
-/// One blocking plaintext session with XEP-0198 on.
+/// A blocking byte stream: the socket, or TLS over it.
+trait Io: Read + Write {}
+impl<T: Read + Write> Io for T {}
+
+type TlsSetup = (TlsMode, Arc<rustls::ClientConfig>);
+
+/// One blocking session with XEP-0198 on.
 struct Session {
-    tcp: TcpStream,
+    io: Box<dyn Io>,
     buf: String,
 }
 
 impl Session {
-    fn login(addr: std::net::SocketAddr, opts: &Opts, node: &str) -> Result<Session> {
+    fn login(
+        addr: std::net::SocketAddr,
+        opts: &Opts,
+        tls: Option<&TlsSetup>,
+        node: &str,
+    ) -> Result<Session> {
         let tcp = TcpStream::connect_timeout(&addr, WAIT).context("connect")?;
         tcp.set_read_timeout(Some(WAIT))?;
         tcp.set_nodelay(true)?;
+        let wrap = |tcp: TcpStream, config: &Arc<rustls::ClientConfig>| -> Result<Box<dyn Io>> {
+            let name = rustls::pki_types::ServerName::try_from(opts.domain.clone())
+                .with_context(|| format!("--domain {} is not a TLS server name", opts.domain))?;
+            let conn = rustls::ClientConnection::new(config.clone(), name).context("TLS")?;
+            Ok(Box::new(rustls::StreamOwned::new(conn, tcp)))
+        };
+        let (io, starttls): (Box<dyn Io>, _) = match tls {
+            Some((TlsMode::Direct, config)) => (wrap(tcp, config)?, None),
+            Some((_, config)) => (Box::new(tcp.try_clone()?), Some((tcp, config))),
+            None => (Box::new(tcp), None),
+        };
         let mut s = Session {
-            tcp,
+            io,
             buf: String::new(),
         };
         let header = format!(
@@ -183,6 +206,17 @@ impl Session {
         );
         s.write(&header)?;
         s.until("</stream:features>")?;
+        if let Some((tcp, config)) = starttls {
+            s.write("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")?;
+            let answer = s.until_any(&["<proceed", "<failure"])?;
+            if answer.contains("<failure") {
+                bail!("STARTTLS refused for {node}: {answer}");
+            }
+            s.buf.clear();
+            s.io = wrap(tcp, config)?;
+            s.write(&header)?;
+            s.until("</stream:features>")?;
+        }
         let auth = base64::engine::general_purpose::STANDARD
             .encode(format!("\0{node}\0{}", opts.password));
         s.write(&format!(
@@ -208,7 +242,8 @@ impl Session {
     }
 
     fn write(&mut self, text: &str) -> Result<()> {
-        self.tcp.write_all(text.as_bytes()).context("write")
+        self.io.write_all(text.as_bytes()).context("write")?;
+        self.io.flush().context("write")
     }
 
     /// Reads until `needle`; consumes through it and returns what was consumed.
@@ -240,7 +275,7 @@ impl Session {
 
     fn fill(&mut self) -> Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.tcp.read(&mut chunk).context("read")?;
+        let n = self.io.read(&mut chunk).context("read")?;
         if n == 0 {
             bail!("the server closed the connection");
         }
