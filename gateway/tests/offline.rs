@@ -381,6 +381,39 @@ fn unacked_iq_requests_are_answered_with_an_error_when_the_session_ends() {
 }
 
 #[test]
+fn a_full_queue_refuses_even_when_the_recipient_is_online_with_stream_management() {
+    // Goal: the durability promise when the recipient is online with XEP-0198 but does not
+    // acknowledge: its messages are stored until it does, so its queue fills; past the bound
+    // the sender gets resource-constraint and the recipient gets nothing unstored.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--offline-messages-max")
+        .arg("3")
+        .start();
+    let mut rb = sm_login(&server, &b, "r");
+    rb.send("<presence/>");
+    let mut sender = sm_login(&server, &a, "r");
+    let to_b = format!("{b}@{DOMAIN}/r");
+    for i in 0..5 {
+        sender.send(&chat(&to_b, &format!("f{i}")));
+    }
+    for i in 3..5 {
+        let err = sender.expect_stanza("message", &format!("id='f{i}'"));
+        assert!(is_type(&err, "error"), "{err}");
+        assert!(err.contains("<resource-constraint"), "{err}");
+    }
+    assert_eq!(acked_h(&mut sender, 5, IO_TIMEOUT), 5);
+    assert_eq!(read_messages(&mut rb, "f", 3), ["f0", "f1", "f2"]);
+    assert!(
+        rb.try_expect("id='f", Duration::from_millis(500)).is_err(),
+        "refused messages are not delivered"
+    );
+    sender.assert_alive();
+}
+
+#[test]
 fn push_hook_posts_user_and_count_with_retries() {
     // Goal: the push hook. A message stored for a user with no session makes the server POST
     // {"user","count"} (never the body) to the configured URL; a failed POST is retried.
