@@ -41,6 +41,8 @@ struct Admin {
     shards: Vec<flume::Sender<AdminRequest>>,
     token: Option<String>,
     stats_enabled: bool,
+    /// The config's `durability` (`durable` or `memory`), shown in every report.
+    durability: String,
     started: Instant,
     changes: RefCell<VecDeque<KnobChange>>,
 }
@@ -53,6 +55,7 @@ pub async fn serve(
     shards: Vec<flume::Sender<AdminRequest>>,
     token: Option<String>,
     stats_enabled: bool,
+    durability: String,
 ) {
     let admin = Rc::new(Admin {
         shard: shard.clone(),
@@ -60,6 +63,7 @@ pub async fn serve(
         shards,
         token: token.filter(|t| !t.is_empty()),
         stats_enabled,
+        durability,
         started: Instant::now(),
         changes: RefCell::new(VecDeque::new()),
     });
@@ -239,6 +243,7 @@ impl Admin {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             health: self.health().to_owned(),
             stats_enabled: self.stats_enabled,
+            durability: self.durability.clone(),
             process: procfs::process(),
             shards,
             knobs: self.shard.knobs.borrow().clone(),
@@ -596,7 +601,7 @@ pub fn prometheus(s: &StatsSnapshot) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let p = &s.process;
     let k = &s.knobs;
-    let process: [(&str, &str, &str, Samples); 7] = [
+    let process: [(&str, &str, &str, Samples); 8] = [
         ("gateway_up", "gauge", "1 while the gateway serves.", one(1)),
         (
             "gateway_ready",
@@ -609,6 +614,12 @@ pub fn prometheus(s: &StatsSnapshot) -> String {
             "gauge",
             "1 when hot-path counting (stanzas, bytes, routing latency) is on.",
             one(u64::from(s.stats_enabled)),
+        ),
+        (
+            "gateway_durable",
+            "gauge",
+            "1 when stored messages are fsynced before they are acknowledged (durability = durable), 0 for memory.",
+            one(u64::from(s.durability == "durable")),
         ),
         (
             "gateway_process_resident_memory_bytes",

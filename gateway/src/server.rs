@@ -399,6 +399,7 @@ async fn run_shard(start: ShardStart) {
                 start.admin_tx,
                 start.config.admin_token.clone(),
                 start.config.stats_enabled,
+                start.config.durability.clone(),
             ))
             .detach(),
         );

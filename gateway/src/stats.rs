@@ -559,6 +559,9 @@ pub struct StatsSnapshot {
     pub uptime_seconds: f64,
     pub health: String,
     pub stats_enabled: bool,
+    /// `durable` or `memory` (the config's `durability`); empty in recordings made before it.
+    #[serde(default)]
+    pub durability: String,
     pub process: ProcessFigures,
     pub shards: Vec<ShardSnapshot>,
     pub knobs: Knobs,

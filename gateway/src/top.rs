@@ -63,12 +63,17 @@ pub fn render(addr: SocketAddr, previous: Option<&StatsSnapshot>, s: &StatsSnaps
     };
     let _ = writeln!(
         f,
-        "gateway top  {addr}  {}  up {:.0} s  rss {:.1} MiB  cpu {process_cpu}  threads {}{}",
+        "gateway top  {addr}  {}  up {:.0} s  rss {:.1} MiB  cpu {process_cpu}  threads {}{}{}",
         s.health,
         s.uptime_seconds,
         mib(p.rss_bytes),
         p.threads,
-        if s.stats_enabled { "" } else { "  (stats off)" }
+        if s.stats_enabled { "" } else { "  (stats off)" },
+        if s.durability == "memory" {
+            "  (durability memory: no fsync)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         f,

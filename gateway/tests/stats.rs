@@ -356,3 +356,26 @@ fn offline_figures_follow_the_queues_and_the_offline_bound_knob_takes_effect() {
             && metric(m, "gateway_offline_drained_total", 1) == Some(3.0)
     });
 }
+
+#[test]
+fn durability_mode_is_in_stats_and_metrics() {
+    // Goal: a benchmark report taken from the admin port says whether stored messages were
+    // fsynced (the "`durability = memory` ... printed in every report").
+    let server = ServerBuilder::new()
+        .arg("--durability")
+        .arg("memory")
+        .start();
+    let stats = wait_for(&server, "/stats", |b| b.contains("\"durability\""));
+    assert!(stats.contains("\"durability\": \"memory\""), "{stats}");
+    let metrics = wait_for(&server, "/metrics", |b| b.contains("gateway_durable "));
+    assert!(
+        metrics.lines().any(|l| l == "gateway_durable 0"),
+        "{metrics}"
+    );
+    let durable = ServerBuilder::new().start();
+    let metrics = wait_for(&durable, "/metrics", |b| b.contains("gateway_durable "));
+    assert!(
+        metrics.lines().any(|l| l == "gateway_durable 1"),
+        "{metrics}"
+    );
+}
