@@ -18,9 +18,10 @@
 //! whose event is discarded. An idle established session therefore holds the `Client`, its full
 //! JID and a share of the `Arc<ClientConfig>`, nothing else.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -110,6 +111,23 @@ impl fmt::Display for Mechanism {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.sasl_name())
     }
+}
+
+/// Per-user passwords (`--password-file`: device keys, say), set once per process; a user not in
+/// it uses `ClientConfig::password`.
+static PASSWORDS: OnceLock<HashMap<String, String>> = OnceLock::new();
+
+/// Sets the per-user passwords of this process; false if they were already set.
+pub fn set_passwords(passwords: HashMap<String, String>) -> bool {
+    PASSWORDS.set(passwords).is_ok()
+}
+
+/// The password of `node`: its own from `--password-file`, else the run's.
+fn password_of<'a>(config: &'a ClientConfig, node: &str) -> &'a str {
+    PASSWORDS
+        .get()
+        .and_then(|p| p.get(node))
+        .map_or(config.password.as_str(), String::as_str)
 }
 
 /// Settings shared by every session of a run (one `Arc` for all of them).
@@ -558,17 +576,17 @@ impl Client {
         };
         let initial = match mechanism {
             Mechanism::Plain => {
-                let mut data =
-                    Vec::with_capacity(login.node.len() + self.config.password.len() + 2);
+                let password = password_of(&self.config, &login.node);
+                let mut data = Vec::with_capacity(login.node.len() + password.len() + 2);
                 data.push(0);
                 data.extend_from_slice(login.node.as_bytes());
                 data.push(0);
-                data.extend_from_slice(self.config.password.as_bytes());
+                data.extend_from_slice(password.as_bytes());
                 data
             }
             Mechanism::ScramSha1 | Mechanism::ScramSha256 => {
                 let node = login.node.clone();
-                let password = self.config.password.clone();
+                let password = password_of(&self.config, &node).to_owned();
                 // No channel binding ("n,,"): the driver exposes no TLS exporter, and "y,,"
                 // would be refused by servers that offer the -PLUS variants.
                 let cb = ChannelBinding::None;
@@ -990,6 +1008,18 @@ mod tests {
             send_presence: true,
             sm: false,
         })
+    }
+
+    #[test]
+    fn password_file_entries_override_the_run_password() {
+        let cfg = config(TlsMode::None, Mechanism::Plain);
+        // Only this test sets them (the process-wide map), for a user no other test uses.
+        let mut own = HashMap::new();
+        own.insert("pwfile-user".to_owned(), "dk-0123".to_owned());
+        assert!(set_passwords(own));
+        assert_eq!(password_of(&cfg, "pwfile-user"), "dk-0123");
+        assert_eq!(password_of(&cfg, "user17"), "secret");
+        assert!(!set_passwords(HashMap::new()), "set once");
     }
 
     fn auth_features(mechs: &[&str], starttls: &str) -> String {

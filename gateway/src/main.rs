@@ -205,6 +205,13 @@ enum UserCommand {
     },
     /// Delete an account and its roster.
     Del { name: String },
+    /// Make a new device key for each account named and print it, one a line in the order
+    /// given (once: only its hash is stored). Use it as the password of SASL PLAIN over TLS; it
+    /// skips PBKDF2, so logins are cheap.
+    AddDeviceKey {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// List accounts, one per line.
     List,
     /// Add PREFIX1..PREFIXN with one password (for load tests).
@@ -444,6 +451,19 @@ fn user_command(config: &Config, command: UserCommand) -> Result<()> {
             let node = node_of(config, &name)?;
             stores[home(&node)].delete_user(&node)?;
             println!("deleted {node}@{}", config.domain);
+        }
+        UserCommand::AddDeviceKey { names } => {
+            for name in names {
+                let node = node_of(config, &name)?;
+                let key = router::credentials::new_device_key();
+                let count = stores[home(&node)]
+                    .add_device_key(&node, router::credentials::device_key_hash(&key))?;
+                eprintln!(
+                    "added a device key to {node}@{} ({count} now); it is shown only this once:",
+                    config.domain
+                );
+                println!("{key}");
+            }
         }
         UserCommand::List => {
             let mut all = Vec::new();

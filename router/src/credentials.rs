@@ -6,13 +6,20 @@
 //! password's UTF-8 bytes are used exactly as given, so the caller must hand the same bytes at
 //! account creation and at login (SCRAM clients that apply SASLprep to ASCII passwords produce
 //! the same bytes, which covers the common case).
+//!
+//! An account may also hold *device keys*: random tokens made by the server (`dk-` followed by
+//! 64 hex digits, 256 bits from the OS random number generator) and shown once. Only their
+//! SHA-256 is stored. A device key is used as the password of SASL PLAIN (over TLS): the check
+//! is one SHA-256 and a constant-time comparison per stored key, no PBKDF2, which is safe because
+//! a 256-bit random secret cannot be guessed, so key stretching buys nothing. Device keys do not
+//! work with SCRAM (its stored keys come from the password).
 
 use std::thread;
 
 use pbkdf2::pbkdf2_hmac;
 use sha1::Sha1;
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
+use sha2::{Digest, Sha256};
+use subtle::{Choice, ConstantTimeEq};
 
 /// Length of each freshly generated salt, in bytes.
 pub const SALT_LEN: usize = 16;
@@ -23,6 +30,12 @@ pub const SHA256_LEN: usize = 32;
 
 /// The version byte that starts the encoding produced by [`Credentials::to_bytes`].
 const FORMAT_V1: u8 = 1;
+/// As [`FORMAT_V1`], followed by a count byte and that many 32-byte device key hashes.
+const FORMAT_V2: u8 = 2;
+/// What starts every device key, so a user (and a log scrubber) can tell one apart.
+pub const DEVICE_KEY_PREFIX: &str = "dk-";
+/// Random bytes in a device key.
+pub const DEVICE_KEY_RANDOM_BYTES: usize = 32;
 
 /// What is stored per account. Serialised by `store` with `to_bytes`/`from_bytes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +47,31 @@ pub struct Credentials {
     pub salt_sha256: Vec<u8>,
     /// PBKDF2-HMAC-SHA-256(password, salt_sha256, iterations), 32 bytes.
     pub salted_sha256: Vec<u8>,
+    /// SHA-256 of each device key of the account (at most
+    /// `shared::limits::DEVICE_KEYS_PER_ACCOUNT_MAX`).
+    pub device_keys: Vec<[u8; 32]>,
+}
+
+/// A new device key, `dk-` and 64 lower-case hex digits, from the OS random number generator.
+///
+/// # Panics
+/// If the operating system's random number generator fails.
+pub fn new_device_key() -> String {
+    let mut bytes = [0u8; DEVICE_KEY_RANDOM_BYTES];
+    getrandom::getrandom(&mut bytes)
+        .expect("the operating system's random number generator failed; cannot make a key");
+    let mut key = String::with_capacity(DEVICE_KEY_PREFIX.len() + 2 * bytes.len());
+    key.push_str(DEVICE_KEY_PREFIX);
+    for b in bytes {
+        key.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        key.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    key
+}
+
+/// What is stored of a device key: its SHA-256.
+pub fn device_key_hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
 }
 
 impl Credentials {
@@ -68,13 +106,19 @@ impl Credentials {
             salted_sha1,
             salt_sha256,
             salted_sha256,
+            device_keys: Vec::new(),
         }
     }
 
     /// True when `password` matches (used by SASL PLAIN); constant-time comparison.
     ///
-    /// Recomputes the SHA-256 salted password, so it costs one PBKDF2 run.
+    /// A `password` that has the form of a device key is first checked against the account's
+    /// device keys (one SHA-256, constant-time comparisons with every stored key); otherwise,
+    /// or when no device key matches, the SHA-256 salted password is recomputed, one PBKDF2 run.
     pub fn verify_plain(&self, password: &str) -> bool {
+        if self.verify_device_key(password) {
+            return true;
+        }
         if self.iterations == 0 {
             return false;
         }
@@ -83,9 +127,23 @@ impl Credentials {
         candidate[..].ct_eq(&self.salted_sha256[..]).into()
     }
 
-    /// Encodes as: version byte (1), iterations (u32 little-endian), then `salt_sha1`,
+    /// True when `key` is one of the account's device keys. Compares with every stored hash in
+    /// constant time, so the time taken does not tell which bytes matched.
+    pub fn verify_device_key(&self, key: &str) -> bool {
+        if self.device_keys.is_empty() || !key.starts_with(DEVICE_KEY_PREFIX) {
+            return false;
+        }
+        let candidate = device_key_hash(key);
+        let mut found = Choice::from(0);
+        for stored in &self.device_keys {
+            found |= candidate.ct_eq(stored);
+        }
+        found.into()
+    }
+
+    /// Encodes as: version byte (1, or 2 with device keys), iterations (u32 little-endian), then `salt_sha1`,
     /// `salted_sha1`, `salt_sha256`, `salted_sha256`, each as a length byte followed by that
-    /// many bytes.
+    /// many bytes; version 2 then has a count byte and that many 32-byte device key hashes.
     ///
     /// # Panics
     /// If a field is longer than 255 bytes, which [`Credentials::derive`] and
@@ -97,13 +155,26 @@ impl Credentials {
             &self.salt_sha256,
             &self.salted_sha256,
         ];
-        let mut out = Vec::with_capacity(5 + fields.iter().map(|f| 1 + f.len()).sum::<usize>());
-        out.push(FORMAT_V1);
+        let mut out = Vec::with_capacity(
+            6 + fields.iter().map(|f| 1 + f.len()).sum::<usize>() + 32 * self.device_keys.len(),
+        );
+        out.push(if self.device_keys.is_empty() {
+            FORMAT_V1
+        } else {
+            FORMAT_V2
+        });
         out.extend_from_slice(&self.iterations.to_le_bytes());
         for field in fields {
             let len = u8::try_from(field.len()).expect("credential fields are at most 255 bytes");
             out.push(len);
             out.extend_from_slice(field);
+        }
+        if !self.device_keys.is_empty() {
+            let count = u8::try_from(self.device_keys.len()).expect("at most 255 device keys");
+            out.push(count);
+            for key in &self.device_keys {
+                out.extend_from_slice(key);
+            }
         }
         out
     }
@@ -113,7 +184,7 @@ impl Credentials {
     /// of the wrong length. Never panics.
     pub fn from_bytes(bytes: &[u8]) -> Option<Credentials> {
         let (&version, rest) = bytes.split_first()?;
-        if version != FORMAT_V1 {
+        if version != FORMAT_V1 && version != FORMAT_V2 {
             return None;
         }
         let (iterations, mut rest) = rest.split_first_chunk::<4>()?;
@@ -135,6 +206,19 @@ impl Credentials {
         let salted_sha1 = field()?;
         let salt_sha256 = field()?;
         let salted_sha256 = field()?;
+        let mut device_keys = Vec::new();
+        if version == FORMAT_V2 {
+            let (&count, mut tail) = rest.split_first()?;
+            if count == 0 {
+                return None;
+            }
+            for _ in 0..count {
+                let (key, after) = tail.split_first_chunk::<32>()?;
+                device_keys.push(*key);
+                tail = after;
+            }
+            rest = tail;
+        }
         if !rest.is_empty()
             || salt_sha1.is_empty()
             || salt_sha256.is_empty()
@@ -149,6 +233,7 @@ impl Credentials {
             salted_sha1,
             salt_sha256,
             salted_sha256,
+            device_keys,
         })
     }
 }
@@ -314,6 +399,38 @@ mod tests {
         assert_eq!(Credentials::from_bytes(&zero_iter), None);
         assert_eq!(Credentials::from_bytes(&[0xff; 100]), None);
         assert_eq!(Credentials::from_bytes(&[1, 1, 0, 0, 0, 255, 1]), None);
+    }
+
+    #[test]
+    fn device_key_logs_in_without_the_password() {
+        let mut c = Credentials::derive("pencil", 2);
+        let key = new_device_key();
+        assert!(key.starts_with(DEVICE_KEY_PREFIX));
+        assert_eq!(
+            key.len(),
+            DEVICE_KEY_PREFIX.len() + 2 * DEVICE_KEY_RANDOM_BYTES
+        );
+        assert!(!c.verify_plain(&key), "no device key stored yet");
+        c.device_keys.push(device_key_hash(&key));
+        assert!(c.verify_device_key(&key));
+        assert!(c.verify_plain(&key));
+        assert!(c.verify_plain("pencil"), "the password still works");
+        let other = new_device_key();
+        assert_ne!(other, key);
+        assert!(!c.verify_plain(&other));
+        assert!(!c.verify_plain(&key[..key.len() - 1]));
+        assert!(!c.verify_device_key("pencil"));
+        // Round trip through the stored form (version 2), and back to version 1 without keys.
+        let bytes = c.to_bytes();
+        assert_eq!(bytes[0], FORMAT_V2);
+        let back = Credentials::from_bytes(&bytes).expect("decodes");
+        assert_eq!(back, c);
+        assert!(back.verify_plain(&key));
+        for len in 0..bytes.len() {
+            assert_eq!(Credentials::from_bytes(&bytes[..len]), None, "prefix {len}");
+        }
+        c.device_keys.clear();
+        assert_eq!(c.to_bytes()[0], FORMAT_V1);
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use redb::{Database, ReadableTable, TableDefinition};
+use shared::limits::DEVICE_KEYS_PER_ACCOUNT_MAX;
 use shared::shard::home_shard;
 
 use crate::credentials::Credentials;
@@ -54,6 +55,8 @@ pub enum StoreError {
     UserExists(String),
     #[error("no such user: {0}")]
     NoSuchUser(String),
+    #[error("{0} already has the most device keys an account may hold ({1})")]
+    TooManyDeviceKeys(String, usize),
     /// What is on disk does not make sense (damaged file, missing shard, bad manifest).
     #[error("the store is damaged: {0}; restore the data dir from a backup")]
     Corrupt(String),
@@ -235,6 +238,42 @@ impl Store {
     }
 
     /// Deletes the account and its roster.
+    /// Stores `hash` (see `credentials::device_key_hash`) as a new device key of `user`; returns
+    /// how many device keys the account now holds.
+    pub fn add_device_key(&self, user: &str, hash: [u8; 32]) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write()?;
+        let count = {
+            let mut table = txn.open_table(ACCOUNTS)?;
+            let stored = table
+                .get(user)?
+                .map(|value| Credentials::from_bytes(value.value()));
+            let Some(current) = stored else {
+                drop(table);
+                txn.abort()?;
+                return Err(StoreError::NoSuchUser(user.to_owned()));
+            };
+            let Some(mut creds) = current else {
+                return Err(StoreError::Corrupt(format!(
+                    "the credentials of {user} in shard {} cannot be decoded",
+                    self.shard
+                )));
+            };
+            if creds.device_keys.len() >= DEVICE_KEYS_PER_ACCOUNT_MAX {
+                drop(table);
+                txn.abort()?;
+                return Err(StoreError::TooManyDeviceKeys(
+                    user.to_owned(),
+                    DEVICE_KEYS_PER_ACCOUNT_MAX,
+                ));
+            }
+            creds.device_keys.push(hash);
+            table.insert(user, creds.to_bytes().as_slice())?;
+            creds.device_keys.len()
+        };
+        txn.commit()?;
+        Ok(count)
+    }
+
     pub fn delete_user(&self, user: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         {
@@ -644,6 +683,34 @@ mod tests {
 
     fn creds(password: &str) -> Credentials {
         Credentials::derive(password, 1)
+    }
+
+    #[test]
+    fn device_keys_are_added_bounded_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = &Store::open_all(dir.path(), 1, DOMAIN).unwrap()[0];
+        let key = crate::credentials::new_device_key();
+        let hash = crate::credentials::device_key_hash(&key);
+        assert!(matches!(
+            s.add_device_key("nobody", hash),
+            Err(StoreError::NoSuchUser(_))
+        ));
+        s.add_user("alice", &creds("pw")).unwrap();
+        assert_eq!(s.add_device_key("alice", hash).unwrap(), 1);
+        let got = s.credentials("alice").unwrap().unwrap();
+        assert!(got.verify_plain(&key));
+        assert!(got.verify_plain("pw"));
+        for n in 2..=DEVICE_KEYS_PER_ACCOUNT_MAX {
+            assert_eq!(s.add_device_key("alice", [n as u8; 32]).unwrap(), n);
+        }
+        assert!(matches!(
+            s.add_device_key("alice", [0; 32]),
+            Err(StoreError::TooManyDeviceKeys(
+                _,
+                DEVICE_KEYS_PER_ACCOUNT_MAX
+            ))
+        ));
+        assert!(s.credentials("alice").unwrap().unwrap().verify_plain(&key));
     }
 
     fn item(jid: &str) -> RosterItem {

@@ -58,6 +58,9 @@ pub const JID_PART_BYTES_MAX: usize = 1023;
 
 /// Default SCRAM iteration count for stored credentials (RFC 7677 recommends at least 4096).
 pub const SCRAM_ITERATIONS_DEFAULT: u32 = 4096;
+/// Device keys one account may hold (`gateway user add-device-key`); each is 32 bytes of stored
+/// hash and one constant-time comparison per SASL PLAIN login.
+pub const DEVICE_KEYS_PER_ACCOUNT_MAX: usize = 16;
 
 /// Seconds an unauthenticated connection may take to finish SASL and bind.
 pub const UNAUTHENTICATED_TIMEOUT_SECONDS_DEFAULT: u64 = 30;

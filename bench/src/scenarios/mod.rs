@@ -59,6 +59,11 @@ pub struct Opts {
     #[arg(long, default_value = "pw")]
     #[serde(skip)]
     pub password: String,
+    /// File of per-user passwords, one `NODE SECRET` a line (e.g. device keys from `gateway
+    /// user add-device-key`); users not in it use --password.
+    #[arg(long)]
+    #[serde(skip)]
+    pub password_file: Option<PathBuf>,
     /// none | starttls | direct (XEP-0368 direct TLS).
     #[arg(long, default_value = "starttls")]
     pub tls: String,
@@ -341,6 +346,27 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
     };
     if opts.procs == 0 {
         bail!("--procs must be at least 1");
+    }
+    if let Some(path) = &opts.password_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--password-file {}: cannot read it", path.display()))?;
+        let mut passwords = std::collections::HashMap::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let Some((node, secret)) = line.trim().split_once(' ') else {
+                bail!(
+                    "--password-file {} line {}: expected `NODE SECRET`",
+                    path.display(),
+                    i + 1
+                );
+            };
+            passwords.insert(node.to_owned(), secret.trim().to_owned());
+        }
+        // A second call in the same process (several drivers) finds them already set.
+        crate::client::set_passwords(passwords);
     }
     let server_name = rustls::pki_types::ServerName::try_from(opts.domain.clone())
         .with_context(|| format!("--domain {} is not a valid TLS server name", opts.domain))?;
