@@ -175,6 +175,9 @@ struct ServeArgs {
     /// `durable` (fsync before acking, the default) or `memory` (no fsync; benchmarks only).
     #[arg(long)]
     durability: Option<String>,
+    /// Allocator huge pages: `off` [default], `thp` (transparent, madvise) or `reserved`.
+    #[arg(long)]
+    huge_pages: Option<String>,
     /// Messages per user's offline queue [default: 10000].
     #[arg(long)]
     offline_messages_max: Option<usize>,
@@ -351,6 +354,9 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = &s.durability {
         config.durability = v.clone();
+    }
+    if let Some(v) = &s.huge_pages {
+        config.huge_pages = v.clone();
     }
     if let Some(v) = s.offline_messages_max {
         config.offline_messages_max = v;

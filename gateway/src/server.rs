@@ -64,6 +64,13 @@ pub fn serve(config: Config) -> Result<()> {
         signal_hook::consts::SIGTERM,
     ])
     .context("installing signal handlers")?;
+    match crate::sys::apply_huge_pages(&config.huge_pages) {
+        crate::sys::HugePages::Unavailable { reason } => tracing::warn!(
+            huge_pages = %config.huge_pages,
+            "huge pages not applied, using small pages: {reason}"
+        ),
+        applied => tracing::info!(huge_pages = %config.huge_pages, ?applied, "allocator pages"),
+    }
     let shards = shard_count(&config);
     let cpus = shard_cpus(&config);
     if config.allow_plaintext {

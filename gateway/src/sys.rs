@@ -28,6 +28,150 @@ extern "C" {
     /// mimalloc (the global allocator, linked through the `mimalloc` crate): collects the calling
     /// thread's heap; with `force`, purges freed pages back to the OS now.
     fn mi_collect(force: bool);
+    /// mimalloc: sets an option (`mi_option_t`, a C enum, numbered as in mimalloc v3's header).
+    fn mi_option_set(option: libc::c_int, value: libc::c_long);
+    /// mimalloc: hands it `[start, start + size)` to allocate from, as one more arena.
+    fn mi_manage_os_memory(
+        start: *mut libc::c_void,
+        size: usize,
+        is_committed: bool,
+        is_large: bool,
+        is_zero: bool,
+        numa_node: libc::c_int,
+    ) -> bool;
+}
+
+/// `mi_option_allow_thp` in mimalloc v3 (the version `libmimalloc-sys` builds by default).
+const MI_OPTION_ALLOW_THP: libc::c_int = 43;
+
+/// What `apply_huge_pages` did, to log at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HugePages {
+    /// Transparent huge pages are disabled for the process (`PR_SET_THP_DISABLE`).
+    Off,
+    /// A `bytes` arena advised `MADV_HUGEPAGE`; `host` is the kernel's THP setting.
+    Thp { bytes: usize, host: String },
+    /// `pages` reserved 2 MiB pages mapped as an allocator arena.
+    Reserved { pages: usize },
+    /// The host lacks what the mode needs: small pages, with the reason to warn about.
+    Unavailable { reason: String },
+}
+
+/// The kernel's transparent huge page setting, e.g. `madvise` (the bracketed word of
+/// `/sys/kernel/mm/transparent_hugepage/enabled`), or `None` when the kernel has no THP.
+pub fn thp_host_setting() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_owned())
+}
+
+/// Free reserved huge pages of the default size (`HugePages_Free` in `/proc/meminfo`).
+fn reserved_huge_pages_free() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("HugePages_Free:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Applies `huge_pages` (`off`, `thp` or `reserved`, validated by the config) to the allocator.
+/// Call once at start, before the shards allocate. Never fails: a host without what the mode
+/// needs gets `HugePages::Unavailable` and keeps small pages.
+pub fn apply_huge_pages(mode: &str) -> HugePages {
+    match mode {
+        "thp" => match thp_host_setting() {
+            Some(host) if host != "never" => {
+                let bytes = shared::limits::HUGE_PAGES_THP_ARENA_BYTES;
+                match map_arena(bytes, 0, libc::MADV_HUGEPAGE) {
+                    Ok(()) => HugePages::Thp { bytes, host },
+                    Err(e) => HugePages::Unavailable {
+                        reason: format!("mapping a {bytes}-byte arena for THP failed: {e}"),
+                    },
+                }
+            }
+            host => HugePages::Unavailable {
+                reason: format!(
+                    "transparent huge pages are {} on this host \
+                     (/sys/kernel/mm/transparent_hugepage/enabled)",
+                    host.unwrap_or_else(|| "absent".into())
+                ),
+            },
+        },
+        "reserved" => {
+            let free = reserved_huge_pages_free();
+            let pages = free.min(shared::limits::HUGE_PAGES_RESERVED_PAGES_MAX);
+            if pages == 0 {
+                return HugePages::Unavailable {
+                    reason: "the host has no free reserved huge pages (HugePages_Free in \
+                             /proc/meminfo; reserve some with `sysctl vm.nr_hugepages=N`)"
+                        .into(),
+                };
+            }
+            match map_arena(
+                pages * shared::limits::HUGE_PAGE_BYTES,
+                libc::MAP_HUGETLB,
+                0,
+            ) {
+                Ok(()) => HugePages::Reserved { pages },
+                Err(e) => HugePages::Unavailable {
+                    reason: format!("mapping {pages} reserved huge pages failed: {e}"),
+                },
+            }
+        }
+        _ => {
+            // SAFETY: both calls take plain integers; mimalloc's options are atomics, and the
+            // prctl only sets a flag of this process.
+            unsafe {
+                mi_option_set(MI_OPTION_ALLOW_THP, 0);
+                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+            }
+            HugePages::Off
+        }
+    }
+}
+
+/// Maps `bytes` of anonymous memory (with `extra_flags`, e.g. `MAP_HUGETLB`), advises it with
+/// `advice` (0: none) and hands it to mimalloc as an arena it keeps for the life of the process.
+fn map_arena(bytes: usize, extra_flags: libc::c_int, advice: libc::c_int) -> std::io::Result<()> {
+    let large = extra_flags & libc::MAP_HUGETLB != 0;
+    let flags = libc::MAP_PRIVATE
+        | libc::MAP_ANONYMOUS
+        | extra_flags
+        | if large { 0 } else { libc::MAP_NORESERVE };
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing; nothing else
+    // refers to it until mimalloc is given it below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `p..p + bytes` is the mapping made above.
+    if advice != 0 && unsafe { libc::madvise(p, bytes, advice) } != 0 {
+        let e = std::io::Error::last_os_error();
+        // SAFETY: unmapping the mapping made above, not yet given to anyone.
+        unsafe { libc::munmap(p, bytes) };
+        return Err(e);
+    }
+    // SAFETY: the mapping is committed on demand (zeroed by the kernel), owned by nobody else,
+    // and never unmapped: mimalloc owns it from here on. NUMA node -1: any.
+    if !unsafe { mi_manage_os_memory(p, bytes, true, large, true, -1) } {
+        // SAFETY: mimalloc refused it, so it is still ours to unmap.
+        unsafe { libc::munmap(p, bytes) };
+        return Err(std::io::Error::other("mimalloc refused the arena"));
+    }
+    Ok(())
 }
 
 // Keeps the `mimalloc` crate (and so the C library that defines `mi_collect`) linked into every

@@ -379,3 +379,35 @@ fn durability_mode_is_in_stats_and_metrics() {
         "{metrics}"
     );
 }
+
+#[test]
+fn every_huge_page_mode_starts_and_a_bad_one_is_refused() {
+    // Goal: `huge_pages` never stops the gateway from starting, whatever this host offers (a
+    // warning says what it lacks), and a typo is refused with the key named.
+    for mode in ["off", "thp", "reserved"] {
+        let mut server = ServerBuilder::new().arg("--huge-pages").arg(mode).start();
+        wait_for(&server, "/stats", |b| b.contains("\"durability\""));
+        let log = server.log();
+        let applied = log.contains("allocator pages");
+        let warned = log.contains("huge pages not applied");
+        // `off` needs nothing from the host; the others apply or say why not.
+        assert!(
+            applied != warned && (applied || mode != "off"),
+            "{mode}: {log}"
+        );
+        server.stop();
+    }
+    let out = run_gateway(
+        &[
+            "serve",
+            "--huge-pages",
+            "on",
+            "--data-dir",
+            "/nonexistent-gw-test",
+        ],
+        None,
+        Duration::from_secs(30),
+    );
+    assert!(!out.success());
+    assert!(out.stderr.contains("huge_pages"), "{}", out.stderr);
+}

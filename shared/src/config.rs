@@ -88,7 +88,15 @@ pub struct Config {
     pub push_url: Option<String>,
     /// Push notifications queued per shard; past it new ones are dropped and counted.
     pub push_queue_max: usize,
+    /// Huge pages for the allocator's memory, applied at start before the shards allocate:
+    /// `off` (default: the process opts out of transparent huge pages), `thp` (mimalloc asks for
+    /// transparent huge pages with `madvise`) or `reserved` (mimalloc maps its arenas from the
+    /// host's reserved 2 MiB pages, falling back to small pages when there are none).
+    pub huge_pages: String,
 }
+
+/// The values `huge_pages` takes.
+pub const HUGE_PAGES_MODES: [&str; 3] = ["off", "thp", "reserved"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -127,6 +135,7 @@ impl Default for Config {
             sm_resume_timeout_seconds: limits::SM_RESUME_TIMEOUT_SECONDS_DEFAULT,
             push_url: None,
             push_queue_max: limits::PUSH_QUEUE_NOTIFICATIONS_MAX_DEFAULT,
+            huge_pages: "off".to_owned(),
         }
     }
 }
@@ -230,6 +239,14 @@ impl Config {
                 key: "durability",
                 problem: format!("{:?} is not a durability mode", self.durability),
                 fix: "use `durable` (the default) or `memory` (benchmarks only: no fsync)",
+            });
+        }
+        if !HUGE_PAGES_MODES.contains(&self.huge_pages.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "huge_pages",
+                problem: format!("{:?} is not a huge page mode", self.huge_pages),
+                fix: "use `off` (the default), `thp` (transparent huge pages) or `reserved` \
+                      (the host's reserved huge pages)",
             });
         }
         if self.offline_messages_max == 0 || self.offline_bytes_max < self.stanza_bytes_max {
@@ -348,6 +365,7 @@ mod tests {
         );
         for bad in [
             "durability = 'fast'",
+            "huge_pages = 'on'",
             "offline_messages_max = 0",
             "offline_age_days_max = 0",
             "sm_resume_timeout_seconds = 100000",
@@ -356,6 +374,15 @@ mod tests {
             let key = bad.split(' ').next().unwrap();
             assert!(err.contains(key), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn huge_page_modes_are_accepted() {
+        for mode in HUGE_PAGES_MODES {
+            let c = Config::from_toml(&format!("huge_pages = '{mode}'")).unwrap();
+            assert_eq!(c.huge_pages, mode);
+        }
+        assert_eq!(Config::default().huge_pages, "off");
     }
 
     #[test]

@@ -153,3 +153,14 @@ pub const ADMIN_REQUEST_BODY_BYTES_MAX: usize = 4 * 1024;
 
 /// Knob changes remembered for `/stats` (the oldest is forgotten first).
 pub const KNOB_CHANGES_KEPT: usize = 32;
+
+/// `huge_pages = "thp"`: virtual size of the arena handed to the allocator with
+/// `madvise(MADV_HUGEPAGE)`, in bytes; only the pages touched are backed by memory.
+pub const HUGE_PAGES_THP_ARENA_BYTES: usize = 1 << 30;
+
+/// `huge_pages = "reserved"`: most of the host's free reserved 2 MiB pages the gateway maps, in
+/// pages (1 GiB).
+pub const HUGE_PAGES_RESERVED_PAGES_MAX: usize = 512;
+
+/// Size of one reserved (hugetlb) page the gateway maps, in bytes.
+pub const HUGE_PAGE_BYTES: usize = 2 << 20;
