@@ -123,11 +123,20 @@ pub fn apply_huge_pages(mode: &str) -> HugePages {
             }
         }
         _ => {
-            // SAFETY: both calls take plain integers; mimalloc's options are atomics, and the
-            // prctl only sets a flag of this process.
-            unsafe {
+            // SAFETY: both calls take plain integers (the prctl's as the unsigned longs the
+            // kernel reads); mimalloc's options are atomics, the prctl sets a flag of this process.
+            let rc = unsafe {
                 mi_option_set(MI_OPTION_ALLOW_THP, 0);
-                libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+                let (on, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
+                libc::prctl(libc::PR_SET_THP_DISABLE, on, zero, zero, zero)
+            };
+            if rc != 0 {
+                return HugePages::Unavailable {
+                    reason: format!(
+                        "disabling transparent huge pages (PR_SET_THP_DISABLE) failed: {}",
+                        std::io::Error::last_os_error()
+                    ),
+                };
             }
             HugePages::Off
         }
