@@ -3,9 +3,12 @@
 # (`stats_enabled = true`, the default) and off, alternated --rounds times on one machine. Per
 # run: delivered msg/s, server CPU seconds, messages per server CPU-second, p50/p99. Prints the
 # medians and the ratio off/on of messages per server CPU-second (the throughput a core gives).
-# Loopback only; every run is bounded by --duration plus bench's own deadlines.
+# Loopback only; every run is bounded by --duration plus bench's own deadlines. With --key and
+# --values it compares any other config key the same way, e.g. `--key huge_pages --values
+# '"off","thp"'` (each value as TOML; the first plays "on", the second "off").
 #
 #   scripts/stats-cost.sh [--rate MSG/S] [--duration S] [--users N] [--rounds N] [--out DIR]
+#                         [--key KEY --values A,B]
 #                         [--top FILE]   (also capture `gateway top` frames during the first run)
 #                         [--sweep]      (instead: `chat --sweep` from --rate x1.2 per step, p99
 #                                         bound 10 ms; compares the highest rate held)
@@ -27,6 +30,8 @@ ROUNDS=3
 OUT="/tmp/stats-cost-$(date +%Y%m%d-%H%M%S)"
 TOP=""
 SWEEP=0
+KEY=stats_enabled
+VALUES=true,false
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 BENCH="${BENCH:-$TARGET_DIR/release/bench}"
@@ -44,6 +49,8 @@ while [ $# -gt 0 ]; do
         --out) need "$@"; OUT=$2; shift 2 ;;
         --top) need "$@"; TOP=$2; shift 2 ;;
         --sweep) SWEEP=1; shift ;;
+        --key) need "$@"; KEY=$2; shift 2 ;;
+        --values) need "$@"; VALUES=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "error: unknown argument $1" >&2; usage ;;
     esac
@@ -51,8 +58,11 @@ done
 [ -x "$BENCH" ] || die "no bench at $BENCH (cargo build --release -p bench, or set BENCH)"
 [ -x "$GATEWAY_BIN" ] || die "no gateway at $GATEWAY_BIN (set GATEWAY_BIN)"
 mkdir -p "$OUT"
-printf 'stats_enabled = true\n' > "$OUT/on.toml"
-printf 'stats_enabled = false\n' > "$OUT/off.toml"
+IFS=, read -r value_on value_off <<< "$VALUES"
+[ -n "$value_on" ] && [ -n "$value_off" ] || die "--values takes two values: A,B"
+printf '%s = %s\n' "$KEY" "$value_on" > "$OUT/on.toml"
+printf '%s = %s\n' "$KEY" "$value_off" > "$OUT/off.toml"
+log "on: $(cat "$OUT/on.toml"); off: $(cat "$OUT/off.toml")"
 SHARDS="${GATEWAY_SHARDS:-$(nproc)}"
 
 "$PEERS/gateway.sh" setup "$USERS"
@@ -112,5 +122,5 @@ for m in ("on", "off"):
     v = med[m]
     print(f"median {m:<3} {v[0]:>12.0f} {v[1]:>13.2f} {v[2]:>11.0f} {v[3]:>8.2f} {v[4]:>8.2f} {v[5]:>6.0f}")
 ratio = med["on"][2] / med["off"][2] if med["off"][2] else float("nan")
-print(f"messages per server CPU-second, on / off: {ratio:.3f} (cost of statistics: {100 * (1 - ratio):.1f}%)")
+print(f"messages per server CPU-second, on / off: {ratio:.3f} (cost of the on config: {100 * (1 - ratio):.1f}%)")
 PY
