@@ -81,7 +81,7 @@ for round in $(seq 1 "$ROUNDS"); do
         load=(--rate "$RATE" --duration "$DURATION")
         [ "$SWEEP" = 1 ] && load=(--sweep --sweep-start "$RATE" --sweep-factor 1.2 \
             --sweep-steps-max 30 --p99-bound-ms 10 --duration "$DURATION")
-        log "round $round, statistics $mode: bench chat ${load[*]}"
+        log "round $round, $KEY $mode: bench chat ${load[*]}"
         "$BENCH" chat --target "127.0.0.1:$C2S_PORT" --tls none --sessions "$USERS" \
             "${load[@]}" --server-pid "$pid" --server-shards "$SHARDS" \
             --label "gateway stats $mode" --json "$OUT/$mode-$round.json" > "$OUT/$mode-$round.txt" 2>&1 \
