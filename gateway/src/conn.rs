@@ -494,8 +494,7 @@ impl Conn {
         match self.tls.as_mut() {
             None => {
                 if !self.out.is_empty() {
-                    write_wire(stream, &self.outbox, &self.out).await?;
-                    self.shard.stats.borrow_mut().bytes_out(self.out.len());
+                    write_wire(stream, &self.shard, &self.outbox, &self.out).await?;
                     self.out.clear();
                 }
             }
@@ -504,8 +503,7 @@ impl Conn {
                 self.out.clear();
                 // Records queued before a failure (an alert) still go out.
                 if !tls.outgoing.is_empty() {
-                    write_wire(stream, &self.outbox, &tls.outgoing).await?;
-                    self.shard.stats.borrow_mut().bytes_out(tls.outgoing.len());
+                    write_wire(stream, &self.shard, &self.outbox, &tls.outgoing).await?;
                     tls.outgoing.clear();
                 }
                 tls.release_idle();
@@ -522,9 +520,18 @@ impl Conn {
 
 /// Writes `bytes`; once the connection's close is ordered, a write the peer does not take within
 /// `CLOSE_WRITE_GRACE_MILLISECONDS` fails, so a peer that stopped reading cannot hold its session
-/// (and the memory queued for it) open.
-async fn write_wire(stream: &mut TcpStream, outbox: &Outbox, bytes: &[u8]) -> std::io::Result<()> {
-    let write = stream.write_all(bytes);
+/// (and the memory queued for it) open. Written bytes count in the shard's statistics.
+async fn write_wire(
+    stream: &mut TcpStream,
+    shard: &Shard,
+    outbox: &Outbox,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let write = async {
+        stream.write_all(bytes).await?;
+        shard.stats.borrow_mut().bytes_out(bytes.len());
+        Ok(())
+    };
     let give_up = async {
         outbox.closing().await;
         glommio::timer::sleep(Duration::from_millis(CLOSE_WRITE_GRACE_MILLISECONDS)).await;
