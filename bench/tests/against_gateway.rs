@@ -85,12 +85,13 @@ fn gateway_binary() -> PathBuf {
     gateway
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+/// Three distinct free ports, all held while the OS picks them (one at a time could repeat one,
+/// and the gateway then refuses to start: "two listeners share one address").
+fn free_ports() -> [u16; 3] {
+    let held: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("addr").port())
 }
 
 fn healthy(admin: u16) -> bool {
@@ -137,7 +138,7 @@ fn bench_against_gateway() {
     let (code, _) = run(&mut add, Duration::from_secs(300));
     assert_eq!(code, 0, "bulk-add failed");
 
-    let (c2s, tls, admin) = (free_port(), free_port(), free_port());
+    let [c2s, tls, admin] = free_ports();
     let server = Command::new(&gateway)
         .args([
             "--data-dir",

@@ -409,7 +409,7 @@ fn config_errors_name_the_key() {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, toml).unwrap();
         let data = dir.path().join("data");
-        let (c2s, tls, admin) = (free_port(), free_port(), free_port());
+        let [c2s, tls, admin] = free_ports();
         let out = run_gateway(
             &[
                 "--config",

@@ -6,18 +6,19 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Three distinct free ports, all held while the OS picks them (one at a time could repeat one).
+fn free_ports() -> [u16; 3] {
+    let held: Vec<_> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().unwrap().port())
 }
 
 #[test]
 fn logs_to_a_pipe_are_plain_text() {
     let dir = tempfile::tempdir().unwrap();
     let addr = |p: u16| format!("127.0.0.1:{p}");
+    let [c2s, tls, admin] = free_ports();
     let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
         .args([
             "--data-dir",
@@ -27,13 +28,8 @@ fn logs_to_a_pipe_are_plain_text() {
             "serve",
             "--no-pin",
         ])
-        .args([
-            "--c2s-addr",
-            &addr(free_port()),
-            "--tls-addr",
-            &addr(free_port()),
-        ])
-        .args(["--admin-addr", &addr(free_port())])
+        .args(["--c2s-addr", &addr(c2s), "--tls-addr", &addr(tls)])
+        .args(["--admin-addr", &addr(admin)])
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

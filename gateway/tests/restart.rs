@@ -13,11 +13,11 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{free_port, http_get, users_on_shard, ServerBuilder};
+use support::{free_ports, http_get, users_on_shard, ServerBuilder};
 
 #[test]
 fn binds_a_port_left_in_time_wait_by_another_program() {
-    let c2s = free_port();
+    let [c2s, tls, admin] = free_ports();
     {
         let other = TcpListener::bind(("127.0.0.1", c2s)).unwrap();
         let mut client = TcpStream::connect(("127.0.0.1", c2s)).unwrap();
@@ -29,7 +29,6 @@ fn binds_a_port_left_in_time_wait_by_another_program() {
         drop(client);
     }
     let dir = tempfile::tempdir().unwrap();
-    let admin = free_port();
     let addr = |p: u16| format!("127.0.0.1:{p}");
     let mut child = Command::new(support::gateway_bin())
         .args([
@@ -40,7 +39,7 @@ fn binds_a_port_left_in_time_wait_by_another_program() {
             "serve",
             "--no-pin",
         ])
-        .args(["--c2s-addr", &addr(c2s), "--tls-addr", &addr(free_port())])
+        .args(["--c2s-addr", &addr(c2s), "--tls-addr", &addr(tls)])
         .args(["--admin-addr", &addr(admin)])
         .stderr(Stdio::piped())
         .spawn()
@@ -84,4 +83,15 @@ fn restarts_on_the_same_ports_after_a_graceful_stop() {
     server.restart();
     let mut again = server.login(&a, "r2");
     again.assert_alive();
+}
+
+#[test]
+fn test_servers_get_three_distinct_ports() {
+    // Goal: the harness never gives a server one port for two listeners (seen in CI-like runs:
+    // "two listeners share one address" when ports were picked one at a time). Many draws make a
+    // repeat likely if the picks could collide.
+    for _ in 0..2_000 {
+        let [a, b, c] = free_ports();
+        assert!(a != b && b != c && a != c, "{a} {b} {c}");
+    }
 }

@@ -58,14 +58,15 @@ pub fn password_of(node: &str) -> String {
     format!("pw-{node}")
 }
 
-/// A port that was free a moment ago (the OS picked it); the race with other processes is
-/// acceptable for tests.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct ports that were free a moment ago: all `N` are held at once while the OS picks
+/// them (picking one at a time can hand out the same port twice, which made a server refuse to
+/// start with "two listeners share one address"); the race with other processes is acceptable
+/// for tests.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("local addr").port())
 }
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
@@ -207,13 +208,14 @@ impl ServerBuilder {
         for u in &self.users {
             add_user(&data_dir, u);
         }
+        let [c2s, tls, admin] = free_ports();
         let mut server = Server {
             child: None,
             dir,
             data_dir,
-            c2s: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            tls: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            admin: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            c2s: SocketAddr::from(([127, 0, 0, 1], c2s)),
+            tls: SocketAddr::from(([127, 0, 0, 1], tls)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             extra: self.args,
             allow_plaintext: self.allow_plaintext,
         };
