@@ -82,16 +82,18 @@ pub enum BindError {
     BadResource,
 }
 
-/// One bound session (resource) on this shard.
+/// One bound session (resource) on this shard. Most sessions sit idle for hours, so this is
+/// kept small (see the size test): the full JID is the one copy of the session's address, and
+/// what few sessions need at once lives in `extra`, allocated only while needed.
 #[derive(Debug)]
 struct Session {
-    node: String,
-    full_jid: String,
+    /// `node@domain/resource`; `node()` and `resource()` are slices of it.
+    full_jid: Box<str>,
+    /// Length of the node part of `full_jid` (at most `JID_PART_BYTES_MAX`).
+    node_len: u16,
     /// Sent available presence and not since unavailable (RFC 6121 §4.2).
     available: bool,
     priority: i8,
-    /// The last available presence it broadcast (from = its full JID, no `to`), for probes.
-    presence: Option<Stanza>,
     /// Requested the roster, so it gets roster pushes (RFC 6121 §2.1.6).
     interested: bool,
     /// Acknowledges what it receives (XEP-0198): stored messages delivered to it are erased on
@@ -99,6 +101,20 @@ struct Session {
     sm: bool,
     /// Stanzas received from it (`handle_stanza` calls).
     received: u64,
+    /// A custom presence, messages in flight, an offline queue being delivered; `None` when
+    /// the session has none of these (an idle session that sent a plain `<presence/>`).
+    extra: Option<Box<SessionExtra>>,
+}
+
+// `Session::node_len` holds a node's length.
+const _: () = assert!(JID_PART_BYTES_MAX <= u16::MAX as usize);
+
+/// The parts of a session that most idle sessions do not need.
+#[derive(Debug, Default)]
+struct SessionExtra {
+    /// The last available presence it broadcast (from = its full JID, no `to`), for probes,
+    /// unless it was the plain `<presence from='full JID'/>`, which is rebuilt when needed.
+    presence: Option<Stanza>,
     /// Sequence numbers of its messages not yet settled (stored durably, delivered or refused).
     outstanding: BTreeSet<u64>,
     /// While its offline queue is being delivered: the next sequence number to load. New
@@ -107,13 +123,171 @@ struct Session {
     draining: Option<u64>,
 }
 
+impl SessionExtra {
+    fn is_empty(&self) -> bool {
+        self.presence.is_none() && self.outstanding.is_empty() && self.draining.is_none()
+    }
+}
+
+impl Session {
+    fn new(full_jid: Box<str>, node_len: usize) -> Session {
+        assert!(node_len < full_jid.len());
+        assert_eq!(full_jid.as_bytes()[node_len], b'@');
+        Session {
+            // `bind` checked the node against JID_PART_BYTES_MAX, which fits (asserted above).
+            node_len: u16::try_from(node_len).expect("node length fits u16"),
+            full_jid,
+            available: false,
+            priority: 0,
+            interested: false,
+            sm: false,
+            received: 0,
+            extra: None,
+        }
+    }
+
+    fn node(&self) -> &str {
+        &self.full_jid[..usize::from(self.node_len)]
+    }
+
+    /// The resource: what follows the first `/` after the domain.
+    fn resource(&self) -> &str {
+        let rest = &self.full_jid[usize::from(self.node_len)..];
+        rest.split_once('/').map_or("", |(_, r)| r)
+    }
+
+    fn draining(&self) -> Option<u64> {
+        self.extra.as_ref().and_then(|e| e.draining)
+    }
+
+    /// How many of its stanzas are settled, counted from the first.
+    fn settled(&self) -> u64 {
+        self.extra
+            .as_ref()
+            .and_then(|e| e.outstanding.first().copied())
+            .unwrap_or(self.received)
+    }
+
+    /// The presence it broadcast last, addressed from its full JID, if available.
+    fn presence(&self) -> Option<Stanza> {
+        if !self.available {
+            return None;
+        }
+        match self.extra.as_ref().and_then(|e| e.presence.as_ref()) {
+            Some(p) => Some(p.clone()),
+            None => Some(build::stanza(
+                "presence",
+                Attrs {
+                    from: Some(&self.full_jid),
+                    ..Attrs::default()
+                },
+                "",
+            )),
+        }
+    }
+
+    /// Records an available presence (already stamped with its full JID); a plain one is not
+    /// kept, since `presence()` rebuilds it.
+    fn set_presence(&mut self, stanza: &Stanza) {
+        let custom = (!is_plain_presence(stanza)).then(|| stanza.clone());
+        if custom.is_some() || self.extra.is_some() {
+            self.extra_mut().presence = custom;
+        }
+        self.compact();
+    }
+
+    fn extra_mut(&mut self) -> &mut SessionExtra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    fn set_draining(&mut self, next: Option<u64>) {
+        if next.is_some() || self.extra.is_some() {
+            self.extra_mut().draining = next;
+        }
+        self.compact();
+    }
+
+    /// Frees `extra` once it holds nothing.
+    fn compact(&mut self) {
+        if self.extra.as_ref().is_some_and(|e| e.is_empty()) {
+            self.extra = None;
+        }
+    }
+}
+
+/// Whether an available presence stamped by the server is exactly `<presence from='...'/>`:
+/// no other attribute, no content.
+fn is_plain_presence(stanza: &Stanza) -> bool {
+    let h = &stanza.header;
+    let Some(from_attr) = &h.from_attr else {
+        return false;
+    };
+    stanza.kind == Kind::Presence
+        && h.self_closing
+        && h.to.is_none()
+        && h.id.is_none()
+        && h.type_.is_none()
+        && h.xmlns.is_none()
+        && stanza.bytes.len() == "<presence".len() + from_attr.len() + "/>".len()
+}
+
 /// A user with at least one session here.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct User {
-    /// (resource, conn), in bind order.
-    resources: Vec<(String, ConnId)>,
-    /// The roster, once loaded; dropped with the last session.
-    roster: Option<Vec<RosterItem>>,
+    /// Its sessions, in bind order (each session's resource is in its full JID).
+    conns: Conns,
+    /// The roster, once loaded; dropped with the last session. A boxed slice: no spare
+    /// capacity, and no allocation for an empty roster.
+    roster: Option<Box<[RosterItem]>>,
+}
+
+/// A user's connections in bind order: one inline (the usual case), more on the heap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Conns {
+    One(ConnId),
+    Many(Vec<ConnId>),
+}
+
+impl Conns {
+    fn len(&self) -> usize {
+        match self {
+            Conns::One(_) => 1,
+            Conns::Many(v) => v.len(),
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = ConnId> + '_ {
+        let slice = match self {
+            Conns::One(c) => std::slice::from_ref(c),
+            Conns::Many(v) => v.as_slice(),
+        };
+        slice.iter().copied()
+    }
+
+    fn push(&mut self, conn: ConnId) {
+        match self {
+            Conns::One(c) => *self = Conns::Many(vec![*c, conn]),
+            Conns::Many(v) => v.push(conn),
+        }
+    }
+
+    /// Removes `conn`; returns whether none is left.
+    fn remove(&mut self, conn: ConnId) -> bool {
+        match self {
+            Conns::One(c) => *c == conn,
+            Conns::Many(v) => {
+                v.retain(|c| *c != conn);
+                match *v.as_slice() {
+                    [] => true,
+                    [only] => {
+                        *self = Conns::One(only);
+                        false
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
 }
 
 /// Where a `to` address points.
@@ -152,7 +326,7 @@ pub struct Router {
     domain: String,
     store: Box<dyn RosterStore>,
     sessions: HashMap<ConnId, Session>,
-    users: HashMap<String, User>,
+    users: HashMap<Box<str>, User>,
     actions: VecDeque<Action>,
     next_resource: u64,
     next_push: u64,
@@ -316,7 +490,7 @@ impl Router {
             .collect();
         let users = &self.users;
         self.queues
-            .retain(|node, _| users.contains_key(node) || pending.contains(node.as_str()));
+            .retain(|node, _| users.contains_key(node.as_str()) || pending.contains(node.as_str()));
         self.queues_sweep_at = self.queues_max.max(self.queues.len() * 2);
     }
 
@@ -401,7 +575,8 @@ impl Router {
                     // sessions may have been given the failed messages' sequence numbers, and
                     // may ack them later: those users keep their next sequence number.
                     let users = &self.users;
-                    self.queues.retain(|node, _| users.contains_key(node));
+                    self.queues
+                        .retain(|node, _| users.contains_key(node.as_str()));
                     let kept: Vec<String> = self.queues.keys().cloned().collect();
                     for node in kept {
                         let fresh = self.offline.usage(&node);
@@ -450,7 +625,7 @@ impl Router {
     /// `conn`'s client acknowledged these stored messages (sequence numbers in its user's
     /// queue): they are erased.
     pub fn handle_acked(&mut self, conn: ConnId, seqs: &[u64]) {
-        let Some(node) = self.sessions.get(&conn).map(|s| s.node.clone()) else {
+        let Some(node) = self.sessions.get(&conn).map(|s| s.node().to_owned()) else {
             return;
         };
         for &seq in seqs {
@@ -464,7 +639,7 @@ impl Router {
         if self
             .sessions
             .get(&conn)
-            .is_some_and(|s| s.draining.is_some())
+            .is_some_and(|s| s.draining().is_some())
         {
             self.drain_page(conn);
         }
@@ -473,10 +648,7 @@ impl Router {
     /// How many of the stanzas `conn` sent are settled, counted from the first: every stanza
     /// before the first unsettled message. A XEP-0198 `h` may cover only these.
     pub fn settled(&self, conn: ConnId) -> u64 {
-        self.sessions
-            .get(&conn)
-            .map(|s| s.outstanding.first().copied().unwrap_or(s.received))
-            .unwrap_or(0)
+        self.sessions.get(&conn).map(Session::settled).unwrap_or(0)
     }
 
     /// Stanzas received from `conn` so far.
@@ -491,7 +663,7 @@ impl Router {
 
     /// The full JID bound to `conn`, if any.
     pub fn full_jid(&self, conn: ConnId) -> Option<&str> {
-        self.sessions.get(&conn).map(|s| s.full_jid.as_str())
+        self.sessions.get(&conn).map(|s| &*s.full_jid)
     }
 
     /// Sessions bound on this shard.
@@ -526,6 +698,11 @@ impl Router {
             self.shard,
             "bind on a shard that is not the user's home"
         );
+        // The node was normalised by authentication; a longer one is our bug.
+        assert!(
+            node.len() <= JID_PART_BYTES_MAX,
+            "node longer than JID_PART_BYTES_MAX"
+        );
         let resource = match resource {
             Some(r) => self.validate_resource(node, r)?,
             None => self.generate_resource(node),
@@ -535,12 +712,7 @@ impl Router {
             // session as gone.
             self.handle_disconnect(conn);
         }
-        let existing = self.users.get(node).and_then(|u| {
-            u.resources
-                .iter()
-                .find(|(r, _)| *r == resource)
-                .map(|(_, c)| *c)
-        });
+        let existing = self.conn_of(node, &resource);
         match existing {
             Some(old) => {
                 self.actions.push_back(Action::CloseConn {
@@ -553,33 +725,25 @@ impl Router {
                 if self
                     .users
                     .get(node)
-                    .is_some_and(|u| u.resources.len() >= USER_SESSIONS_MAX)
+                    .is_some_and(|u| u.conns.len() >= USER_SESSIONS_MAX)
                 {
                     return Err(BindError::TooManySessions);
                 }
             }
         }
         let full_jid = format!("{node}@{}/{resource}", self.domain);
-        self.users
-            .entry(node.to_string())
-            .or_default()
-            .resources
-            .push((resource, conn));
-        self.sessions.insert(
-            conn,
-            Session {
-                node: node.to_string(),
-                full_jid: full_jid.clone(),
-                available: false,
-                priority: 0,
-                presence: None,
-                interested: false,
-                sm: false,
-                received: 0,
-                outstanding: BTreeSet::new(),
-                draining: None,
-            },
-        );
+        match self.users.get_mut(node) {
+            Some(user) => user.conns.push(conn),
+            None => {
+                let user = User {
+                    conns: Conns::One(conn),
+                    roster: None,
+                };
+                self.users.insert(node.into(), user);
+            }
+        }
+        let session = Session::new(full_jid.as_str().into(), node.len());
+        self.sessions.insert(conn, session);
         Ok(Bound { full_jid })
     }
 
@@ -604,11 +768,7 @@ impl Router {
             let n = self.next_resource;
             self.next_resource += 1;
             let r = format!("gw-{:x}-{:x}", self.shard, n);
-            let taken = self
-                .users
-                .get(node)
-                .is_some_and(|u| u.resources.iter().any(|(x, _)| *x == r));
-            if !taken {
+            if self.conn_of(node, &r).is_none() {
                 return r;
             }
         }
@@ -621,7 +781,7 @@ impl Router {
             tracing::debug!(conn, "stanza from an unbound connection dropped");
             return;
         };
-        let node = sess.node.clone();
+        let node = sess.node().to_owned();
         let seq = sess.received;
         sess.received += 1;
         if stanza.kind == Kind::Other {
@@ -737,8 +897,11 @@ impl Router {
         let Some(sess) = self.sessions.get(&conn) else {
             return;
         };
-        let (node, full, was_available) =
-            (sess.node.clone(), sess.full_jid.clone(), sess.available);
+        let (node, full, was_available) = (
+            sess.node().to_owned(),
+            sess.full_jid.clone(),
+            sess.available,
+        );
         if was_available {
             let p = build::stanza(
                 "presence",
@@ -754,10 +917,9 @@ impl Router {
         let Some(sess) = self.sessions.remove(&conn) else {
             return;
         };
-        if let Some(user) = self.users.get_mut(&sess.node) {
-            user.resources.retain(|(_, c)| *c != conn);
-            if user.resources.is_empty() {
-                self.users.remove(&sess.node);
+        if let Some(user) = self.users.get_mut(sess.node()) {
+            if user.conns.remove(conn) {
+                self.users.remove(sess.node());
             }
         }
     }
@@ -880,35 +1042,35 @@ impl Router {
     }
 
     fn conn_of(&self, node: &str, resource: &str) -> Option<ConnId> {
-        self.users
-            .get(node)?
-            .resources
-            .iter()
-            .find(|(r, _)| r == resource)
-            .map(|(_, c)| *c)
+        self.users.get(node)?.conns.iter().find(|c| {
+            self.sessions
+                .get(c)
+                .is_some_and(|s| s.resource() == resource)
+        })
+    }
+
+    /// The sessions of `node`'s connections, in bind order.
+    fn sessions_of<'a>(&'a self, node: &str) -> impl Iterator<Item = (ConnId, &'a Session)> + 'a {
+        let conns = self.users.get(node).map(|u| &u.conns);
+        conns
+            .into_iter()
+            .flat_map(Conns::iter)
+            .filter_map(|c| self.sessions.get(&c).map(|s| (c, s)))
     }
 
     /// The user's available sessions: (conn, priority), in bind order.
     fn available(&self, node: &str) -> Vec<(ConnId, i8)> {
-        let Some(user) = self.users.get(node) else {
-            return Vec::new();
-        };
-        user.resources
-            .iter()
-            .filter_map(|(_, c)| {
-                self.sessions
-                    .get(c)
-                    .filter(|s| s.available)
-                    .map(|s| (*c, s.priority))
-            })
+        self.sessions_of(node)
+            .filter(|(_, s)| s.available)
+            .map(|(c, s)| (c, s.priority))
             .collect()
     }
 
     /// The user's available sessions with their full JIDs, in bind order.
-    fn available_full(&self, node: &str) -> Vec<(ConnId, String)> {
-        self.available(node)
-            .into_iter()
-            .filter_map(|(c, _)| self.sessions.get(&c).map(|s| (c, s.full_jid.clone())))
+    fn available_full(&self, node: &str) -> Vec<(ConnId, Box<str>)> {
+        self.sessions_of(node)
+            .filter(|(_, s)| s.available)
+            .map(|(c, s)| (c, s.full_jid.clone()))
             .collect()
     }
 
@@ -934,7 +1096,7 @@ impl Router {
             let Some(s) = self.sessions.get(&conn) else {
                 continue;
             };
-            if s.draining.is_some() {
+            if s.draining().is_some() {
                 any_draining = true;
             } else {
                 all_sm &= s.sm;
@@ -1044,7 +1206,7 @@ impl Router {
     fn hold(&mut self, origin: Origin) {
         if origin.shard == self.shard {
             if let Some(s) = self.sessions.get_mut(&origin.conn) {
-                s.outstanding.insert(origin.seq);
+                s.extra_mut().outstanding.insert(origin.seq);
             }
         }
     }
@@ -1056,7 +1218,12 @@ impl Router {
             return;
         }
         if let Some(s) = self.sessions.get_mut(&origin.conn) {
-            if s.outstanding.remove(&origin.seq) && s.sm {
+            let removed = s
+                .extra
+                .as_mut()
+                .is_some_and(|e| e.outstanding.remove(&origin.seq));
+            s.compact();
+            if removed && s.sm {
                 self.actions
                     .push_back(Action::Settled { conn: origin.conn });
             }
@@ -1070,7 +1237,7 @@ impl Router {
         let Some((node, from, sm)) = self
             .sessions
             .get(&conn)
-            .and_then(|s| Some((s.node.clone(), s.draining?, s.sm)))
+            .and_then(|s| Some((s.node().to_owned(), s.draining()?, s.sm)))
         else {
             return;
         };
@@ -1089,7 +1256,7 @@ impl Router {
             Err(e) => {
                 tracing::error!(node, error = %e, "offline queue unreadable; delivery stopped");
                 if let Some(s) = self.sessions.get_mut(&conn) {
-                    s.draining = None;
+                    s.set_draining(None);
                 }
                 return;
             }
@@ -1126,7 +1293,7 @@ impl Router {
             }
         }
         if let Some(s) = self.sessions.get_mut(&conn) {
-            s.draining = (page.len() == OFFLINE_DRAIN_PAGE_MESSAGES).then_some(next);
+            s.set_draining((page.len() == OFFLINE_DRAIN_PAGE_MESSAGES).then_some(next));
         }
     }
 
@@ -1233,7 +1400,7 @@ impl Router {
         let Some(sess) = self.sessions.get(&conn) else {
             return;
         };
-        let (node, full) = (sess.node.clone(), sess.full_jid.clone());
+        let (node, full) = (sess.node().to_owned(), sess.full_jid.clone());
         match stanza.type_().as_deref() {
             None => {
                 let priority = presence_priority(&stanza);
@@ -1241,13 +1408,13 @@ impl Router {
                 let initial = !sess.available;
                 sess.available = true;
                 sess.priority = priority;
-                sess.presence = Some(stanza.clone());
+                sess.set_presence(&stanza);
                 self.broadcast(&node, &full, &stanza, None);
                 if initial {
                     self.after_initial_presence(conn, &node);
                     // XEP-0160: the offline queue follows initial presence.
                     if let Some(s) = self.sessions.get_mut(&conn) {
-                        s.draining = Some(0);
+                        s.set_draining(Some(0));
                     }
                     self.drain_page(conn);
                 }
@@ -1265,7 +1432,10 @@ impl Router {
     fn set_unavailable(&mut self, conn: ConnId) {
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.available = false;
-            s.presence = None;
+            if let Some(e) = s.extra.as_mut() {
+                e.presence = None;
+            }
+            s.compact();
             s.priority = 0;
         }
     }
@@ -1329,18 +1499,11 @@ impl Router {
             );
             self.route_addressed(probe);
         }
-        let others: Vec<(String, Stanza)> = self
-            .users
-            .get(node)
-            .map(|u| {
-                u.resources
-                    .iter()
-                    .filter(|(_, c)| *c != conn)
-                    .filter_map(|(_, c)| self.sessions.get(c))
-                    .filter_map(|s| s.presence.clone().map(|p| (s.full_jid.clone(), p)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let others: Vec<(Box<str>, Stanza)> = self
+            .sessions_of(node)
+            .filter(|(c, _)| *c != conn)
+            .filter_map(|(_, s)| s.presence().map(|p| (s.full_jid.clone(), p)))
+            .collect();
         for (their_full, p) in others {
             self.deliver(conn, build::readdress(&p, Some(&full), Some(&their_full)));
         }
@@ -1377,18 +1540,10 @@ impl Router {
 
     /// Sends the current presence of each available resource of `node` to `to`.
     fn send_presence_of(&mut self, node: &str, to: &str) {
-        let presences: Vec<(String, Stanza)> = self
-            .users
-            .get(node)
-            .map(|u| {
-                u.resources
-                    .iter()
-                    .filter_map(|(_, c)| self.sessions.get(c))
-                    .filter(|s| s.available)
-                    .filter_map(|s| s.presence.clone().map(|p| (s.full_jid.clone(), p)))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let presences: Vec<(Box<str>, Stanza)> = self
+            .sessions_of(node)
+            .filter_map(|(_, s)| s.presence().map(|p| (s.full_jid.clone(), p)))
+            .collect();
         for (full, p) in presences {
             self.route_addressed(build::readdress(&p, Some(to), Some(&full)));
         }
@@ -1586,7 +1741,7 @@ impl Router {
     /// Takes the user's roster out of the cache, or reads it from the store.
     fn take_roster(&mut self, node: &str) -> Result<Vec<RosterItem>, StoreError> {
         if let Some(r) = self.users.get_mut(node).and_then(|u| u.roster.take()) {
-            return Ok(r);
+            return Ok(r.into_vec());
         }
         self.store.roster(node)
     }
@@ -1594,7 +1749,7 @@ impl Router {
     /// Puts a roster back in the cache if the user has sessions here.
     fn put_roster(&mut self, node: &str, roster: Vec<RosterItem>) {
         if let Some(u) = self.users.get_mut(node) {
-            u.roster = Some(roster);
+            u.roster = Some(roster.into_boxed_slice());
         }
     }
 
@@ -1677,18 +1832,11 @@ impl Router {
 
     /// RFC 6121 §2.1.6: an IQ set with the changed item to each interested session.
     fn roster_push(&mut self, node: &str, item_xml: &str) {
-        let targets: Vec<(ConnId, String)> = self
-            .users
-            .get(node)
-            .map(|u| {
-                u.resources
-                    .iter()
-                    .filter_map(|(_, c)| self.sessions.get(c).map(|s| (*c, s)))
-                    .filter(|(_, s)| s.interested)
-                    .map(|(c, s)| (c, s.full_jid.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let targets: Vec<(ConnId, Box<str>)> = self
+            .sessions_of(node)
+            .filter(|(_, s)| s.interested)
+            .map(|(c, s)| (c, s.full_jid.clone()))
+            .collect();
         let inner = format!("<query xmlns='{ROSTER_NS}'>{item_xml}</query>");
         for (conn, full) in targets {
             self.next_push += 1;
@@ -1784,7 +1932,7 @@ impl Router {
             return;
         };
         sess.interested = true;
-        let node = sess.node.clone();
+        let node = sess.node().to_owned();
         match self.with_roster(&node, |r| {
             r.iter()
                 .filter(|i| i.is_visible())
@@ -1808,7 +1956,7 @@ impl Router {
 
     /// RFC 6121 §2.3 (update) and §2.5 (remove).
     fn roster_set(&mut self, conn: ConnId, req: &Stanza, query: &minidom::Element) {
-        let Some(node) = self.sessions.get(&conn).map(|s| s.node.clone()) else {
+        let Some(node) = self.sessions.get(&conn).map(|s| s.node().to_owned()) else {
             return;
         };
         let set = match roster::parse_roster_set(query) {
@@ -1894,4 +2042,164 @@ fn presence_priority(stanza: &Stanza) -> i8 {
         .find(|c| c.name() == "priority" && c.ns() == "jabber:client")
         .and_then(|c| c.text().trim().parse::<i8>().ok())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The compact per-session structures: what an idle session holds, and that the compact
+    //! forms behave like the plain ones they replace. Routing behaviour is in `tests/routing.rs`.
+
+    use super::*;
+
+    fn router() -> Router {
+        Router::new(
+            0,
+            1,
+            "example.com".into(),
+            Box::new(crate::MemoryRosterStore::new()),
+        )
+    }
+
+    fn presence(bytes: &'static [u8], full: &str) -> Stanza {
+        build::from_bytes(Bytes::from_static(bytes))
+            .expect("test stanza")
+            .with_from(full)
+    }
+
+    /// The entry of an idle session in the sessions table stays small: every byte here is paid
+    /// per session, times the table's spare capacity (up to 2x).
+    #[test]
+    fn session_entry_is_small() {
+        assert!(
+            std::mem::size_of::<Session>() <= 40,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+        assert!(
+            std::mem::size_of::<User>() <= 40,
+            "{}",
+            std::mem::size_of::<User>()
+        );
+        assert!(std::mem::size_of::<Conns>() <= 24);
+    }
+
+    #[test]
+    fn conns_keep_bind_order_and_fall_back_to_one() {
+        let mut c = Conns::One(7);
+        assert_eq!(c.iter().collect::<Vec<_>>(), [7]);
+        c.push(3);
+        c.push(9);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.iter().collect::<Vec<_>>(), [7, 3, 9]);
+        assert!(!c.remove(3));
+        assert_eq!(c, Conns::Many(vec![7, 9]));
+        assert!(!c.remove(7));
+        assert_eq!(c, Conns::One(9));
+        assert!(!c.remove(4), "an absent conn leaves the one there");
+        assert!(c.remove(9));
+    }
+
+    #[test]
+    fn session_node_and_resource_are_slices_of_the_full_jid() {
+        let s = Session::new("alice@example.com/phone/2".into(), 5);
+        assert_eq!(s.node(), "alice");
+        assert_eq!(s.resource(), "phone/2");
+        assert_eq!(&*s.full_jid, "alice@example.com/phone/2");
+    }
+
+    /// An idle session that sent a plain `<presence/>` holds no extra state, and its presence
+    /// is rebuilt as it was broadcast; a presence with content is kept as sent.
+    #[test]
+    fn plain_presence_is_not_stored_and_custom_presence_is() {
+        let mut r = router();
+        let full = r.bind("alice", Some("phone"), 1).expect("bind").full_jid;
+        r.handle_stanza(1, presence(b"<presence/>", &full));
+        while r.poll_action().is_some() {}
+        let s = &r.sessions[&1];
+        assert!(s.available);
+        assert!(
+            s.extra.is_none(),
+            "plain presence, nothing in flight: {:?}",
+            s.extra
+        );
+        let rebuilt = s.presence().expect("available");
+        assert_eq!(
+            rebuilt.as_str(),
+            "<presence from='alice@example.com/phone'/>"
+        );
+        assert_eq!(rebuilt.bytes, presence(b"<presence/>", &full).bytes);
+
+        let custom = presence(b"<presence><show>away</show></presence>", &full);
+        r.handle_stanza(1, custom.clone());
+        while r.poll_action().is_some() {}
+        let s = &r.sessions[&1];
+        assert_eq!(s.presence().expect("available").bytes, custom.bytes);
+        assert!(s.extra.is_some());
+
+        // Back to plain: the custom one is dropped, and so is the box.
+        r.handle_stanza(1, presence(b"<presence/>", &full));
+        while r.poll_action().is_some() {}
+        assert!(r.sessions[&1].extra.is_none());
+
+        r.handle_stanza(1, presence(b"<presence type='unavailable'/>", &full));
+        while r.poll_action().is_some() {}
+        assert!(r.sessions[&1].presence().is_none());
+    }
+
+    #[test]
+    fn only_an_attribute_free_empty_presence_counts_as_plain() {
+        let full = "a@example.com/r";
+        assert!(is_plain_presence(&presence(b"<presence/>", full)));
+        assert!(is_plain_presence(&presence(
+            b"<presence from='x@y'/>",
+            full
+        )));
+        assert!(!is_plain_presence(&presence(b"<presence id='1'/>", full)));
+        assert!(!is_plain_presence(&presence(
+            b"<presence xml:lang='en'/>",
+            full
+        )));
+        assert!(!is_plain_presence(&presence(
+            b"<presence ></presence>",
+            full
+        )));
+        assert!(!is_plain_presence(&presence(
+            b"<presence><priority>1</priority></presence>",
+            full
+        )));
+    }
+
+    /// A message in flight needs `extra` only until it settles.
+    #[test]
+    fn extra_state_is_freed_once_settled() {
+        let mut r = router();
+        r.bind("alice", None, 1).expect("bind");
+        let origin = Origin {
+            shard: 0,
+            conn: 1,
+            seq: 0,
+        };
+        r.hold(origin);
+        assert_eq!(r.settled(1), 0);
+        assert!(r.sessions[&1].extra.is_some());
+        r.settle(origin);
+        assert!(r.sessions[&1].extra.is_none());
+        assert_eq!(r.settled(1), r.received(1));
+    }
+
+    /// A second resource of a user moves its list to the heap; when it goes, back inline.
+    #[test]
+    fn user_entry_follows_its_sessions() {
+        let mut r = router();
+        r.bind("alice", Some("a"), 1).expect("bind");
+        r.bind("alice", Some("b"), 2).expect("bind");
+        assert_eq!(r.users["alice"].conns, Conns::Many(vec![1, 2]));
+        assert_eq!(r.conn_of("alice", "b"), Some(2));
+        r.handle_disconnect(1);
+        assert_eq!(r.users["alice"].conns, Conns::One(2));
+        assert_eq!(r.conn_of("alice", "a"), None);
+        r.handle_disconnect(2);
+        assert!(r.users.is_empty());
+        assert!(r.sessions.is_empty());
+    }
 }
