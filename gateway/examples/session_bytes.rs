@@ -313,7 +313,7 @@ fn main() -> Result<()> {
         bail!("session {i} is not established");
     }
     let held = heap();
-    row("total: c2s heap + router", created, held);
+    row("total: c2s heap + router", slab, held);
     // Drops the machines in place: the slab's allocation stays, so what goes is their heap.
     machines.clear();
     let dropped = heap();
@@ -322,7 +322,7 @@ fn main() -> Result<()> {
     println!(
         "idle session outside the driver: {} B inline + {:.0} B heap (mimalloc classes)",
         std::mem::size_of::<C2s>(),
-        per(created, held).1
+        per(slab, held).1
     );
     drop(machines);
     row("left after all machines dropped", base, heap());

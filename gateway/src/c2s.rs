@@ -161,16 +161,24 @@ enum State {
     },
     /// A bound session: stanzas flow.
     Established {
-        full_jid: String,
+        full_jid: Box<str>,
     },
     Closed,
 }
 
-/// One client stream's state.
+/// The name of the stream element every client we know of sends (`<stream:stream>`): an idle
+/// stream with this name drops its framer (see `C2s::framer`).
+const STREAM_NAME: &[u8] = b"stream:stream";
+
+/// One client stream's state. Most streams sit idle for hours, so an idle established stream
+/// holds little: no framer, the full JID once, XEP-0198 state only when enabled.
 pub struct C2s {
     config: Arc<C2sConfig>,
     security: Security,
-    framer: Framer,
+    /// The stream's framer; `None` between stanzas of an open `<stream:stream>` with nothing
+    /// buffered (all a framer would hold then), rebuilt with `Framer::in_stream` when bytes
+    /// arrive.
+    framer: Option<Box<Framer>>,
     /// The unauthenticated deadline runs from here.
     started: Instant,
     /// Whether our `<stream:stream>` for the current stream (restarts begin new ones) is out.
@@ -189,7 +197,7 @@ fn cont(state: State) -> Next {
 
 impl C2s {
     pub fn new(config: Arc<C2sConfig>, security: Security, now: Instant) -> C2s {
-        let framer = Framer::new(config.stanza_bytes_max);
+        let framer = Some(Box::new(Framer::new(config.stanza_bytes_max)));
         C2s {
             config,
             security,
@@ -261,7 +269,7 @@ impl C2s {
             return None;
         };
         let id = self.sm.as_ref()?.id.clone()?;
-        let full_jid = full_jid.clone();
+        let full_jid = full_jid.to_string();
         let sm = self.sm.take()?;
         self.state = State::Closed;
         Some((id, SmState(sm), full_jid))
@@ -314,7 +322,9 @@ impl C2s {
             sm.since_request = 0;
             let _ = write!(Sink(out), "<r xmlns='{NS_SM3}'/>");
         }
-        cont(State::Established { full_jid })
+        cont(State::Established {
+            full_jid: full_jid.into(),
+        })
     }
 
     fn handled_count_too_high(&mut self, out: &mut Vec<u8>) -> Next {
@@ -393,11 +403,27 @@ impl C2s {
         if let Some(step) = self.check_deadline(out, now) {
             return step;
         }
-        self.framer.push(data);
+        if self.framer.is_none() && data.is_empty() {
+            return Step::Continue;
+        }
+        let max = self.config.stanza_bytes_max;
+        self.framer
+            .get_or_insert_with(|| Box::new(Framer::in_stream(max, STREAM_NAME)))
+            .push(data);
         loop {
-            let event = match self.framer.next_event() {
+            // Events may restart the stream (a new framer) but never leave it without one.
+            let framer = self
+                .framer
+                .as_mut()
+                .expect("a framer while bytes are handled");
+            let event = match framer.next_event() {
                 Ok(Some(event)) => event,
-                Ok(None) => return Step::Continue,
+                Ok(None) => {
+                    if framer.idle_stream_name() == Some(STREAM_NAME) {
+                        self.framer = None;
+                    }
+                    return Step::Continue;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "c2s framing error");
                     let (state, step) = self.stream_error(e.condition(), out);
@@ -479,7 +505,10 @@ impl C2s {
 
     /// A new stream begins on the same connection (after STARTTLS or SASL success).
     fn restart_stream(&mut self, node: Option<String>) -> State {
-        self.framer.reset();
+        match self.framer.as_mut() {
+            Some(framer) => framer.reset(),
+            None => self.framer = Some(Box::new(Framer::new(self.config.stanza_bytes_max))),
+        }
         self.header_sent = false;
         State::ExpectStreamHeader { node }
     }
@@ -847,7 +876,9 @@ impl C2s {
                     "><bind xmlns='{NS_BIND}'><jid>{}</jid></bind></iq>",
                     escape(&full_jid)
                 );
-                cont(State::Established { full_jid })
+                cont(State::Established {
+                    full_jid: full_jid.into(),
+                })
             }
             Err(BindError::TooManySessions) => {
                 iq_error(out, id, "wait", "resource-constraint");
@@ -863,7 +894,7 @@ impl C2s {
     fn on_established(
         &mut self,
         stanza: Stanza,
-        full_jid: String,
+        full_jid: Box<str>,
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {

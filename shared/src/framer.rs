@@ -239,6 +239,28 @@ impl Framer {
         self.buf.len()
     }
 
+    /// The stream element's name when the framer sits between stanzas of an open stream with
+    /// nothing buffered: all it holds then is that name, and `in_stream` with it builds a framer
+    /// that yields the same events for any further input. A connection that is idle can drop
+    /// its framer (a few hundred bytes and its buffers) and rebuild it when bytes arrive.
+    pub fn idle_stream_name(&self) -> Option<&[u8]> {
+        let idle = self.phase == Phase::Stream
+            && self.state == State::Content
+            && self.stack.is_empty()
+            && self.buf.is_empty()
+            && self.poisoned.is_none();
+        idle.then_some(self.stream_name.as_slice())
+    }
+
+    /// A framer inside an open stream named `stream_name`, between stanzas: the framer
+    /// `idle_stream_name` described.
+    pub fn in_stream(stanza_bytes_max: usize, stream_name: &[u8]) -> Framer {
+        let mut framer = Framer::new(stanza_bytes_max);
+        framer.phase = Phase::Stream;
+        framer.stream_name.extend_from_slice(stream_name);
+        framer
+    }
+
     /// Size limit of the unit in progress (the prolog with the stream header, or one stanza).
     fn unit_bytes_max(&self) -> usize {
         match self.phase {
@@ -845,6 +867,68 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// An idle framer rebuilt with `in_stream` yields what the original would have: stanzas,
+    /// the stream's close, and errors, for input split anywhere.
+    #[test]
+    fn rebuilt_idle_framer_continues_the_stream() {
+        let rest =
+            "<message to='a@b'><body>hi</body></message> <iq type='get' id='1'/></stream:stream>";
+        let mut original = Framer::new(STANZA_BYTES_MAX);
+        original.push(format!("{HEADER}<presence/>").as_bytes());
+        let (events, err) = drain(&mut original);
+        assert_eq!((events.len(), err), (2, None));
+        let name = original
+            .idle_stream_name()
+            .expect("between stanzas")
+            .to_vec();
+        assert_eq!(name, b"stream:stream");
+        for split in 0..=rest.len() {
+            let mut a = Framer::new(STANZA_BYTES_MAX);
+            a.push(format!("{HEADER}<presence/>").as_bytes());
+            drain(&mut a);
+            let mut b = Framer::in_stream(STANZA_BYTES_MAX, &name);
+            assert_eq!(b.idle_stream_name(), Some(name.as_slice()));
+            let mut got = (Vec::new(), Vec::new());
+            for (f, out) in [(&mut a, &mut got.0), (&mut b, &mut got.1)] {
+                f.push(&rest.as_bytes()[..split]);
+                out.push(drain(f));
+                f.push(&rest.as_bytes()[split..]);
+                out.push(drain(f));
+            }
+            assert_eq!(got.0, got.1, "split at {split}");
+        }
+        let mut wrong = Framer::in_stream(STANZA_BYTES_MAX, &name);
+        wrong.push(b"</stream:other>");
+        assert_eq!(
+            drain(&mut wrong).1,
+            Some(NotWellFormed("mismatched end tag"))
+        );
+    }
+
+    #[test]
+    fn framer_is_idle_only_between_stanzas_of_an_open_stream() {
+        let mut f = Framer::new(STANZA_BYTES_MAX);
+        assert_eq!(f.idle_stream_name(), None, "before the header");
+        f.push(format!("{HEADER} ").as_bytes());
+        drain(&mut f);
+        assert!(f.idle_stream_name().is_some());
+        f.push(b"<message><bo");
+        drain(&mut f);
+        assert_eq!(f.idle_stream_name(), None, "inside a stanza");
+        f.push(b"dy/></message>\n");
+        drain(&mut f);
+        assert!(
+            f.idle_stream_name().is_some(),
+            "whitespace after a stanza is dropped"
+        );
+        f.push(b"<");
+        drain(&mut f);
+        assert_eq!(f.idle_stream_name(), None, "a tag begun");
+        f.push(b"/stream:stream>");
+        drain(&mut f);
+        assert_eq!(f.idle_stream_name(), None, "after the close");
     }
 
     #[test]

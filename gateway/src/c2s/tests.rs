@@ -1058,3 +1058,57 @@ fn stream_management_resumption() {
     m.ok("<enable xmlns='urn:xmpp:sm:3'/>");
     assert!(m.c2s.detach().is_none());
 }
+
+/// An idle established stream holds no framer; a partial stanza keeps one until it completes;
+/// a stream under another prefix keeps its framer (its name is not the one rebuilt), and both
+/// carry on as before.
+#[test]
+fn idle_stream_drops_its_framer() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("phone");
+    assert!(c.c2s.is_established());
+    assert!(c.c2s.framer.is_none(), "idle after bind");
+    c.ok("<message to='bob@example.com'><bo");
+    assert!(c.c2s.framer.is_some(), "a stanza in progress");
+    assert!(c.svc.stanzas.is_empty());
+    c.ok("dy>hi</body></message> ");
+    assert!(c.c2s.framer.is_none());
+    assert_eq!(c.svc.stanzas.len(), 1);
+    assert!(c.svc.stanzas[0]
+        .as_str()
+        .ends_with("<body>hi</body></message>"));
+    // Whitespace keepalives arrive on an idle stream and leave it idle.
+    c.ok("\n");
+    assert!(c.c2s.framer.is_none());
+    let (step, out) = c.send("</stream:other>");
+    assert_eq!(
+        (step, out.as_str()),
+        (Step::Close, stream_error("not-well-formed").as_str())
+    );
+
+    let header = "<?xml version='1.0'?><s:stream to='example.com' version='1.0' \
+                  xmlns='jabber:client' xmlns:s='http://etherx.jabber.org/streams'>";
+    let mut c = Client::tls();
+    c.ok(header);
+    c.send(&plain_auth("", "alice", "pw"));
+    c.ok(header);
+    c.ok("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>");
+    assert!(c.c2s.is_established());
+    assert!(c.c2s.framer.is_some(), "kept: its stream is named s:stream");
+    c.ok("<presence/>");
+    assert_eq!(c.svc.stanzas.len(), 1);
+    let (step, out) = c.send("</s:stream>");
+    assert_eq!((step, out.as_str()), (Step::Close, "</stream:stream>"));
+}
+
+/// What an idle established stream's machine holds inline (a slab slot each): the framer and
+/// the login state are not among it.
+#[test]
+fn machine_is_small() {
+    assert!(
+        std::mem::size_of::<C2s>() <= 96,
+        "{}",
+        std::mem::size_of::<C2s>()
+    );
+}
