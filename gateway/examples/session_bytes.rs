@@ -166,6 +166,7 @@ fn header() -> String {
 
 fn main() -> Result<()> {
     let mut sessions = 19_000usize;
+    let mut sm = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -176,7 +177,8 @@ fn main() -> Result<()> {
                     .parse()
                     .context("--sessions takes a number")?;
             }
-            other => bail!("unknown argument {other}; usage: session_bytes [--sessions N]"),
+            "--sm" => sm = true,
+            other => bail!("unknown argument {other}; usage: session_bytes [--sessions N] [--sm]"),
         }
     }
     let n = sessions.max(1);
@@ -188,7 +190,7 @@ fn main() -> Result<()> {
             d(before.blocks, after.blocks),
         )
     };
-    println!("sessions: {n} (one shard, in-memory stores)");
+    println!("sessions: {n} (one shard, in-memory stores), XEP-0198: {sm}");
     println!(
         "size_of C2s (inline, one slab slot): {} B",
         std::mem::size_of::<C2s>()
@@ -239,7 +241,7 @@ fn main() -> Result<()> {
         allow_plaintext: true,
         stanza_bytes_max: shared::limits::STANZA_BYTES_MAX,
         unauthenticated_timeout: Duration::from_secs(60),
-        sm_resume_timeout: Duration::ZERO,
+        sm_resume_timeout: Duration::from_secs(300),
     });
     let credentials = Credentials::derive(PASSWORD, PBKDF2_ITERATIONS);
     let mut router = Router::new(0, 1, DOMAIN.into(), Box::new(MemoryRosterStore::new()));
@@ -263,7 +265,7 @@ fn main() -> Result<()> {
         machines[i].handle_bytes(bytes, &mut services, &mut out, now)
     };
     let header = header();
-    let phases: [(&str, Input); 4] = [
+    let mut phases: Vec<(&str, Input)> = vec![
         (
             "c2s: + stream header, features",
             Box::new(|_| header.clone().into_bytes()),
@@ -294,6 +296,12 @@ fn main() -> Result<()> {
             Box::new(|_| b"<presence/>".to_vec()),
         ),
     ];
+    if sm {
+        phases.push((
+            "c2s+router: + XEP-0198 enable (resume)",
+            Box::new(|_| b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>".to_vec()),
+        ));
+    }
     let mut before = created;
     for (label, bytes) in &phases {
         for i in 0..n {

@@ -114,11 +114,14 @@ struct Sm {
     sent: u32,
     acked: u32,
     /// What was sent and not acknowledged, oldest first, with its offline sequence number.
+    /// Its buffer is freed whenever the client has acknowledged everything, so an idle session
+    /// keeps none.
     unacked: VecDeque<(Bytes, Option<u64>)>,
     /// Stanzas sent since we last asked for an ack.
     since_request: usize,
-    /// The resumption id, when the client asked for resumption and it is on.
-    id: Option<String>,
+    /// The resumption id (128 random bits, sent as hex), when the client asked for resumption
+    /// and it is on.
+    id: Option<[u8; RESUME_ID_BYTES]>,
 }
 
 /// What the driver must do after a call.
@@ -268,7 +271,7 @@ impl C2s {
         let State::Established { full_jid } = &self.state else {
             return None;
         };
-        let id = self.sm.as_ref()?.id.clone()?;
+        let id = hex(&self.sm.as_ref()?.id?);
         let full_jid = full_jid.to_string();
         let sm = self.sm.take()?;
         self.state = State::Closed;
@@ -380,6 +383,9 @@ impl C2s {
             .drain(..newly)
             .filter_map(|(_, seq)| seq)
             .collect();
+        if sm.unacked.is_empty() {
+            sm.unacked = VecDeque::new();
+        }
         if !seqs.is_empty() {
             services.acked(&seqs);
         }
@@ -940,10 +946,10 @@ impl C2s {
                             acked: 0,
                             unacked: VecDeque::new(),
                             since_request: 0,
-                            id: id.clone(),
+                            id,
                         }));
                         services.sm_enabled();
-                        match id {
+                        match id.as_ref().map(hex) {
                             Some(id) => {
                                 let _ = write!(
                                     Sink(out),
@@ -977,15 +983,25 @@ impl C2s {
     }
 }
 
-/// A XEP-0198 resumption id: 128 random bits in hex.
-fn random_id() -> String {
-    let mut id = [0u8; 16];
+/// Bytes of a XEP-0198 resumption id.
+const RESUME_ID_BYTES: usize = 16;
+
+/// A XEP-0198 resumption id: 128 random bits.
+fn random_id() -> [u8; RESUME_ID_BYTES] {
+    let mut id = [0u8; RESUME_ID_BYTES];
     // A failure leaves zeros; resumption still checks the user, so it cannot cross accounts.
     let _ = getrandom::getrandom(&mut id);
-    id.iter().fold(String::with_capacity(32), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    id
+}
+
+/// Lowercase hex, as resumption ids are sent.
+fn hex(bytes: &[u8; RESUME_ID_BYTES]) -> String {
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * RESUME_ID_BYTES), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// `Vec<u8>` as a `fmt::Write` target.

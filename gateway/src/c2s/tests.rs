@@ -1112,3 +1112,36 @@ fn machine_is_small() {
         std::mem::size_of::<C2s>()
     );
 }
+
+/// XEP-0198 on an idle stream: once the client has acknowledged everything, the unacked queue
+/// holds no buffer; the resumption id is kept as bytes and sent as 32 hex digits.
+#[test]
+fn stream_management_idle_state_is_compact() {
+    let mut c = Client::tls();
+    c.login_plain();
+    c.bind("r");
+    let out = c.ok("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    let id_at = out.find("id='").expect("resumption id") + 4;
+    let id = &out[id_at..id_at + 32];
+    assert!(
+        id.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{id}"
+    );
+    let mut out = Vec::new();
+    for i in 0..3 {
+        c.c2s
+            .handle_outbound(Bytes::from(format!("<message id='o{i}'/>")), None, &mut out);
+    }
+    let sm = c.c2s.sm.as_ref().expect("enabled");
+    assert_eq!(sm.unacked.len(), 3);
+    c.ok("<a xmlns='urn:xmpp:sm:3' h='2'/>");
+    assert!(
+        c.c2s.sm.as_ref().expect("enabled").unacked.capacity() > 0,
+        "one left"
+    );
+    c.ok("<a xmlns='urn:xmpp:sm:3' h='3'/>");
+    assert_eq!(c.c2s.sm.as_ref().expect("enabled").unacked.capacity(), 0);
+    let (rid, _, _) = c.c2s.detach().expect("resumable");
+    assert_eq!(rid, id);
+}
