@@ -6,7 +6,9 @@
 //! stanza for a user homed elsewhere becomes an `Action::Send` to that shard, whose router
 //! handles it in `handle_frame`.
 //!
-//! Rosters are read from the `RosterStore` on first need and cached while the user has sessions.
+//! Rosters are read from the `RosterStore` on first need and cached while the user has sessions,
+//! in a per-shard cache bounded by `ROSTER_CACHE_USERS_MAX` (not per session: idle sessions
+//! hold no roster).
 //! Every roster change is written through synchronously: the store write blocks the shard's
 //! reactor for its duration. Rosters change rarely (subscriptions, roster sets), so this is
 //! accepted for now; the store-and-forward issue moves storage off the reactor.
@@ -16,7 +18,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use bytes::Bytes;
 use shared::limits::{
     JID_PART_BYTES_MAX, OFFLINE_DRAIN_PAGE_MESSAGES, OFFLINE_USAGE_CACHE_USERS_MAX,
-    ROSTER_ITEMS_MAX, STORE_BATCH_WRITES_MAX, USER_SESSIONS_MAX,
+    ROSTER_CACHE_USERS_MAX, ROSTER_ITEMS_MAX, STORE_BATCH_WRITES_MAX, USER_SESSIONS_MAX,
 };
 use shared::shard::home_shard;
 use shared::stanza::{Kind, Stanza};
@@ -236,9 +238,6 @@ fn is_plain_presence(stanza: &Stanza) -> bool {
 struct User {
     /// Its sessions, in bind order (each session's resource is in its full JID).
     conns: Conns,
-    /// The roster, once loaded; dropped with the last session. A boxed slice: no spare
-    /// capacity, and no allocation for an empty roster.
-    roster: Option<Box<[RosterItem]>>,
 }
 
 /// A user's connections in bind order: one inline (the usual case), more on the heap.
@@ -327,6 +326,10 @@ pub struct Router {
     store: Box<dyn RosterStore>,
     sessions: HashMap<ConnId, Session>,
     users: HashMap<Box<str>, User>,
+    /// Rosters of users with sessions here, once loaded; an entry goes with the user's last
+    /// session, and all go when `ROSTER_CACHE_USERS_MAX` is reached. Boxed slices: no spare
+    /// capacity, no allocation for an empty roster.
+    rosters: HashMap<Box<str>, Box<[RosterItem]>>,
     actions: VecDeque<Action>,
     next_resource: u64,
     next_push: u64,
@@ -406,6 +409,7 @@ impl Router {
             store,
             sessions: HashMap::new(),
             users: HashMap::new(),
+            rosters: HashMap::new(),
             actions: VecDeque::new(),
             next_resource: 0,
             next_push: 0,
@@ -737,7 +741,6 @@ impl Router {
             None => {
                 let user = User {
                     conns: Conns::One(conn),
-                    roster: None,
                 };
                 self.users.insert(node.into(), user);
             }
@@ -920,6 +923,7 @@ impl Router {
         if let Some(user) = self.users.get_mut(sess.node()) {
             if user.conns.remove(conn) {
                 self.users.remove(sess.node());
+                self.rosters.remove(sess.node());
             }
         }
     }
@@ -1740,17 +1744,22 @@ impl Router {
 
     /// Takes the user's roster out of the cache, or reads it from the store.
     fn take_roster(&mut self, node: &str) -> Result<Vec<RosterItem>, StoreError> {
-        if let Some(r) = self.users.get_mut(node).and_then(|u| u.roster.take()) {
+        if let Some(r) = self.rosters.remove(node) {
             return Ok(r.into_vec());
         }
         self.store.roster(node)
     }
 
-    /// Puts a roster back in the cache if the user has sessions here.
+    /// Puts a roster back in the cache if the user has sessions here (see `rosters`).
     fn put_roster(&mut self, node: &str, roster: Vec<RosterItem>) {
-        if let Some(u) = self.users.get_mut(node) {
-            u.roster = Some(roster.into_boxed_slice());
+        if !self.users.contains_key(node) {
+            return;
         }
+        if self.rosters.len() >= ROSTER_CACHE_USERS_MAX {
+            // Emptied rather than evicted one by one: O(1) amortised, and still bounded.
+            self.rosters = HashMap::new();
+        }
+        self.rosters.insert(node.into(), roster.into_boxed_slice());
     }
 
     fn with_roster<T>(
@@ -2076,7 +2085,7 @@ mod tests {
             std::mem::size_of::<Session>()
         );
         assert!(
-            std::mem::size_of::<User>() <= 40,
+            std::mem::size_of::<User>() <= 24,
             "{}",
             std::mem::size_of::<User>()
         );
@@ -2201,5 +2210,45 @@ mod tests {
         r.handle_disconnect(2);
         assert!(r.users.is_empty());
         assert!(r.sessions.is_empty());
+    }
+
+    /// Rosters are cached per shard, not per session: read once while the user is here,
+    /// written through, dropped with the user's last session, and never more than the bound.
+    #[test]
+    fn roster_cache_is_per_shard_and_bounded() {
+        let store = std::rc::Rc::new(crate::MemoryRosterStore::new());
+        let mut r = Router::new(0, 1, "example.com".into(), Box::new(store.clone()));
+        let mut item = RosterItem::new("bob@example.com");
+        item.subscription = roster::Subscription::Both;
+        store
+            .set_roster("alice", &[item.clone()])
+            .expect("memory store");
+        r.bind("alice", None, 1).expect("bind");
+        assert_eq!(
+            r.with_roster("alice", |items| items.to_vec())
+                .expect("read"),
+            [item.clone()]
+        );
+        assert!(r.rosters.contains_key("alice"));
+        // A write goes through to the store and the cache alike.
+        r.update_item("alice", "carol@example.com", |slot| {
+            *slot = Some(RosterItem::new("carol@example.com"))
+        })
+        .expect("update");
+        assert_eq!(store.roster("alice").expect("read").len(), 2);
+        assert_eq!(r.rosters["alice"].len(), 2);
+        r.handle_disconnect(1);
+        assert!(r.rosters.is_empty(), "gone with the last session");
+        // Without a session nothing is cached.
+        r.with_roster("alice", |_| ()).expect("read");
+        assert!(r.rosters.is_empty());
+
+        for i in 0..ROSTER_CACHE_USERS_MAX + 10 {
+            let node = format!("u{i}");
+            r.bind(&node, None, 100 + i as ConnId).expect("bind");
+            r.with_roster(&node, |_| ()).expect("read");
+            assert!(r.rosters.len() <= ROSTER_CACHE_USERS_MAX);
+        }
+        assert_eq!(r.rosters.len(), 10, "emptied at the bound, then refilled");
     }
 }

@@ -50,6 +50,13 @@ pub const USER_SESSIONS_MAX: usize = 16;
 /// Items in one roster.
 pub const ROSTER_ITEMS_MAX: usize = 5_000;
 
+/// Rosters a shard's router keeps in memory, of users with sessions on the shard. Rosters are
+/// read through from the store on first need (a login's presence broadcast, probes, roster gets)
+/// and written through on every change; past this many the cache is emptied and refills, so an
+/// idle session holds no roster. Memory: up to this many rosters per shard, ~110 B per item
+/// (1,024 rosters of 100 contacts: ~11 MiB).
+pub const ROSTER_CACHE_USERS_MAX: usize = 1_024;
+
 /// Failed SASL attempts on one connection before it is closed.
 pub const AUTH_ATTEMPTS_MAX: u32 = 3;
 
