@@ -91,11 +91,13 @@ pub enum Opened<S> {
 /// The record protection of one TLS 1.3 session after its handshake: per direction the
 /// traffic secret, key, IV and sequence number, nothing else.
 pub struct Tls13Records {
-    suite: Suite,
+    /// Sequence numbers of the next record each way (kept outside `Direction`, which then has
+    /// no padding: the whole session fits mimalloc's 256-byte size class).
+    tx_seq: u64,
+    rx_seq: u64,
     tx: Direction,
     rx: Direction,
-    /// Records we may seal under one key before updating it (the suite's confidentiality limit).
-    tx_records_max: u64,
+    suite: Suite,
     /// The peer asked for our KeyUpdate; it goes before our next record.
     key_update_owed: bool,
     /// A fatal alert or close_notify was sent, or the peer closed: nothing more is sealed.
@@ -126,16 +128,22 @@ impl Tls13Records {
         let (Some(server), Some(client)) = (secrets.server, secrets.client) else {
             return Err(takeover("traffic secrets were not captured"));
         };
-        let tx = Direction::from_secret(suite, server.bytes(), tx_seq)?;
-        let rx = Direction::from_secret(suite, client.bytes(), rx_seq)?;
+        let tx = Direction::from_secret(suite, server.bytes())?;
+        let rx = Direction::from_secret(suite, client.bytes())?;
         if !tx.has_keys(&tx_keys) || !rx.has_keys(&rx_keys) {
             return Err(takeover("captured secrets do not match rustls's keys"));
         }
+        if suite.tx_records_max() > tls13.common.confidentiality_limit {
+            return Err(takeover(
+                "the suite's confidentiality limit is lower than ours",
+            ));
+        }
         Ok(Self {
-            suite,
+            tx_seq,
+            rx_seq,
             tx,
             rx,
-            tx_records_max: tls13.common.confidentiality_limit,
+            suite,
             key_update_owed: false,
             closed: false,
         })
@@ -176,13 +184,18 @@ impl Tls13Records {
         }
         let mut key = self.tx.key(self.suite);
         for chunk in data.chunks(RECORD_PLAINTEXT_BYTES_MAX) {
-            if self.tx.seq >= self.tx_records_max {
+            if self.tx_seq >= self.suite.tx_records_max() {
                 // RFC 8446 §5.5: update the key before the suite's limit.
                 self.send_key_update(outgoing, KEY_UPDATE_NOT_REQUESTED);
                 key = self.tx.key(self.suite);
             }
-            self.tx
-                .seal(&key, CONTENT_APPLICATION_DATA, chunk, outgoing)?;
+            self.tx.seal(
+                &key,
+                &mut self.tx_seq,
+                CONTENT_APPLICATION_DATA,
+                chunk,
+                outgoing,
+            )?;
         }
         Ok(())
     }
@@ -197,12 +210,13 @@ impl Tls13Records {
 
     #[cfg(test)]
     pub fn tx_seq(&self) -> u64 {
-        self.tx.seq
+        self.tx_seq
     }
 
+    /// Lowers every suite's key limit on this thread (tests reach it in a few records).
     #[cfg(test)]
-    pub fn set_tx_records_max(&mut self, records: u64) {
-        self.tx_records_max = records;
+    pub fn set_tx_records_max_for_tests(records: Option<u64>) {
+        TX_RECORDS_MAX_FOR_TESTS.set(records);
     }
 
     fn open_records<S>(
@@ -238,7 +252,7 @@ impl Tls13Records {
             }
             let key = rx_key.get_or_insert_with(|| self.rx.key(self.suite));
             let (header, body) = incoming[at..end].split_at_mut(RECORD_HEADER_BYTES);
-            let nonce = self.rx.next_nonce()?;
+            let nonce = self.rx.nonce(next_seq(&mut self.rx_seq)?);
             let inner = key
                 .open_in_place(nonce, Aad::from(&*header), body)
                 .map_err(|_| RecordError::BadRecordMac)?;
@@ -269,6 +283,7 @@ impl Tls13Records {
                     // RFC 8446 §4.6.3: decrypt what follows with the next key; answer with ours
                     // (once, however many requests) before our next record.
                     self.rx.update(self.suite);
+                    self.rx_seq = 0;
                     rx_key = None;
                     self.key_update_owed |= requested;
                 }
@@ -296,12 +311,19 @@ impl Tls13Records {
         let message = [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request];
         if self
             .tx
-            .seal(&key, CONTENT_HANDSHAKE, &message, outgoing)
+            .seal(
+                &key,
+                &mut self.tx_seq,
+                CONTENT_HANDSHAKE,
+                &message,
+                outgoing,
+            )
             .is_err()
         {
             self.closed = true;
         } else {
             self.tx.update(self.suite);
+            self.tx_seq = 0;
         }
         self.key_update_owed = false;
     }
@@ -309,9 +331,13 @@ impl Tls13Records {
     /// Queues an alert record (best effort: the session is closing).
     fn send_alert(&mut self, outgoing: &mut Vec<u8>, level: u8, description: u8) {
         let key = self.tx.key(self.suite);
-        let _ = self
-            .tx
-            .seal(&key, CONTENT_ALERT, &[level, description], outgoing);
+        let _ = self.tx.seal(
+            &key,
+            &mut self.tx_seq,
+            CONTENT_ALERT,
+            &[level, description],
+            outgoing,
+        );
     }
 }
 
@@ -390,23 +416,35 @@ impl Suite {
     fn key_bytes(self) -> usize {
         self.aead().key_len()
     }
+
+    /// Records sealed under one key before we update it: RFC 8446 §5.5 puts AES-GCM's limit at
+    /// 2^24.5 full-size records (rustls's ring suites say 2^24); ChaCha20-Poly1305 has none
+    /// that a sequence number reaches.
+    fn tx_records_max(self) -> u64 {
+        #[cfg(test)]
+        if let Some(records) = TX_RECORDS_MAX_FOR_TESTS.get() {
+            return records;
+        }
+        match self {
+            Self::Aes128GcmSha256 | Self::Aes256GcmSha384 => 1 << 24,
+            Self::Chacha20Poly1305Sha256 => u64::MAX,
+        }
+    }
 }
 
-/// One direction's state: traffic secret, the key and IV derived from it, sequence number.
+/// One direction's keys: traffic secret, the key and IV derived from it.
 struct Direction {
     secret: [u8; SECRET_BYTES_MAX],
     key: [u8; KEY_BYTES_MAX],
     iv: [u8; IV_BYTES],
-    seq: u64,
 }
 
 impl Direction {
-    fn from_secret(suite: Suite, secret: &[u8], seq: u64) -> Result<Self, RecordError> {
+    fn from_secret(suite: Suite, secret: &[u8]) -> Result<Self, RecordError> {
         let mut d = Self {
             secret: [0; SECRET_BYTES_MAX],
             key: [0; KEY_BYTES_MAX],
             iv: [0; IV_BYTES],
-            seq,
         };
         let secret = secret
             .get(..suite.hash_bytes())
@@ -426,7 +464,7 @@ impl Direction {
         key.as_ref() == &self.key[..key.as_ref().len()] && iv.as_ref() == self.iv
     }
 
-    /// RFC 8446 §7.2: the next traffic secret, its key and IV, sequence from 0.
+    /// RFC 8446 §7.2: the next traffic secret, its key and IV (the caller restarts the sequence).
     fn update(&mut self, suite: Suite) {
         let len = suite.hash_bytes();
         let mut next = [0u8; SECRET_BYTES_MAX];
@@ -434,7 +472,6 @@ impl Direction {
         self.secret = next;
         next.fill(0);
         self.derive_keys(suite);
-        self.seq = 0;
     }
 
     /// RFC 8446 §7.3: key and IV from the traffic secret.
@@ -451,27 +488,26 @@ impl Direction {
         LessSafeKey::new(UnboundKey::new(suite.aead(), raw).expect("AEAD key length"))
     }
 
-    /// RFC 8446 §5.3: the IV XOR the sequence number, then the sequence number moves on.
-    fn next_nonce(&mut self) -> Result<Nonce, RecordError> {
+    /// RFC 8446 §5.3: the IV XOR the record's sequence number.
+    fn nonce(&self, seq: u64) -> Nonce {
         let mut nonce = self.iv;
-        for (n, s) in nonce[IV_BYTES - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
+        for (n, s) in nonce[IV_BYTES - 8..].iter_mut().zip(seq.to_be_bytes()) {
             *n ^= s;
         }
-        // Never reuse a nonce: close before the sequence number wraps.
-        self.seq = self.seq.checked_add(1).ok_or(RecordError::SequenceSpent)?;
-        Ok(Nonce::assume_unique_for_key(nonce))
+        Nonce::assume_unique_for_key(nonce)
     }
 
     /// Appends one record: header, `data`, inner content type, tag.
     fn seal(
-        &mut self,
+        &self,
         key: &LessSafeKey,
+        seq: &mut u64,
         content_type: u8,
         data: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), RecordError> {
         debug_assert!(data.len() <= RECORD_PLAINTEXT_BYTES_MAX);
-        let nonce = self.next_nonce()?;
+        let nonce = self.nonce(next_seq(seq)?);
         let len = (data.len() + 1 + TAG_BYTES) as u16;
         let [high, low] = len.to_be_bytes();
         let header = [CONTENT_APPLICATION_DATA, 3, 3, high, low];
@@ -495,6 +531,14 @@ impl Drop for Direction {
         self.iv.fill(0);
         std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// The sequence number for this record; the next one is one more. Never reuse a nonce: the
+/// session closes before the number wraps.
+fn next_seq(seq: &mut u64) -> Result<u64, RecordError> {
+    let this = *seq;
+    *seq = this.checked_add(1).ok_or(RecordError::SequenceSpent)?;
+    Ok(this)
 }
 
 /// RFC 8446 §7.1 HKDF-Expand-Label with an empty context.
@@ -560,6 +604,11 @@ impl TrafficSecrets {
     pub fn is_complete(&self) -> bool {
         self.client.is_some() && self.server.is_some()
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    static TX_RECORDS_MAX_FOR_TESTS: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 thread_local! {

@@ -181,9 +181,6 @@ pub struct TlsSession {
     /// Received TLS bytes not consumed yet (a partial record, or records after the machine
     /// stopped early). Bounded by one TLS record plus one socket read.
     incoming: Vec<u8>,
-    /// Plaintext rustls decrypted but not yet given to the machine, because it stopped early
-    /// (authenticated: the rest follows the handoff).
-    plain_unread: Vec<u8>,
     /// TLS records to write, in order.
     pub outgoing: Vec<u8>,
 }
@@ -197,6 +194,9 @@ enum Layer {
     Rustls {
         conn: Box<UnbufferedServerConnection>,
         secrets: Option<Box<TrafficSecrets>>,
+        /// Plaintext rustls decrypted but not yet given to the machine, because it stopped
+        /// early (authenticated: the rest follows the handoff).
+        plain_unread: Vec<u8>,
     },
     /// A TLS 1.3 session after its handshake.
     Tls13(Tls13Records),
@@ -233,9 +233,9 @@ impl TlsSession {
             layer: Layer::Rustls {
                 conn: Box::new(UnbufferedServerConnection::new(config)?),
                 secrets: None,
+                plain_unread: Vec::new(),
             },
             incoming: Vec::new(),
-            plain_unread: Vec::new(),
             outgoing: Vec::new(),
         })
     }
@@ -255,10 +255,12 @@ impl TlsSession {
         feed: &mut dyn FnMut(&[u8]) -> Option<S>,
     ) -> Result<Received<S>, TlsError> {
         self.incoming.extend_from_slice(data);
-        if !self.plain_unread.is_empty() {
-            let plain = std::mem::take(&mut self.plain_unread);
-            if let Some(step) = feed(&plain) {
-                return Ok(Received::Fed(Some(step)));
+        if let Layer::Rustls { plain_unread, .. } = &mut self.layer {
+            if !plain_unread.is_empty() {
+                let plain = std::mem::take(plain_unread);
+                if let Some(step) = feed(&plain) {
+                    return Ok(Received::Fed(Some(step)));
+                }
             }
         }
         if let Layer::Rustls { .. } = self.layer {
@@ -320,11 +322,18 @@ impl TlsSession {
 
     /// Gives back the allocations of empty buffers: an idle session holds none.
     pub fn release_idle(&mut self) {
+        let plain_unread = match &mut self.layer {
+            Layer::Rustls { plain_unread, .. } => Some(plain_unread),
+            _ => None,
+        };
         for buf in [
-            &mut self.incoming,
-            &mut self.plain_unread,
-            &mut self.outgoing,
-        ] {
+            Some(&mut self.incoming),
+            plain_unread,
+            Some(&mut self.outgoing),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if buf.is_empty() && buf.capacity() > 0 {
                 *buf = Vec::new();
             }
@@ -337,7 +346,12 @@ impl TlsSession {
         &mut self,
         feed: &mut dyn FnMut(&[u8]) -> Option<S>,
     ) -> Result<RustlsPass<S>, TlsError> {
-        let Layer::Rustls { conn, secrets } = &mut self.layer else {
+        let Layer::Rustls {
+            conn,
+            secrets,
+            plain_unread,
+        } = &mut self.layer
+        else {
             return Err(TlsError::Unexpected("not on rustls"));
         };
         let mut step = None;
@@ -368,7 +382,7 @@ impl TlsSession {
                             step = feed(record.payload);
                         } else {
                             // The machine stopped: keep the rest for the next call, in order.
-                            self.plain_unread.extend_from_slice(record.payload);
+                            plain_unread.extend_from_slice(record.payload);
                         }
                     }
                     done = step.is_some();
@@ -411,7 +425,7 @@ impl TlsSession {
     /// Moves a TLS 1.3 session from rustls to `Tls13Records`: rustls's keys and sequence
     /// numbers with the traffic secrets captured during the handshake. rustls's state is freed.
     fn take_over(&mut self) -> Result<(), TlsError> {
-        let Layer::Rustls { conn, secrets } = std::mem::replace(&mut self.layer, Layer::Failed)
+        let Layer::Rustls { conn, secrets, .. } = std::mem::replace(&mut self.layer, Layer::Failed)
         else {
             return Err(TlsError::Unexpected("not on rustls"));
         };
