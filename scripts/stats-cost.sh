@@ -63,7 +63,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -x "$BENCH" ] || die "no bench at $BENCH (cargo build --release -p bench, or set BENCH)"
-[ -x "$GATEWAY_BIN" ] || die "no gateway at $GATEWAY_BIN (set GATEWAY_BIN)"
+[ -n "$BINS" ] || [ -x "$GATEWAY_BIN" ] || die "no gateway at $GATEWAY_BIN (set GATEWAY_BIN)"
 mkdir -p "$OUT"
 IFS=, read -r value_on value_off <<< "$VALUES"
 [ -n "$value_on" ] && [ -n "$value_off" ] || die "--values takes two values: A,B"
@@ -72,6 +72,8 @@ if [ -n "$BINS" ]; then
     IFS=, read -r bin_on bin_off <<< "$BINS"
     [ -x "$bin_on" ] && [ -x "$bin_off" ] || die "--bins takes two gateway binaries: A,B"
     bin_of=([on]="$bin_on" [off]="$bin_off")
+    # Accounts are made with the first.
+    export GATEWAY_BIN="$bin_on"
     KEY="binary"
     # The same (default) configuration for both binaries.
     : > "$OUT/on.toml"
