@@ -5,10 +5,13 @@
 # medians and the ratio off/on of messages per server CPU-second (the throughput a core gives).
 # Loopback only; every run is bounded by --duration plus bench's own deadlines. With --key and
 # --values it compares any other config key the same way, e.g. `--key huge_pages --values
-# '"off","thp"'` (each value as TOML; the first plays "on", the second "off").
+# '"off","thp"'` (each value as TOML; the first plays "on", the second "off"). With --bins it
+# compares two gateway binaries instead (the first plays "on"), e.g. before and after a change.
+# --tls direct runs the chat over direct TLS (XEP-0368 port, self-signed certificate accepted).
 #
 #   scripts/stats-cost.sh [--rate MSG/S] [--duration S] [--users N] [--rounds N] [--out DIR]
-#                         [--key KEY --values A,B]
+#                         [--key KEY --values A,B] [--bins GATEWAY_A,GATEWAY_B]
+#                         [--tls none|direct]
 #                         [--top FILE]   (also capture `gateway top` frames during the first run)
 #                         [--sweep]      (instead: `chat --sweep` from --rate x1.2 per step, p99
 #                                         bound 10 ms; compares the highest rate held)
@@ -32,6 +35,8 @@ TOP=""
 SWEEP=0
 KEY=stats_enabled
 VALUES=true,false
+BINS=""
+TLS=none
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 BENCH="${BENCH:-$TARGET_DIR/release/bench}"
@@ -51,25 +56,46 @@ while [ $# -gt 0 ]; do
         --sweep) SWEEP=1; shift ;;
         --key) need "$@"; KEY=$2; shift 2 ;;
         --values) need "$@"; VALUES=$2; shift 2 ;;
+        --bins) need "$@"; BINS=$2; shift 2 ;;
+        --tls) need "$@"; TLS=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "error: unknown argument $1" >&2; usage ;;
     esac
 done
 [ -x "$BENCH" ] || die "no bench at $BENCH (cargo build --release -p bench, or set BENCH)"
-[ -x "$GATEWAY_BIN" ] || die "no gateway at $GATEWAY_BIN (set GATEWAY_BIN)"
+[ -n "$BINS" ] || [ -x "$GATEWAY_BIN" ] || die "no gateway at $GATEWAY_BIN (set GATEWAY_BIN)"
 mkdir -p "$OUT"
 IFS=, read -r value_on value_off <<< "$VALUES"
 [ -n "$value_on" ] && [ -n "$value_off" ] || die "--values takes two values: A,B"
-printf '%s = %s\n' "$KEY" "$value_on" > "$OUT/on.toml"
-printf '%s = %s\n' "$KEY" "$value_off" > "$OUT/off.toml"
-log "on: $(cat "$OUT/on.toml"); off: $(cat "$OUT/off.toml")"
+declare -A bin_of=([on]="$GATEWAY_BIN" [off]="$GATEWAY_BIN")
+if [ -n "$BINS" ]; then
+    IFS=, read -r bin_on bin_off <<< "$BINS"
+    [ -x "$bin_on" ] && [ -x "$bin_off" ] || die "--bins takes two gateway binaries: A,B"
+    bin_of=([on]="$bin_on" [off]="$bin_off")
+    # Accounts are made with the first.
+    export GATEWAY_BIN="$bin_on"
+    KEY="binary"
+    # The same (default) configuration for both binaries.
+    : > "$OUT/on.toml"
+    : > "$OUT/off.toml"
+    log "on: $bin_on; off: $bin_off"
+else
+    printf '%s = %s\n' "$KEY" "$value_on" > "$OUT/on.toml"
+    printf '%s = %s\n' "$KEY" "$value_off" > "$OUT/off.toml"
+    log "on: $(cat "$OUT/on.toml"); off: $(cat "$OUT/off.toml")"
+fi
+case "$TLS" in
+    none) chat_target=(--target "127.0.0.1:$C2S_PORT" --tls none) ;;
+    direct) chat_target=(--target "127.0.0.1:$TLS_PORT" --tls direct --insecure) ;;
+    *) die "--tls takes none or direct" ;;
+esac
 SHARDS="${GATEWAY_SHARDS:-$(nproc)}"
 
 "$PEERS/gateway.sh" setup "$USERS"
 trap '"$PEERS/gateway.sh" stop >/dev/null 2>&1 || true' EXIT
 for round in $(seq 1 "$ROUNDS"); do
     for mode in on off; do
-        GATEWAY_CONFIG="$OUT/$mode.toml" "$PEERS/gateway.sh" start
+        GATEWAY_BIN="${bin_of[$mode]}" GATEWAY_CONFIG="$OUT/$mode.toml" "$PEERS/gateway.sh" start
         pid=$("$PEERS/gateway.sh" pid)
         top_pid=""
         if [ -n "$TOP" ] && [ "$round" = 1 ] && [ "$mode" = on ]; then
@@ -82,7 +108,7 @@ for round in $(seq 1 "$ROUNDS"); do
         [ "$SWEEP" = 1 ] && load=(--sweep --sweep-start "$RATE" --sweep-factor 1.2 \
             --sweep-steps-max 30 --p99-bound-ms 10 --duration "$DURATION")
         log "round $round, $KEY $mode: bench chat ${load[*]}"
-        "$BENCH" chat --target "127.0.0.1:$C2S_PORT" --tls none --sessions "$USERS" \
+        "$BENCH" chat "${chat_target[@]}" --sessions "$USERS" \
             "${load[@]}" --server-pid "$pid" --server-shards "$SHARDS" \
             --label "gateway stats $mode" --json "$OUT/$mode-$round.json" > "$OUT/$mode-$round.txt" 2>&1 \
             || log "bench reported a failure (see $OUT/$mode-$round.txt)"

@@ -8,6 +8,7 @@ mod conn;
 pub mod knobs;
 pub mod logging;
 mod push;
+pub mod record;
 pub mod sar;
 pub mod server;
 mod shard;

@@ -10,8 +10,10 @@ use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncodeTlsData, EncryptError, InsufficientSizeError, WriteTraffic,
 };
-use rustls::ServerConfig;
+use rustls::{ProtocolVersion, ServerConfig};
 use shared::config::Config;
+
+use crate::record::{Opened, RecordError, Tls13Records, TrafficSecretCapture, TrafficSecrets};
 
 /// Builds the server TLS configuration (TLS 1.2 and 1.3, ring provider, no client auth).
 pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>> {
@@ -43,6 +45,11 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>> {
     // a certificate signature, and the server keeps no per-session cache.
     server.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session ticketer")?;
     server.send_tls13_tickets = TLS13_TICKETS_PER_HANDSHAKE;
+    // TLS 1.3 sessions leave rustls after the handshake for our lean record layer (`record`):
+    // rustls hands over the keys, its key log the traffic secrets (kept in memory, never
+    // written anywhere).
+    server.enable_secret_extraction = true;
+    server.key_log = Arc::new(TrafficSecretCapture);
     Ok(Arc::new(server))
 }
 
@@ -155,24 +162,46 @@ pub enum TlsError {
     /// The session can no longer encrypt (after close, or its key's use count is spent).
     #[error("TLS: cannot encrypt: {0}")]
     Encrypt(#[from] EncryptError),
+    /// The TLS 1.3 record layer after the handshake ended the session (an alert is queued in
+    /// `outgoing` when the peer's records were at fault).
+    #[error("TLS: {0}")]
+    Record(#[from] RecordError),
     /// A state this server never enables (early data).
     #[error("TLS: unexpected state {0}")]
     Unexpected(&'static str),
 }
 
-/// One connection's TLS session over rustls's unbuffered API: the connection owns no TLS buffer
-/// while idle. `incoming` keeps only the bytes of a record not yet complete and `outgoing` only
-/// records not yet written; both give their allocation back once empty (`release_idle`).
+/// One connection's TLS session. rustls's unbuffered API runs the handshake (and TLS 1.2
+/// sessions for their life); a TLS 1.3 session then moves to `Tls13Records`, which holds only
+/// its keys (see `record`). `incoming` keeps only the bytes of a record not yet complete and
+/// `outgoing` only records not yet written; both give their allocation back once empty
+/// (`release_idle`), so an idle session holds no TLS buffer.
 pub struct TlsSession {
-    conn: UnbufferedServerConnection,
-    /// Received TLS bytes rustls has not consumed yet (a partial record, or records after the
-    /// machine stopped early). Bounded by one TLS record plus one socket read.
+    layer: Layer,
+    /// Received TLS bytes not consumed yet (a partial record, or records after the machine
+    /// stopped early). Bounded by one TLS record plus one socket read.
     incoming: Vec<u8>,
-    /// Plaintext decrypted but not yet given to the machine, because it stopped early
-    /// (authenticated: the rest follows the handoff).
-    plain_unread: Vec<u8>,
     /// TLS records to write, in order.
     pub outgoing: Vec<u8>,
+}
+
+// The TLS 1.3 form is the one an idle session lives in: inline, so it costs no allocation of its
+// own (the driver boxes the whole session); the handshake's big state is boxed and freed.
+#[allow(clippy::large_enum_variant)]
+enum Layer {
+    /// The handshake, and TLS 1.2 sessions for their life (they stay on rustls). `secrets` are
+    /// the TLS 1.3 traffic secrets, once rustls computed them.
+    Rustls {
+        conn: Box<UnbufferedServerConnection>,
+        secrets: Option<Box<TrafficSecrets>>,
+        /// Plaintext rustls decrypted but not yet given to the machine, because it stopped
+        /// early (authenticated: the rest follows the handoff).
+        plain_unread: Vec<u8>,
+    },
+    /// A TLS 1.3 session after its handshake.
+    Tls13(Tls13Records),
+    /// The takeover from rustls failed: the session is closing.
+    Failed,
 }
 
 /// What `TlsSession::receive` produced.
@@ -183,19 +212,37 @@ pub enum Received<S> {
     PeerClosed,
 }
 
+/// How one pass of rustls over the received bytes ended.
+enum RustlsPass<S> {
+    Done(Received<S>),
+    /// The TLS 1.3 handshake is complete: the rest goes to `Tls13Records`.
+    TakeOver,
+}
+
 impl TlsSession {
     /// True until the handshake is complete.
     pub fn is_handshaking(&self) -> bool {
-        self.conn.is_handshaking()
+        match &self.layer {
+            Layer::Rustls { conn, .. } => conn.is_handshaking(),
+            Layer::Tls13(_) | Layer::Failed => false,
+        }
     }
 
     pub fn new(config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
         Ok(Self {
-            conn: UnbufferedServerConnection::new(config)?,
+            layer: Layer::Rustls {
+                conn: Box::new(UnbufferedServerConnection::new(config)?),
+                secrets: None,
+                plain_unread: Vec::new(),
+            },
             incoming: Vec::new(),
-            plain_unread: Vec::new(),
             outgoing: Vec::new(),
         })
+    }
+
+    /// True once the session runs on its own TLS 1.3 record layer (after the handshake).
+    pub fn is_lean(&self) -> bool {
+        matches!(self.layer, Layer::Tls13(_))
     }
 
     /// Takes `data` off the wire, runs the handshake (its records land in `outgoing`) and hands
@@ -208,23 +255,121 @@ impl TlsSession {
         feed: &mut dyn FnMut(&[u8]) -> Option<S>,
     ) -> Result<Received<S>, TlsError> {
         self.incoming.extend_from_slice(data);
-        if !self.plain_unread.is_empty() {
-            let plain = std::mem::take(&mut self.plain_unread);
-            if let Some(step) = feed(&plain) {
-                return Ok(Received::Fed(Some(step)));
+        if let Layer::Rustls { plain_unread, .. } = &mut self.layer {
+            if !plain_unread.is_empty() {
+                let plain = std::mem::take(plain_unread);
+                if let Some(step) = feed(&plain) {
+                    return Ok(Received::Fed(Some(step)));
+                }
             }
         }
+        if let Layer::Rustls { .. } = self.layer {
+            match self.receive_rustls(feed)? {
+                RustlsPass::Done(received) => {
+                    self.release_idle();
+                    return Ok(received);
+                }
+                RustlsPass::TakeOver => self.take_over()?,
+            }
+        }
+        let result = match &mut self.layer {
+            Layer::Tls13(records) => records.open(&mut self.incoming, &mut self.outgoing, feed),
+            _ => return Err(TlsError::Unexpected("no record layer")),
+        };
+        self.release_idle();
+        match result? {
+            Opened::Fed(step) => Ok(Received::Fed(step)),
+            Opened::PeerClosed => Ok(Received::PeerClosed),
+        }
+    }
+
+    /// Encrypts `plain` into `outgoing`. Plaintext produced before the handshake finished (a
+    /// timeout's stream error) cannot be sent and is dropped, as the connection is closing.
+    pub fn send(&mut self, plain: &[u8]) -> Result<(), TlsError> {
+        if plain.is_empty() {
+            return Ok(());
+        }
+        if self.is_handshaking() {
+            tracing::debug!(
+                bytes = plain.len(),
+                "TLS handshake unfinished: output dropped"
+            );
+            return Ok(());
+        }
+        if let Layer::Tls13(records) = &mut self.layer {
+            return Ok(records.seal(plain, &mut self.outgoing)?);
+        }
+        self.with_write_traffic(&mut |traffic, out| encrypt_into(traffic, plain, out))
+    }
+
+    /// Queues a close_notify alert in `outgoing` (nothing when the handshake never finished).
+    pub fn close_notify(&mut self) -> Result<(), TlsError> {
+        if self.is_handshaking() {
+            return Ok(());
+        }
+        if let Layer::Tls13(records) = &mut self.layer {
+            records.close_notify(&mut self.outgoing);
+            return Ok(());
+        }
+        self.with_write_traffic(&mut |traffic, out| {
+            let start = out.len();
+            out.resize(start + CLOSE_NOTIFY_RECORD_BYTES_MAX, 0);
+            let n = traffic.queue_close_notify(&mut out[start..])?;
+            out.truncate(start + n);
+            Ok(())
+        })
+    }
+
+    /// Gives back the allocations of empty buffers: an idle session holds none.
+    pub fn release_idle(&mut self) {
+        let plain_unread = match &mut self.layer {
+            Layer::Rustls { plain_unread, .. } => Some(plain_unread),
+            _ => None,
+        };
+        for buf in [
+            Some(&mut self.incoming),
+            plain_unread,
+            Some(&mut self.outgoing),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if buf.is_empty() && buf.capacity() > 0 {
+                *buf = Vec::new();
+            }
+        }
+    }
+
+    /// Runs rustls over `incoming` until it needs more input, the machine stops, or a TLS 1.3
+    /// handshake is complete (then the caller takes the session over).
+    fn receive_rustls<S>(
+        &mut self,
+        feed: &mut dyn FnMut(&[u8]) -> Option<S>,
+    ) -> Result<RustlsPass<S>, TlsError> {
+        let Layer::Rustls {
+            conn,
+            secrets,
+            plain_unread,
+        } = &mut self.layer
+        else {
+            return Err(TlsError::Unexpected("not on rustls"));
+        };
         let mut step = None;
         // Bounded: every pass consumes a record, encodes a queued handshake message, or ends.
         loop {
-            let status = self.conn.process_tls_records(&mut self.incoming);
+            let status = conn.process_tls_records(&mut self.incoming);
+            // The key log ran inside that call, on this thread (see `record`).
+            let captured = TrafficSecrets::take_captured();
+            if !captured.is_empty() {
+                secrets.get_or_insert_with(Default::default).merge(captured);
+            }
             let mut discard = status.discard;
             let mut done = false;
             let mut peer_closed = false;
             let state = match status.state {
                 Ok(state) => state,
                 Err(e) => {
-                    self.queue_alert();
+                    queue_alert(conn, &mut self.outgoing);
                     return Err(e.into());
                 }
             };
@@ -237,7 +382,7 @@ impl TlsSession {
                             step = feed(record.payload);
                         } else {
                             // The machine stopped: keep the rest for the next call, in order.
-                            self.plain_unread.extend_from_slice(record.payload);
+                            plain_unread.extend_from_slice(record.payload);
                         }
                     }
                     done = step.is_some();
@@ -248,7 +393,16 @@ impl TlsSession {
                 // Records are written in order by the driver before anything else: marking them
                 // sent here is sound.
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => done = true,
+                ConnectionState::WriteTraffic(_) => {
+                    // Handshake done, our tickets encoded, every complete record read.
+                    let tls13 = conn.protocol_version() == Some(ProtocolVersion::TLSv1_3);
+                    if tls13 && secrets.as_ref().is_some_and(|s| s.is_complete()) {
+                        self.incoming.drain(..discard);
+                        return Ok(RustlsPass::TakeOver);
+                    }
+                    done = true;
+                }
+                ConnectionState::BlockedHandshake => done = true,
                 ConnectionState::PeerClosed | ConnectionState::Closed => {
                     done = true;
                     peer_closed = true;
@@ -260,51 +414,36 @@ impl TlsSession {
             }
             self.incoming.drain(..discard);
             if peer_closed {
-                return Ok(Received::PeerClosed);
+                return Ok(RustlsPass::Done(Received::PeerClosed));
             }
             if done {
-                break;
+                return Ok(RustlsPass::Done(Received::Fed(step)));
             }
         }
-        self.release_idle();
-        Ok(Received::Fed(step))
     }
 
-    /// Encrypts `plain` into `outgoing`. Plaintext produced before the handshake finished (a
-    /// timeout's stream error) cannot be sent and is dropped, as the connection is closing.
-    pub fn send(&mut self, plain: &[u8]) -> Result<(), TlsError> {
-        if plain.is_empty() {
-            return Ok(());
-        }
-        if self.conn.is_handshaking() {
-            tracing::debug!(
-                bytes = plain.len(),
-                "TLS handshake unfinished: output dropped"
-            );
-            return Ok(());
-        }
-        self.with_write_traffic(&mut |traffic, out| encrypt_into(traffic, plain, out))
-    }
-
-    /// Queues a close_notify alert in `outgoing` (nothing when the handshake never finished).
-    pub fn close_notify(&mut self) -> Result<(), TlsError> {
-        if self.conn.is_handshaking() {
-            return Ok(());
-        }
-        self.with_write_traffic(&mut |traffic, out| {
-            let start = out.len();
-            out.resize(start + CLOSE_NOTIFY_RECORD_BYTES_MAX, 0);
-            let n = traffic.queue_close_notify(&mut out[start..])?;
-            out.truncate(start + n);
-            Ok(())
-        })
+    /// Moves a TLS 1.3 session from rustls to `Tls13Records`: rustls's keys and sequence
+    /// numbers with the traffic secrets captured during the handshake. rustls's state is freed.
+    fn take_over(&mut self) -> Result<(), TlsError> {
+        let Layer::Rustls { conn, secrets, .. } = std::mem::replace(&mut self.layer, Layer::Failed)
+        else {
+            return Err(TlsError::Unexpected("not on rustls"));
+        };
+        let (extracted, kernel) = conn.dangerous_into_kernel_connection()?;
+        let secrets = secrets.ok_or(TlsError::Unexpected("no traffic secrets"))?;
+        let records = Tls13Records::new(kernel.negotiated_cipher_suite(), extracted, &secrets)?;
+        self.layer = Layer::Tls13(records);
+        Ok(())
     }
 
     /// Drives the session to its write state without taking input, then runs `write`.
     fn with_write_traffic(&mut self, write: &mut WriteRecords<'_>) -> Result<(), TlsError> {
+        let Layer::Rustls { conn, .. } = &mut self.layer else {
+            return Err(TlsError::Unexpected("not on rustls"));
+        };
         // Bounded: each pass encodes a queued message or ends (rustls queues a few at most).
         for _ in 0..TLS_STATE_STEPS_MAX {
-            let status = self.conn.process_tls_records(&mut []);
+            let status = conn.process_tls_records(&mut []);
             match status.state? {
                 ConnectionState::WriteTraffic(mut traffic) => {
                     return write(&mut traffic, &mut self.outgoing)
@@ -327,34 +466,21 @@ impl TlsSession {
         }
         Err(TlsError::Unexpected("no write state"))
     }
+}
 
-    /// After an error rustls has queued an alert: encode it into `outgoing` (best effort; the
-    /// connection closes after writing it).
-    fn queue_alert(&mut self) {
-        for _ in 0..TLS_STATE_STEPS_MAX {
-            let status = self.conn.process_tls_records(&mut []);
-            match status.state {
-                Ok(ConnectionState::EncodeTlsData(mut encode)) => {
-                    if encode_into(&mut encode, &mut self.outgoing).is_err() {
-                        return;
-                    }
+/// After an error rustls has queued an alert: encode it into `outgoing` (best effort; the
+/// connection closes after writing it).
+fn queue_alert(conn: &mut UnbufferedServerConnection, outgoing: &mut Vec<u8>) {
+    for _ in 0..TLS_STATE_STEPS_MAX {
+        let status = conn.process_tls_records(&mut []);
+        match status.state {
+            Ok(ConnectionState::EncodeTlsData(mut encode)) => {
+                if encode_into(&mut encode, outgoing).is_err() {
+                    return;
                 }
-                Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
-                _ => return,
             }
-        }
-    }
-
-    /// Gives back the allocations of empty buffers: an idle session holds none.
-    pub fn release_idle(&mut self) {
-        for buf in [
-            &mut self.incoming,
-            &mut self.plain_unread,
-            &mut self.outgoing,
-        ] {
-            if buf.is_empty() && buf.capacity() > 0 {
-                *buf = Vec::new();
-            }
+            Ok(ConnectionState::TransmitTlsData(transmit)) => transmit.done(),
+            _ => return,
         }
     }
 }
@@ -424,6 +550,10 @@ fn encrypt_into(
 const TLS_RECORD_PLAINTEXT_BYTES_MAX: usize = 16 * 1024;
 /// Most bytes a record adds to its plaintext with the AEAD suites we offer.
 const TLS_RECORD_OVERHEAD_BYTES_MAX: usize = 32;
+
+#[cfg(test)]
+#[path = "tls_tests.rs"]
+mod lean_tests;
 
 #[cfg(test)]
 mod tests {
