@@ -16,3 +16,4 @@ mod storage;
 mod sys;
 pub mod tls;
 pub mod top;
+mod uring;
