@@ -6,9 +6,11 @@
 #
 #   scripts/bench-idle.sh [--sessions N] [--shards S] [--modes direct,none] [--profile P]
 #                         [--ramp R] [--hold SECONDS] [--procs K] [--no-build] [--out DIR]
+#                         [--engine uring|tasks]
 #
 # Defaults: 19000 sessions (the box's open-file cap is 20000 per process), 2 shards (or nproc if
-# fewer), both modes, `--profile release`. Environment: PEERS_ROOT (default /tmp/bench-idle),
+# fewer), both modes, `--profile release`, the gateway's default `io_engine` (`--engine` sets it
+# through a config file; not together with GATEWAY_CONFIG). Environment: PEERS_ROOT (default /tmp/bench-idle),
 # C2S_PORT / TLS_PORT / ADMIN_PORT (default 25222 / 25223 / 25280), CARGO_TARGET_DIR, GATEWAY_BIN and
 # BENCH_BIN (binaries other than the built ones, e.g. an older build for a before/after).
 # Loopback only; every step is bounded (bench's own timeouts, the gateway script's start/stop
@@ -26,13 +28,14 @@ HOLD=10
 PROCS=2
 BUILD=1
 OUT=""
+ENGINE=""
 # The budgets of issue 4, bytes of server user memory per idle authenticated session.
 BUDGET_TLS_BYTES=3072
 BUDGET_PLAIN_BYTES=1536
 # Seconds after bench ends before the server's RSS is read again ("RSS settled").
 SETTLE_SECONDS=5
 
-usage() { sed -n '2,13p' "$0" >&2; exit 2; }
+usage() { sed -n '2,16p' "$0" >&2; exit 2; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --sessions) SESSIONS=$2; shift 2 ;;
@@ -44,6 +47,7 @@ while [ $# -gt 0 ]; do
         --procs) PROCS=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --out) OUT=$2; shift 2 ;;
+        --engine) ENGINE=$2; shift 2 ;;
         -h|--help) usage ;;
         *) echo "unknown argument $1" >&2; usage ;;
     esac
@@ -60,6 +64,11 @@ export GATEWAY_BIN="${GATEWAY_BIN:-$BIN_DIR/gateway}" GATEWAY_SHARDS="$SHARDS"
 BENCH="${BENCH_BIN:-$BIN_DIR/bench}"
 OUT="${OUT:-$PEERS_ROOT/results-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
+if [ -n "$ENGINE" ]; then
+    [ -z "${GATEWAY_CONFIG:-}" ] || { echo "--engine and GATEWAY_CONFIG: put io_engine in the config file" >&2; exit 2; }
+    printf 'io_engine = "%s"\n' "$ENGINE" > "$OUT/engine.toml"
+    export GATEWAY_CONFIG="$OUT/engine.toml"
+fi
 
 if [ "$BUILD" = 1 ]; then
     ( cd "$ROOT" && nice -n 10 cargo build --profile "$PROFILE" -p gateway -p bench )

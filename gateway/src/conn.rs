@@ -21,7 +21,7 @@ use crate::c2s::{C2s, Security, Services, SmState, Step};
 use crate::shard::{Outbox, Outgoing, Shard};
 use crate::stats::{self, ConnReport, Phase, ShardStats};
 use crate::sys;
-use crate::tls::{Received, TlsSession};
+use crate::tls::{Received, TlsError, TlsSession};
 
 /// The inline read buffer every connection's pending read uses (kept small: idle connections
 /// hold one each). A read that fills it continues through the shard's `READ_CHUNK_BYTES` buffer.
@@ -75,23 +75,10 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Listener
         };
         let _ = stream.set_nodelay(true);
         shard.stats.borrow_mut().accepted += 1;
-        let (config, security, tls) = match kind {
-            Listener::StartTls => (shard.c2s_starttls.clone(), Security::Plain, None),
-            Listener::DirectTls => match TlsSession::new(shard.tls.clone()) {
-                Ok(tls) => (
-                    shard.c2s_direct_tls.clone(),
-                    Security::Tls,
-                    Some(Box::new(tls)),
-                ),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start a TLS session");
-                    continue;
-                }
-            },
+        let Some(session) = Session::accepted(&shard, kind) else {
+            continue;
         };
-        let machine = C2s::new(config, security, Instant::now());
-        let id = shard.next_conn_id();
-        spawn_driver(shard.clone(), id, stream, tls, machine, Vec::new());
+        spawn_conn(shard.clone(), stream, session, Vec::new());
     }
 }
 
@@ -131,32 +118,13 @@ pub async fn adopt_loop(shard: Rc<Shard>, rx: flume::Receiver<Handoff>) {
     while let Ok(h) = rx.recv_async().await {
         shard.stats.borrow_mut().handoffs_in += 1;
         let stream = sys::adopt_socket(h.socket);
-        let id = shard.next_conn_id();
-        spawn_driver(shard.clone(), id, stream, h.tls, h.machine, h.unread);
+        let session = Session::register(&shard, shard.next_conn_id(), h.tls, h.machine);
+        spawn_conn(shard.clone(), stream, session, h.unread);
     }
 }
 
-fn spawn_driver(
-    shard: Rc<Shard>,
-    id: ConnId,
-    stream: TcpStream,
-    tls: Option<Box<TlsSession>>,
-    machine: C2s,
-    unread: Vec<u8>,
-) {
-    let outbox = Rc::new(Outbox::default());
-    shard.conns.borrow_mut().insert(id, outbox.clone());
-    shard.open_connections.set(shard.open_connections.get() + 1);
-    let conn = Conn {
-        report: ConnReport::starting(machine.auth_failures()),
-        shard,
-        id,
-        tls,
-        machine,
-        outbox,
-        bound: false,
-        out: Vec::new(),
-    };
+fn spawn_conn(shard: Rc<Shard>, stream: TcpStream, session: Session, unread: Vec<u8>) {
+    let conn = Conn { s: session, shard };
     let task = conn.run(stream, unread);
     // For per-session memory breakdowns (`--log-level gateway::conn=trace`).
     tracing::trace!(
@@ -176,16 +144,22 @@ enum End {
     HandedOff,
 }
 
+/// What every connection carries whatever engine drives its socket (a task per connection, or
+/// a slot of the shard's io_uring driver): its id, TLS, machine, send queue and pending output.
+pub(crate) struct Session {
+    pub id: ConnId,
+    pub tls: Option<Box<TlsSession>>,
+    pub machine: C2s,
+    pub outbox: Rc<Outbox>,
+    pub bound: bool,
+    /// Plaintext produced by the machine, not yet written.
+    pub out: Vec<u8>,
+    pub report: ConnReport,
+}
+
 struct Conn {
     shard: Rc<Shard>,
-    id: ConnId,
-    tls: Option<Box<TlsSession>>,
-    machine: C2s,
-    outbox: Rc<Outbox>,
-    bound: bool,
-    /// Plaintext produced by the machine, not yet written.
-    out: Vec<u8>,
-    report: ConnReport,
+    s: Session,
 }
 
 enum Wake {
@@ -194,123 +168,102 @@ enum Wake {
     Tick,
 }
 
-impl Conn {
-    async fn run(mut self, mut stream: TcpStream, unread: Vec<u8>) {
-        let end = self.run_inner(&mut stream, unread).await;
-        match end {
-            End::HandedOff => {}
-            End::Closed => {
-                let _ = stream.close().await;
-                self.cleanup();
-            }
+impl Session {
+    /// A connection starting on this shard: registers its send queue and counts it open.
+    pub fn register(
+        shard: &Shard,
+        id: ConnId,
+        tls: Option<Box<TlsSession>>,
+        machine: C2s,
+    ) -> Session {
+        let outbox = Rc::new(Outbox::default());
+        shard.conns.borrow_mut().insert(id, outbox.clone());
+        shard.open_connections.set(shard.open_connections.get() + 1);
+        Session {
+            report: ConnReport::starting(machine.auth_failures()),
+            id,
+            tls,
+            machine,
+            outbox,
+            bound: false,
+            out: Vec::new(),
         }
     }
 
-    fn cleanup(&mut self) {
+    /// A freshly accepted connection on listener `kind`: its TLS session (direct TLS) and
+    /// machine. `None` when no TLS session can be made (logged).
+    pub fn accepted(shard: &Shard, kind: Listener) -> Option<Session> {
+        let (config, security, tls) = match kind {
+            Listener::StartTls => (shard.c2s_starttls.clone(), Security::Plain, None),
+            Listener::DirectTls => match TlsSession::new(shard.tls.clone()) {
+                Ok(tls) => (
+                    shard.c2s_direct_tls.clone(),
+                    Security::Tls,
+                    Some(Box::new(tls)),
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a TLS session");
+                    return None;
+                }
+            },
+        };
+        let machine = C2s::new(config, security, Instant::now());
+        Some(Session::register(shard, shard.next_conn_id(), tls, machine))
+    }
+
+    /// The connection is gone (closed or lost): statistics, then its session ends, or waits
+    /// for a XEP-0198 resumption.
+    pub fn cleanup(&mut self, shard: &Rc<Shard>) {
         let failures = self.machine.auth_failures();
-        ShardStats::report_conn(&self.shard.stats, &mut self.report, Phase::Gone, failures);
-        self.shard
-            .open_connections
-            .set(self.shard.open_connections.get() - 1);
-        if self.bound && !self.shard.stopping.is_open() {
+        ShardStats::report_conn(&shard.stats, &mut self.report, Phase::Gone, failures);
+        shard.open_connections.set(shard.open_connections.get() - 1);
+        if self.bound && !shard.stopping.is_open() {
             // Lost, not closed: a XEP-0198 session waits to be resumed (its send queue stays).
             if let Some((resume_id, sm, full_jid)) = self.machine.detach() {
-                self.shard.detach(self.id, resume_id, sm, full_jid);
+                shard.detach(self.id, resume_id, sm, full_jid);
                 return;
             }
         }
         if self.bound {
             let unacked = self.machine.take_unacked();
-            self.shard.end_session(self.id, unacked);
+            shard.end_session(self.id, unacked);
         } else {
-            self.shard.conns.borrow_mut().remove(&self.id);
+            shard.conns.borrow_mut().remove(&self.id);
         }
     }
 
-    async fn run_inner(&mut self, stream: &mut TcpStream, unread: Vec<u8>) -> End {
-        // Bytes buffered before a handoff come first; an empty call also lets the machine work
-        // through what its framer already holds.
-        let (step, rest) = self.handle_input(&unread);
-        if let Some(end) = self.after_step(stream, step, rest).await {
-            return end;
-        }
-        // Idle connections must not hold a read buffer: the pending read targets this small array
-        // inside the task, and a read that fills it drains the socket through the shard's one
-        // large buffer (`Shard::read_buf`), synchronously, before the next await.
-        let mut small = [0u8; SMALL_READ_BYTES];
-        let mut drained: Vec<Outgoing> = Vec::new();
-        // Unbounded by design: the connection's event loop; every iteration waits for input.
-        loop {
-            let deadline = self.machine.deadline();
-            let wake = {
-                let shard = &self.shard;
-                let outbox = &self.outbox;
-                let read = async {
-                    shard.mesh_unblocked.wait().await;
-                    Wake::Read(stream.read(&mut small).await)
-                };
-                let queued = async {
-                    outbox.ready().await;
-                    Wake::Outbox
-                };
-                let tick = async {
-                    match deadline {
-                        Some(at) => {
-                            let now = Instant::now();
-                            glommio::timer::sleep(at.saturating_duration_since(now)).await;
-                            Wake::Tick
-                        }
-                        None => std::future::pending().await,
-                    }
-                };
-                futures_lite::future::or(queued, futures_lite::future::or(read, tick)).await
-            };
-            let step = match wake {
-                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Closed,
-                Wake::Read(Ok(n)) => {
-                    self.shard.stats.borrow_mut().bytes_in(n);
-                    let (mut step, mut rest) = self.handle_input(&small[..n]);
-                    let mut more = false;
-                    if n == small.len() && step == Step::Continue {
-                        (step, rest, more) = self.drain_socket(stream);
-                    }
-                    if let Some(end) = self.after_step(stream, step, rest).await {
-                        return end;
-                    }
-                    if more {
-                        // The socket still holds input: let the shard's other tasks (the
-                        // recipients' writers among them) run before this one reads again.
-                        futures_lite::future::yield_now().await;
-                    }
-                    continue;
-                }
-                Wake::Outbox => {
-                    if let Some(condition) = self.outbox.close_requested() {
-                        let condition = (!condition.is_empty()).then_some(condition);
-                        self.outbox.drain_into(&mut drained);
-                        self.write_outgoing(&mut drained);
-                        self.machine.handle_close(condition, &mut self.out);
-                        Step::Close
-                    } else {
-                        self.outbox.drain_into(&mut drained);
-                        let step = self.write_outgoing(&mut drained);
-                        // A burst should not leave its queue's capacity on an idle connection.
-                        drained = Vec::new();
-                        step
-                    }
-                }
-                Wake::Tick => self.machine.handle_tick(&mut self.out, Instant::now()),
-            };
-            if let Some(end) = self.after_step(stream, step, Vec::new()).await {
-                return end;
-            }
+    /// Reports the connection's phase to the shard's statistics (when it changed).
+    pub fn report_phase(&mut self, shard: &Shard) {
+        let phase = stats::phase_of(
+            self.bound,
+            self.tls.as_ref().is_some_and(|t| t.is_handshaking()),
+        );
+        let failures = self.machine.auth_failures();
+        ShardStats::report_conn(&shard.stats, &mut self.report, phase, failures);
+    }
+
+    /// Handles a wake-up of the send queue: stanzas to write, or an ordered close (what is
+    /// queued is written first, then the stream error).
+    pub fn handle_outbox(&mut self, shard: &Rc<Shard>, drained: &mut Vec<Outgoing>) -> Step {
+        if let Some(condition) = self.outbox.close_requested() {
+            let condition = (!condition.is_empty()).then_some(condition);
+            self.outbox.drain_into(drained);
+            self.write_outgoing(shard, drained);
+            self.machine.handle_close(condition, &mut self.out);
+            Step::Close
+        } else {
+            self.outbox.drain_into(drained);
+            let step = self.write_outgoing(shard, drained);
+            // A burst should not leave its queue's capacity on an idle connection.
+            *drained = Vec::new();
+            step
         }
     }
 
     /// Passes stanzas from the outbox through the machine (XEP-0198 counts and keeps them) into
     /// the write buffer, sends an ack that waited for settlement, and asks the router for the
     /// next page of an offline queue being delivered.
-    fn write_outgoing(&mut self, drained: &mut Vec<Outgoing>) -> Step {
+    fn write_outgoing(&mut self, shard: &Rc<Shard>, drained: &mut Vec<Outgoing>) -> Step {
         let mut step = Step::Continue;
         for (bytes, seq) in drained.drain(..) {
             if step == Step::Continue {
@@ -322,7 +275,7 @@ impl Conn {
         }
         let settled = self.outbox.take_settled();
         let mut services = ShardServices {
-            shard: &self.shard,
+            shard,
             conn: &mut self.id,
             outbox: &mut self.outbox,
             bound: &mut self.bound,
@@ -331,133 +284,73 @@ impl Conn {
         if settled {
             self.machine.handle_settled(&mut services, &mut self.out);
         }
-        self.shard.router.borrow_mut().handle_room(self.id);
-        self.shard.drain_router();
+        shard.router.borrow_mut().handle_room(self.id);
+        shard.drain_router();
         step
     }
 
-    /// Writes what is pending and carries out the machine's step. `Some` ends the loop.
-    async fn after_step(
-        &mut self,
-        stream: &mut TcpStream,
-        step: Step,
-        unread: Vec<u8>,
-    ) -> Option<End> {
-        let phase = stats::phase_of(
-            self.bound,
-            self.tls.as_ref().is_some_and(|t| t.is_handshaking()),
-        );
-        let failures = self.machine.auth_failures();
-        ShardStats::report_conn(&self.shard.stats, &mut self.report, phase, failures);
-        if self.flush(stream).await.is_err() {
-            return Some(End::Closed);
-        }
-        match step {
-            Step::Continue => None,
-            Step::Close => {
-                if let Some(tls) = self.tls.as_mut() {
-                    if tls.close_notify().is_ok() {
-                        let _ = self.flush(stream).await;
-                    }
-                }
-                Some(End::Closed)
+    /// `Step::StartTls`: the TLS session begins (after `<proceed/>` was written). False when no
+    /// TLS session can be made (logged): close the connection.
+    pub fn start_tls(&mut self, shard: &Shard) -> bool {
+        match TlsSession::new(shard.tls.clone()) {
+            Ok(tls) => {
+                self.tls = Some(Box::new(tls));
+                self.machine.handle_tls_established();
+                true
             }
-            Step::StartTls => match TlsSession::new(self.shard.tls.clone()) {
-                Ok(tls) => {
-                    self.tls = Some(Box::new(tls));
-                    self.machine.handle_tls_established();
-                    None
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start a TLS session");
-                    Some(End::Closed)
-                }
-            },
-            Step::Authenticated { node } => {
-                self.shard.stats.borrow_mut().auth_succeeded();
-                let bare = format!("{node}@{}", self.shard.domain);
-                let home = home_shard(&bare, self.shard.shards);
-                if home == self.shard.id {
-                    // Already home: go on with whatever the client sent after authenticating.
-                    let (step, rest) = self.handle_input(&unread);
-                    return Box::pin(self.after_step(stream, step, rest)).await;
-                }
-                Some(self.hand_off(stream, home, unread).await)
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a TLS session");
+                false
             }
         }
     }
 
-    /// Moves the connection to shard `home`: the socket (as a duplicated descriptor), the TLS
-    /// state, the machine (with its framer's buffered bytes) and any unread bytes.
-    async fn hand_off(&mut self, stream: &mut TcpStream, home: usize, unread: Vec<u8>) -> End {
-        let socket = match sys::dup_socket(stream) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot duplicate a socket for handoff");
-                return End::Closed;
+    /// Takes what is to be written to the wire: the machine's plaintext, through TLS when on.
+    /// The error (a TLS failure) comes after any records queued before it (an alert), which
+    /// still go out; the connection closes after them. An idle connection keeps no buffer.
+    pub fn take_wire(&mut self) -> (Vec<u8>, Result<(), TlsError>) {
+        let (wire, result) = match self.tls.as_mut() {
+            None => (std::mem::take(&mut self.out), Ok(())),
+            Some(tls) => {
+                let sent = tls.send(&self.out);
+                self.out.clear();
+                let wire = std::mem::take(&mut tls.outgoing);
+                tls.release_idle();
+                (wire, sent)
             }
         };
+        if self.out.capacity() > 0 {
+            self.out = Vec::new();
+        }
+        (wire, result)
+    }
+
+    /// Deregisters the connection from this shard and packs it for shard `home`: the socket,
+    /// the TLS state, the machine (with its framer's buffered bytes) and any unread bytes.
+    pub fn hand_off(&mut self, shard: &Shard, socket: StdTcpStream, unread: Vec<u8>) -> Handoff {
         // The machine moves; a closed placeholder stays behind (it is never used again).
-        let placeholder = C2s::new(
-            self.shard.c2s_direct_tls.clone(),
-            Security::Tls,
-            Instant::now(),
-        );
+        let placeholder = C2s::new(shard.c2s_direct_tls.clone(), Security::Tls, Instant::now());
         let failures = self.machine.auth_failures();
-        ShardStats::report_conn(&self.shard.stats, &mut self.report, Phase::Gone, failures);
+        ShardStats::report_conn(&shard.stats, &mut self.report, Phase::Gone, failures);
         let machine = std::mem::replace(&mut self.machine, placeholder);
-        let handoff = Handoff {
+        shard.stats.borrow_mut().handoffs_out += 1;
+        // Deregister before the send: the connection is no longer this shard's.
+        shard.conns.borrow_mut().remove(&self.id);
+        shard.open_connections.set(shard.open_connections.get() - 1);
+        Handoff {
             socket,
             tls: self.tls.take(),
             machine,
             unread,
-        };
-        self.shard.stats.borrow_mut().handoffs_out += 1;
-        // Deregister before the send: the connection is no longer this shard's.
-        self.shard.conns.borrow_mut().remove(&self.id);
-        self.shard
-            .open_connections
-            .set(self.shard.open_connections.get() - 1);
-        let tx = self.shard.handoff_to[home].clone();
-        if tx.send_async(handoff).await.is_err() {
-            tracing::debug!(home, "handoff target stopped");
         }
-        End::HandedOff
-    }
-
-    /// Reads what else the socket holds through the shard's large buffer, without awaiting: each
-    /// read is polled once and completes at once when data is there (glommio tries the `recv`
-    /// before arming a poll). Bounded by `DRAIN_READS_MAX` so one busy connection cannot starve
-    /// the shard; what is left waits for the next turn (`true` in the result: there may be more).
-    fn drain_socket(&mut self, stream: &mut TcpStream) -> (Step, Vec<u8>, bool) {
-        let shard = self.shard.clone();
-        for _ in 0..DRAIN_READS_MAX {
-            let mut big = shard.read_buf.borrow_mut();
-            let got = futures_lite::future::block_on(futures_lite::future::poll_once(
-                stream.read(&mut big[..]),
-            ));
-            let n = match got {
-                Some(Ok(n)) if n > 0 => {
-                    shard.stats.borrow_mut().bytes_in(n);
-                    n
-                }
-                Some(Ok(_)) | Some(Err(_)) => return (Step::Close, Vec::new(), false),
-                None => return (Step::Continue, Vec::new(), false),
-            };
-            let (step, rest) = self.handle_input(&big[..n]);
-            if step != Step::Continue || n < big.len() {
-                return (step, rest, false);
-            }
-        }
-        (Step::Continue, Vec::new(), true)
     }
 
     /// Feeds received bytes through TLS (if any) into the machine. Returns the step and the
     /// bytes not yet fed when the machine stopped early (authenticated: they follow the handoff).
-    fn handle_input(&mut self, data: &[u8]) -> (Step, Vec<u8>) {
+    pub fn handle_input(&mut self, shard: &Rc<Shard>, data: &[u8]) -> (Step, Vec<u8>) {
         let now = Instant::now();
         let mut services = ShardServices {
-            shard: &self.shard,
+            shard,
             conn: &mut self.id,
             outbox: &mut self.outbox,
             bound: &mut self.bound,
@@ -488,33 +381,177 @@ impl Conn {
             }
         }
     }
+}
+
+impl Conn {
+    async fn run(mut self, mut stream: TcpStream, unread: Vec<u8>) {
+        let end = self.run_inner(&mut stream, unread).await;
+        match end {
+            End::HandedOff => {}
+            End::Closed => {
+                let _ = stream.close().await;
+                self.s.cleanup(&self.shard);
+            }
+        }
+    }
+
+    async fn run_inner(&mut self, stream: &mut TcpStream, unread: Vec<u8>) -> End {
+        // Bytes buffered before a handoff come first; an empty call also lets the machine work
+        // through what its framer already holds.
+        let (step, rest) = self.s.handle_input(&self.shard, &unread);
+        if let Some(end) = self.after_step(stream, step, rest).await {
+            return end;
+        }
+        // Idle connections must not hold a read buffer: the pending read targets this small array
+        // inside the task, and a read that fills it drains the socket through the shard's one
+        // large buffer (`Shard::read_buf`), synchronously, before the next await.
+        let mut small = [0u8; SMALL_READ_BYTES];
+        let mut drained: Vec<Outgoing> = Vec::new();
+        // Unbounded by design: the connection's event loop; every iteration waits for input.
+        loop {
+            let deadline = self.s.machine.deadline();
+            let wake = {
+                let shard = &self.shard;
+                let outbox = &self.s.outbox;
+                let read = async {
+                    shard.mesh_unblocked.wait().await;
+                    Wake::Read(stream.read(&mut small).await)
+                };
+                let queued = async {
+                    outbox.ready().await;
+                    Wake::Outbox
+                };
+                let tick = async {
+                    match deadline {
+                        Some(at) => {
+                            let now = Instant::now();
+                            glommio::timer::sleep(at.saturating_duration_since(now)).await;
+                            Wake::Tick
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                futures_lite::future::or(queued, futures_lite::future::or(read, tick)).await
+            };
+            let step = match wake {
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Closed,
+                Wake::Read(Ok(n)) => {
+                    self.shard.stats.borrow_mut().bytes_in(n);
+                    let (mut step, mut rest) = self.s.handle_input(&self.shard, &small[..n]);
+                    let mut more = false;
+                    if n == small.len() && step == Step::Continue {
+                        (step, rest, more) = self.drain_socket(stream);
+                    }
+                    if let Some(end) = self.after_step(stream, step, rest).await {
+                        return end;
+                    }
+                    if more {
+                        // The socket still holds input: let the shard's other tasks (the
+                        // recipients' writers among them) run before this one reads again.
+                        futures_lite::future::yield_now().await;
+                    }
+                    continue;
+                }
+                Wake::Outbox => self.s.handle_outbox(&self.shard, &mut drained),
+                Wake::Tick => self.s.machine.handle_tick(&mut self.s.out, Instant::now()),
+            };
+            if let Some(end) = self.after_step(stream, step, Vec::new()).await {
+                return end;
+            }
+        }
+    }
+
+    /// Writes what is pending and carries out the machine's step. `Some` ends the loop.
+    async fn after_step(
+        &mut self,
+        stream: &mut TcpStream,
+        step: Step,
+        unread: Vec<u8>,
+    ) -> Option<End> {
+        self.s.report_phase(&self.shard);
+        if self.flush(stream).await.is_err() {
+            return Some(End::Closed);
+        }
+        match step {
+            Step::Continue => None,
+            Step::Close => {
+                if let Some(tls) = self.s.tls.as_mut() {
+                    if tls.close_notify().is_ok() {
+                        let _ = self.flush(stream).await;
+                    }
+                }
+                Some(End::Closed)
+            }
+            Step::StartTls => match self.s.start_tls(&self.shard) {
+                true => None,
+                false => Some(End::Closed),
+            },
+            Step::Authenticated { node } => {
+                self.shard.stats.borrow_mut().auth_succeeded();
+                let bare = format!("{node}@{}", self.shard.domain);
+                let home = home_shard(&bare, self.shard.shards);
+                if home == self.shard.id {
+                    // Already home: go on with whatever the client sent after authenticating.
+                    let (step, rest) = self.s.handle_input(&self.shard, &unread);
+                    return Box::pin(self.after_step(stream, step, rest)).await;
+                }
+                Some(self.hand_off(stream, home, unread).await)
+            }
+        }
+    }
+
+    /// Moves the connection to shard `home` (the socket as a duplicated descriptor).
+    async fn hand_off(&mut self, stream: &mut TcpStream, home: usize, unread: Vec<u8>) -> End {
+        let socket = match sys::dup_socket(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot duplicate a socket for handoff");
+                return End::Closed;
+            }
+        };
+        let handoff = self.s.hand_off(&self.shard, socket, unread);
+        let tx = self.shard.handoff_to[home].clone();
+        if tx.send_async(handoff).await.is_err() {
+            tracing::debug!(home, "handoff target stopped");
+        }
+        End::HandedOff
+    }
+
+    /// Reads what else the socket holds through the shard's large buffer, without awaiting: each
+    /// read is polled once and completes at once when data is there (glommio tries the `recv`
+    /// before arming a poll). Bounded by `DRAIN_READS_MAX` so one busy connection cannot starve
+    /// the shard; what is left waits for the next turn (`true` in the result: there may be more).
+    fn drain_socket(&mut self, stream: &mut TcpStream) -> (Step, Vec<u8>, bool) {
+        let shard = self.shard.clone();
+        for _ in 0..DRAIN_READS_MAX {
+            let mut big = shard.read_buf.borrow_mut();
+            let got = futures_lite::future::block_on(futures_lite::future::poll_once(
+                stream.read(&mut big[..]),
+            ));
+            let n = match got {
+                Some(Ok(n)) if n > 0 => {
+                    shard.stats.borrow_mut().bytes_in(n);
+                    n
+                }
+                Some(Ok(_)) | Some(Err(_)) => return (Step::Close, Vec::new(), false),
+                None => return (Step::Continue, Vec::new(), false),
+            };
+            let (step, rest) = self.s.handle_input(&shard, &big[..n]);
+            if step != Step::Continue || n < big.len() {
+                return (step, rest, false);
+            }
+        }
+        (Step::Continue, Vec::new(), true)
+    }
 
     /// Writes pending plaintext (through TLS when on) and TLS records.
     async fn flush(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
-        match self.tls.as_mut() {
-            None => {
-                if !self.out.is_empty() {
-                    write_wire(stream, &self.shard, &self.outbox, &self.out).await?;
-                    self.out.clear();
-                }
-            }
-            Some(tls) => {
-                let sent = tls.send(&self.out);
-                self.out.clear();
-                // Records queued before a failure (an alert) still go out.
-                if !tls.outgoing.is_empty() {
-                    write_wire(stream, &self.shard, &self.outbox, &tls.outgoing).await?;
-                    tls.outgoing.clear();
-                }
-                tls.release_idle();
-                sent.map_err(std::io::Error::other)?;
-            }
+        let (wire, sent) = self.s.take_wire();
+        // Records queued before a failure (an alert) still go out.
+        if !wire.is_empty() {
+            write_wire(stream, &self.shard, &self.s.outbox, &wire).await?;
         }
-        if self.out.capacity() > 0 {
-            // An idle connection keeps no write buffer; the next write allocates one.
-            self.out = Vec::new();
-        }
-        Ok(())
+        sent.map_err(std::io::Error::other)
     }
 }
 
@@ -544,7 +581,7 @@ async fn write_wire(
 }
 
 /// The shard's services as the c2s machine sees them.
-struct ShardServices<'a> {
+pub(crate) struct ShardServices<'a> {
     shard: &'a Rc<Shard>,
     /// The connection's id and send queue; a XEP-0198 resumption replaces both with the resumed
     /// session's.

@@ -17,3 +17,4 @@ mod storage;
 mod sys;
 pub mod tls;
 pub mod top;
+mod uring;

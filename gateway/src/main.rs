@@ -178,6 +178,15 @@ struct ServeArgs {
     /// Allocator huge pages: `off` [default], `thp` (transparent, madvise) or `reserved`.
     #[arg(long)]
     huge_pages: Option<String>,
+    /// Connection I/O: `uring` [default] (one io_uring per shard) or `tasks` (a task each).
+    #[arg(long)]
+    io_engine: Option<String>,
+    /// Provided receive buffers per shard of the uring engine, a power of two [default: 256].
+    #[arg(long)]
+    uring_recv_buffers: Option<u32>,
+    /// Bytes of each provided receive buffer of the uring engine [default: 4096].
+    #[arg(long)]
+    uring_recv_buffer_bytes: Option<usize>,
     /// Messages per user's offline queue [default: 10000].
     #[arg(long)]
     offline_messages_max: Option<usize>,
@@ -357,6 +366,15 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = &s.huge_pages {
         config.huge_pages = v.clone();
+    }
+    if let Some(v) = &s.io_engine {
+        config.io_engine = v.clone();
+    }
+    if let Some(v) = s.uring_recv_buffers {
+        config.uring_recv_buffers = v;
+    }
+    if let Some(v) = s.uring_recv_buffer_bytes {
+        config.uring_recv_buffer_bytes = v;
     }
     if let Some(v) = s.offline_messages_max {
         config.offline_messages_max = v;

@@ -17,6 +17,7 @@ use crate::c2s::C2sConfig;
 use crate::conn::{self, Handoff, Listener};
 use crate::knobs::Knobs;
 use crate::shard::{AdminRequest, MeshPorts, Shard};
+use crate::uring::{Driver, UringSizes};
 use crate::{admin, tls};
 
 /// Which CPUs the shards run on: the configured list, else the process's affinity mask.
@@ -303,7 +304,7 @@ async fn run_shard(start: ShardStart) {
         }
     }
     let bind = |addr: std::net::SocketAddr, what: &str| {
-        crate::sys::bind_listener(addr).map_err(|e| {
+        crate::sys::bind_listener_std(addr).map_err(|e| {
             format!("cannot listen on {addr} ({what}): {e}; pick a free address with --{what}")
         })
     };
@@ -386,18 +387,55 @@ async fn run_shard(start: ShardStart) {
         *shard.push.borrow_mut() = Some(pusher.clone());
         tasks.push(glommio::spawn_local(pusher.run()).detach());
     }
-    tasks.push(
-        glommio::spawn_local(conn::accept_loop(shard.clone(), c2s, Listener::StartTls)).detach(),
-    );
-    tasks.push(
-        glommio::spawn_local(conn::accept_loop(
-            shard.clone(),
-            tls_listener,
-            Listener::DirectTls,
-        ))
-        .detach(),
-    );
+    let listeners = vec![
+        (c2s, Listener::StartTls),
+        (tls_listener, Listener::DirectTls),
+    ];
+    let handoff_from = start.ports.handoff_from;
+    let listeners = match start.config.io_engine.as_str() {
+        "uring" => {
+            // The listeners stay ours until the driver takes them: on a failure they go to the
+            // task engine instead.
+            let fds: Vec<_> = listeners
+                .iter()
+                .map(|(l, kind)| (l.try_clone(), *kind))
+                .collect();
+            let fds: Result<Vec<_>, _> = fds
+                .into_iter()
+                .map(|(l, kind)| l.map(|l| (l, kind)))
+                .collect();
+            let sizes = UringSizes {
+                recv_buffers: start.config.uring_recv_buffers,
+                recv_buffer_bytes: start.config.uring_recv_buffer_bytes,
+            };
+            let reserved = shard.knobs.borrow().max_sessions_per_shard as usize;
+            match fds.and_then(|fds| Driver::new(shard.clone(), fds, sizes, reserved)) {
+                Ok(driver) => {
+                    tasks.push(glommio::spawn_local(driver.run(handoff_from.clone())).detach());
+                    None
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        shard = id,
+                        error = %e,
+                        "io_engine = uring is not available on this kernel (multishot recv with \
+                         provided buffer rings needs Linux 6.0 or later); using io_engine = tasks"
+                    );
+                    Some(listeners)
+                }
+            }
+        }
+        _ => Some(listeners),
+    };
+    if let Some(listeners) = listeners {
+        for (l, kind) in listeners {
+            let l = crate::sys::glommio_listener(l);
+            tasks.push(glommio::spawn_local(conn::accept_loop(shard.clone(), l, kind)).detach());
+        }
+        glommio::spawn_local(conn::adopt_loop(shard.clone(), handoff_from)).detach();
+    }
     if let Some(l) = admin_listener {
+        let l = crate::sys::glommio_listener(l);
         tasks.push(
             glommio::spawn_local(admin::serve(
                 l,
@@ -414,7 +452,6 @@ async fn run_shard(start: ShardStart) {
     for rx in start.ports.from {
         glommio::spawn_local(shard.clone().pump_mesh(rx)).detach();
     }
-    glommio::spawn_local(conn::adopt_loop(shard.clone(), start.ports.handoff_from)).detach();
     tasks.push(glommio::spawn_local(shard.clone().stats_loop()).detach());
     glommio::spawn_local(shard.clone().admin_loop(start.admin_rx)).detach();
     tasks.push(glommio::spawn_local(conn::return_memory_loop(shard.clone())).detach());

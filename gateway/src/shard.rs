@@ -142,6 +142,22 @@ impl Outbox {
             Poll::Pending
         })
     }
+    /// Wakes `waker` at the next push, settlement or close order (replacing any earlier one):
+    /// the io_uring engine's way to hear of work for a connection that has no task.
+    pub fn set_waker(&self, waker: Waker) {
+        self.waker.set(Some(waker));
+    }
+    /// Forgets the waker (the connection it named is gone).
+    pub fn clear_waker(&self) {
+        self.waker.set(None);
+    }
+    /// Whether a wake-up would find work: stanzas queued, a close ordered, or (`bound`) a
+    /// settlement to acknowledge.
+    pub fn has_work(&self, bound: bool) -> bool {
+        !self.queue.borrow().is_empty()
+            || self.close.get().is_some()
+            || (bound && self.settled.get())
+    }
     fn wake(&self) {
         if let Some(w) = self.waker.take() {
             w.wake();

@@ -212,18 +212,31 @@ pub fn set_realtime_fifo(priority: i32) -> std::io::Result<()> {
 /// says when that is the limit). glommio's own `bind` uses 1024.
 pub const LISTEN_BACKLOG_CONNECTIONS: i32 = 65_535;
 
+/// Hands a bound std listener to glommio (the task engine's accept loop).
+pub fn glommio_listener(listener: std::net::TcpListener) -> glommio::net::TcpListener {
+    let fd = listener.into_raw_fd();
+    // SAFETY: `into_raw_fd` gave up ownership of a bound, listening TCP socket; the glommio
+    // listener takes it over and closes it.
+    unsafe { glommio::net::TcpListener::from_raw_fd(fd) }
+}
+
 /// Binds a listener with SO_REUSEPORT (one per shard on the same port; the kernel spreads accepts)
 /// and SO_REUSEADDR (a restart must not wait for the previous run's connections in TIME-WAIT to
-/// expire, which glommio's own `bind` does not allow).
-pub fn bind_listener(addr: std::net::SocketAddr) -> std::io::Result<glommio::net::TcpListener> {
+/// expire, which glommio's own `bind` does not allow). TCP_NODELAY is set on it: accepted sockets
+/// inherit it on Linux, so no per-connection call is needed.
+pub fn bind_listener_std(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG_CONNECTIONS)?;
-    let fd = socket.into_raw_fd();
-    // SAFETY: `into_raw_fd` gave up ownership of a bound, listening TCP socket; the glommio
-    // listener takes it over and closes it.
-    Ok(unsafe { glommio::net::TcpListener::from_raw_fd(fd) })
+    Ok(socket.into())
+}
+
+/// Wraps a socket descriptor this shard owns as a std stream (a handoff carries it).
+pub fn socket_from_fd(fd: std::os::fd::RawFd) -> StdTcpStream {
+    // SAFETY: the caller owns `fd`, an open connected TCP socket, and gives it up here.
+    unsafe { StdTcpStream::from_raw_fd(fd) }
 }

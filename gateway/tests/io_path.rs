@@ -1,7 +1,11 @@
-//! The connection I/O path against the real `gateway` binary: input split at every few bytes
-//! (TLS records and stanzas across the server's reads), a burst far larger than the server's read
-//! buffers (nothing lost or reordered), and a reader too slow for what it is sent (bounded send
-//! queue, then its stream is closed with `resource-constraint`).
+//! The connection I/O path against the real `gateway` binary, on both I/O engines (`uring`: one
+//! io_uring per shard with provided receive buffers; `tasks`: a task per connection): input split
+//! at every few bytes and a stanza written a byte at a time (TLS records and stanzas across the
+//! server's reads), TLS records split across tiny provided buffers, a burst far larger than the
+//! server's read buffers and than its whole buffer ring (nothing lost or reordered), a reader too
+//! slow for what it is sent (bounded send queue, then its stream is closed with
+//! `resource-constraint`), a handoff to the home shard with the client's next stanzas already
+//! sent, and TLS resumption.
 
 mod support;
 
@@ -211,9 +215,9 @@ const BURST_BODY_BYTES: usize = 700;
 /// `a` logs in with every write split into 3-byte pieces (TLS records, the handshake and stanzas
 /// all cross the server's reads), then sends `b` one burst in a single write; `b` must receive
 /// every message, in order.
-fn split_input_and_burst(tls: bool) {
+fn split_input_and_burst(engine: &str, tls: bool, args: &[&str], messages: usize) {
     let [a_node, b_node] = ["user1", "user2"];
-    let mut builder = ServerBuilder::new().users(&[a_node, b_node]);
+    let mut builder = on_engine(engine, args).users(&[a_node, b_node]);
     if !tls {
         builder = builder.allow_plaintext();
     }
@@ -232,7 +236,7 @@ fn split_input_and_burst(tls: bool) {
     a.pause = Duration::ZERO;
     let filler = "x".repeat(BURST_BODY_BYTES);
     let mut burst = String::new();
-    for i in 0..BURST_MESSAGES {
+    for i in 0..messages {
         burst.push_str(&format!(
             "<message to='{b_node}@{DOMAIN}' type='chat' id='m{i}'><body>{i} {filler}</body></message>"
         ));
@@ -242,7 +246,7 @@ fn split_input_and_burst(tls: bool) {
         a
     });
     let deadline = Instant::now() + Duration::from_secs(60);
-    for i in 0..BURST_MESSAGES {
+    for i in 0..messages {
         assert!(Instant::now() < deadline, "burst not through in 60 s");
         let got = b.expect("</message>");
         assert!(
@@ -261,14 +265,109 @@ fn split_input_and_burst(tls: bool) {
     b.expect("id='last'");
 }
 
-#[test]
-fn tls_records_split_across_reads_and_a_burst_arrive_whole_and_in_order() {
-    split_input_and_burst(true);
+fn tls_records_split_across_reads_and_a_burst_arrive_whole_and_in_order(engine: &str) {
+    split_input_and_burst(engine, true, &[], BURST_MESSAGES);
 }
 
-#[test]
-fn plaintext_split_across_reads_and_a_burst_arrive_whole_and_in_order() {
-    split_input_and_burst(false);
+fn plaintext_split_across_reads_and_a_burst_arrive_whole_and_in_order(engine: &str) {
+    split_input_and_burst(engine, false, &[], BURST_MESSAGES);
+}
+
+/// TLS records (up to 16 KiB) land in provided buffers of 256 bytes: every record spans many.
+fn tls_records_split_across_tiny_buffers_arrive_whole(engine: &str) {
+    split_input_and_burst(
+        engine,
+        true,
+        &["--uring-recv-buffer-bytes", "256"],
+        BURST_MESSAGES / 4,
+    );
+}
+
+/// A burst of more than 1 MB through one session, with a ring of 4 buffers of 512 bytes: the
+/// ring runs dry again and again; the connection waits for buffers, nothing is lost or reordered.
+fn a_burst_larger_than_the_buffer_ring_waits_for_buffers(engine: &str) {
+    let args = [
+        "--uring-recv-buffers",
+        "4",
+        "--uring-recv-buffer-bytes",
+        "512",
+    ];
+    split_input_and_burst(engine, false, &args, BURST_MESSAGES / 2);
+    split_input_and_burst(engine, true, &args, BURST_MESSAGES / 2);
+}
+
+/// A stanza written one byte per write (and so per server read), plaintext and through TLS.
+fn a_stanza_written_a_byte_at_a_time_arrives(engine: &str) {
+    for tls in [false, true] {
+        let [a_node, b_node] = ["user1", "user2"];
+        let mut builder = on_engine(engine, &[]).users(&[a_node, b_node]);
+        if !tls {
+            builder = builder.allow_plaintext();
+        }
+        let server = builder.start();
+        let addr = if tls { server.tls } else { server.c2s };
+        let mut a = Raw::connect(addr, tls, None);
+        a.login(a_node);
+        let mut b = Raw::connect(addr, tls, None);
+        b.login(b_node);
+        b.expect("<presence");
+        a.chunk = 1;
+        a.pause = Duration::from_millis(1);
+        a.send(&format!(
+            "<message to='{b_node}@{DOMAIN}' type='chat' id='slow'><body>one byte at a time</body></message>"
+        ));
+        let got = b.expect("</message>");
+        assert!(
+            got.contains("id='slow'") && got.contains("<body>one byte at a time</body>"),
+            "tls {tls}: {got}"
+        );
+    }
+}
+
+/// Clients that send their next stanzas (stream restart, bind, presence, a ping; one write) the
+/// moment `<success/>` arrives, while the server is handing the connection to its user's home
+/// shard: bytes the old shard read meanwhile travel with the handoff, the rest wait in the
+/// socket for the new shard, and the session goes on there. Users on both home shards,
+/// connections landing on either shard: some are handed off (checked on `/metrics`). (Bytes sent
+/// before `<success/>` are dropped at the stream restart, RFC 6120 §6.4.6.)
+fn a_handoff_carries_the_bytes_sent_right_after_auth(engine: &str) {
+    let mut nodes = users_on_shard(0, 4);
+    nodes.extend(users_on_shard(1, 4));
+    let builder = on_engine(engine, &[]).users(&nodes).allow_plaintext();
+    let server = builder.start();
+    for tls in [false, true] {
+        for node in &nodes {
+            let addr = if tls { server.tls } else { server.c2s };
+            let mut c = Raw::connect(addr, tls, None);
+            c.send(&Client::stream_header(DOMAIN));
+            c.expect("</stream:features>");
+            let creds = base64::engine::general_purpose::STANDARD
+                .encode(format!("\0{node}\0{}", password_of(node)));
+            c.send(&format!(
+                "<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{creds}</auth>"
+            ));
+            c.expect("<success");
+            c.send(&format!(
+                "{}<iq type='set' id='b1'><bind xmlns='{NS_BIND}'><resource>r</resource></bind></iq>\
+                 <presence/><iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>",
+                Client::stream_header(DOMAIN)
+            ));
+            let bound = c.expect("</iq>");
+            assert!(
+                bound.contains(&format!("<jid>{node}@{DOMAIN}/r</jid>")),
+                "{node} tls {tls}: {bound}"
+            );
+            let pong = c.expect("id='p1'");
+            assert!(!pong.contains("type='error'"), "{pong}");
+        }
+    }
+    let metrics = http_get(server.admin, "/metrics").unwrap().1;
+    let handed: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("gateway_handoffs_total{") && l.contains("direction=\"in\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(handed > 0.0, "no connection was handed off:\n{metrics}");
 }
 
 /// Bytes of each message body sent to the slow reader, and the most messages sent (a bound:
@@ -276,10 +375,9 @@ fn plaintext_split_across_reads_and_a_burst_arrive_whole_and_in_order() {
 const SLOW_BODY_BYTES: usize = 16 * 1024;
 const SLOW_MESSAGES_MAX: usize = 4000;
 
-#[test]
-fn a_reader_that_falls_behind_is_closed_with_resource_constraint() {
+fn a_reader_that_falls_behind_is_closed_with_resource_constraint(engine: &str) {
     let [slow_node, writer_node] = ["user1", "user2"];
-    let server = ServerBuilder::new()
+    let server = on_engine(engine, &[])
         .users(&[slow_node, writer_node])
         .allow_plaintext()
         .start();
@@ -350,10 +448,9 @@ fn a_reader_that_falls_behind_is_closed_with_resource_constraint() {
     }
 }
 
-#[test]
-fn a_reconnect_resumes_the_tls_session_with_a_ticket() {
+fn a_reconnect_resumes_the_tls_session_with_a_ticket(engine: &str) {
     let node = "user1";
-    let server = ServerBuilder::new().user(node).start();
+    let server = on_engine(engine, &[]).user(node).start();
     // One client configuration, so one session cache, for both connections.
     let config = tls_config(true);
     let mut first = Raw::connect_with(server.tls, Some(config.clone()), None);
@@ -373,3 +470,41 @@ fn a_reconnect_resumes_the_tls_session_with_a_ticket() {
         "the reconnect did a full handshake: no ticket was used"
     );
 }
+
+/// A server builder on I/O engine `engine` with extra `serve` flags.
+fn on_engine(engine: &str, args: &[&str]) -> ServerBuilder {
+    let mut builder = ServerBuilder::new().arg("--io-engine").arg(engine);
+    for a in args {
+        builder = builder.arg(a);
+    }
+    builder
+}
+
+/// Every case runs on both I/O engines, as `uring::case` and `tasks::case`.
+macro_rules! on_both_engines {
+    ($($case:ident),* $(,)?) => {
+        mod uring {
+            $(#[test]
+            fn $case() {
+                super::$case("uring");
+            })*
+        }
+        mod tasks {
+            $(#[test]
+            fn $case() {
+                super::$case("tasks");
+            })*
+        }
+    };
+}
+
+on_both_engines!(
+    tls_records_split_across_reads_and_a_burst_arrive_whole_and_in_order,
+    plaintext_split_across_reads_and_a_burst_arrive_whole_and_in_order,
+    tls_records_split_across_tiny_buffers_arrive_whole,
+    a_burst_larger_than_the_buffer_ring_waits_for_buffers,
+    a_stanza_written_a_byte_at_a_time_arrives,
+    a_handoff_carries_the_bytes_sent_right_after_auth,
+    a_reader_that_falls_behind_is_closed_with_resource_constraint,
+    a_reconnect_resumes_the_tls_session_with_a_ticket,
+);

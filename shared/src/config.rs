@@ -93,7 +93,17 @@ pub struct Config {
     /// transparent huge pages with `madvise`) or `reserved` (mimalloc maps its arenas from the
     /// host's reserved 2 MiB pages, falling back to small pages when there are none).
     pub huge_pages: String,
+    /// How connections are driven: `uring` (default: one io_uring per shard, connections as
+    /// slots with no task and no buffer while idle) or `tasks` (a glommio task per connection).
+    pub io_engine: String,
+    /// Provided receive buffers per shard of the `uring` engine (a power of two, 1 to 32768).
+    pub uring_recv_buffers: u32,
+    /// Bytes of each provided receive buffer of the `uring` engine (256 to 65536).
+    pub uring_recv_buffer_bytes: usize,
 }
+
+/// The values `io_engine` takes.
+pub const IO_ENGINES: [&str; 2] = ["uring", "tasks"];
 
 /// The values `huge_pages` takes.
 pub const HUGE_PAGES_MODES: [&str; 3] = ["off", "thp", "reserved"];
@@ -136,6 +146,9 @@ impl Default for Config {
             push_url: None,
             push_queue_max: limits::PUSH_QUEUE_NOTIFICATIONS_MAX_DEFAULT,
             huge_pages: "off".to_owned(),
+            io_engine: "uring".to_owned(),
+            uring_recv_buffers: limits::URING_RECV_BUFFERS_DEFAULT,
+            uring_recv_buffer_bytes: limits::URING_RECV_BUFFER_BYTES_DEFAULT,
         }
     }
 }
@@ -247,6 +260,30 @@ impl Config {
                 problem: format!("{:?} is not a huge page mode", self.huge_pages),
                 fix: "use `off` (the default), `thp` (transparent huge pages) or `reserved` \
                       (the host's reserved huge pages)",
+            });
+        }
+        if !IO_ENGINES.contains(&self.io_engine.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "io_engine",
+                problem: format!("{:?} is not an I/O engine", self.io_engine),
+                fix: "use `uring` (the default) or `tasks` (a task per connection)",
+            });
+        }
+        if !self.uring_recv_buffers.is_power_of_two() || self.uring_recv_buffers > 32_768 {
+            return Err(ConfigError::Invalid {
+                key: "uring_recv_buffers",
+                problem: format!(
+                    "{} is not a power of two up to 32768",
+                    self.uring_recv_buffers
+                ),
+                fix: "use a power of two such as 256 (the default) or 1024",
+            });
+        }
+        if !(256..=65_536).contains(&self.uring_recv_buffer_bytes) {
+            return Err(ConfigError::Invalid {
+                key: "uring_recv_buffer_bytes",
+                problem: format!("{} is out of range", self.uring_recv_buffer_bytes),
+                fix: "use a value from 256 to 65536 (default 4096)",
             });
         }
         if self.offline_messages_max == 0 || self.offline_bytes_max < self.stanza_bytes_max {

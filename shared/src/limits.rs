@@ -171,3 +171,32 @@ pub const HUGE_PAGES_RESERVED_PAGES_MAX: usize = 512;
 
 /// Size of one reserved (hugetlb) page the gateway maps, in bytes.
 pub const HUGE_PAGE_BYTES: usize = 2 << 20;
+
+/// Provided receive buffers per shard for the io_uring engine (a power of two, at most 32768):
+/// connections share them; an idle connection holds none. Config key `uring_recv_buffers`.
+pub const URING_RECV_BUFFERS_DEFAULT: u32 = 256;
+
+/// Bytes of each provided receive buffer of the io_uring engine. Config key
+/// `uring_recv_buffer_bytes`.
+pub const URING_RECV_BUFFER_BYTES_DEFAULT: usize = 4 * 1024;
+
+/// Submission queue entries of each shard's io_uring (the completion queue has
+/// `URING_CQ_PER_SQ_ENTRIES` times as many; the kernel keeps overflow beyond that).
+pub const URING_SQ_ENTRIES: u32 = 1024;
+
+/// Completion queue entries per submission queue entry of the io_uring engine's ring.
+pub const URING_CQ_PER_SQ_ENTRIES: u32 = 8;
+
+/// Bytes a connection may have waiting behind its in-flight send before the io_uring engine
+/// stops reading from it (a peer that writes but does not read cannot grow this without bound).
+pub const URING_SEND_BACKLOG_BYTES_MAX: usize = 256 * 1024;
+
+/// Connection slots the io_uring engine reserves address space for at start (at most; fewer
+/// when `max_sessions_per_shard` is lower). Untouched, they cost no memory; past it the slab
+/// grows.
+pub const URING_SLOTS_RESERVED_MAX: usize = 1 << 20;
+
+/// Completions the io_uring engine handles per turn before it serves the send queues that woke
+/// and lets the shard's other tasks run (64 x 4 KiB of input: a fast sender cannot fill its
+/// recipients' send queues before their writers run, as with the task engine's 256 KiB).
+pub const URING_COMPLETIONS_PER_TURN: usize = 64;

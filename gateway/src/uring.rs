@@ -1,0 +1,1109 @@
+//! The io_uring engine (`io_engine = "uring"`): one ring per shard, driven by one glommio task of
+//! the shard, and every connection a slot in a per-shard slab. An idle connection holds no task,
+//! no future, no read buffer and no send buffer: reads land in a ring of provided buffers shared
+//! by the shard (multishot recv), sends go from a buffer that lives only while a send is in
+//! flight, and one timer heap per shard serves every connection's deadlines.
+//!
+//! The driver sleeps on an eventfd registered with the ring, read through glommio's own ring, so
+//! the shard's other tasks (mesh pumps, commits, the admin port) run beside it as before.
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::task::{RawWaker, RawWakerVTable, Waker};
+use std::time::{Duration, Instant};
+
+use io_uring::types::{BufRingEntry, Fd};
+use io_uring::{cqueue, opcode, IoUring};
+use shared::limits::{
+    CLOSE_WRITE_GRACE_MILLISECONDS, URING_COMPLETIONS_PER_TURN, URING_CQ_PER_SQ_ENTRIES,
+    URING_SEND_BACKLOG_BYTES_MAX, URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
+};
+use shared::shard::home_shard;
+
+use crate::c2s::Step;
+use crate::conn::{Handoff, Listener, Session};
+use crate::shard::{Outgoing, Shard};
+use crate::sys;
+
+/// The buffer group id of the shard's provided receive buffers.
+const BUFFER_GROUP: u16 = 0;
+
+/// Operation kinds in the top byte of an io_uring `user_data`.
+const OP_RECV: u64 = 1;
+const OP_SEND: u64 = 2;
+const OP_CANCEL: u64 = 3;
+const OP_ACCEPT: u64 = 4;
+
+/// Generations are kept to 24 bits in `user_data` (kind 8 | generation 24 | slot 32).
+const GENERATION_MASK: u32 = 0x00FF_FFFF;
+
+/// Back-off after a failed accept (EMFILE and friends).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+fn user_data(op: u64, slot: u32, generation: u32) -> u64 {
+    (op << 56) | (u64::from(generation & GENERATION_MASK) << 32) | u64::from(slot)
+}
+
+fn decode(data: u64) -> (u64, u32, u32) {
+    (
+        data >> 56,
+        ((data >> 32) as u32) & GENERATION_MASK,
+        data as u32,
+    )
+}
+
+/// Sizes of the engine, from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct UringSizes {
+    pub recv_buffers: u32,
+    pub recv_buffer_bytes: usize,
+}
+
+// The ready list: slots whose send queue has work, pushed by their outbox's waker. Each shard is
+// one thread with one driver, so a thread-local list needs no lock; the wakers are never sent to
+// another thread (outboxes live in the shard's `Rc`s).
+thread_local! {
+    static READY: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    static DRIVER_WAKER: Cell<Option<Waker>> = const { Cell::new(None) };
+}
+
+static SLOT_WAKER_VTABLE: RawWakerVTable = RawWakerVTable::new(
+    slot_waker_clone,
+    slot_waker_wake,
+    slot_waker_wake,
+    slot_waker_drop,
+);
+
+fn slot_waker_clone(data: *const ()) -> RawWaker {
+    RawWaker::new(data, &SLOT_WAKER_VTABLE)
+}
+
+fn slot_waker_wake(data: *const ()) {
+    READY.with(|r| r.borrow_mut().push(data as usize as u32));
+    DRIVER_WAKER.with(|w| {
+        if let Some(w) = w.take() {
+            w.wake();
+        }
+    });
+}
+
+fn slot_waker_drop(_: *const ()) {}
+
+/// A waker that puts slot `index` on the shard's ready list: no allocation, no reference count.
+fn slot_waker(index: u32) -> Waker {
+    // SAFETY: the vtable's functions treat the data pointer as a plain integer (the slot index)
+    // and never dereference it; they touch only thread-local state of the shard thread.
+    unsafe {
+        Waker::from_raw(RawWaker::new(
+            index as usize as *const (),
+            &SLOT_WAKER_VTABLE,
+        ))
+    }
+}
+
+/// The shard's provided receive buffers: one allocation cut into `count` buffers, and the ring
+/// through which they are given to the kernel (`IORING_REGISTER_PBUF_RING`).
+struct BufRing {
+    /// The ring of `count` entries, page aligned (mmap'd).
+    ring: *mut BufRingEntry,
+    ring_bytes: usize,
+    count: u16,
+    /// Our tail (published to the kernel by `publish`).
+    tail: u16,
+    buffers: Vec<u8>,
+    size: usize,
+    /// Buffers the kernel filled that are not yet given back.
+    out: usize,
+}
+
+impl BufRing {
+    fn new(ring: &IoUring, count: u32, size: usize) -> std::io::Result<BufRing> {
+        let count = u16::try_from(count)
+            .ok()
+            .filter(|c| c.is_power_of_two() && *c <= 32768)
+            .ok_or_else(|| std::io::Error::other("uring_recv_buffers must be a power of two"))?;
+        let ring_bytes = usize::from(count) * std::mem::size_of::<BufRingEntry>();
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ring_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // Touched now: the buffers are a fixed cost of the shard, not of the first sessions.
+        let buffers = vec![1u8; usize::from(count) * size];
+        let mut this = BufRing {
+            ring: p.cast(),
+            ring_bytes,
+            count,
+            tail: 0,
+            buffers,
+            size,
+            out: 0,
+        };
+        // SAFETY: the mapping is `count` entries, page aligned, and lives until `drop`, after the
+        // ring (the driver drops its ring first).
+        unsafe {
+            ring.submitter()
+                .register_buf_ring_with_flags(p as u64, count, BUFFER_GROUP, 0)?;
+        }
+        for bid in 0..count {
+            this.push(bid);
+        }
+        this.out = 0;
+        this.publish();
+        Ok(this)
+    }
+
+    /// Queues buffer `bid` for the kernel again (visible after `publish`).
+    fn push(&mut self, bid: u16) {
+        let index = usize::from(self.tail & (self.count - 1));
+        // SAFETY: `index` < `count`, inside the mapping; the kernel reads only entries between its
+        // head and our published tail, and this one lies at or past the tail.
+        let entry = unsafe { &mut *self.ring.add(index) };
+        let addr = self.buffers[usize::from(bid) * self.size..].as_ptr();
+        entry.set_addr(addr as u64);
+        entry.set_len(self.size as u32);
+        entry.set_bid(bid);
+        self.tail = self.tail.wrapping_add(1);
+        self.out = self.out.saturating_sub(1);
+    }
+
+    fn publish(&self) {
+        // SAFETY: the tail field of the ring's first entry, inside the mapping; the kernel reads
+        // it concurrently, so it is written atomically with release ordering.
+        unsafe {
+            let tail = BufRingEntry::tail(self.ring) as *mut u16;
+            AtomicU16::from_ptr(tail).store(self.tail, Ordering::Release);
+        }
+    }
+
+    fn get(&self, bid: u16, len: usize) -> &[u8] {
+        let start = usize::from(bid) * self.size;
+        &self.buffers[start..start + len.min(self.size)]
+    }
+}
+
+impl Drop for BufRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`; the ring that used it is gone (dropped first).
+        unsafe { libc::munmap(self.ring.cast(), self.ring_bytes) };
+    }
+}
+
+/// One connection of the shard.
+struct Slot {
+    fd: RawFd,
+    session: Session,
+    /// Wire bytes the kernel is sending, and how many of them went out.
+    sending: Vec<u8>,
+    sent: usize,
+    /// Wire bytes produced while a send is in flight.
+    queued: Vec<u8>,
+    recv_armed: bool,
+    recv_cancelled: bool,
+    send_in_flight: bool,
+    /// Reading paused: too much waits to be sent.
+    write_blocked: bool,
+    closing: bool,
+    grace_armed: bool,
+    /// The machine deadline already in the timer heap.
+    deadline: Option<Instant>,
+    /// Waiting to move to its home shard: (home, bytes read meanwhile).
+    handoff: Option<Box<(usize, Vec<u8>)>>,
+}
+
+struct Entry {
+    generation: u32,
+    slot: Option<Box<Slot>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum TimerKind {
+    /// The machine's deadline (login timeout).
+    Deadline,
+    /// A closing connection's last write gets `CLOSE_WRITE_GRACE_MILLISECONDS`.
+    Grace,
+}
+
+/// Input of one connection, in order: data in a provided buffer, or the end of the stream.
+#[derive(Clone, Copy)]
+enum Input {
+    Data { bid: u16, len: u32 },
+    End,
+}
+
+struct ListenerState {
+    fd: RawFd,
+    kind: Listener,
+    armed: bool,
+    cancel_sent: bool,
+    retry_at: Option<Instant>,
+}
+
+type RingWait = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
+
+/// Why the driver woke.
+enum Wake {
+    Ring,
+    Other,
+    Handoff(Box<Handoff>),
+}
+
+/// The io_uring engine of one shard. Field order matters: the ring drops before the buffers
+/// and listeners it refers to.
+pub struct Driver {
+    ring: IoUring,
+    bufs: BufRing,
+    shard: Rc<Shard>,
+    entries: Vec<Entry>,
+    free: Vec<u32>,
+    timers: BinaryHeap<Reverse<(Instant, u32, u32, TimerKind)>>,
+    /// Input waiting while the mesh is blocked (each holds a provided buffer: bounded by them).
+    held: VecDeque<(u32, u32, Input)>,
+    /// Connections whose multishot recv ended for want of buffers, to re-arm as they return.
+    starved: VecDeque<(u32, u32)>,
+    listeners: Vec<ListenerState>,
+    /// Keeps the listening sockets open.
+    _listener_sockets: Vec<std::net::TcpListener>,
+    drained: Vec<Outgoing>,
+    cqes: Vec<(u64, i32, u32)>,
+    eventfd: Rc<glommio::io::BufferedFile>,
+}
+
+impl Driver {
+    /// Sets up the shard's ring, its provided buffers and its eventfd; fails (for a fallback to
+    /// the task engine) when the kernel lacks what the engine needs.
+    pub fn new(
+        shard: Rc<Shard>,
+        listeners: Vec<(std::net::TcpListener, Listener)>,
+        sizes: UringSizes,
+        slots_reserved: usize,
+    ) -> std::io::Result<Driver> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_cqsize(URING_SQ_ENTRIES * URING_CQ_PER_SQ_ENTRIES)
+            .build(URING_SQ_ENTRIES)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        for (code, name) in [
+            (opcode::RecvMulti::CODE, "recv"),
+            (opcode::Send::CODE, "send"),
+            (opcode::Accept::CODE, "accept"),
+            (opcode::AsyncCancel::CODE, "async cancel"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(std::io::Error::other(format!(
+                    "the kernel's io_uring lacks {name}"
+                )));
+            }
+        }
+        let bufs = BufRing::new(&ring, sizes.recv_buffers, sizes.recv_buffer_bytes)?;
+        // SAFETY: eventfd takes plain integers and returns a new descriptor or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a fresh descriptor owned by nothing else; glommio's file takes it over.
+        let eventfd = unsafe { glommio::io::BufferedFile::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(efd)?;
+        let mut listener_states = Vec::new();
+        let mut sockets = Vec::new();
+        for (l, kind) in listeners {
+            listener_states.push(ListenerState {
+                fd: l.as_raw_fd(),
+                kind,
+                armed: false,
+                cancel_sent: false,
+                retry_at: None,
+            });
+            sockets.push(l);
+        }
+        Ok(Driver {
+            ring,
+            bufs,
+            shard,
+            entries: Vec::with_capacity(slots_reserved.min(URING_SLOTS_RESERVED_MAX)),
+            free: Vec::new(),
+            timers: BinaryHeap::new(),
+            held: VecDeque::new(),
+            starved: VecDeque::new(),
+            listeners: listener_states,
+            _listener_sockets: sockets,
+            drained: Vec::new(),
+            cqes: Vec::with_capacity(URING_COMPLETIONS_PER_TURN),
+            eventfd: Rc::new(eventfd),
+        })
+    }
+
+    /// Bytes of one connection slot (with its session) when idle, for memory breakdowns.
+    pub fn slot_bytes() -> usize {
+        std::mem::size_of::<Slot>() + std::mem::size_of::<Entry>()
+    }
+
+    /// Runs the shard's connections until the shard stops and they are all closed.
+    pub async fn run(mut self, handoffs: flume::Receiver<Handoff>) {
+        tracing::debug!(
+            shard = self.shard.id,
+            slot_bytes = Self::slot_bytes(),
+            "io_uring engine running"
+        );
+        let mut ring_wait = self.ring_wait();
+        // Unbounded by design: the shard's connection event loop; it ends when the shard stops.
+        loop {
+            let mut worked = self.reap();
+            worked |= self.run_ready();
+            worked |= self.run_timers(Instant::now());
+            worked |= self.feed_held();
+            for _ in 0..URING_COMPLETIONS_PER_TURN {
+                match handoffs.try_recv() {
+                    Ok(h) => {
+                        self.adopt(h);
+                        worked = true;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.rearm_starved();
+            self.manage_accepts();
+            self.bufs.publish();
+            self.submit();
+            if self.shard.stopping.is_open() && self.shard.open_connections.get() == 0 {
+                return;
+            }
+            if worked {
+                futures_lite::future::yield_now().await;
+                continue;
+            }
+            let wake = self.wait(&mut ring_wait, &handoffs).await;
+            match wake {
+                Wake::Ring => ring_wait = self.ring_wait(),
+                Wake::Other => {}
+                Wake::Handoff(h) => self.adopt(*h),
+            }
+        }
+    }
+
+    /// A read of the eventfd the ring signals on every completion, through glommio's ring.
+    fn ring_wait(&self) -> RingWait {
+        let efd = self.eventfd.clone();
+        Box::pin(async move {
+            if let Err(e) = efd.read_at(0, 8).await {
+                // Never seen; without the eventfd the driver looks at its ring every millisecond.
+                tracing::warn!(error = %e, "reading the io_uring eventfd failed");
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    }
+
+    /// Sleeps until a completion, a ready slot, a timer, a handoff, the mesh clearing for held
+    /// input, or the shard stopping.
+    async fn wait(&self, ring_wait: &mut RingWait, handoffs: &flume::Receiver<Handoff>) -> Wake {
+        let next_timer = self.timers.peek().map(|Reverse((at, ..))| *at);
+        let next_accept = self.listeners.iter().filter_map(|l| l.retry_at).min();
+        let at = match (next_timer, next_accept) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let shard = &self.shard;
+        let held = !self.held.is_empty();
+        let stopping_seen = shard.stopping.is_open();
+        let ring = async {
+            ring_wait.as_mut().await;
+            Wake::Ring
+        };
+        let ready = std::future::poll_fn(|cx| {
+            if READY.with(|r| !r.borrow().is_empty()) {
+                return std::task::Poll::Ready(Wake::Other);
+            }
+            DRIVER_WAKER.with(|w| w.set(Some(cx.waker().clone())));
+            std::task::Poll::Pending
+        });
+        let timer = async {
+            match at {
+                Some(at) => {
+                    glommio::timer::sleep(at.saturating_duration_since(Instant::now())).await;
+                    Wake::Other
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let flags = async {
+            if stopping_seen {
+                if held {
+                    shard.mesh_unblocked.wait().await;
+                    return Wake::Other;
+                }
+                return std::future::pending().await;
+            }
+            let unblocked = async {
+                if held {
+                    shard.mesh_unblocked.wait().await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
+            futures_lite::future::or(unblocked, shard.stopping.wait()).await;
+            Wake::Other
+        };
+        let handoff = async {
+            match handoffs.recv_async().await {
+                Ok(h) => Wake::Handoff(Box::new(h)),
+                Err(_) => std::future::pending().await,
+            }
+        };
+        use futures_lite::future::or;
+        or(ring, or(ready, or(timer, or(flags, handoff)))).await
+    }
+
+    /// Pushes an entry, submitting first when the submission queue is full.
+    fn push(&mut self, entry: io_uring::squeue::Entry) {
+        // SAFETY (for every entry pushed): the buffers an entry points to (send buffers in a slot,
+        // provided buffers) stay alive and unmoved until its completion is reaped: a slot is
+        // freed only when no operation of it is in flight, and the ring drops before the buffers.
+        loop {
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(error = %e, "io_uring submit failed");
+            }
+        }
+    }
+
+    fn submit(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(e) = self.ring.submit() {
+            tracing::warn!(error = %e, "io_uring submit failed");
+        }
+    }
+
+    /// Handles the completions that are there (at most a turn's worth). True when any were.
+    fn reap(&mut self) -> bool {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(
+            self.ring
+                .completion()
+                .take(URING_COMPLETIONS_PER_TURN)
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        let any = !cqes.is_empty();
+        for (data, result, flags) in cqes.drain(..) {
+            let (op, generation, slot) = decode(data);
+            match op {
+                OP_RECV => self.on_recv(slot, generation, result, flags),
+                OP_SEND => self.on_send(slot, generation, result),
+                OP_ACCEPT => self.on_accept(slot as usize, result, flags),
+                _ => {}
+            }
+        }
+        self.cqes = cqes;
+        any
+    }
+
+    fn slot(&mut self, index: u32, generation: u32) -> Option<&mut Slot> {
+        let e = self.entries.get_mut(index as usize)?;
+        if e.generation & GENERATION_MASK != generation {
+            return None;
+        }
+        e.slot.as_deref_mut()
+    }
+
+    fn generation(&self, index: u32) -> u32 {
+        self.entries[index as usize].generation & GENERATION_MASK
+    }
+
+    fn on_recv(&mut self, index: u32, generation: u32, result: i32, flags: u32) {
+        let bid = cqueue::buffer_select(flags);
+        if bid.is_some() {
+            self.bufs.out += 1;
+        }
+        let more = cqueue::more(flags);
+        let Some(slot) = self.slot(index, generation) else {
+            if let Some(bid) = bid {
+                self.bufs.push(bid);
+            }
+            return;
+        };
+        let mut rearm = false;
+        if !more {
+            slot.recv_armed = false;
+            rearm = result > 0 || result == -libc::ECANCELED && !slot.recv_cancelled;
+            slot.recv_cancelled = false;
+        }
+        let input = match (result, bid) {
+            (n, Some(bid)) if n > 0 => Some(Input::Data { bid, len: n as u32 }),
+            (n, bid) => {
+                if let Some(bid) = bid {
+                    self.bufs.push(bid);
+                }
+                if n == -libc::ENOBUFS {
+                    self.starved.push_back((index, generation));
+                    None
+                } else if n == -libc::ECANCELED || more {
+                    None
+                } else {
+                    // 0: the peer closed; another error: the connection is broken.
+                    rearm = false;
+                    Some(Input::End)
+                }
+            }
+        };
+        if let Some(input) = input {
+            if self.held.is_empty() && self.shard.mesh_unblocked.is_open() {
+                self.input(index, generation, input);
+            } else {
+                self.held.push_back((index, generation, input));
+            }
+        }
+        if rearm {
+            self.arm_recv(index, generation);
+        }
+        self.progress(index, generation);
+    }
+
+    /// Feeds input held while the mesh was blocked, in order. True when any was fed.
+    fn feed_held(&mut self) -> bool {
+        let mut any = false;
+        while self.shard.mesh_unblocked.is_open() {
+            let Some((index, generation, input)) = self.held.pop_front() else {
+                break;
+            };
+            self.input(index, generation, input);
+            self.progress(index, generation);
+            any = true;
+        }
+        any
+    }
+
+    fn input(&mut self, index: u32, generation: u32, input: Input) {
+        let shard = self.shard.clone();
+        let Some(e) = self.entries.get_mut(index as usize) else {
+            return;
+        };
+        let slot = match e.slot.as_deref_mut() {
+            Some(s) if e.generation & GENERATION_MASK == generation => s,
+            _ => {
+                if let Input::Data { bid, .. } = input {
+                    self.bufs.push(bid);
+                }
+                return;
+            }
+        };
+        let (bid, len) = match input {
+            Input::Data { bid, len } => (bid, len as usize),
+            Input::End => {
+                if slot.handoff.is_none() {
+                    self.begin_close(index);
+                }
+                return;
+            }
+        };
+        if slot.closing {
+            self.bufs.push(bid);
+            return;
+        }
+        let data = self.bufs.get(bid, len);
+        if let Some(h) = slot.handoff.as_mut() {
+            h.1.extend_from_slice(data);
+            self.bufs.push(bid);
+            return;
+        }
+        shard.stats.borrow_mut().bytes_in(len);
+        let (step, rest) = slot.session.handle_input(&shard, data);
+        self.bufs.push(bid);
+        self.after_step(index, step, rest);
+    }
+
+    /// Writes what the machine produced and carries out its step.
+    fn after_step(&mut self, index: u32, step: Step, unread: Vec<u8>) {
+        let shard = self.shard.clone();
+        let Some(slot) = self.entries[index as usize].slot.as_deref_mut() else {
+            return;
+        };
+        slot.session.report_phase(&shard);
+        if !self.flush(index) {
+            self.begin_close(index);
+            return;
+        }
+        let slot = self.entries[index as usize]
+            .slot
+            .as_deref_mut()
+            .expect("flush keeps the slot");
+        match step {
+            Step::Continue => {}
+            Step::Close => {
+                if let Some(tls) = slot.session.tls.as_mut() {
+                    if tls.close_notify().is_ok() {
+                        self.flush(index);
+                    }
+                }
+                self.begin_close(index);
+            }
+            Step::StartTls => {
+                if !slot.session.start_tls(&shard) {
+                    self.begin_close(index);
+                }
+            }
+            Step::Authenticated { node } => {
+                shard.stats.borrow_mut().auth_succeeded();
+                let home = home_shard(&format!("{node}@{}", shard.domain), shard.shards);
+                if home == shard.id {
+                    // Already home: go on with whatever the client sent after authenticating.
+                    let (step, rest) = slot.session.handle_input(&shard, &unread);
+                    return self.after_step(index, step, rest);
+                }
+                slot.handoff = Some(Box::new((home, unread)));
+                if slot.recv_armed && !slot.recv_cancelled {
+                    slot.recv_cancelled = true;
+                    let generation = self.generation(index);
+                    self.cancel(user_data(OP_RECV, index, generation));
+                }
+            }
+        }
+    }
+
+    /// Moves the session's pending output to the wire: it starts a send, or waits behind the
+    /// one in flight. False on a TLS failure (what was queued before it still goes out).
+    fn flush(&mut self, index: u32) -> bool {
+        let generation = self.generation(index);
+        let Some(slot) = self.entries[index as usize].slot.as_deref_mut() else {
+            return false;
+        };
+        let (wire, result) = slot.session.take_wire();
+        if !wire.is_empty() {
+            if slot.send_in_flight {
+                slot.queued.extend_from_slice(&wire);
+                if slot.queued.len() >= URING_SEND_BACKLOG_BYTES_MAX
+                    && !slot.write_blocked
+                    && slot.handoff.is_none()
+                {
+                    // The peer does not read what it asks for: stop reading from it.
+                    slot.write_blocked = true;
+                    if slot.recv_armed && !slot.recv_cancelled {
+                        slot.recv_cancelled = true;
+                        self.cancel(user_data(OP_RECV, index, generation));
+                    }
+                }
+            } else {
+                slot.sending = wire;
+                slot.sent = 0;
+                self.start_send(index);
+            }
+        }
+        result.is_ok()
+    }
+
+    fn start_send(&mut self, index: u32) {
+        let generation = self.generation(index);
+        let Some(slot) = self.entries[index as usize].slot.as_deref_mut() else {
+            return;
+        };
+        let rest = &slot.sending[slot.sent..];
+        let entry = opcode::Send::new(Fd(slot.fd), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(user_data(OP_SEND, index, generation));
+        slot.send_in_flight = true;
+        self.push(entry);
+    }
+
+    fn on_send(&mut self, index: u32, generation: u32, result: i32) {
+        let shard = self.shard.clone();
+        let Some(slot) = self.slot(index, generation) else {
+            return;
+        };
+        slot.send_in_flight = false;
+        if result < 0 {
+            // The peer is gone (or the close grace ran out): nothing more can be written.
+            slot.sending = Vec::new();
+            slot.queued = Vec::new();
+            self.begin_close(index);
+            self.progress(index, generation);
+            return;
+        }
+        shard.stats.borrow_mut().bytes_out(result as usize);
+        slot.sent += result as usize;
+        if slot.sent < slot.sending.len() {
+            self.start_send(index);
+            return;
+        }
+        slot.sent = 0;
+        slot.sending = std::mem::take(&mut slot.queued);
+        if !slot.sending.is_empty() {
+            self.start_send(index);
+            return;
+        }
+        if slot.write_blocked {
+            slot.write_blocked = false;
+            if !slot.recv_armed && !slot.closing && slot.handoff.is_none() {
+                self.arm_recv(index, generation);
+            }
+        }
+        self.progress(index, generation);
+    }
+
+    /// After an operation of slot `index` completed: finishes a close or a handoff that waited
+    /// for it, or lets the slot take more from its send queue.
+    fn progress(&mut self, index: u32, generation: u32) {
+        let Some(slot) = self.slot(index, generation) else {
+            return;
+        };
+        let idle_ops = !slot.recv_armed && !slot.send_in_flight;
+        if slot.closing {
+            if idle_ops {
+                self.finish_close(index);
+            }
+            return;
+        }
+        if slot.handoff.is_some() {
+            if idle_ops {
+                self.finish_handoff(index);
+            }
+            return;
+        }
+        self.park(index);
+    }
+
+    /// Registers the slot's waker with its send queue (a wake-up there puts it on the ready list)
+    /// and its deadline with the timer heap; a queue with work already goes on the list now.
+    fn park(&mut self, index: u32) {
+        let generation = self.generation(index);
+        let Some(slot) = self.entries[index as usize].slot.as_deref_mut() else {
+            return;
+        };
+        let outbox = &slot.session.outbox;
+        outbox.set_waker(slot_waker(index));
+        if !slot.send_in_flight && outbox.has_work(slot.session.bound) {
+            READY.with(|r| r.borrow_mut().push(index));
+        }
+        let deadline = slot.session.machine.deadline();
+        if deadline != slot.deadline {
+            slot.deadline = deadline;
+            if let Some(at) = deadline {
+                self.timers
+                    .push(Reverse((at, index, generation, TimerKind::Deadline)));
+            }
+        }
+    }
+
+    /// Serves the slots whose send queue woke them. True when any did.
+    fn run_ready(&mut self) -> bool {
+        let ready = READY.with(|r| std::mem::take(&mut *r.borrow_mut()));
+        let any = !ready.is_empty();
+        let shard = self.shard.clone();
+        for index in ready {
+            let generation = match self.entries.get(index as usize) {
+                Some(e) if e.slot.is_some() => e.generation & GENERATION_MASK,
+                _ => continue,
+            };
+            let slot = self.entries[index as usize]
+                .slot
+                .as_deref_mut()
+                .expect("checked above");
+            if slot.closing || slot.handoff.is_some() {
+                continue;
+            }
+            if slot.send_in_flight {
+                // The queue waits for the send; only an ordered close needs the clock now.
+                if slot.session.outbox.close_requested().is_some() && !slot.grace_armed {
+                    slot.grace_armed = true;
+                    let at = Instant::now() + Duration::from_millis(CLOSE_WRITE_GRACE_MILLISECONDS);
+                    self.timers
+                        .push(Reverse((at, index, generation, TimerKind::Grace)));
+                }
+                slot.session.outbox.set_waker(slot_waker(index));
+                continue;
+            }
+            let mut drained = std::mem::take(&mut self.drained);
+            let step = slot.session.handle_outbox(&shard, &mut drained);
+            self.drained = drained;
+            self.after_step(index, step, Vec::new());
+            self.progress(index, generation);
+        }
+        any
+    }
+
+    /// Fires the timers that are due. True when any did.
+    fn run_timers(&mut self, now: Instant) -> bool {
+        let mut any = false;
+        while let Some(Reverse((at, index, generation, kind))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(slot) = self.slot(index, generation) else {
+                continue;
+            };
+            any = true;
+            match kind {
+                TimerKind::Deadline => {
+                    if slot.closing || slot.handoff.is_some() {
+                        continue;
+                    }
+                    if slot.session.machine.deadline().is_none_or(|d| d > now) {
+                        continue;
+                    }
+                    slot.deadline = None;
+                    let step = slot.session.machine.handle_tick(&mut slot.session.out, now);
+                    self.after_step(index, step, Vec::new());
+                    self.progress(index, generation);
+                }
+                TimerKind::Grace => {
+                    if slot.send_in_flight {
+                        // The peer did not take its last bytes in time: give up on them.
+                        self.cancel(user_data(OP_SEND, index, generation));
+                    }
+                }
+            }
+        }
+        any
+    }
+
+    fn cancel(&mut self, target: u64) {
+        let entry = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(user_data(OP_CANCEL, 0, 0));
+        self.push(entry);
+    }
+
+    fn arm_recv(&mut self, index: u32, generation: u32) {
+        let Some(slot) = self.slot(index, generation) else {
+            return;
+        };
+        if slot.recv_armed || slot.closing || slot.write_blocked || slot.handoff.is_some() {
+            return;
+        }
+        slot.recv_armed = true;
+        let entry = opcode::RecvMulti::new(Fd(slot.fd), BUFFER_GROUP)
+            .build()
+            .user_data(user_data(OP_RECV, index, generation));
+        self.push(entry);
+    }
+
+    /// Re-arms the recvs that ran out of buffers, as many as buffers came back.
+    fn rearm_starved(&mut self) {
+        while !self.starved.is_empty() && self.bufs.out < usize::from(self.bufs.count) {
+            let Some((index, generation)) = self.starved.pop_front() else {
+                break;
+            };
+            self.arm_recv(index, generation);
+        }
+    }
+
+    fn begin_close(&mut self, index: u32) {
+        let generation = self.generation(index);
+        let Some(slot) = self.entries[index as usize].slot.as_deref_mut() else {
+            return;
+        };
+        if !slot.closing {
+            slot.closing = true;
+            slot.session.outbox.clear_waker();
+        }
+        if slot.recv_armed && !slot.recv_cancelled {
+            slot.recv_cancelled = true;
+            self.cancel(user_data(OP_RECV, index, generation));
+        }
+        let slot = self.entries[index as usize]
+            .slot
+            .as_deref_mut()
+            .expect("still there");
+        if slot.send_in_flight && !slot.grace_armed {
+            slot.grace_armed = true;
+            let at = Instant::now() + Duration::from_millis(CLOSE_WRITE_GRACE_MILLISECONDS);
+            self.timers
+                .push(Reverse((at, index, generation, TimerKind::Grace)));
+        }
+    }
+
+    fn release(&mut self, index: u32) -> Box<Slot> {
+        let e = &mut self.entries[index as usize];
+        e.generation = e.generation.wrapping_add(1);
+        self.free.push(index);
+        e.slot.take().expect("a slot in use")
+    }
+
+    /// No operation of the slot is in flight any more: close the socket and end the session.
+    fn finish_close(&mut self, index: u32) {
+        let mut slot = self.release(index);
+        // SAFETY: the slot owned `fd` and no operation uses it any more.
+        unsafe { libc::close(slot.fd) };
+        slot.session.cleanup(&self.shard);
+    }
+
+    /// No operation of the slot is in flight any more: send it to its home shard.
+    fn finish_handoff(&mut self, index: u32) {
+        let mut slot = self.release(index);
+        let (home, unread) = *slot.handoff.take().expect("handing off");
+        slot.session.outbox.clear_waker();
+        let socket = sys::socket_from_fd(slot.fd);
+        let handoff = slot.session.hand_off(&self.shard, socket, unread);
+        let tx = self.shard.handoff_to[home].clone();
+        match tx.try_send(handoff) {
+            Ok(()) => {}
+            Err(flume::TrySendError::Full(handoff)) => {
+                glommio::spawn_local(async move {
+                    if tx.send_async(handoff).await.is_err() {
+                        tracing::debug!(home, "handoff target stopped");
+                    }
+                })
+                .detach();
+            }
+            Err(flume::TrySendError::Disconnected(_)) => {
+                tracing::debug!(home, "handoff target stopped");
+            }
+        }
+    }
+
+    fn insert(&mut self, fd: RawFd, session: Session) -> u32 {
+        let slot = Box::new(Slot {
+            fd,
+            session,
+            sending: Vec::new(),
+            sent: 0,
+            queued: Vec::new(),
+            recv_armed: false,
+            recv_cancelled: false,
+            send_in_flight: false,
+            write_blocked: false,
+            closing: false,
+            grace_armed: false,
+            deadline: None,
+            handoff: None,
+        });
+        match self.free.pop() {
+            Some(index) => {
+                self.entries[index as usize].slot = Some(slot);
+                index
+            }
+            None => {
+                self.entries.push(Entry {
+                    generation: 0,
+                    slot: Some(slot),
+                });
+                (self.entries.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Starts a connection in a new slot: feeds what it brought (after a handoff), arms its recv.
+    fn start(&mut self, fd: RawFd, session: Session, unread: Vec<u8>) {
+        let index = self.insert(fd, session);
+        let generation = self.generation(index);
+        let shard = self.shard.clone();
+        let slot = self.entries[index as usize]
+            .slot
+            .as_deref_mut()
+            .expect("just inserted");
+        let (step, rest) = slot.session.handle_input(&shard, &unread);
+        self.after_step(index, step, rest);
+        self.arm_recv(index, generation);
+        self.progress(index, generation);
+    }
+
+    fn adopt(&mut self, h: Handoff) {
+        self.shard.stats.borrow_mut().handoffs_in += 1;
+        let fd = h.socket.into_raw_fd();
+        let session = Session::register(&self.shard, self.shard.next_conn_id(), h.tls, h.machine);
+        self.start(fd, session, h.unread);
+    }
+
+    fn on_accept(&mut self, listener: usize, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let Some(l) = self.listeners.get_mut(listener) else {
+            return;
+        };
+        if !more {
+            l.armed = false;
+            l.cancel_sent = false;
+        }
+        if result < 0 {
+            if result != -libc::ECANCELED {
+                tracing::warn!(
+                    shard = self.shard.id,
+                    error = %std::io::Error::from_raw_os_error(-result),
+                    "accept failed"
+                );
+                l.retry_at = Some(Instant::now() + ACCEPT_RETRY);
+            }
+            return;
+        }
+        let kind = l.kind;
+        let fd = result;
+        self.shard.stats.borrow_mut().accepted += 1;
+        match Session::accepted(&self.shard, kind) {
+            Some(session) => self.start(fd, session, Vec::new()),
+            // SAFETY: the descriptor the accept gave us, used by nothing else.
+            None => unsafe {
+                libc::close(fd);
+            },
+        }
+    }
+
+    /// Stops accepting (the kernel's listen queue holds the rest).
+    fn pause_accepts(&mut self) {
+        let targets: Vec<u64> = self
+            .listeners
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, l)| l.armed && !l.cancel_sent)
+            .map(|(i, l)| {
+                l.cancel_sent = true;
+                user_data(OP_ACCEPT, i as u32, 0)
+            })
+            .collect();
+        for t in targets {
+            self.cancel(t);
+        }
+    }
+
+    /// Arms the listeners' accepts while admission allows; waits while it does not (no free slot
+    /// or over the accept rate: the kernel's listen queue holds the rest; look again shortly),
+    /// and cancels them when stopping.
+    fn manage_accepts(&mut self) {
+        if self.shard.stopping.is_open() {
+            self.pause_accepts();
+            for l in &mut self.listeners {
+                l.retry_at = None;
+            }
+            return;
+        }
+        let now = Instant::now();
+        for i in 0..self.listeners.len() {
+            let l = &self.listeners[i];
+            if l.armed || l.retry_at.is_some_and(|at| at > now) {
+                continue;
+            }
+            match self.shard.admission_wait() {
+                Some(wait) => self.listeners[i].retry_at = Some(now + wait),
+                None => {
+                    let l = &mut self.listeners[i];
+                    l.retry_at = None;
+                    l.armed = true;
+                    // One accept at a time, so admission is checked before each connection
+                    // (a multishot accept would take connections the knobs do not allow).
+                    let entry =
+                        opcode::Accept::new(Fd(l.fd), std::ptr::null_mut(), std::ptr::null_mut())
+                            .flags(libc::SOCK_CLOEXEC)
+                            .build()
+                            .user_data(user_data(OP_ACCEPT, i as u32, 0));
+                    self.push(entry);
+                }
+            }
+        }
+    }
+}
