@@ -6,7 +6,8 @@
 //! and it has no smaller idle form (measured: an idle direct-TLS session cost ~4,000 B more than
 //! a plaintext one). Once the handshake is done, all a TLS 1.3 session needs is, per direction,
 //! its traffic secret (for KeyUpdate), the AEAD key and IV derived from it, and a sequence
-//! number: `Tls13Records` holds exactly that (~210 B). AEAD keys are held raw and expanded on the
+//! number: `Tls13Records` holds exactly that (208 B; with its two empty buffers the whole
+//! `TlsSession` is 256 B). AEAD keys are held raw and expanded on the
 //! stack once per call (ring's `LessSafeKey` is 544 B each, expanded AES schedule and GHASH
 //! table included); only the record framing is ours, the cryptography is ring's.
 //!

@@ -424,6 +424,9 @@ impl TlsSession {
 
     /// Moves a TLS 1.3 session from rustls to `Tls13Records`: rustls's keys and sequence
     /// numbers with the traffic secrets captured during the handshake. rustls's state is freed.
+    /// A client KeyUpdate in the very flight that completes the handshake would have moved
+    /// rustls past the captured secrets: the check in `Tls13Records::new` then fails and the
+    /// session closes with an error (never corrupts; clients update keys far later, if ever).
     fn take_over(&mut self) -> Result<(), TlsError> {
         let Layer::Rustls { conn, secrets, .. } = std::mem::replace(&mut self.layer, Layer::Failed)
         else {
