@@ -42,6 +42,9 @@ const OP_ACCEPT: u64 = 4;
 /// Generations are kept to 24 bits in `user_data` (kind 8 | generation 24 | slot 32).
 const GENERATION_MASK: u32 = 0x00FF_FFFF;
 
+/// Turns of the shard's other tasks the driver looks at its ring after, before it sleeps.
+const URING_IDLE_YIELDS: usize = 8;
+
 /// How often a shard at its session bound looks again for room.
 const ADMISSION_RETRY: Duration = Duration::from_millis(10);
 
@@ -417,6 +420,20 @@ impl Driver {
             }
             if worked {
                 futures_lite::future::yield_now().await;
+                continue;
+            }
+            // Before sleeping, look at the ring again after each of a few turns of the shard's
+            // other tasks: glommio learns of the eventfd only when it polls its own ring, which it
+            // may not do for a while when other tasks stay runnable (a busy mesh pump).
+            let mut arrived = false;
+            for _ in 0..URING_IDLE_YIELDS {
+                futures_lite::future::yield_now().await;
+                if !self.ring.completion().is_empty() || READY.with(|r| !r.borrow().is_empty()) {
+                    arrived = true;
+                    break;
+                }
+            }
+            if arrived {
                 continue;
             }
             let wake = self.wait(&mut ring_wait, &handoffs).await;
