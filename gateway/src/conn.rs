@@ -1,6 +1,8 @@
-//! The I/O driver of one client connection: reads the socket, runs rustls, feeds the sans-IO
-//! `c2s` machine and the router, and writes what they produce. Kept thin on purpose: the lean
-//! io_uring path of a later issue replaces it.
+//! A client connection: `Session` (TLS, the sans-IO `c2s` machine, the send queue and pending
+//! output, and how input, output, StartTLS, handoff and the end are handled) whatever drives its
+//! socket, and the `tasks` engine (`io_engine = "tasks"`): one glommio task per connection that
+//! reads the socket, runs rustls, feeds the machine and the router, and writes what they produce.
+//! The default `uring` engine (`uring.rs`) drives the same `Session`s from one io_uring per shard.
 
 use std::net::TcpStream as StdTcpStream;
 use std::rc::Rc;

@@ -208,6 +208,10 @@ pub struct Shard {
     mesh_blocked: RefCell<Vec<bool>>,
     /// Set while a mesh channel is full: connections stop reading until it clears.
     pub mesh_unblocked: Flag,
+    /// Set when a delivery left a session's send queue at least half full: the io_uring engine
+    /// feeds no more input this turn, so the recipient's writer runs before its queue overflows
+    /// (a recipient that does not read still fills it and is closed as a slow reader).
+    pub send_pressure: Cell<bool>,
     /// Set when the shard is stopping: accept loops end, connections close.
     pub stopping: Flag,
     /// A task is scheduled to commit the router's store batch at the end of this turn.
@@ -279,6 +283,7 @@ impl Shard {
             mesh_flush_scheduled: Cell::new(false),
             mesh_blocked: RefCell::new(vec![false; shards]),
             mesh_unblocked,
+            send_pressure: Cell::new(false),
             stopping: Flag::default(),
             stats: RefCell::new(ShardStats::new(id, shards, stats_enabled)),
             knobs: RefCell::new(knobs),
@@ -454,7 +459,12 @@ impl Shard {
         let outbox = self.conns.borrow().get(&conn).cloned();
         // Cloning `Bytes` bumps a reference count: fan-out shares one buffer.
         let queued = outbox.is_some_and(|o| match o.push(stanza.bytes.clone()) {
-            Ok(()) => true,
+            Ok(()) => {
+                if o.len() >= SESSION_SEND_QUEUE_STANZAS_MAX / 2 {
+                    self.send_pressure.set(true);
+                }
+                true
+            }
             Err(_) => {
                 // A reader this slow holds memory for everyone writing to it: close its stream.
                 o.close(SLOW_READER_STREAM_ERROR);
@@ -653,6 +663,8 @@ impl Shard {
             usize::try_from(knobs.offline_queue_bytes_max).unwrap_or(usize::MAX),
         );
         *self.knobs.borrow_mut() = knobs;
+        // The io_uring engine's accepts follow `max_sessions_per_shard` and the accept rate.
+        crate::uring::wake_driver();
     }
 
     /// Answers the admin port's requests (snapshots, knob changes) until every sender is gone.

@@ -200,3 +200,7 @@ pub const URING_SLOTS_RESERVED_MAX: usize = 1 << 20;
 /// and lets the shard's other tasks run (64 x 4 KiB of input: a fast sender cannot fill its
 /// recipients' send queues before their writers run, as with the task engine's 256 KiB).
 pub const URING_COMPLETIONS_PER_TURN: usize = 64;
+
+/// Accepts the io_uring engine keeps in flight per listener per shard (fewer near
+/// `max_sessions_per_shard`; one at a time under `accepts_per_second_per_shard`).
+pub const URING_ACCEPTS_IN_FLIGHT_MAX: usize = 32;

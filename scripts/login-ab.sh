@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Login storm cost of two values of one config key, alternated: for each round and value, a fresh
+# gateway, then `bench login` (SESSIONS users at once) with the server's pid; prints logins per
+# server CPU-second (established logins / server user+system CPU seconds) per run and the medians.
+#
+#   scripts/login-ab.sh [--key io_engine] [--values uring,tasks] [--rounds 3] [--sessions 5000]
+#                       [--tls direct|none|starttls] [--procs 2] [--out DIR]
+#
+# Each value is written as a TOML string (`KEY = "VALUE"`). Binaries: $GATEWAY_BIN and $BENCH
+# (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
+# `scripts/peers/gateway.sh setup` (64 SCRAM iterations) under $PEERS_ROOT (default /tmp/peers).
+# Loopback only; every run is bounded by bench's own login timeout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$(pwd)"
+PEERS="$ROOT/scripts/peers"
+
+KEY=io_engine
+VALUES=uring,tasks
+ROUNDS=3
+SESSIONS=5000
+TLS=direct
+PROCS=2
+OUT="/tmp/login-ab-$(date +%Y%m%d-%H%M%S)"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --key) KEY=$2; shift 2 ;;
+        --values) VALUES=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --sessions) SESSIONS=$2; shift 2 ;;
+        --tls) TLS=$2; shift 2 ;;
+        --procs) PROCS=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0" >&2; exit 2 ;;
+        *) echo "unknown argument $1" >&2; exit 2 ;;
+    esac
+done
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+BENCH="${BENCH:-$TARGET_DIR/release/bench}"
+export GATEWAY_BIN="${GATEWAY_BIN:-$TARGET_DIR/release/gateway}"
+export PEERS_ROOT="${PEERS_ROOT:-/tmp/peers}"
+export C2S_PORT="${C2S_PORT:-25222}" TLS_PORT="${TLS_PORT:-25223}" ADMIN_PORT="${ADMIN_PORT:-25280}"
+mkdir -p "$OUT"
+case "$TLS" in
+    direct) port=$TLS_PORT; tls_args=(--insecure) ;;
+    starttls) port=$C2S_PORT; tls_args=(--insecure) ;;
+    none) port=$C2S_PORT; tls_args=() ;;
+    *) echo "--tls takes direct, starttls or none" >&2; exit 2 ;;
+esac
+"$PEERS/gateway.sh" setup "$SESSIONS"
+IFS=, read -ra values <<< "$VALUES"
+for round in $(seq 1 "$ROUNDS"); do
+    for v in "${values[@]}"; do
+        printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
+        GATEWAY_CONFIG="$OUT/$v.toml" "$PEERS/gateway.sh" start
+        pid=$("$PEERS/gateway.sh" pid)
+        "$BENCH" login --target "127.0.0.1:$port" --tls "$TLS" "${tls_args[@]}" \
+            --sessions "$SESSIONS" --procs "$PROCS" --server-pid "$pid" \
+            --json "$OUT/$v-$round.json" > "$OUT/$v-$round.log" 2>&1 || true
+        "$PEERS/gateway.sh" stop
+    done
+done
+python3 - "$OUT" "$ROUNDS" "${values[@]}" <<'EOF'
+import json, statistics, sys
+out, rounds, values = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+for v in values:
+    rates = []
+    for r in range(1, rounds + 1):
+        try:
+            j = json.load(open(f"{out}/{v}-{r}.json"))
+        except (OSError, ValueError):
+            print(f"{v} round {r}: no report (see {out}/{v}-{r}.log)")
+            continue
+        s = j["server"]
+        cpu = s["cpu_user_seconds"] + s["cpu_system_seconds"]
+        est = j["counts"]["established"]
+        rates.append(est / cpu if cpu else 0.0)
+        print(f"{v} round {r}: {est} logins, {j['counts']['failed']} failed, "
+              f"server cpu {cpu:.2f} s, {rates[-1]:.0f} logins per server CPU-second, "
+              f"{j['rates']['sessions_per_second']:.0f} logins/s")
+    if rates:
+        print(f"{v}: median {statistics.median(rates):.0f} logins per server CPU-second")
+EOF
+echo "reports: $OUT" >&2
