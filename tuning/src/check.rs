@@ -17,11 +17,12 @@ use crate::topology::{self, ShardPin, Topology};
 /// at ~4.1 KiB per idle established socket (slabtop before/after opening 100k loopback sockets).
 pub const KERNEL_BYTES_PER_SESSION_DEFAULT: u64 = 4_200;
 
-/// Gateway heap per idle direct-TLS session (TLS keys, connection task, c2s machine, session
+/// Gateway heap per idle direct-TLS session (TLS keys, slab slot with the c2s machine, session
 /// state): server RSS growth divided by sessions, measured with `scripts/bench-idle.sh` at 19,000
-/// sessions on the 2-CPU dev box (8,945-9,231 B with rustls's unbuffered API), rounded up. Override
-/// with `--gateway-bytes-per-session` after measuring your build.
-pub const GATEWAY_BYTES_PER_SESSION_DEFAULT: u64 = 9_500;
+/// sessions on the 2-CPU dev box (1,200-1,274 B with the io_uring engine and lean TLS 1.3
+/// sessions; 2,997 B with `io_engine = "tasks"`), rounded up. Override with
+/// `--gateway-bytes-per-session` after measuring your build.
+pub const GATEWAY_BYTES_PER_SESSION_DEFAULT: u64 = 1_500;
 
 /// Descriptors beyond one per session: listeners, store files, io_uring rings, eventfds, logs.
 pub const FD_HEADROOM: u64 = 4_096;

@@ -12,7 +12,6 @@ const SYSCTL_EXPECTED: &str = "\
 net.core.somaxconn = 16384
 net.ipv4.tcp_max_syn_backlog = 16384
 net.core.netdev_max_backlog = 16384
-vm.max_map_count = 144958
 net.ipv4.tcp_rmem = 4096 16384 6291456
 net.netfilter.nf_conntrack_max = 1250000
 ";
@@ -65,7 +64,6 @@ fn writes_exact_files_then_finds_nothing_to_do() {
         ("net/core/somaxconn", "16384"),
         ("net/ipv4/tcp_max_syn_backlog", "16384"),
         ("net/core/netdev_max_backlog", "16384"),
-        ("vm/max_map_count", "144958"),
         ("net/ipv4/tcp_rmem", "4096\t16384\t6291456"),
         ("net/netfilter/nf_conntrack_max", "1250000"),
     ] {

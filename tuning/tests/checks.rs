@@ -59,7 +59,7 @@ fn status_of(report: &Report, name: &str) -> Status {
 fn memory_budget_arithmetic() {
     let t = Target::new(1_000_000);
     let needs = Needs::for_target(&t);
-    assert_eq!(needs.memory_bytes, 1_000_000 * (4_200 + 9_500));
+    assert_eq!(needs.memory_bytes, 1_000_000 * (4_200 + 1_500));
     assert_eq!(needs.tcp_mem_pages, 1_000_000);
     assert_eq!(needs.nofile, 1_000_000 + check::FD_HEADROOM);
     assert_eq!(
@@ -78,26 +78,26 @@ fn memory_budget_arithmetic() {
         ..t
     };
     let needs = Needs::for_target(&bench);
-    assert_eq!(needs.memory_bytes, 1_000_000 * (2 * 4_200 + 9_500));
+    assert_eq!(needs.memory_bytes, 1_000_000 * (2 * 4_200 + 1_500));
     assert_eq!(needs.tcp_mem_pages, 2_000_000);
     assert_eq!(Needs::source_addresses(1_000_000, 28_232), 36);
     assert_eq!(Needs::source_addresses(1_000_000, 64_512), 16);
     assert_eq!(Needs::source_addresses(10, 28_232), 1);
 
-    // 13.7 GB against 64 GiB: ok; against 16 GiB: above 75%, warn; against 12 GiB: blocks.
+    // 5.7 GB against 64 GiB: ok; against 7 GiB: above 75%, warn; against 5 GiB: blocks.
     let mut facts = tuned_facts();
     assert_eq!(status_of(&Report::new(&facts, &t), "memory"), Status::Ok);
-    facts.meminfo.as_mut().unwrap().mem_total_bytes = 16 * GIB;
+    facts.meminfo.as_mut().unwrap().mem_total_bytes = 7 * GIB;
     assert_eq!(status_of(&Report::new(&facts, &t), "memory"), Status::Warn);
-    facts.meminfo.as_mut().unwrap().mem_total_bytes = 12 * GIB;
+    facts.meminfo.as_mut().unwrap().mem_total_bytes = 5 * GIB;
     assert_eq!(
         status_of(&Report::new(&facts, &t), "memory"),
         Status::Blocks
     );
-    // Reserved huge pages come off the top: 64 GiB with 53 GiB of hugetlb blocks.
+    // Reserved huge pages come off the top: 64 GiB with 59 GiB of hugetlb blocks.
     let mem = facts.meminfo.as_mut().unwrap();
     mem.mem_total_bytes = 64 * GIB;
-    mem.hugepages_total = 53 * 512;
+    mem.hugepages_total = 59 * 512;
     assert_eq!(
         status_of(&Report::new(&facts, &t), "memory"),
         Status::Blocks
