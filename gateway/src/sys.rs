@@ -1,5 +1,7 @@
-//! The only `unsafe` in the product: raw file descriptors for handing a connection to another
-//! shard's executor.
+//! Operating-system calls outside the io_uring engine: raw file descriptors for handing a
+//! connection to another shard's executor (task engine), and the allocator's and kernel's memory
+//! controls. The product's other `unsafe` is in `uring.rs` (the ring, its buffer ring and the
+//! driver's waker), each block with its SAFETY comment.
 
 use std::net::TcpStream as StdTcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
