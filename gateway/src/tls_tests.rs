@@ -4,9 +4,8 @@
 use std::io::{Read, Write};
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
 use super::*;
 use crate::record::{RECORD_OVERHEAD_BYTES, RECORD_PLAINTEXT_BYTES_MAX};
@@ -24,8 +23,18 @@ struct Pair {
     chunk: usize,
 }
 
-/// Client suites: the server's preference, or one suite.
-fn client_config(suite: Option<rustls::SupportedCipherSuite>, tls12: bool) -> Arc<ClientConfig> {
+/// A client trusting the certificate the server generated in `dir`, with the server's preferred
+/// suite or only `suite`.
+fn client_config(
+    dir: &std::path::Path,
+    suite: Option<rustls::SupportedCipherSuite>,
+    tls12: bool,
+) -> Arc<ClientConfig> {
+    let pem = std::fs::read(dir.join("tls").join("cert.pem")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
     let mut provider = rustls::crypto::ring::default_provider();
     if let Some(suite) = suite {
         provider.cipher_suites = vec![suite];
@@ -36,11 +45,10 @@ fn client_config(suite: Option<rustls::SupportedCipherSuite>, tls12: bool) -> Ar
     } else {
         &[&rustls::version::TLS13]
     };
-    let config = ClientConfig::builder_with_provider(provider.clone())
+    let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_root_certificates(roots)
         .with_no_client_auth();
     Arc::new(config)
 }
@@ -162,8 +170,8 @@ const SIZES: [usize; 7] = [
 
 #[test]
 fn tls13_sessions_leave_rustls_after_the_handshake_and_carry_data_both_ways() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     assert!(
         pair.server.is_lean(),
         "a TLS 1.3 session must run on our record layer"
@@ -199,9 +207,9 @@ fn tls13_sessions_leave_rustls_after_the_handshake_and_carry_data_both_ways() {
 
 #[test]
 fn records_split_byte_by_byte_arrive_whole() {
-    let (_dir, server) = server();
+    let (dir, server) = server();
     // The handshake too goes one byte per call.
-    let mut pair = Pair::connect_split(&server, client_config(None, false), 1);
+    let mut pair = Pair::connect_split(&server, client_config(dir.path(), None, false), 1);
     assert!(pair.server.is_lean());
     round_trips(&mut pair, &[1, 300, RECORD_PLAINTEXT_BYTES_MAX + 1]);
     for chunk in [2, 5, 6, 7, 4096] {
@@ -212,13 +220,13 @@ fn records_split_byte_by_byte_arrive_whole() {
 
 #[test]
 fn every_tls13_suite_works_on_the_lean_layer() {
-    let (_dir, server) = server();
+    let (dir, server) = server();
     for suite in [
         rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
         rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
         rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ] {
-        let mut pair = Pair::connect(&server, client_config(Some(suite), false));
+        let mut pair = Pair::connect(&server, client_config(dir.path(), Some(suite), false));
         assert_eq!(pair.client.negotiated_cipher_suite(), Some(suite));
         assert!(pair.server.is_lean(), "{suite:?}");
         round_trips(&mut pair, &SIZES);
@@ -227,8 +235,8 @@ fn every_tls13_suite_works_on_the_lean_layer() {
 
 #[test]
 fn a_client_key_update_moves_both_directions_to_new_keys() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     for round in 0..3 {
         // rustls asks for the peer's update too (update_requested).
         pair.client.refresh_traffic_keys().unwrap();
@@ -244,8 +252,8 @@ fn a_client_key_update_moves_both_directions_to_new_keys() {
 
 #[test]
 fn the_server_updates_its_key_at_the_suites_limit() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     let Layer::Tls13(records) = &pair.server.layer else {
         panic!("not lean")
     };
@@ -267,13 +275,13 @@ fn the_server_updates_its_key_at_the_suites_limit() {
 
 #[test]
 fn close_notify_goes_both_ways() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     pair.client.send_close_notify();
     pair.deliver_to_server().unwrap();
     assert!(pair.server_saw_close, "client close_notify not seen");
 
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     pair.server.close_notify().unwrap();
     pair.deliver_to_client().unwrap();
     let mut buf = [0u8; 1];
@@ -286,8 +294,8 @@ fn close_notify_goes_both_ways() {
 
 #[test]
 fn a_tampered_record_is_bad_record_mac_and_closes_the_session() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     pair.client.writer().write_all(b"<message/>").unwrap();
     let mut wire = Vec::new();
     pair.client.write_tls(&mut wire).unwrap();
@@ -315,9 +323,9 @@ fn a_tampered_record_is_bad_record_mac_and_closes_the_session() {
 
 #[test]
 fn unprotected_records_after_the_handshake_are_unexpected() {
-    let (_dir, server) = server();
+    let (dir, server) = server();
     for record in [&[20u8, 3, 3, 0, 1, 1][..], &[22, 3, 3, 0, 4, 24, 0, 0, 0]] {
-        let mut pair = Pair::connect(&server, client_config(None, false));
+        let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
         let err = pair
             .server
             .receive(record, &mut |_: &[u8]| -> Option<()> { None })
@@ -337,8 +345,8 @@ fn unprotected_records_after_the_handshake_are_unexpected() {
 
 #[test]
 fn an_oversized_record_is_record_overflow() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     let len = (RECORD_PLAINTEXT_BYTES_MAX + 256 + 1) as u16;
     let [high, low] = len.to_be_bytes();
     let err = pair
@@ -356,8 +364,8 @@ fn an_oversized_record_is_record_overflow() {
 
 #[test]
 fn a_stopped_machine_leaves_the_rest_for_the_next_call() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, false));
     let mut wire = Vec::new();
     for i in 0..3u8 {
         pair.client.writer().write_all(&[b'a' + i; 10]).unwrap();
@@ -389,8 +397,8 @@ fn a_stopped_machine_leaves_the_rest_for_the_next_call() {
 
 #[test]
 fn tls12_sessions_stay_on_rustls_and_work() {
-    let (_dir, server) = server();
-    let mut pair = Pair::connect(&server, client_config(None, true));
+    let (dir, server) = server();
+    let mut pair = Pair::connect(&server, client_config(dir.path(), None, true));
     assert_eq!(
         pair.client.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
@@ -405,8 +413,8 @@ fn tls12_sessions_stay_on_rustls_and_work() {
 
 #[test]
 fn a_resumed_session_also_runs_lean() {
-    let (_dir, server) = server();
-    let client = client_config(None, false);
+    let (dir, server) = server();
+    let client = client_config(dir.path(), None, false);
     let mut first = Pair::connect(&server, client.clone());
     assert_eq!(
         first.client.handshake_kind(),
@@ -424,8 +432,8 @@ fn a_resumed_session_also_runs_lean() {
 
 #[test]
 fn an_idle_lean_session_is_small() {
-    let (_dir, server) = server();
-    let pair = Pair::connect(&server, client_config(None, false));
+    let (dir, server) = server();
+    let pair = Pair::connect(&server, client_config(dir.path(), None, false));
     assert!(pair.server.is_lean());
     assert_eq!(pair.server.incoming.capacity(), 0);
     assert_eq!(pair.server.outgoing.capacity(), 0);
@@ -434,52 +442,4 @@ fn an_idle_lean_session_is_small() {
     assert!(bytes <= 256, "TlsSession is {bytes} B");
     // One full record's overhead is what the framing adds.
     assert_eq!(RECORD_OVERHEAD_BYTES, 22);
-}
-
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
