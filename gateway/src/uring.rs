@@ -20,8 +20,8 @@ use io_uring::types::{self, BufRingEntry, Fd};
 use io_uring::{cqueue, opcode, IoUring};
 use shared::limits::{
     CLOSE_WRITE_GRACE_MILLISECONDS, URING_ACCEPTS_IN_FLIGHT_MAX, URING_COMPLETIONS_PER_TURN,
-    URING_CQ_PER_SQ_ENTRIES, URING_SEND_BACKLOG_BYTES_MAX, URING_SLOTS_RESERVED_MAX,
-    URING_SQ_ENTRIES,
+    URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX, URING_SEND_BACKLOG_BYTES_MAX,
+    URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
 };
 use shared::shard::home_shard;
 
@@ -140,8 +140,12 @@ impl BufRing {
     fn new(ring: &IoUring, count: u32, size: usize) -> std::io::Result<BufRing> {
         let count = u16::try_from(count)
             .ok()
-            .filter(|c| c.is_power_of_two() && *c <= 32768)
-            .ok_or_else(|| std::io::Error::other("uring_recv_buffers must be a power of two"))?;
+            .filter(|c| c.is_power_of_two() && u32::from(*c) <= URING_RECV_BUFFERS_MAX)
+            .ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "uring_recv_buffers must be a power of two up to {URING_RECV_BUFFERS_MAX}"
+                ))
+            })?;
         let ring_bytes = usize::from(count) * std::mem::size_of::<BufRingEntry>();
         // SAFETY: an anonymous private mapping at an address of the kernel's choosing.
         let p = unsafe {

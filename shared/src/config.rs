@@ -269,21 +269,31 @@ impl Config {
                 fix: "use `uring` (the default) or `tasks` (a task per connection)",
             });
         }
-        if !self.uring_recv_buffers.is_power_of_two() || self.uring_recv_buffers > 32_768 {
+        if !self.uring_recv_buffers.is_power_of_two()
+            || self.uring_recv_buffers > limits::URING_RECV_BUFFERS_MAX
+        {
             return Err(ConfigError::Invalid {
                 key: "uring_recv_buffers",
                 problem: format!(
-                    "{} is not a power of two up to 32768",
-                    self.uring_recv_buffers
+                    "{} is not a power of two up to {}",
+                    self.uring_recv_buffers,
+                    limits::URING_RECV_BUFFERS_MAX
                 ),
                 fix: "use a power of two such as 256 (the default) or 1024",
             });
         }
-        if !(256..=65_536).contains(&self.uring_recv_buffer_bytes) {
+        let buffer_bytes =
+            limits::URING_RECV_BUFFER_BYTES_MIN..=limits::URING_RECV_BUFFER_BYTES_MAX;
+        if !buffer_bytes.contains(&self.uring_recv_buffer_bytes) {
             return Err(ConfigError::Invalid {
                 key: "uring_recv_buffer_bytes",
-                problem: format!("{} is out of range", self.uring_recv_buffer_bytes),
-                fix: "use a value from 256 to 65536 (default 4096)",
+                problem: format!(
+                    "{} is outside {}..={}",
+                    self.uring_recv_buffer_bytes,
+                    buffer_bytes.start(),
+                    buffer_bytes.end()
+                ),
+                fix: "use a value in that range (default 4096)",
             });
         }
         if self.offline_messages_max == 0 || self.offline_bytes_max < self.stanza_bytes_max {
@@ -382,6 +392,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("c2s_addr"), "{err}");
+    }
+
+    #[test]
+    fn uring_buffer_limits_are_checked() {
+        for bad in [
+            "uring_recv_buffers = 300",
+            "uring_recv_buffers = 65536",
+            "uring_recv_buffer_bytes = 100",
+            "uring_recv_buffer_bytes = 1048576",
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            let key = bad.split(' ').next().unwrap();
+            assert!(err.contains(key), "{bad}: {err}");
+        }
+        Config::from_toml("uring_recv_buffers = 32768\nuring_recv_buffer_bytes = 65536").unwrap();
+        Config::from_toml("uring_recv_buffers = 4\nuring_recv_buffer_bytes = 256").unwrap();
     }
 
     #[test]

@@ -176,9 +176,17 @@ pub const HUGE_PAGE_BYTES: usize = 2 << 20;
 /// connections share them; an idle connection holds none. Config key `uring_recv_buffers`.
 pub const URING_RECV_BUFFERS_DEFAULT: u32 = 256;
 
+/// Most entries the kernel takes in one provided-buffer ring (`uring_recv_buffers` at most).
+pub const URING_RECV_BUFFERS_MAX: u32 = 32_768;
+
 /// Bytes of each provided receive buffer of the io_uring engine. Config key
 /// `uring_recv_buffer_bytes`.
 pub const URING_RECV_BUFFER_BYTES_DEFAULT: usize = 4 * 1024;
+
+/// Range of `uring_recv_buffer_bytes`: below, a stanza takes too many completions; above, idle
+/// shards hold large buffers for nothing.
+pub const URING_RECV_BUFFER_BYTES_MIN: usize = 256;
+pub const URING_RECV_BUFFER_BYTES_MAX: usize = 64 * 1024;
 
 /// Submission queue entries of each shard's io_uring (the completion queue has
 /// `URING_CQ_PER_SQ_ENTRIES` times as many; the kernel keeps overflow beyond that).
