@@ -307,6 +307,17 @@ impl Session {
         }
     }
 
+    /// Seals the pending plaintext and queues TLS close_notify right after it, so the last
+    /// bytes and the alert leave in one send (one segment on the wire instead of two).
+    pub fn seal_close_notify(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            if tls.send(&self.out).is_ok() {
+                self.out.clear();
+                let _ = tls.close_notify();
+            }
+        }
+    }
+
     /// Takes what is to be written to the wire: the machine's plaintext, through TLS when on.
     /// The error (a TLS failure) comes after any records queued before it (an alert), which
     /// still go out; the connection closes after them. An idle connection keeps no buffer.
@@ -471,19 +482,15 @@ impl Conn {
         unread: Vec<u8>,
     ) -> Option<End> {
         self.s.report_phase(&self.shard);
+        if matches!(step, Step::Close) {
+            self.s.seal_close_notify();
+        }
         if self.flush(stream).await.is_err() {
             return Some(End::Closed);
         }
         match step {
             Step::Continue => None,
-            Step::Close => {
-                if let Some(tls) = self.s.tls.as_mut() {
-                    if tls.close_notify().is_ok() {
-                        let _ = self.flush(stream).await;
-                    }
-                }
-                Some(End::Closed)
-            }
+            Step::Close => Some(End::Closed),
             Step::StartTls => match self.s.start_tls(&self.shard) {
                 true => None,
                 false => Some(End::Closed),

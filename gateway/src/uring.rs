@@ -707,6 +707,9 @@ impl Driver {
             return;
         };
         slot.session.report_phase(&shard);
+        if matches!(step, Step::Close) {
+            slot.session.seal_close_notify();
+        }
         if !self.flush(index) {
             self.begin_close(index);
             return;
@@ -717,14 +720,7 @@ impl Driver {
             .expect("flush keeps the slot");
         match step {
             Step::Continue => {}
-            Step::Close => {
-                if let Some(tls) = slot.session.tls.as_mut() {
-                    if tls.close_notify().is_ok() {
-                        self.flush(index);
-                    }
-                }
-                self.begin_close(index);
-            }
+            Step::Close => self.begin_close(index),
             Step::StartTls => {
                 if !slot.session.start_tls(&shard) {
                     self.begin_close(index);

@@ -29,6 +29,8 @@ struct Raw {
     text: String,
     pending: Vec<u8>,
     eof: bool,
+    /// The server's TLS close_notify arrived.
+    close_notify: bool,
 }
 
 impl Raw {
@@ -72,6 +74,7 @@ impl Raw {
             text: String::new(),
             pending: Vec::new(),
             eof: false,
+            close_notify: false,
         };
         c.flush_tls();
         c
@@ -143,6 +146,7 @@ impl Raw {
                         match tls.reader().read(&mut buf) {
                             Ok(0) => {
                                 self.eof = true;
+                                self.close_notify = true;
                                 break;
                             }
                             Ok(n) => self.pending.extend_from_slice(&buf[..n]),
@@ -471,6 +475,54 @@ fn a_reconnect_resumes_the_tls_session_with_a_ticket(engine: &str) {
     );
 }
 
+/// Segments with data that `tcp` has received so far (the kernel's count, `TCP_INFO`).
+fn data_segments_in(tcp: &TcpStream) -> u32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: zeroed is a valid tcp_info (plain integers).
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes and `len` holds the buffer's size.
+    let rc = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    info.tcpi_data_segs_in
+}
+
+/// When the client ends its stream, the server's `</stream:stream>` and its TLS close_notify
+/// leave in one send: one data segment, not one each (a login storm pays for every segment).
+fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
+    let node = "user1";
+    let server = on_engine(engine, &[]).user(node).start();
+    let mut c = Raw::connect(server.tls, true, None);
+    c.login(node);
+    c.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>");
+    c.expect("id='p1'");
+    // Whatever else the login brought (its own presence) is in by now: ping answers in order.
+    while c.read_some() && !c.text.is_empty() {
+        c.text.clear();
+    }
+    let before = data_segments_in(&c.tcp);
+    c.send("</stream:stream>");
+    c.expect("</stream:stream>");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while c.read_some() {
+        assert!(Instant::now() < deadline, "the server did not close");
+    }
+    assert!(c.close_notify, "the server closed without close_notify");
+    let segments = data_segments_in(&c.tcp) - before;
+    assert_eq!(
+        segments, 1,
+        "</stream:stream> and close_notify came in {segments} data segments"
+    );
+}
+
 /// A server builder on I/O engine `engine` with extra `serve` flags.
 fn on_engine(engine: &str, args: &[&str]) -> ServerBuilder {
     let mut builder = ServerBuilder::new().arg("--io-engine").arg(engine);
@@ -507,4 +559,5 @@ on_both_engines!(
     a_handoff_carries_the_bytes_sent_right_after_auth,
     a_reader_that_falls_behind_is_closed_with_resource_constraint,
     a_reconnect_resumes_the_tls_session_with_a_ticket,
+    the_last_bytes_and_close_notify_leave_in_one_segment,
 );
