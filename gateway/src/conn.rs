@@ -71,7 +71,10 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, kind: Listener
             Err(e) => {
                 // EMFILE and friends: say so and back off instead of spinning.
                 tracing::warn!(shard = shard.id, error = %e, "accept failed");
-                glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                glommio::timer::sleep(std::time::Duration::from_millis(
+                    shared::limits::ACCEPT_RETRY_MILLISECONDS,
+                ))
+                .await;
                 continue;
             }
         };

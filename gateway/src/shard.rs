@@ -580,7 +580,8 @@ impl Shard {
     /// while the shard holds `max_sessions_per_shard` connections, and paces accepts to
     /// `accepts_per_second_per_shard` with a token bucket of one second's worth.
     pub fn admission_wait(&self) -> Option<Duration> {
-        const FULL_RETRY: Duration = Duration::from_millis(10);
+        const FULL_RETRY: Duration =
+            Duration::from_millis(shared::limits::ADMISSION_RETRY_MILLISECONDS);
         let knobs = self.knobs.borrow();
         if self.open_connections.get() as u64 >= knobs.max_sessions_per_shard {
             return Some(FULL_RETRY);

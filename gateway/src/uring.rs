@@ -45,11 +45,9 @@ const GENERATION_MASK: u32 = 0x00FF_FFFF;
 /// Turns of the shard's other tasks the driver looks at its ring after, before it sleeps.
 const URING_IDLE_YIELDS: usize = 8;
 
-/// How often a shard at its session bound looks again for room.
-const ADMISSION_RETRY: Duration = Duration::from_millis(10);
-
-/// Back-off after a failed accept (EMFILE and friends).
-const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+const ADMISSION_RETRY: Duration =
+    Duration::from_millis(shared::limits::ADMISSION_RETRY_MILLISECONDS);
+const ACCEPT_RETRY: Duration = Duration::from_millis(shared::limits::ACCEPT_RETRY_MILLISECONDS);
 
 fn user_data(op: u64, slot: u32, generation: u32) -> u64 {
     (op << 56) | (u64::from(generation & GENERATION_MASK) << 32) | u64::from(slot)

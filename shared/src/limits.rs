@@ -29,6 +29,12 @@ pub const CLOSE_WRITE_GRACE_MILLISECONDS: u64 = 2_000;
 /// How often a shard looks whether enough connections closed to hand freed memory back to the OS.
 pub const MEMORY_RETURN_INTERVAL_MILLISECONDS: u64 = 1_000;
 
+/// Back-off after a failed accept (EMFILE and friends), both I/O engines.
+pub const ACCEPT_RETRY_MILLISECONDS: u64 = 50;
+
+/// How often a shard at its session bound looks again for room to accept.
+pub const ADMISSION_RETRY_MILLISECONDS: u64 = 10;
+
 /// Connections a shard must have lost since its last return of freed memory before it does it
 /// again (the allocator keeps freed pages per thread until asked; a storm of closes frees many).
 pub const MEMORY_RETURN_CLOSED_CONNECTIONS_MIN: usize = 256;
