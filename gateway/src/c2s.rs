@@ -36,6 +36,15 @@ const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 const NS_STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
 const NS_STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 const NS_SM3: &str = "urn:xmpp:sm:3";
+/// XEP-0388 Extensible SASL Profile.
+const NS_SASL2: &str = "urn:xmpp:sasl:2";
+/// XEP-0386 Bind 2.
+const NS_BIND2: &str = "urn:xmpp:bind:0";
+
+/// Longest XEP-0386 `<tag/>` kept in a generated resource; a longer one is left out (the
+/// resource is then the generated part alone), so the resource stays within the router's
+/// `JID_PART_BYTES_MAX`.
+const BIND2_TAG_BYTES_MAX: usize = 64;
 
 /// Per-listener settings, shared by all connections of a shard (and sent along on handoff).
 #[derive(Debug, Clone)]
@@ -150,14 +159,16 @@ enum State {
     ExpectStartTlsOrAuth,
     /// `<proceed/>` sent; the driver runs the TLS handshake, then calls `handle_tls_established`.
     TlsHandshake,
-    /// PLAIN chosen without an initial response; an empty challenge was sent.
-    PlainResponse,
-    /// SCRAM chosen without an initial response; an empty challenge was sent.
-    ScramClientFirst {
-        hash: ScramHash,
+    /// A challenge was sent; the client's response is awaited, in the RFC 6120 profile
+    /// (`sasl2` is `None`) or the XEP-0388 one (with what the `<authenticate/>` asked for).
+    SaslResponse {
+        exchange: Exchange,
+        sasl2: Option<Box<Sasl2Request>>,
     },
-    /// The SCRAM server-first-message was sent; the client-final-message is awaited.
-    ScramClientFinal(Box<ScramServer>),
+    /// XEP-0388 authentication succeeded and `Step::Authenticated` was returned; on the user's
+    /// home shard the next `handle_bytes` binds (XEP-0386) and writes `<success/>`. There is no
+    /// stream restart: the framer keeps what the client pipelined after `<authenticate/>`.
+    Sasl2Success(Box<Sasl2Success>),
     /// Authenticated, stream restarted, features sent: the bind IQ.
     ExpectBind {
         node: String,
@@ -167,6 +178,50 @@ enum State {
         full_jid: Box<str>,
     },
     Closed,
+}
+
+/// A SASL exchange in progress, whichever profile carries it.
+#[derive(Debug)]
+enum Exchange {
+    /// PLAIN chosen without an initial response; an empty challenge was sent.
+    Plain,
+    /// SCRAM chosen without an initial response; an empty challenge was sent.
+    ScramClientFirst(ScramHash),
+    /// The SCRAM server-first-message was sent; the client-final-message is awaited.
+    ScramClientFinal(Box<ScramServer>),
+}
+
+/// Where a mechanism step leaves the exchange.
+enum Outcome {
+    Challenge(Vec<u8>, Exchange),
+    Success { node: String, additional: Vec<u8> },
+    Failure(Failure),
+}
+
+/// What a XEP-0388 `<authenticate/>` asked for besides authentication.
+#[derive(Debug, Default)]
+struct Sasl2Request {
+    /// XEP-0388 `<user-agent id=.../>`: makes the generated resource stable (never shown).
+    user_agent_id: Option<String>,
+    /// XEP-0386 `<bind/>`, when present.
+    bind: Option<Bind2Request>,
+}
+
+/// A XEP-0386 bind request.
+#[derive(Debug, Default)]
+struct Bind2Request {
+    tag: Option<String>,
+    /// XEP-0198 `<enable/>` inline: `Some(resume)`.
+    sm_enable: Option<bool>,
+}
+
+/// An authenticated XEP-0388 exchange whose `<success/>` is not written yet.
+#[derive(Debug)]
+struct Sasl2Success {
+    node: String,
+    /// The mechanism's success data (SCRAM's server-final-message).
+    additional: Vec<u8>,
+    request: Sasl2Request,
 }
 
 /// The name of the stream element every client we know of sends (`<stream:stream>`): an idle
@@ -409,6 +464,17 @@ impl C2s {
         if let Some(step) = self.check_deadline(out, now) {
             return step;
         }
+        if let State::Sasl2Success(_) = self.state {
+            let State::Sasl2Success(done) = std::mem::replace(&mut self.state, State::Closed)
+            else {
+                unreachable!("matched above");
+            };
+            let (state, step) = self.sasl2_complete(*done, services, out);
+            self.state = state;
+            if step != Step::Continue {
+                return step;
+            }
+        }
         if self.framer.is_none() && data.is_empty() {
             return Step::Continue;
         }
@@ -595,8 +661,17 @@ impl C2s {
                 Base64.encode(additional)
             );
         }
-        // RFC 6120 §6.4.6: the stream restarts; bytes buffered from the old stream are dropped.
-        let state = self.restart_stream(Some(node.clone()));
+        // RFC 6120 §6.4.6: the stream restarts. What the client pipelined after its last SASL
+        // element (the new stream header, even a bind) stays buffered and is handled next, on
+        // the user's home shard after a handoff.
+        match self.framer.as_mut() {
+            Some(framer) => framer.restart(),
+            None => self.framer = Some(Box::new(Framer::new(self.config.stanza_bytes_max))),
+        }
+        self.header_sent = false;
+        let state = State::ExpectStreamHeader {
+            node: Some(node.clone()),
+        };
         (state, Step::Authenticated { node })
     }
 
@@ -635,20 +710,8 @@ impl C2s {
                 }
                 match state {
                     State::ExpectStartTlsOrAuth => self.on_pre_auth(stanza, services, out),
-                    State::PlainResponse => {
-                        self.on_sasl_response(stanza, out, |this, data, out| {
-                            this.on_plain(data, services, out)
-                        })
-                    }
-                    State::ScramClientFirst { hash } => {
-                        self.on_sasl_response(stanza, out, |this, data, out| {
-                            this.on_scram_first(hash, data, services, out)
-                        })
-                    }
-                    State::ScramClientFinal(server) => {
-                        self.on_sasl_response(stanza, out, |this, data, out| {
-                            this.on_scram_final(&server, data, out)
-                        })
+                    State::SaslResponse { exchange, sasl2 } => {
+                        self.on_sasl_response(stanza, exchange, sasl2, services, out)
                     }
                     State::ExpectBind { node } => self.on_expect_bind(stanza, node, services, out),
                     State::Established { full_jid } => {
@@ -657,6 +720,8 @@ impl C2s {
                     State::ExpectStreamHeader { .. } | State::TlsHandshake | State::Closed => {
                         self.stream_error("not-well-formed", out)
                     }
+                    // `handle_bytes` completes it before reading further events.
+                    State::Sasl2Success(_) => self.stream_error("internal-server-error", out),
                 }
             }
         }
@@ -713,6 +778,9 @@ impl C2s {
                         out.extend_from_slice(b"<mechanism>PLAIN</mechanism>");
                     }
                     out.extend_from_slice(b"</mechanisms>");
+                    if self.plain_allowed() {
+                        self.write_sasl2_feature(out);
+                    }
                 }
                 State::ExpectStartTlsOrAuth
             }
@@ -742,6 +810,13 @@ impl C2s {
             // RFC 6120 §5.3.1: nothing but STARTTLS is negotiated before TLS when it is mandatory.
             return self.stream_error("policy-violation", out);
         }
+        if stanza.kind == Kind::Other
+            && ns == Some(NS_SASL2)
+            && stanza.name() == "authenticate"
+            && self.plain_allowed()
+        {
+            return self.on_authenticate(&stanza, services, out);
+        }
         if stanza.kind != Kind::Other || ns != Some(NS_SASL) {
             return self.stream_error("not-authorized", out);
         }
@@ -758,87 +833,320 @@ impl C2s {
             Ok(payload) => payload,
             Err(failure) => return self.sasl_failure(failure, out),
         };
+        let outcome = self.start_mechanism(&mechanism, payload, services);
+        self.sasl_outcome(outcome, out)
+    }
+
+    /// The first step of `mechanism` with the client's initial response, if any.
+    fn start_mechanism(
+        &self,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+        services: &mut dyn Services,
+    ) -> Outcome {
         if mechanism == "PLAIN" {
             if !self.plain_allowed() {
-                return self.sasl_failure(Failure::EncryptionRequired, out);
+                return Outcome::Failure(Failure::EncryptionRequired);
             }
-            return match payload {
-                Some(data) => self.on_plain(&data, services, out),
-                None => {
-                    Self::challenge(out, b"");
-                    cont(State::PlainResponse)
-                }
+            return match initial {
+                Some(data) => self.plain(&data, services),
+                None => Outcome::Challenge(Vec::new(), Exchange::Plain),
             };
         }
-        let Some(hash) = ScramHash::from_mechanism(&mechanism) else {
-            return self.sasl_failure(Failure::InvalidMechanism, out);
+        let Some(hash) = ScramHash::from_mechanism(mechanism) else {
+            return Outcome::Failure(Failure::InvalidMechanism);
         };
-        match payload {
-            Some(data) => self.on_scram_first(hash, &data, services, out),
-            None => {
-                Self::challenge(out, b"");
-                cont(State::ScramClientFirst { hash })
-            }
+        match initial {
+            Some(data) => self.scram_first(hash, &data, services),
+            None => Outcome::Challenge(Vec::new(), Exchange::ScramClientFirst(hash)),
         }
     }
 
-    /// During an exchange: `<response/>` continues it with `then`, `<abort/>` ends it, anything
-    /// else fails it.
+    /// The next step of `exchange` with the client's response `data`.
+    fn continue_exchange(
+        &self,
+        exchange: Exchange,
+        data: &[u8],
+        services: &mut dyn Services,
+    ) -> Outcome {
+        match exchange {
+            Exchange::Plain => self.plain(data, services),
+            Exchange::ScramClientFirst(hash) => self.scram_first(hash, data, services),
+            Exchange::ScramClientFinal(server) => match server.finish(data) {
+                Ok(server_final) => Outcome::Success {
+                    node: server.node().to_owned(),
+                    additional: server_final,
+                },
+                Err(failure) => Outcome::Failure(failure),
+            },
+        }
+    }
+
+    /// Writes a mechanism step's result in the RFC 6120 profile.
+    fn sasl_outcome(&mut self, outcome: Outcome, out: &mut Vec<u8>) -> Next {
+        match outcome {
+            Outcome::Challenge(data, exchange) => {
+                Self::challenge(out, &data);
+                cont(State::SaslResponse {
+                    exchange,
+                    sasl2: None,
+                })
+            }
+            Outcome::Success { node, additional } => self.sasl_success(node, &additional, out),
+            Outcome::Failure(failure) => self.sasl_failure(failure, out),
+        }
+    }
+
+    /// During an exchange: `<response/>` continues it, `<abort/>` ends it, anything else fails it
+    /// (in the XEP-0388 profile anything but those two closes the stream, §2.5.1).
     fn on_sasl_response(
         &mut self,
         stanza: Stanza,
-        out: &mut Vec<u8>,
-        then: impl FnOnce(&mut Self, &[u8], &mut Vec<u8>) -> Next,
-    ) -> Next {
-        if stanza.kind != Kind::Other || stanza.xmlns().as_deref() != Some(NS_SASL) {
-            return self.stream_error("not-authorized", out);
-        }
-        match stanza.name() {
-            "response" => match sasl_payload(&stanza) {
-                Ok(data) => then(self, &data.unwrap_or_default(), out),
-                Err(failure) => self.sasl_failure(failure, out),
-            },
-            "abort" => self.sasl_failure(Failure::Aborted, out),
-            _ => self.sasl_failure(Failure::MalformedRequest, out),
-        }
-    }
-
-    fn on_plain(&mut self, data: &[u8], services: &mut dyn Services, out: &mut Vec<u8>) -> Next {
-        match sasl::plain(data, &self.config.domain, |node| services.credentials(node)) {
-            Ok(node) => self.sasl_success(node, b"", out),
-            Err(failure) => self.sasl_failure(failure, out),
-        }
-    }
-
-    fn on_scram_first(
-        &mut self,
-        hash: ScramHash,
-        data: &[u8],
+        exchange: Exchange,
+        sasl2: Option<Box<Sasl2Request>>,
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {
+        let ns = if sasl2.is_some() { NS_SASL2 } else { NS_SASL };
+        if stanza.kind != Kind::Other || stanza.xmlns().as_deref() != Some(ns) {
+            return self.stream_error("not-authorized", out);
+        }
+        let data = match stanza.name() {
+            "response" => match sasl_payload(&stanza) {
+                Ok(data) => data.unwrap_or_default(),
+                Err(failure) => return self.any_sasl_failure(failure, sasl2.is_some(), out),
+            },
+            "abort" => return self.any_sasl_failure(Failure::Aborted, sasl2.is_some(), out),
+            _ if sasl2.is_some() => return self.stream_error("not-authorized", out),
+            _ => return self.sasl_failure(Failure::MalformedRequest, out),
+        };
+        let outcome = self.continue_exchange(exchange, &data, services);
+        match sasl2 {
+            None => self.sasl_outcome(outcome, out),
+            Some(request) => self.sasl2_outcome(outcome, request, out),
+        }
+    }
+
+    fn any_sasl_failure(&mut self, failure: Failure, sasl2: bool, out: &mut Vec<u8>) -> Next {
+        if sasl2 {
+            self.sasl2_failure(failure, out)
+        } else {
+            self.sasl_failure(failure, out)
+        }
+    }
+
+    fn plain(&self, data: &[u8], services: &mut dyn Services) -> Outcome {
+        match sasl::plain(data, &self.config.domain, |node| services.credentials(node)) {
+            Ok(node) => Outcome::Success {
+                node,
+                additional: Vec::new(),
+            },
+            Err(failure) => Outcome::Failure(failure),
+        }
+    }
+
+    fn scram_first(&self, hash: ScramHash, data: &[u8], services: &mut dyn Services) -> Outcome {
         let first = match sasl::parse_client_first(data) {
             Ok(first) => first,
-            Err(failure) => return self.sasl_failure(failure, out),
+            Err(failure) => return Outcome::Failure(failure),
         };
         let Some(node) = sasl::normalize_node(&first.username, &self.config.domain) else {
-            return self.sasl_failure(Failure::NotAuthorized, out);
+            return Outcome::Failure(Failure::NotAuthorized);
         };
         let credentials = services.credentials(&node);
         match ScramServer::start(hash, first, node, &self.config.domain, credentials) {
             Ok((server, server_first)) => {
-                Self::challenge(out, &server_first);
-                cont(State::ScramClientFinal(Box::new(server)))
+                Outcome::Challenge(server_first, Exchange::ScramClientFinal(Box::new(server)))
             }
-            Err(failure) => self.sasl_failure(failure, out),
+            Err(failure) => Outcome::Failure(failure),
         }
     }
 
-    fn on_scram_final(&mut self, server: &ScramServer, data: &[u8], out: &mut Vec<u8>) -> Next {
-        match server.finish(data) {
-            Ok(server_final) => self.sasl_success(server.node().to_owned(), &server_final, out),
-            Err(failure) => self.sasl_failure(failure, out),
+    // ---- XEP-0388 (SASL2) with XEP-0386 (Bind 2) ----
+
+    /// The `<authentication/>` feature: our mechanisms, and Bind 2 inline with XEP-0198 inside
+    /// it. Offered where PLAIN is (under TLS, or in the loopback plaintext mode): XEP-0388 §7
+    /// wants SASL2 only after TLS.
+    fn write_sasl2_feature(&self, out: &mut Vec<u8>) {
+        let _ = write!(
+            Sink(out),
+            "<authentication xmlns='{NS_SASL2}'><mechanism>SCRAM-SHA-256</mechanism>\
+             <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><inline>\
+             <bind xmlns='{NS_BIND2}'><inline><feature var='{NS_SM3}'/></inline></bind>\
+             </inline></authentication>"
+        );
+    }
+
+    /// `<authenticate mechanism=...>` (XEP-0388 §2.3): parses what it asks for, then runs the
+    /// mechanism's first step.
+    fn on_authenticate(
+        &mut self,
+        stanza: &Stanza,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let Ok(element) = stanza.as_str().parse::<minidom::Element>() else {
+            return self.sasl2_failure(Failure::MalformedRequest, out);
+        };
+        let mechanism = element.attr("mechanism").unwrap_or_default().to_owned();
+        let initial = match element.get_child("initial-response", NS_SASL2) {
+            // XEP-0388 §2.3: an empty element is an empty response; no element, no response.
+            Some(child) => match Base64.decode(child.text().trim()) {
+                Ok(data) => Some(data),
+                Err(_) => return self.sasl2_failure(Failure::IncorrectEncoding, out),
+            },
+            None => None,
+        };
+        let user_agent_id = element
+            .get_child("user-agent", NS_SASL2)
+            .and_then(|ua| ua.attr("id"))
+            .filter(|id| !id.is_empty() && id.len() <= BIND2_TAG_BYTES_MAX)
+            .map(str::to_owned);
+        let bind = element
+            .get_child("bind", NS_BIND2)
+            .map(|bind| Bind2Request {
+                tag: bind
+                    .get_child("tag", NS_BIND2)
+                    .map(|t| t.text().trim().to_owned())
+                    .filter(|t| {
+                        !t.is_empty()
+                            && t.len() <= BIND2_TAG_BYTES_MAX
+                            && !t.chars().any(|c| c.is_control() || c.is_whitespace())
+                    }),
+                sm_enable: bind
+                    .get_child("enable", NS_SM3)
+                    .map(|enable| matches!(enable.attr("resume"), Some("true" | "1"))),
+            });
+        let request = Box::new(Sasl2Request {
+            user_agent_id,
+            bind,
+        });
+        let outcome = self.start_mechanism(&mechanism, initial, services);
+        self.sasl2_outcome(outcome, request, out)
+    }
+
+    /// Writes a mechanism step's result in the XEP-0388 profile. Success is not written here:
+    /// the connection first goes to the user's home shard, where `sasl2_complete` binds.
+    fn sasl2_outcome(
+        &mut self,
+        outcome: Outcome,
+        request: Box<Sasl2Request>,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        match outcome {
+            Outcome::Challenge(data, exchange) => {
+                let _ = write!(
+                    Sink(out),
+                    "<challenge xmlns='{NS_SASL2}'>{}</challenge>",
+                    Base64.encode(&data)
+                );
+                cont(State::SaslResponse {
+                    exchange,
+                    sasl2: Some(request),
+                })
+            }
+            Outcome::Success { node, additional } => (
+                State::Sasl2Success(Box::new(Sasl2Success {
+                    node: node.clone(),
+                    additional,
+                    request: *request,
+                })),
+                Step::Authenticated { node },
+            ),
+            Outcome::Failure(failure) => self.sasl2_failure(failure, out),
         }
+    }
+
+    /// A XEP-0388 `<failure/>` with the RFC 6120 §6.5 condition; nothing inline is processed.
+    /// After `AUTH_ATTEMPTS_MAX` failures the stream is closed.
+    fn sasl2_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
+        tracing::debug!(condition = failure.condition(), "c2s SASL2 failure");
+        let _ = write!(
+            Sink(out),
+            "<failure xmlns='{NS_SASL2}'><{} xmlns='{NS_SASL}'/></failure>",
+            failure.condition()
+        );
+        self.auth_failures += 1;
+        if self.auth_failures >= AUTH_ATTEMPTS_MAX {
+            return self.stream_error("policy-violation", out);
+        }
+        cont(State::ExpectStartTlsOrAuth)
+    }
+
+    /// On the user's home shard: binds what `<bind/>` asked for (XEP-0386), enables XEP-0198 if
+    /// asked inline, and writes `<success/>` with the authorization identifier (the full JID
+    /// when bound) and the features of the authenticated stream (no restart, XEP-0388 §2.6.1).
+    /// A bind the router refuses leaves the session unbound: `<success/>` carries the bare JID
+    /// and the features offer RFC 6120 binding.
+    fn sasl2_complete(
+        &mut self,
+        done: Sasl2Success,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let Sasl2Success {
+            node,
+            additional,
+            request,
+        } = done;
+        let _ = write!(Sink(out), "<success xmlns='{NS_SASL2}'>");
+        if !additional.is_empty() {
+            let _ = write!(
+                Sink(out),
+                "<additional-data>{}</additional-data>",
+                Base64.encode(&additional)
+            );
+        }
+        let bound = request.bind.as_ref().and_then(|bind| {
+            let unique = match &request.user_agent_id {
+                Some(id) => sasl::stable_resource_id(&node, id),
+                None => hex(&random_id())[..16].to_owned(),
+            };
+            let tagged = bind.tag.as_ref().map(|tag| format!("{tag}/{unique}"));
+            let bound = match tagged {
+                Some(resource) => services
+                    .bind(&node, Some(&resource))
+                    .or_else(|_| services.bind(&node, Some(&unique))),
+                None => services.bind(&node, Some(&unique)),
+            };
+            match bound {
+                Ok(full_jid) => Some((full_jid, bind.sm_enable)),
+                Err(e) => {
+                    tracing::debug!(error = ?e, "bind 2 refused");
+                    None
+                }
+            }
+        });
+        let Some((full_jid, sm_enable)) = bound else {
+            let _ = write!(
+                Sink(out),
+                "<authorization-identifier>{}@{}</authorization-identifier></success>\
+                 <stream:features><bind xmlns='{NS_BIND}'/><sm xmlns='{NS_SM3}'/></stream:features>",
+                escape(&node),
+                escape(&self.config.domain)
+            );
+            return cont(State::ExpectBind { node });
+        };
+        let _ = write!(
+            Sink(out),
+            "<authorization-identifier>{}</authorization-identifier><bound xmlns='{NS_BIND2}'>",
+            escape(&full_jid)
+        );
+        if let Some(resume) = sm_enable {
+            self.enable_sm(resume, services, out);
+        }
+        out.extend_from_slice(b"</bound></success>");
+        if self.sm.is_none() {
+            let _ = write!(
+                Sink(out),
+                "<stream:features><sm xmlns='{NS_SM3}'/></stream:features>"
+            );
+        } else {
+            out.extend_from_slice(b"<stream:features/>");
+        }
+        cont(State::Established {
+            full_jid: full_jid.into(),
+        })
     }
 
     fn on_expect_bind(
@@ -936,30 +1244,7 @@ impl C2s {
                             attr_value(text, stanza.header.start_tag_end, "resume").as_deref(),
                             Some("true" | "1")
                         );
-                        let max = self.config.sm_resume_timeout.as_secs();
-                        let id = (wants_resume && max > 0).then(random_id);
-                        self.sm = Some(Box::new(Sm {
-                            base: services.received(),
-                            local: 0,
-                            ack_wanted: false,
-                            sent: 0,
-                            acked: 0,
-                            unacked: VecDeque::new(),
-                            since_request: 0,
-                            id,
-                        }));
-                        services.sm_enabled();
-                        match id.as_ref().map(hex) {
-                            Some(id) => {
-                                let _ = write!(
-                                    Sink(out),
-                                    "<enabled xmlns='{NS_SM3}' id='{id}' resume='true' max='{max}'/>"
-                                );
-                            }
-                            None => {
-                                let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
-                            }
-                        }
+                        self.enable_sm(wants_resume, services, out);
                     }
                     "r" if self.sm.is_some() => self.send_ack(services, out),
                     "a" if self.sm.is_some() => {
@@ -979,6 +1264,37 @@ impl C2s {
                 cont(State::Established { full_jid })
             }
             Kind::Other => self.stream_error("unsupported-stanza-type", out),
+        }
+    }
+}
+
+impl C2s {
+    /// XEP-0198 `<enable/>` on a bound stream (or inline in a Bind 2 request): writes
+    /// `<enabled/>`, with a resumption id when asked for and resumption is on.
+    fn enable_sm(&mut self, wants_resume: bool, services: &mut dyn Services, out: &mut Vec<u8>) {
+        let max = self.config.sm_resume_timeout.as_secs();
+        let id = (wants_resume && max > 0).then(random_id);
+        self.sm = Some(Box::new(Sm {
+            base: services.received(),
+            local: 0,
+            ack_wanted: false,
+            sent: 0,
+            acked: 0,
+            unacked: VecDeque::new(),
+            since_request: 0,
+            id,
+        }));
+        services.sm_enabled();
+        match id.as_ref().map(hex) {
+            Some(id) => {
+                let _ = write!(
+                    Sink(out),
+                    "<enabled xmlns='{NS_SM3}' id='{id}' resume='true' max='{max}'/>"
+                );
+            }
+            None => {
+                let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
+            }
         }
     }
 }
