@@ -515,7 +515,7 @@ impl C2s {
     pub fn handle_tls_established(&mut self) {
         if matches!(self.state, State::TlsHandshake) {
             self.security = Security::Tls;
-            self.state = self.restart_stream(None);
+            self.state = self.restart_stream();
         }
     }
 
@@ -575,14 +575,15 @@ impl C2s {
         Some(step)
     }
 
-    /// A new stream begins on the same connection (after STARTTLS or SASL success).
-    fn restart_stream(&mut self, node: Option<String>) -> State {
+    /// A new stream begins on the same connection after STARTTLS: what was buffered in the clear
+    /// is dropped (RFC 6120 §5.4.3.3: it could have been injected).
+    fn restart_stream(&mut self) -> State {
         match self.framer.as_mut() {
             Some(framer) => framer.reset(),
             None => self.framer = Some(Box::new(Framer::new(self.config.stanza_bytes_max))),
         }
         self.header_sent = false;
-        State::ExpectStreamHeader { node }
+        State::ExpectStreamHeader { node: None }
     }
 
     fn plain_allowed(&self) -> bool {
