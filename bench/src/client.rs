@@ -157,6 +157,11 @@ pub struct ClientConfig {
     /// XEP-0198 enable, and initial presence follows in the same write; no stream restart.
     /// Servers that do not offer them get the RFC 6120 login.
     pub sasl2: bool,
+    /// With `sasl2`, on direct TLS or plaintext: send `<authenticate/>` (and presence) right
+    /// behind the stream header instead of waiting for the features, as a client that cached
+    /// them from an earlier connection may (XEP-0388 §2.1: the feature is stable and "MAY be
+    /// cached"). A server without SASL2 then fails the stream.
+    pub sasl2_pipelined: bool,
 }
 
 /// Why a session ended.
@@ -321,6 +326,10 @@ impl Client {
         }
         self.write_header(out);
         self.stage = Stage::Features;
+        if self.config.sasl2 && self.config.sasl2_pipelined && self.config.tls != TlsMode::StartTls
+        {
+            self.send_authenticate(out);
+        }
     }
 
     /// Plaintext bytes from the server.
@@ -543,6 +552,12 @@ impl Client {
             }
             Stage::StartTlsSent if name == "failure" => self.fail(FailReason::Tls, out),
             Stage::AuthSent => self.on_sasl(s, name, out),
+            // The features of a pipelined `<authenticate/>`'s stream: it was sent already.
+            Stage::Sasl2Sent if name == "features" => {
+                if !sasl2_offered(s.as_str(), self.config.mechanism.sasl_name()) {
+                    self.fail(FailReason::Auth, out);
+                }
+            }
             Stage::Sasl2Sent => self.on_sasl2(s, name, out),
             Stage::BindFeatures if name == "features" => self.on_bind_features(s, out),
             Stage::BindSent | Stage::SessionSent if s.kind == Kind::Iq => self.on_login_iq(s, out),
@@ -1154,6 +1169,7 @@ mod tests {
             send_presence: true,
             sm: false,
             sasl2: false,
+            sasl2_pipelined: false,
         })
     }
 
@@ -1606,6 +1622,52 @@ mod tests {
         }
     }
 
+    /// Goal: with `sasl2_pipelined` the `<authenticate/>` and presence follow the stream header
+    /// in the first write; the server's features are then only checked, and its success
+    /// establishes the session. A server whose features lack SASL2 fails the login.
+    #[test]
+    fn sasl2_pipelined_authenticates_with_the_stream_header() {
+        for offered in [true, false] {
+            let mut cfg = (*sasl2_config(Mechanism::Plain, false)).clone();
+            cfg.sasl2_pipelined = true;
+            let mut c = Client::new(Arc::new(cfg), "user17");
+            let mut out = Vec::new();
+            c.start(&mut out);
+            let out = String::from_utf8(out).unwrap();
+            let initial = BASE64.encode(b"\0user17\0secret");
+            assert_eq!(
+                out,
+                format!(
+                    "{CLIENT_HEADER}<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'>\
+                     <initial-response>{initial}</initial-response><bind \
+                     xmlns='urn:xmpp:bind:0'><tag>bench</tag></bind></authenticate><presence/>"
+                )
+            );
+            let features = if offered {
+                sasl2_features(&["PLAIN"])
+            } else {
+                auth_features(&["PLAIN"], "")
+            };
+            let (out, ev) = feed(&mut c, &format!("{SERVER_HEADER}{features}"), false);
+            if !offered {
+                assert_eq!(ev, vec![closed(FailReason::Auth, true)]);
+                continue;
+            }
+            assert_eq!((out.as_str(), ev.len()), ("", 0));
+            let (_, ev) = feed(
+                &mut c,
+                &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
+                false,
+            );
+            assert_eq!(
+                ev,
+                vec![Event::Established {
+                    full_jid: SASL2_JID.into()
+                }]
+            );
+        }
+    }
+
     /// Goal: SCRAM-SHA-256 over SASL2: the challenge is answered in the SASL2 namespace and the
     /// server signature in `<additional-data/>` is checked (a forged one fails the login).
     #[test]
@@ -1824,6 +1886,7 @@ mod tests {
         let cfg = Arc::new(ClientConfig {
             sm: true,
             sasl2: false,
+            sasl2_pipelined: false,
             ..(*config(TlsMode::None, Mechanism::Plain)).clone()
         });
         let mut c = started(cfg);

@@ -23,7 +23,6 @@ use shared::limits::{
     URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX, URING_SEND_BACKLOG_BYTES_MAX,
     URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
 };
-use shared::shard::home_shard;
 
 use crate::c2s::Step;
 use crate::conn::{Handoff, Listener, Session};
@@ -707,7 +706,10 @@ impl Driver {
             return;
         };
         slot.session.report_phase(&shard);
-        if !self.flush(index) {
+        // A connection moving to another shard leaves its output to it (see `Handoff::out`).
+        let moving =
+            matches!(&step, Step::Authenticated { node } if shard.home_of(node) != shard.id);
+        if !moving && !self.flush(index) {
             self.begin_close(index);
             return;
         }
@@ -732,7 +734,7 @@ impl Driver {
             }
             Step::Authenticated { node } => {
                 shard.stats.borrow_mut().auth_succeeded();
-                let home = home_shard(&format!("{node}@{}", shard.domain), shard.shards);
+                let home = shard.home_of(&node);
                 if home == shard.id {
                     // Already home: go on with whatever the client sent after authenticating.
                     let (step, rest) = slot.session.handle_input(&shard, &unread);
@@ -1089,7 +1091,9 @@ impl Driver {
     fn adopt(&mut self, h: Handoff) {
         self.shard.stats.borrow_mut().handoffs_in += 1;
         let fd = h.socket.into_raw_fd();
-        let session = Session::register(&self.shard, self.shard.next_conn_id(), h.tls, h.machine);
+        let mut session =
+            Session::register(&self.shard, self.shard.next_conn_id(), h.tls, h.machine);
+        session.out = h.out;
         self.start(fd, session, h.unread);
     }
 

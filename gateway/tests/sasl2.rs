@@ -64,30 +64,44 @@ fn expect_success(c: &mut Client) -> String {
 /// Goal: a SASL2 PLAIN login with Bind 2 and the client's presence and a ping pipelined with
 /// it works whether or not the connection changes shard: the presence comes back, the ping is
 /// answered, and a message reaches another SASL2 session. Method: users on both home shards,
-/// each logging in twice (stanzas in the same write as `<authenticate/>`, then in a second
-/// write); `/metrics` shows handoffs happened.
+/// each logging in three times (stanzas in the same write as `<authenticate/>`; in a second
+/// write; stream header, `<authenticate/>` and stanzas in one write, as a client with cached
+/// features sends them); `/metrics` shows handoffs happened.
 fn plain_bind2_with_pipelined_stanzas(engine: &str) {
     let mut nodes = users_on_shard(0, 3);
     nodes.extend(users_on_shard(1, 3));
     let server = on_engine(engine).users(&nodes).start();
     for node in &nodes {
-        for same_write in [true, false] {
-            let mut c = open(&server);
+        for mode in ["same write", "second write", "with the header"] {
             let auth = authenticate_plain(node, &password_of(node), &bind2("Tests"));
-            if same_write {
-                c.send(&format!("{auth}<presence/>{PING}"));
+            let mut c = if mode == "with the header" {
+                let mut c = Client::connect_direct_tls(server.tls);
+                c.send(&format!(
+                    "{}{auth}<presence/>{PING}",
+                    Client::stream_header(DOMAIN)
+                ));
+                let features = c.read_features();
+                assert!(features.contains(NS_SASL2), "{features}");
+                c
             } else {
-                c.send(&auth);
-                c.send(&format!("<presence/>{PING}"));
+                open(&server)
+            };
+            match mode {
+                "same write" => c.send(&format!("{auth}<presence/>{PING}")),
+                "second write" => {
+                    c.send(&auth);
+                    c.send(&format!("<presence/>{PING}"));
+                }
+                _ => {}
             }
             let jid = expect_success(&mut c);
             assert!(
                 jid.starts_with(&format!("{node}@{DOMAIN}/Tests/")),
-                "{node}: {jid}"
+                "{node} {mode}: {jid}"
             );
             c.expect("<presence");
             let pong = c.expect_stanza("iq", "id='p1'");
-            assert!(pong.contains("type='result'"), "{node}: {pong}");
+            assert!(pong.contains("type='result'"), "{node} {mode}: {pong}");
         }
     }
     // Two SASL2 sessions on different home shards exchange a message.

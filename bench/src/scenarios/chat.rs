@@ -210,6 +210,7 @@ mod tests {
                 send_presence: true,
                 sm: false,
                 sasl2: false,
+                sasl2_pipelined: false,
             }),
             tls: None,
             server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),
