@@ -22,7 +22,9 @@ use router::credentials::Credentials;
 use router::BindError;
 use shared::escape::escape;
 use shared::framer::{Event, Framer, StreamHeader};
-use shared::limits::{AUTH_ATTEMPTS_MAX, SM_REQUEST_EVERY_STANZAS, SM_UNACKED_STANZAS_MAX};
+use shared::limits::{
+    AUTH_ATTEMPTS_MAX, BIND2_TAG_BYTES_MAX, SM_REQUEST_EVERY_STANZAS, SM_UNACKED_STANZAS_MAX,
+};
 use shared::stanza::{Kind, Stanza};
 
 use self::sasl::{Failure, ScramHash, ScramServer};
@@ -40,11 +42,6 @@ const NS_SM3: &str = "urn:xmpp:sm:3";
 const NS_SASL2: &str = "urn:xmpp:sasl:2";
 /// XEP-0386 Bind 2.
 const NS_BIND2: &str = "urn:xmpp:bind:0";
-
-/// Longest XEP-0386 `<tag/>` kept in a generated resource; a longer one is left out (the
-/// resource is then the generated part alone), so the resource stays within the router's
-/// `JID_PART_BYTES_MAX`.
-const BIND2_TAG_BYTES_MAX: usize = 64;
 
 /// Per-listener settings, shared by all connections of a shard (and sent along on handoff).
 #[derive(Debug, Clone)]

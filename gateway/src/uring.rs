@@ -700,16 +700,28 @@ impl Driver {
     }
 
     /// Writes what the machine produced and carries out its step.
-    fn after_step(&mut self, index: u32, step: Step, unread: Vec<u8>) {
+    fn after_step(&mut self, index: u32, mut step: Step, unread: Vec<u8>) {
         let shard = self.shard.clone();
         let Some(slot) = self.entries[index as usize].slot.as_deref_mut() else {
             return;
         };
         slot.session.report_phase(&shard);
-        // A connection moving to another shard leaves its output to it (see `Handoff::out`).
-        let moving =
-            matches!(&step, Step::Authenticated { node } if shard.home_of(node) != shard.id);
-        if !moving && !self.flush(index) {
+        if step == Step::Continue
+            && slot.session.outbox.len() > 0
+            && slot.session.outbox.close_requested().is_none()
+            && slot.takes_output()
+        {
+            // What the router queued for this connection while its input was handled (its own
+            // presence coming back after a login, an IQ answered at once) goes out in the same
+            // send; the wake-up it caused then finds the queue empty.
+            let mut drained = std::mem::take(&mut self.drained);
+            step = slot.session.handle_outbox(&shard, &mut drained);
+            self.drained = drained;
+        }
+        // After authentication the output waits for what the home shard adds (see
+        // `Handoff::out`; at home, the recursion below), so a login costs one send fewer.
+        let authenticated = matches!(step, Step::Authenticated { .. });
+        if !authenticated && !self.flush(index) {
             self.begin_close(index);
             return;
         }
