@@ -634,14 +634,23 @@ impl C2s {
         (State::Closed, Step::Close)
     }
 
-    /// A SASL `<failure/>`; after `AUTH_ATTEMPTS_MAX` of them the stream is closed.
-    fn sasl_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
-        tracing::debug!(condition = failure.condition(), "c2s SASL failure");
-        let _ = write!(
-            Sink(out),
-            "<failure xmlns='{NS_SASL}'><{}/></failure>",
-            failure.condition()
-        );
+    /// A SASL `<failure/>` in the RFC 6120 profile, or the XEP-0388 one (`sasl2`: the RFC 6120
+    /// §6.5 condition in its own namespace; nothing inline is processed); after
+    /// `AUTH_ATTEMPTS_MAX` of them the stream is closed.
+    fn any_sasl_failure(&mut self, failure: Failure, sasl2: bool, out: &mut Vec<u8>) -> Next {
+        tracing::debug!(condition = failure.condition(), sasl2, "c2s SASL failure");
+        let condition = failure.condition();
+        let _ = if sasl2 {
+            write!(
+                Sink(out),
+                "<failure xmlns='{NS_SASL2}'><{condition} xmlns='{NS_SASL}'/></failure>"
+            )
+        } else {
+            write!(
+                Sink(out),
+                "<failure xmlns='{NS_SASL}'><{condition}/></failure>"
+            )
+        };
         self.auth_failures += 1;
         if self.auth_failures >= AUTH_ATTEMPTS_MAX {
             return self.stream_error("policy-violation", out);
@@ -925,12 +934,12 @@ impl C2s {
         }
     }
 
-    fn any_sasl_failure(&mut self, failure: Failure, sasl2: bool, out: &mut Vec<u8>) -> Next {
-        if sasl2 {
-            self.sasl2_failure(failure, out)
-        } else {
-            self.sasl_failure(failure, out)
-        }
+    fn sasl_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
+        self.any_sasl_failure(failure, false, out)
+    }
+
+    fn sasl2_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
+        self.any_sasl_failure(failure, true, out)
     }
 
     fn plain(&self, data: &[u8], services: &mut dyn Services) -> Outcome {
@@ -1053,22 +1062,6 @@ impl C2s {
             ),
             Outcome::Failure(failure) => self.sasl2_failure(failure, out),
         }
-    }
-
-    /// A XEP-0388 `<failure/>` with the RFC 6120 §6.5 condition; nothing inline is processed.
-    /// After `AUTH_ATTEMPTS_MAX` failures the stream is closed.
-    fn sasl2_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
-        tracing::debug!(condition = failure.condition(), "c2s SASL2 failure");
-        let _ = write!(
-            Sink(out),
-            "<failure xmlns='{NS_SASL2}'><{} xmlns='{NS_SASL}'/></failure>",
-            failure.condition()
-        );
-        self.auth_failures += 1;
-        if self.auth_failures >= AUTH_ATTEMPTS_MAX {
-            return self.stream_error("policy-violation", out);
-        }
-        cont(State::ExpectStartTlsOrAuth)
     }
 
     /// On the user's home shard: binds what `<bind/>` asked for (XEP-0386), enables XEP-0198 if

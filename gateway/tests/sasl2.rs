@@ -6,6 +6,7 @@
 //! such sessions, a wrong password, SCRAM-SHA-256 with the server signature checked and XEP-0198
 //! enabled inline, and a legacy (RFC 6120) login on the same server.
 
+#[macro_use]
 mod support;
 
 use base64::engine::general_purpose::STANDARD as Base64;
@@ -209,24 +210,6 @@ fn scram_sha256_with_inline_stream_management(engine: &str) {
 /// A server builder on I/O engine `engine`.
 fn on_engine(engine: &str) -> ServerBuilder {
     ServerBuilder::new().arg("--io-engine").arg(engine)
-}
-
-/// Every case runs on both I/O engines, as `uring::case` and `tasks::case`.
-macro_rules! on_both_engines {
-    ($($case:ident),* $(,)?) => {
-        mod uring {
-            $(#[test]
-            fn $case() {
-                super::$case("uring");
-            })*
-        }
-        mod tasks {
-            $(#[test]
-            fn $case() {
-                super::$case("tasks");
-            })*
-        }
-    };
 }
 
 on_both_engines!(
