@@ -195,9 +195,20 @@ enum Outcome {
     Failure(Failure),
 }
 
+/// Why a XEP-0198 resumption did not take over a session.
+enum TakeOver {
+    /// No detached session of this user with that id (expired, or never was).
+    NotFound,
+    /// The client's `h` acknowledges more than was sent: a stream error.
+    CountTooHigh,
+}
+
 /// What a XEP-0388 `<authenticate/>` asked for besides authentication.
 #[derive(Debug, Default)]
 struct Sasl2Request {
+    /// XEP-0198 `<resume previd h/>` inline (XEP-0198 §6.2): `(previd, h)`; `h` is `None` when
+    /// it is not a number (the resumption then fails with `bad-request`).
+    resume: Option<(String, Option<u32>)>,
     /// XEP-0388 `<user-agent id=.../>`: makes the generated resource stable (never shown).
     user_agent_id: Option<String>,
     /// XEP-0386 `<bind/>`, when present.
@@ -349,27 +360,62 @@ impl C2s {
             );
             return cont(State::ExpectBind { node });
         };
-        let Some((SmState(sm), full_jid)) = services.resume(&node, &previd) else {
-            let _ = write!(
-                Sink(out),
-                "<failed xmlns='{NS_SM3}'><item-not-found xmlns='{NS_STANZA_ERRORS}'/></failed>"
-            );
-            return cont(State::ExpectBind { node });
+        let full_jid = match self.take_over(&node, &previd, h, services) {
+            Ok(full_jid) => full_jid,
+            Err(TakeOver::NotFound) => {
+                let _ = write!(
+                    Sink(out),
+                    "<failed xmlns='{NS_SM3}'><item-not-found xmlns='{NS_STANZA_ERRORS}'/></failed>"
+                );
+                return cont(State::ExpectBind { node });
+            }
+            Err(TakeOver::CountTooHigh) => return self.handled_count_too_high(out),
         };
+        self.write_resumed(&previd, services, out);
+        self.resend_unacked(out);
+        cont(State::Established {
+            full_jid: full_jid.into(),
+        })
+    }
+
+    /// Takes over the detached session `previd` of `node` (XEP-0198 §5) and releases what the
+    /// client's `h` acknowledges; returns the session's full JID.
+    fn take_over(
+        &mut self,
+        node: &str,
+        previd: &str,
+        h: u32,
+        services: &mut dyn Services,
+    ) -> Result<String, TakeOver> {
+        let (SmState(sm), full_jid) = services.resume(node, previd).ok_or(TakeOver::NotFound)?;
         self.sm = Some(sm);
         if !self.release_acked(h, services) {
-            return self.handled_count_too_high(out);
+            return Err(TakeOver::CountTooHigh);
         }
-        let sm = self.sm.as_mut().expect("set above");
+        Ok(full_jid)
+    }
+
+    /// `<resumed/>` with our `h`, after `take_over`.
+    fn write_resumed(&mut self, previd: &str, services: &mut dyn Services, out: &mut Vec<u8>) {
+        let Some(sm) = self.sm.as_mut() else {
+            return;
+        };
         let (received, settled) = (services.received(), services.settled());
         let ours = settled.saturating_sub(sm.base).wrapping_add(sm.local) as u32;
         sm.ack_wanted = settled < received;
         let _ = write!(
             Sink(out),
             "<resumed xmlns='{NS_SM3}' h='{ours}' previd='{}'/>",
-            escape(&previd)
+            escape(previd)
         );
-        // What the client had not acknowledged is sent again (XEP-0198 §5), still unacked.
+    }
+
+    /// What the client had not acknowledged, sent again after `<resumed/>` (XEP-0198 §5), still
+    /// unacked, with a request for an ack.
+    fn resend_unacked(&mut self, out: &mut Vec<u8>) {
+        let Some(sm) = self.sm.as_mut() else {
+            return;
+        };
         for (bytes, _) in &sm.unacked {
             out.extend_from_slice(bytes);
         }
@@ -377,9 +423,6 @@ impl C2s {
             sm.since_request = 0;
             let _ = write!(Sink(out), "<r xmlns='{NS_SM3}'/>");
         }
-        cont(State::Established {
-            full_jid: full_jid.into(),
-        })
     }
 
     fn handled_count_too_high(&mut self, out: &mut Vec<u8>) -> Next {
@@ -979,8 +1022,8 @@ impl C2s {
             Sink(out),
             "<authentication xmlns='{NS_SASL2}'><mechanism>SCRAM-SHA-256</mechanism>\
              <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><inline>\
-             <bind xmlns='{NS_BIND2}'><inline><feature var='{NS_SM3}'/></inline></bind>\
-             </inline></authentication>"
+             <sm xmlns='{NS_SM3}'/><bind xmlns='{NS_BIND2}'><inline><feature var='{NS_SM3}'/>\
+             </inline></bind></inline></authentication>"
         );
     }
 
@@ -1024,7 +1067,12 @@ impl C2s {
                     .get_child("enable", NS_SM3)
                     .map(|enable| matches!(enable.attr("resume"), Some("true" | "1"))),
             });
+        let resume = element.get_child("resume", NS_SM3).map(|resume| {
+            let previd = resume.attr("previd").unwrap_or_default().to_owned();
+            (previd, resume.attr("h").and_then(|h| h.parse::<u32>().ok()))
+        });
         let request = Box::new(Sasl2Request {
+            resume,
             user_agent_id,
             bind,
         });
@@ -1080,14 +1128,36 @@ impl C2s {
             additional,
             request,
         } = done;
-        let _ = write!(Sink(out), "<success xmlns='{NS_SASL2}'>");
-        if !additional.is_empty() {
-            let _ = write!(
-                Sink(out),
-                "<additional-data>{}</additional-data>",
-                Base64.encode(&additional)
-            );
+        // XEP-0198 §6.2: a resumption first; when it takes over the session, the bind is
+        // ignored and no features follow; when it fails, `<failed/>` and a new session.
+        let mut resume_failed = None;
+        if let Some((previd, h)) = &request.resume {
+            match h.filter(|_| !previd.is_empty()) {
+                None => resume_failed = Some("bad-request"),
+                Some(h) => match self.take_over(&node, previd, h, services) {
+                    Ok(full_jid) => {
+                        sasl2_success_start(out, &additional);
+                        let _ = write!(
+                            Sink(out),
+                            "<authorization-identifier>{}</authorization-identifier>",
+                            escape(&full_jid)
+                        );
+                        self.write_resumed(previd, services, out);
+                        out.extend_from_slice(b"</success>");
+                        self.resend_unacked(out);
+                        return cont(State::Established {
+                            full_jid: full_jid.into(),
+                        });
+                    }
+                    Err(TakeOver::NotFound) => resume_failed = Some("item-not-found"),
+                    Err(TakeOver::CountTooHigh) => return self.handled_count_too_high(out),
+                },
+            }
         }
+        sasl2_success_start(out, &additional);
+        let failed = resume_failed
+            .map(|c| format!("<failed xmlns='{NS_SM3}'><{c} xmlns='{NS_STANZA_ERRORS}'/></failed>"))
+            .unwrap_or_default();
         let bound = request.bind.as_ref().and_then(|bind| {
             let unique = match &request.user_agent_id {
                 Some(id) => sasl::stable_resource_id(&node, id),
@@ -1111,7 +1181,7 @@ impl C2s {
         let Some((full_jid, sm_enable)) = bound else {
             let _ = write!(
                 Sink(out),
-                "<authorization-identifier>{}@{}</authorization-identifier></success>\
+                "<authorization-identifier>{}@{}</authorization-identifier>{failed}</success>\
                  <stream:features><bind xmlns='{NS_BIND}'/><sm xmlns='{NS_SM3}'/></stream:features>",
                 escape(&node),
                 escape(&self.config.domain)
@@ -1120,7 +1190,8 @@ impl C2s {
         };
         let _ = write!(
             Sink(out),
-            "<authorization-identifier>{}</authorization-identifier><bound xmlns='{NS_BIND2}'>",
+            "<authorization-identifier>{}</authorization-identifier>{failed}\
+             <bound xmlns='{NS_BIND2}'>",
             escape(&full_jid)
         );
         if let Some(resume) = sm_enable {
@@ -1287,6 +1358,18 @@ impl C2s {
                 let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
             }
         }
+    }
+}
+
+/// The start of a XEP-0388 `<success/>`, with the mechanism's success data if any.
+fn sasl2_success_start(out: &mut Vec<u8>, additional: &[u8]) {
+    let _ = write!(Sink(out), "<success xmlns='{NS_SASL2}'>");
+    if !additional.is_empty() {
+        let _ = write!(
+            Sink(out),
+            "<additional-data>{}</additional-data>",
+            Base64.encode(additional)
+        );
     }
 }
 

@@ -4,7 +4,7 @@
 //! with an inline bind and the client's next stanzas pipelined in the same write as
 //! `<authenticate/>` or right after it (nothing lost across the handoff), a message between two
 //! such sessions, a wrong password, SCRAM-SHA-256 with the server signature checked and XEP-0198
-//! enabled inline, and a legacy (RFC 6120) login on the same server.
+//! enabled inline, XEP-0198 resumption inline, and a legacy (RFC 6120) login on the same server.
 
 #[macro_use]
 mod support;
@@ -207,6 +207,64 @@ fn scram_sha256_with_inline_stream_management(engine: &str) {
     assert!(!ack.contains("<failed"), "{ack}");
 }
 
+/// Goal: XEP-0198 resumption inline in SASL2 on the real server: a session whose connection
+/// was lost is taken over by `<resume/>` inside `<authenticate/>` on a new connection, with the
+/// stanza the client never acknowledged sent again. Method: a ping's answer is left unacked,
+/// the TCP connection dropped without closing the stream, then new connections try to resume
+/// (bounded retries: the server notices the loss asynchronously).
+fn inline_resumption_after_a_lost_connection(engine: &str) {
+    let node = "user1";
+    let server = on_engine(engine).user(node).start();
+    let mut c = open(&server);
+    c.send(&authenticate_plain(
+        node,
+        &password_of(node),
+        &format!(
+            "<bind xmlns='{NS_BIND2}'><tag>R</tag><enable xmlns='urn:xmpp:sm:3' resume='true'/>\
+             </bind>"
+        ),
+    ));
+    let success = c.expect("</success>");
+    let id_at = success.find(" id='").expect(&success) + 5;
+    let id = success[id_at..id_at + 32].to_owned();
+    let jid = {
+        let start = success.find("<authorization-identifier>").unwrap() + 26;
+        success[start..success.find("</authorization-identifier>").unwrap()].to_owned()
+    };
+    c.send(PING);
+    c.expect_stanza("iq", "id='p1'");
+    drop(c);
+
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    loop {
+        let mut n = open(&server);
+        n.send(&authenticate_plain(
+            node,
+            &password_of(node),
+            &format!(
+                "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='0'/>{}",
+                bind2("R")
+            ),
+        ));
+        let success = n.expect("</success>");
+        if success.contains("<resumed xmlns='urn:xmpp:sm:3'") {
+            assert!(
+                success.contains(&format!("<authorization-identifier>{jid}<")),
+                "{success}"
+            );
+            // The unacknowledged answer comes again.
+            n.expect_stanza("iq", "id='p1'");
+            return;
+        }
+        assert!(success.contains("<item-not-found"), "{success}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lost session never became resumable"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// A server builder on I/O engine `engine`.
 fn on_engine(engine: &str) -> ServerBuilder {
     ServerBuilder::new().arg("--io-engine").arg(engine)
@@ -216,4 +274,5 @@ on_both_engines!(
     plain_bind2_with_pipelined_stanzas,
     wrong_password_then_success_and_legacy,
     scram_sha256_with_inline_stream_management,
+    inline_resumption_after_a_lost_connection,
 );

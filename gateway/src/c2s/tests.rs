@@ -22,8 +22,8 @@ const MECHS_ALL: &str = "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><m
                          <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>\
                          <authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256</mechanism>\
                          <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><inline>\
-                         <bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/></inline></bind>\
-                         </inline></authentication>";
+                         <sm xmlns='urn:xmpp:sm:3'/><bind xmlns='urn:xmpp:bind:0'><inline>\
+                         <feature var='urn:xmpp:sm:3'/></inline></bind></inline></authentication>";
 const MECHS_SCRAM: &str =
     "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism>\
                            <mechanism>SCRAM-SHA-1</mechanism></mechanisms>";
@@ -1419,4 +1419,73 @@ fn legacy_pipelined_restart_and_bind_after_auth() {
         "{out}"
     );
     assert_eq!(c.svc.stanzas.len(), 1, "the pipelined presence");
+}
+
+/// Goal: XEP-0198 resumption inline in SASL2 (XEP-0198 §6.2): a detached session is taken over
+/// by `<resume/>` inside `<authenticate/>` (the bind is ignored, no features follow, the
+/// unacknowledged stanzas are sent again after the success); an unknown id gives `<failed/>`
+/// inside the success and a new session is bound.
+#[test]
+fn sasl2_inline_resumption() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let out = c.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &bind2("T", "<enable xmlns='urn:xmpp:sm:3' resume='true'/>"),
+    ));
+    let id_at = out.find(" id='").expect("resumption id") + 5;
+    let id = out[id_at..id_at + 32].to_owned();
+    let jid = authz_id(&out).to_owned();
+    let mut sent = Vec::new();
+    for i in 0..2u64 {
+        c.c2s.handle_outbound(
+            Bytes::from(format!("<message id='o{i}'/>")),
+            None,
+            &mut sent,
+        );
+    }
+    let (rid, sm, full) = c.c2s.detach().expect("resumable");
+    assert_eq!((rid.as_str(), full.as_str()), (id.as_str(), jid.as_str()));
+
+    let mut n = Client::tls();
+    n.svc.detached = Some((rid, sm, full));
+    n.ok(HEADER);
+    let out = n.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='1'/>{}",
+            bind2("T", "")
+        ),
+    ));
+    assert_eq!(
+        out,
+        format!(
+            "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>{jid}\
+             </authorization-identifier><resumed xmlns='urn:xmpp:sm:3' h='0' previd='{id}'/>\
+             </success><message id='o1'/><r xmlns='urn:xmpp:sm:3'/>"
+        )
+    );
+    assert!(n.svc.bound.is_empty(), "the bind is ignored");
+    assert_eq!(n.c2s.full_jid(), Some(jid.as_str()));
+    assert!(n.c2s.sm_enabled());
+
+    // An unknown id: `<failed/>` in the success, then the bind goes ahead.
+    let mut m = Client::tls();
+    m.ok(HEADER);
+    let out = m.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='nope' h='0'/>{}",
+            bind2("T", "")
+        ),
+    ));
+    assert!(
+        out.contains(
+            "</authorization-identifier><failed xmlns='urn:xmpp:sm:3'><item-not-found \
+             xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed><bound xmlns='urn:xmpp:bind:0'>"
+        ),
+        "{out}"
+    );
+    assert!(m.c2s.is_established());
+    assert_eq!(m.svc.bound.len(), 1);
 }
