@@ -1,6 +1,12 @@
 //! The sans-IO client-to-server stream machine (RFC 6120): stream negotiation, STARTTLS, SASL,
-//! resource binding, stream errors. It takes decrypted bytes, time and service answers and writes
-//! the bytes to send into `out`; it performs no I/O and reads no clock.
+//! resource binding, stream errors; XEP-0388 SASL2 with XEP-0386 Bind 2 and XEP-0198 inline
+//! (a login in one round trip after TLS); XEP-0198. It takes decrypted bytes, time and service
+//! answers and writes the bytes to send into `out`; it performs no I/O and reads no clock.
+//!
+//! Authentication ends with `Step::Authenticated`: the driver may then move the connection to
+//! the user's home shard, where binding (and a SASL2 `<success/>`, which carries the bound JID)
+//! happens on the next `handle_bytes`. Bytes the client pipelined after authenticating stay in
+//! the framer and are handled there, in order.
 //!
 //! The state is one enum with a variant per thing awaited; every event takes the state out of the
 //! machine, consumes it and puts the next one back. Anything the machine does not expect closes
