@@ -2,9 +2,12 @@
 # Login storm cost of two values of one config key, alternated: for each round and value, a fresh
 # gateway, then `bench login` (SESSIONS users at once) with the server's pid; prints logins per
 # server CPU-second (established logins / server user+system CPU seconds) per run and the medians.
+# With --bench-flags it alternates the client instead: `bench login` with each flag of the comma
+# list in turn (`-` for none), e.g. `-,--sasl2,--sasl2-pipelined`, against the same gateway build
+# with its default config; runs are named after the flags (`none`, `sasl2`, ...).
 #
 #   scripts/login-ab.sh [--key io_engine] [--values uring,tasks] [--rounds 3] [--sessions 5000]
-#                       [--tls direct|none|starttls] [--procs 2] [--out DIR]
+#                       [--tls direct|none|starttls] [--procs 2] [--out DIR] [--bench-flags LIST]
 #
 # Each value is written as a TOML string (`KEY = "VALUE"`). Binaries: $GATEWAY_BIN and $BENCH
 # (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
@@ -22,6 +25,7 @@ SESSIONS=5000
 TLS=direct
 PROCS=2
 OUT="/tmp/login-ab-$(date +%Y%m%d-%H%M%S)"
+BENCH_FLAGS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --key) KEY=$2; shift 2 ;;
@@ -31,7 +35,8 @@ while [ $# -gt 0 ]; do
         --tls) TLS=$2; shift 2 ;;
         --procs) PROCS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0" >&2; exit 2 ;;
+        --bench-flags) BENCH_FLAGS=$2; shift 2 ;;
+        -h|--help) sed -n '2,14p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -50,12 +55,27 @@ case "$TLS" in
 esac
 "$PEERS/gateway.sh" setup "$SESSIONS"
 IFS=, read -ra values <<< "$VALUES"
+if [ -n "$BENCH_FLAGS" ]; then
+    IFS=, read -ra bench_flags <<< "$BENCH_FLAGS"
+    values=()
+    for f in "${bench_flags[@]}"; do
+        name=${f#--}
+        [ "$f" = - ] && name=none
+        values+=("$name")
+    done
+fi
 for round in $(seq 1 "$ROUNDS"); do
     for v in "${values[@]}"; do
-        printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
+        flag=()
+        if [ -n "$BENCH_FLAGS" ]; then
+            : > "$OUT/$v.toml"
+            [ "$v" != none ] && flag=("--$v")
+        else
+            printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
+        fi
         GATEWAY_CONFIG="$OUT/$v.toml" "$PEERS/gateway.sh" start
         pid=$("$PEERS/gateway.sh" pid)
-        "$BENCH" login --target "127.0.0.1:$port" --tls "$TLS" "${tls_args[@]}" \
+        "$BENCH" login --target "127.0.0.1:$port" --tls "$TLS" "${tls_args[@]}" ${flag[@]+"${flag[@]}"} \
             --sessions "$SESSIONS" --procs "$PROCS" --server-pid "$pid" \
             --json "$OUT/$v-$round.json" > "$OUT/$v-$round.log" 2>&1 || true
         "$PEERS/gateway.sh" stop

@@ -7,7 +7,10 @@
 //! Login: stream header, `<stream:features>`, optional STARTTLS (the driver runs the handshake
 //! between `Event::StartTls` and `Client::handle_tls_started`), SASL PLAIN or SCRAM-SHA-1/256
 //! (without channel binding; the server signature is verified), stream restart, resource binding,
-//! the legacy session IQ when the server still requires it, initial presence.
+//! the legacy session IQ when the server still requires it, initial presence. With
+//! `ClientConfig::sasl2`, against a server offering XEP-0388 with XEP-0386 inline: one
+//! `<authenticate/>` carrying the credentials, the bind and the XEP-0198 enable, with initial
+//! presence in the same write, and no stream restart (SCRAM adds its one challenge round trip).
 //!
 //! Memory: the load generator holds up to a million idle sessions per box, so an established idle
 //! session must cost little. `Client` itself is small (`size_of::<Client>()` is 136 bytes on
@@ -40,6 +43,10 @@ const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 const NS_STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 const NS_PING: &str = "urn:xmpp:ping";
 const NS_SM3: &str = "urn:xmpp:sm:3";
+const NS_SASL2: &str = "urn:xmpp:sasl:2";
+const NS_BIND2: &str = "urn:xmpp:bind:0";
+/// The XEP-0386 tag bound resources start with when no `--resource` is given.
+const BIND2_TAG: &str = "bench";
 
 /// The stream element's name as virtually every server writes it.
 const DEFAULT_STREAM_NAME: &str = "stream:stream";
@@ -145,6 +152,16 @@ pub struct ClientConfig {
     /// followed by `<r/>` (the server's `<a h/>` comes back as `Event::Acked`), and what the
     /// server sends is acknowledged with `<a h/>` on its `<r/>` and after each read.
     pub sm: bool,
+    /// Log in with XEP-0388 (SASL2) and XEP-0386 (Bind 2) when the server offers both: one
+    /// `<authenticate/>` carries the credentials, the bind (with `resource` as its tag) and the
+    /// XEP-0198 enable, and initial presence follows in the same write; no stream restart.
+    /// Servers that do not offer them get the RFC 6120 login.
+    pub sasl2: bool,
+    /// With `sasl2`, on direct TLS or plaintext: send `<authenticate/>` (and presence) right
+    /// behind the stream header instead of waiting for the features, as a client that cached
+    /// them from an earlier connection may (XEP-0388 §2.1: the feature is stable and "MAY be
+    /// cached"). A server without SASL2 then fails the stream.
+    pub sasl2_pipelined: bool,
 }
 
 /// Why a session ended.
@@ -210,6 +227,8 @@ enum Stage {
     /// `<proceed/>` received; waiting for `handle_tls_started`.
     TlsHandshake,
     AuthSent,
+    /// XEP-0388 `<authenticate/>` (with Bind 2) sent; waiting for a challenge or the outcome.
+    Sasl2Sent,
     /// SASL succeeded; waiting for the restarted stream's features.
     BindFeatures,
     BindSent,
@@ -307,6 +326,10 @@ impl Client {
         }
         self.write_header(out);
         self.stage = Stage::Features;
+        if self.config.sasl2 && self.config.sasl2_pipelined && self.config.tls != TlsMode::StartTls
+        {
+            self.send_authenticate(out);
+        }
     }
 
     /// Plaintext bytes from the server.
@@ -529,6 +552,13 @@ impl Client {
             }
             Stage::StartTlsSent if name == "failure" => self.fail(FailReason::Tls, out),
             Stage::AuthSent => self.on_sasl(s, name, out),
+            // The features of a pipelined `<authenticate/>`'s stream: it was sent already.
+            Stage::Sasl2Sent if name == "features" => {
+                if !sasl2_offered(s.as_str(), self.config.mechanism.sasl_name()) {
+                    self.fail(FailReason::Auth, out);
+                }
+            }
+            Stage::Sasl2Sent => self.on_sasl2(s, name, out),
             Stage::BindFeatures if name == "features" => self.on_bind_features(s, out),
             Stage::BindSent | Stage::SessionSent if s.kind == Kind::Iq => self.on_login_iq(s, out),
             Stage::Established if s.kind == Kind::Other => self.on_sm(s, name, out),
@@ -563,6 +593,9 @@ impl Client {
             }
             TlsMode::StartTls | TlsMode::Direct => {}
         }
+        if self.config.sasl2 && sasl2_offered(text, self.config.mechanism.sasl_name()) {
+            return self.send_authenticate(out);
+        }
         if !offered {
             return self.fail(FailReason::Auth, out);
         }
@@ -570,9 +603,64 @@ impl Client {
     }
 
     fn send_auth(&mut self, out: &mut Vec<u8>) {
+        let Some(initial) = self.initial_response(out) else {
+            return;
+        };
+        put(
+            out,
+            &[
+                "<auth xmlns='",
+                NS_SASL,
+                "' mechanism='",
+                self.config.mechanism.sasl_name(),
+                "'>",
+                &BASE64.encode(initial),
+                "</auth>",
+            ],
+        );
+        self.stage = Stage::AuthSent;
+    }
+
+    /// XEP-0388 `<authenticate/>` with a XEP-0386 bind (and XEP-0198 enable inside it), then
+    /// initial presence in the same write: the server handles it right after its `<success/>`.
+    fn send_authenticate(&mut self, out: &mut Vec<u8>) {
+        let Some(initial) = self.initial_response(out) else {
+            return;
+        };
+        let tag = self.config.resource.as_deref().unwrap_or(BIND2_TAG);
+        put(
+            out,
+            &[
+                "<authenticate xmlns='",
+                NS_SASL2,
+                "' mechanism='",
+                self.config.mechanism.sasl_name(),
+                "'><initial-response>",
+                &BASE64.encode(initial),
+                "</initial-response><bind xmlns='",
+                NS_BIND2,
+                "'><tag>",
+                &escape(tag),
+                "</tag>",
+            ],
+        );
+        if self.config.sm {
+            put(out, &["<enable xmlns='", NS_SM3, "'/>"]);
+        }
+        put(out, &["</bind></authenticate>"]);
+        if self.config.send_presence {
+            out.extend_from_slice(b"<presence/>");
+        }
+        self.stage = Stage::Sasl2Sent;
+    }
+
+    /// The mechanism's initial response (SCRAM: its state is kept in `login`); `None` after
+    /// failing the session.
+    fn initial_response(&mut self, out: &mut Vec<u8>) -> Option<Vec<u8>> {
         let mechanism = self.config.mechanism;
         let Some(login) = self.login.as_mut() else {
-            return self.fail(FailReason::Protocol("login state lost".into()), out);
+            self.fail(FailReason::Protocol("login state lost".into()), out);
+            return None;
         };
         let initial = match mechanism {
             Mechanism::Plain => {
@@ -590,16 +678,19 @@ impl Client {
                 // No channel binding ("n,,"): the driver exposes no TLS exporter, and "y,,"
                 // would be refused by servers that offer the -PLUS variants.
                 let cb = ChannelBinding::None;
-                login.sasl = match mechanism {
-                    Mechanism::ScramSha1 => match Scram::<Sha1>::new(node, password, cb) {
-                        Ok(m) => Sasl::Sha1(Box::new(m)),
-                        Err(_) => return self.fail(FailReason::Auth, out),
-                    },
-                    _ => match Scram::<Sha256>::new(node, password, cb) {
-                        Ok(m) => Sasl::Sha256(Box::new(m)),
-                        Err(_) => return self.fail(FailReason::Auth, out),
-                    },
+                let sasl = match mechanism {
+                    Mechanism::ScramSha1 => {
+                        Scram::<Sha1>::new(node, password, cb).map(|m| Sasl::Sha1(Box::new(m)))
+                    }
+                    _ => {
+                        Scram::<Sha256>::new(node, password, cb).map(|m| Sasl::Sha256(Box::new(m)))
+                    }
                 };
+                let Ok(sasl) = sasl else {
+                    self.fail(FailReason::Auth, out);
+                    return None;
+                };
+                login.sasl = sasl;
                 login.scram_step = 0;
                 match login.sasl.scram() {
                     Some(m) => m.initial(),
@@ -607,19 +698,80 @@ impl Client {
                 }
             }
         };
-        put(
-            out,
-            &[
-                "<auth xmlns='",
-                NS_SASL,
-                "' mechanism='",
-                mechanism.sasl_name(),
-                "'>",
-                &BASE64.encode(initial),
-                "</auth>",
-            ],
-        );
-        self.stage = Stage::AuthSent;
+        Some(initial)
+    }
+
+    /// XEP-0388 answers: a challenge (SCRAM's server-first, answered), `<success/>` (SCRAM's
+    /// server signature checked; with `<bound/>` the session is established, the features that
+    /// follow need nothing), or `<failure/>`.
+    fn on_sasl2(&mut self, s: &Stanza, name: &str, out: &mut Vec<u8>) {
+        if !s.as_str().contains(NS_SASL2) {
+            let what = format!("unexpected <{}> during SASL2", s.name());
+            return self.fail(FailReason::Protocol(what), out);
+        }
+        let text = s.as_str();
+        let Some(login) = self.login.as_mut() else {
+            return self.fail(FailReason::Protocol("login state lost".into()), out);
+        };
+        let decode = |raw: &str| BASE64.decode(raw.trim()).ok();
+        match name {
+            "challenge" => {
+                let data = decode(content(s));
+                let response = match (login.sasl.scram(), data, login.scram_step) {
+                    (Some(m), Some(data), 0) => m.response(&data).ok(),
+                    _ => None,
+                };
+                let Some(response) = response else {
+                    return self.fail(FailReason::Auth, out);
+                };
+                login.scram_step = 1;
+                put(
+                    out,
+                    &[
+                        "<response xmlns='",
+                        NS_SASL2,
+                        "'>",
+                        &BASE64.encode(response),
+                        "</response>",
+                    ],
+                );
+            }
+            "success" => {
+                let additional = find_element(text, "additional-data", 0)
+                    .map(|e| decode(&text[e.inner]).unwrap_or_default());
+                let verified = match (login.sasl.scram(), additional) {
+                    (None, _) => true,
+                    (Some(m), Some(data)) => login.scram_step == 1 && m.success(&data).is_ok(),
+                    (Some(_), None) => false,
+                };
+                if !verified {
+                    return self.fail(FailReason::Auth, out);
+                }
+                login.sasl = Sasl::None;
+                let jid = find_element(text, "authorization-identifier", 0)
+                    .map(|e| text_content(&text[e.inner]))
+                    .filter(|j| j.contains('/'));
+                let bound = find_element(text, "bound", 0).is_some();
+                let (Some(jid), true) = (jid, bound) else {
+                    // Bind 2 refused: the presence we pipelined is out of place; give up.
+                    return self.fail(FailReason::Bind, out);
+                };
+                if find_element(text, "enabled", 0).is_some() {
+                    self.sm_on = true;
+                }
+                self.full_jid = Some(jid.into_boxed_str());
+                self.stage = Stage::Established;
+                self.was_established = true;
+                self.login = None;
+                let full_jid = self.full_jid.as_deref().unwrap_or_default().to_owned();
+                self.push_event(Event::Established { full_jid });
+            }
+            "failure" => self.fail(FailReason::Auth, out),
+            _ => {
+                let what = format!("unexpected <{}> during SASL2", s.name());
+                self.fail(FailReason::Protocol(what), out)
+            }
+        }
     }
 
     fn on_sasl(&mut self, s: &Stanza, name: &str, out: &mut Vec<u8>) {
@@ -917,6 +1069,15 @@ fn find_element(xml: &str, name: &str, from: usize) -> Option<Found> {
 }
 
 /// The `<mechanism>` names in a features element.
+/// Whether the features offer XEP-0388 with `mechanism` and XEP-0386 inline.
+fn sasl2_offered(features: &str, mechanism: &str) -> bool {
+    let Some(auth) = find_element(features, "authentication", 0) else {
+        return false;
+    };
+    let auth = &features[auth.outer];
+    auth.contains(NS_SASL2) && auth.contains(NS_BIND2) && mechanisms(auth).any(|m| m == mechanism)
+}
+
 fn mechanisms(features: &str) -> impl Iterator<Item = &str> + '_ {
     let mut from = 0;
     std::iter::from_fn(move || {
@@ -1007,6 +1168,8 @@ mod tests {
             resource: None,
             send_presence: true,
             sm: false,
+            sasl2: false,
+            sasl2_pipelined: false,
         })
     }
 
@@ -1384,6 +1547,211 @@ mod tests {
         }
     }
 
+    // ---- XEP-0388 (SASL2) with XEP-0386 (Bind 2) ----
+
+    const SASL2_JID: &str = "user17@example.com/bench/0123abcd";
+
+    fn sasl2_config(mechanism: Mechanism, sm: bool) -> Arc<ClientConfig> {
+        let mut cfg = (*config(TlsMode::Direct, mechanism)).clone();
+        cfg.sasl2 = true;
+        cfg.sm = sm;
+        Arc::new(cfg)
+    }
+
+    /// Features as our gateway sends them: RFC 6120 mechanisms, then XEP-0388 with Bind 2.
+    fn sasl2_features(mechs: &[&str]) -> String {
+        let m: String = mechs
+            .iter()
+            .map(|m| format!("<mechanism>{m}</mechanism>"))
+            .collect();
+        let legacy = auth_features(mechs, "");
+        legacy.replace(
+            "</stream:features>",
+            &format!(
+                "<authentication xmlns='urn:xmpp:sasl:2'>{m}<inline>\
+                 <bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/></inline>\
+                 </bind></inline></authentication></stream:features>"
+            ),
+        )
+    }
+
+    fn sasl2_success(additional: &str, bound: &str) -> String {
+        format!(
+            "<success xmlns='urn:xmpp:sasl:2'>{additional}<authorization-identifier>{SASL2_JID}\
+             </authorization-identifier>{bound}</success><stream:features/>"
+        )
+    }
+
+    /// Goal: with `--sasl2` the whole login is one flight: `<authenticate/>` with the PLAIN
+    /// credentials, the Bind 2 request (tag, XEP-0198 enable) and initial presence in one
+    /// write; the success with `<bound/>` establishes the session (no restart), with stream
+    /// management on. Whole or byte by byte.
+    #[test]
+    fn sasl2_plain_login_is_one_flight() {
+        for bytewise in [false, true] {
+            let mut c = started(sasl2_config(Mechanism::Plain, true));
+            let (out, ev) = feed(
+                &mut c,
+                &format!(
+                    "{SERVER_HEADER}{}",
+                    sasl2_features(&["SCRAM-SHA-1", "PLAIN"])
+                ),
+                bytewise,
+            );
+            let initial = BASE64.encode(b"\0user17\0secret");
+            assert_eq!(
+                out,
+                format!(
+                    "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>\
+                     {initial}</initial-response><bind xmlns='urn:xmpp:bind:0'><tag>bench</tag>\
+                     <enable xmlns='urn:xmpp:sm:3'/></bind></authenticate><presence/>"
+                )
+            );
+            assert!(ev.is_empty());
+            let bound = "<bound xmlns='urn:xmpp:bind:0'><enabled xmlns='urn:xmpp:sm:3'/></bound>";
+            let (out, ev) = feed(&mut c, &sasl2_success("", bound), bytewise);
+            assert_eq!(out, "");
+            assert_eq!(
+                ev,
+                vec![Event::Established {
+                    full_jid: SASL2_JID.into()
+                }]
+            );
+            assert!(c.is_established() && c.sm_on);
+            assert!(c.framer.is_none() && c.login.is_none() && c.queued.capacity() == 0);
+        }
+    }
+
+    /// Goal: with `sasl2_pipelined` the `<authenticate/>` and presence follow the stream header
+    /// in the first write; the server's features are then only checked, and its success
+    /// establishes the session. A server whose features lack SASL2 fails the login.
+    #[test]
+    fn sasl2_pipelined_authenticates_with_the_stream_header() {
+        for offered in [true, false] {
+            let mut cfg = (*sasl2_config(Mechanism::Plain, false)).clone();
+            cfg.sasl2_pipelined = true;
+            let mut c = Client::new(Arc::new(cfg), "user17");
+            let mut out = Vec::new();
+            c.start(&mut out);
+            let out = String::from_utf8(out).unwrap();
+            let initial = BASE64.encode(b"\0user17\0secret");
+            assert_eq!(
+                out,
+                format!(
+                    "{CLIENT_HEADER}<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'>\
+                     <initial-response>{initial}</initial-response><bind \
+                     xmlns='urn:xmpp:bind:0'><tag>bench</tag></bind></authenticate><presence/>"
+                )
+            );
+            let features = if offered {
+                sasl2_features(&["PLAIN"])
+            } else {
+                auth_features(&["PLAIN"], "")
+            };
+            let (out, ev) = feed(&mut c, &format!("{SERVER_HEADER}{features}"), false);
+            if !offered {
+                assert_eq!(ev, vec![closed(FailReason::Auth, true)]);
+                continue;
+            }
+            assert_eq!((out.as_str(), ev.len()), ("", 0));
+            let (_, ev) = feed(
+                &mut c,
+                &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
+                false,
+            );
+            assert_eq!(
+                ev,
+                vec![Event::Established {
+                    full_jid: SASL2_JID.into()
+                }]
+            );
+        }
+    }
+
+    /// Goal: SCRAM-SHA-256 over SASL2: the challenge is answered in the SASL2 namespace and the
+    /// server signature in `<additional-data/>` is checked (a forged one fails the login).
+    #[test]
+    fn sasl2_scram_sha256_checks_the_server_signature() {
+        for tamper in [false, true] {
+            let mut c = started(sasl2_config(Mechanism::ScramSha256, false));
+            let features = sasl2_features(&["SCRAM-SHA-256", "PLAIN"]);
+            let (out, _) = feed(&mut c, &format!("{SERVER_HEADER}{features}"), false);
+            let initial = between(&out, "<initial-response>", "</initial-response>");
+            assert!(out.ends_with("<tag>bench</tag></bind></authenticate><presence/>"));
+            let server = ScramServer::first::<Sha256>(&format!("'>{initial}</auth>"));
+            let challenge = format!(
+                "<challenge xmlns='urn:xmpp:sasl:2'>{}</challenge>",
+                b64(&server.server_first)
+            );
+            let (response, ev) = feed(&mut c, &challenge, false);
+            assert!(ev.is_empty());
+            assert!(response.starts_with("<response xmlns='urn:xmpp:sasl:2'>"));
+            let mut last = server.last::<Sha256>(&response);
+            if tamper {
+                last = format!("v={}", BASE64.encode([0u8; 32]));
+            }
+            let additional = format!("<additional-data>{}</additional-data>", b64(&last));
+            let (_, ev) = feed(
+                &mut c,
+                &sasl2_success(&additional, "<bound xmlns='urn:xmpp:bind:0'/>"),
+                false,
+            );
+            let want = if tamper {
+                closed(FailReason::Auth, true)
+            } else {
+                Event::Established {
+                    full_jid: SASL2_JID.into(),
+                }
+            };
+            assert_eq!(ev, vec![want]);
+        }
+    }
+
+    /// Goal: a SASL2 failure or a success without `<bound/>` ends the login with the right
+    /// reason; a server without SASL2 (or without the mechanism in it) gets RFC 6120 `<auth/>`.
+    #[test]
+    fn sasl2_failures_and_fallback() {
+        let mut c = started(sasl2_config(Mechanism::Plain, false));
+        feed(
+            &mut c,
+            &format!("{SERVER_HEADER}{}", sasl2_features(&["PLAIN"])),
+            false,
+        );
+        let (_, ev) = feed(
+            &mut c,
+            "<failure xmlns='urn:xmpp:sasl:2'><not-authorized              xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>",
+            false,
+        );
+        assert_eq!(ev, vec![closed(FailReason::Auth, true)]);
+
+        let mut c = started(sasl2_config(Mechanism::Plain, false));
+        feed(
+            &mut c,
+            &format!("{SERVER_HEADER}{}", sasl2_features(&["PLAIN"])),
+            false,
+        );
+        let unbound = "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>\
+                       user17@example.com</authorization-identifier></success>";
+        let (_, ev) = feed(&mut c, unbound, false);
+        assert_eq!(ev, vec![closed(FailReason::Bind, true)]);
+
+        for features in [
+            auth_features(&["PLAIN"], ""),
+            sasl2_features(&["SCRAM-SHA-1"]).replacen(
+                "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-1",
+                "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>PLAIN",
+                1,
+            ),
+        ] {
+            let mut c = started(sasl2_config(Mechanism::Plain, false));
+            let (out, _) = feed(&mut c, &format!("{SERVER_HEADER}{features}"), false);
+            assert!(
+                out.starts_with("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl'"),
+                "{out}"
+            );
+        }
+    }
+
     fn established_client() -> Client {
         let mut c = started(config(TlsMode::None, Mechanism::Plain));
         plain_login(&mut c, false);
@@ -1517,6 +1885,8 @@ mod tests {
     fn stream_management_enables_counts_and_acks() {
         let cfg = Arc::new(ClientConfig {
             sm: true,
+            sasl2: false,
+            sasl2_pipelined: false,
             ..(*config(TlsMode::None, Mechanism::Plain)).clone()
         });
         let mut c = started(cfg);

@@ -259,6 +259,31 @@ fn bench_against_gateway() {
     assert!(r.rates.time_to_99pct_seconds.is_some());
     assert!(r.rates.time_to_100pct_seconds.is_some());
 
+    // login with XEP-0388 SASL2 + XEP-0386 Bind 2: direct TLS waiting for the features, then
+    // plaintext with `<authenticate/>` pipelined behind the stream header.
+    for (flag, target, tls) in [
+        ("--sasl2", &tls_target, "direct"),
+        ("--sasl2-pipelined", &c2s_target, "none"),
+    ] {
+        let json = dir.path().join("login-sasl2.json");
+        let (code, r) = bench(
+            &[
+                "login",
+                "--target",
+                target,
+                "--sessions",
+                "50",
+                "--tls",
+                tls,
+                "--insecure",
+                flag,
+            ],
+            &json,
+        );
+        assert_eq!(code, 0, "login {flag} failed: {:?}", r.counts);
+        assert_eq!(r.counts.established, 50, "{flag}");
+    }
+
     // reconnect, STARTTLS.
     let json = dir.path().join("reconnect.json");
     let (code, r) = bench(

@@ -1,6 +1,12 @@
 //! The sans-IO client-to-server stream machine (RFC 6120): stream negotiation, STARTTLS, SASL,
-//! resource binding, stream errors. It takes decrypted bytes, time and service answers and writes
-//! the bytes to send into `out`; it performs no I/O and reads no clock.
+//! resource binding, stream errors; XEP-0388 SASL2 with XEP-0386 Bind 2 and XEP-0198 inline
+//! (a login in one round trip after TLS); XEP-0198. It takes decrypted bytes, time and service
+//! answers and writes the bytes to send into `out`; it performs no I/O and reads no clock.
+//!
+//! Authentication ends with `Step::Authenticated`: the driver may then move the connection to
+//! the user's home shard, where binding (and a SASL2 `<success/>`, which carries the bound JID)
+//! happens on the next `handle_bytes`. Bytes the client pipelined after authenticating stay in
+//! the framer and are handled there, in order.
 //!
 //! The state is one enum with a variant per thing awaited; every event takes the state out of the
 //! machine, consumes it and puts the next one back. Anything the machine does not expect closes
@@ -22,7 +28,9 @@ use router::credentials::Credentials;
 use router::BindError;
 use shared::escape::escape;
 use shared::framer::{Event, Framer, StreamHeader};
-use shared::limits::{AUTH_ATTEMPTS_MAX, SM_REQUEST_EVERY_STANZAS, SM_UNACKED_STANZAS_MAX};
+use shared::limits::{
+    AUTH_ATTEMPTS_MAX, BIND2_TAG_BYTES_MAX, SM_REQUEST_EVERY_STANZAS, SM_UNACKED_STANZAS_MAX,
+};
 use shared::stanza::{Kind, Stanza};
 
 use self::sasl::{Failure, ScramHash, ScramServer};
@@ -36,6 +44,10 @@ const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 const NS_STREAM_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-streams";
 const NS_STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
 const NS_SM3: &str = "urn:xmpp:sm:3";
+/// XEP-0388 Extensible SASL Profile.
+const NS_SASL2: &str = "urn:xmpp:sasl:2";
+/// XEP-0386 Bind 2.
+const NS_BIND2: &str = "urn:xmpp:bind:0";
 
 /// Per-listener settings, shared by all connections of a shard (and sent along on handoff).
 #[derive(Debug, Clone)]
@@ -150,14 +162,16 @@ enum State {
     ExpectStartTlsOrAuth,
     /// `<proceed/>` sent; the driver runs the TLS handshake, then calls `handle_tls_established`.
     TlsHandshake,
-    /// PLAIN chosen without an initial response; an empty challenge was sent.
-    PlainResponse,
-    /// SCRAM chosen without an initial response; an empty challenge was sent.
-    ScramClientFirst {
-        hash: ScramHash,
+    /// A challenge was sent; the client's response is awaited, in the RFC 6120 profile
+    /// (`sasl2` is `None`) or the XEP-0388 one (with what the `<authenticate/>` asked for).
+    SaslResponse {
+        exchange: Exchange,
+        sasl2: Option<Box<Sasl2Request>>,
     },
-    /// The SCRAM server-first-message was sent; the client-final-message is awaited.
-    ScramClientFinal(Box<ScramServer>),
+    /// XEP-0388 authentication succeeded and `Step::Authenticated` was returned; on the user's
+    /// home shard the next `handle_bytes` binds (XEP-0386) and writes `<success/>`. There is no
+    /// stream restart: the framer keeps what the client pipelined after `<authenticate/>`.
+    Sasl2Success(Box<Sasl2Success>),
     /// Authenticated, stream restarted, features sent: the bind IQ.
     ExpectBind {
         node: String,
@@ -167,6 +181,61 @@ enum State {
         full_jid: Box<str>,
     },
     Closed,
+}
+
+/// A SASL exchange in progress, whichever profile carries it.
+#[derive(Debug)]
+enum Exchange {
+    /// PLAIN chosen without an initial response; an empty challenge was sent.
+    Plain,
+    /// SCRAM chosen without an initial response; an empty challenge was sent.
+    ScramClientFirst(ScramHash),
+    /// The SCRAM server-first-message was sent; the client-final-message is awaited.
+    ScramClientFinal(Box<ScramServer>),
+}
+
+/// Where a mechanism step leaves the exchange.
+enum Outcome {
+    Challenge(Vec<u8>, Exchange),
+    Success { node: String, additional: Vec<u8> },
+    Failure(Failure),
+}
+
+/// Why a XEP-0198 resumption did not take over a session.
+enum TakeOver {
+    /// No detached session of this user with that id (expired, or never was).
+    NotFound,
+    /// The client's `h` acknowledges more than was sent: a stream error.
+    CountTooHigh,
+}
+
+/// What a XEP-0388 `<authenticate/>` asked for besides authentication.
+#[derive(Debug, Default)]
+struct Sasl2Request {
+    /// XEP-0198 `<resume previd h/>` inline (XEP-0198 §6.2): `(previd, h)`; `h` is `None` when
+    /// it is not a number (the resumption then fails with `bad-request`).
+    resume: Option<(String, Option<u32>)>,
+    /// XEP-0388 `<user-agent id=.../>`: makes the generated resource stable (never shown).
+    user_agent_id: Option<String>,
+    /// XEP-0386 `<bind/>`, when present.
+    bind: Option<Bind2Request>,
+}
+
+/// A XEP-0386 bind request.
+#[derive(Debug, Default)]
+struct Bind2Request {
+    tag: Option<String>,
+    /// XEP-0198 `<enable/>` inline: `Some(resume)`.
+    sm_enable: Option<bool>,
+}
+
+/// An authenticated XEP-0388 exchange whose `<success/>` is not written yet.
+#[derive(Debug)]
+struct Sasl2Success {
+    node: String,
+    /// The mechanism's success data (SCRAM's server-final-message).
+    additional: Vec<u8>,
+    request: Sasl2Request,
 }
 
 /// The name of the stream element every client we know of sends (`<stream:stream>`): an idle
@@ -297,27 +366,62 @@ impl C2s {
             );
             return cont(State::ExpectBind { node });
         };
-        let Some((SmState(sm), full_jid)) = services.resume(&node, &previd) else {
-            let _ = write!(
-                Sink(out),
-                "<failed xmlns='{NS_SM3}'><item-not-found xmlns='{NS_STANZA_ERRORS}'/></failed>"
-            );
-            return cont(State::ExpectBind { node });
+        let full_jid = match self.take_over(&node, &previd, h, services) {
+            Ok(full_jid) => full_jid,
+            Err(TakeOver::NotFound) => {
+                let _ = write!(
+                    Sink(out),
+                    "<failed xmlns='{NS_SM3}'><item-not-found xmlns='{NS_STANZA_ERRORS}'/></failed>"
+                );
+                return cont(State::ExpectBind { node });
+            }
+            Err(TakeOver::CountTooHigh) => return self.handled_count_too_high(out),
         };
+        self.write_resumed(&previd, services, out);
+        self.resend_unacked(out);
+        cont(State::Established {
+            full_jid: full_jid.into(),
+        })
+    }
+
+    /// Takes over the detached session `previd` of `node` (XEP-0198 §5) and releases what the
+    /// client's `h` acknowledges; returns the session's full JID.
+    fn take_over(
+        &mut self,
+        node: &str,
+        previd: &str,
+        h: u32,
+        services: &mut dyn Services,
+    ) -> Result<String, TakeOver> {
+        let (SmState(sm), full_jid) = services.resume(node, previd).ok_or(TakeOver::NotFound)?;
         self.sm = Some(sm);
         if !self.release_acked(h, services) {
-            return self.handled_count_too_high(out);
+            return Err(TakeOver::CountTooHigh);
         }
-        let sm = self.sm.as_mut().expect("set above");
+        Ok(full_jid)
+    }
+
+    /// `<resumed/>` with our `h`, after `take_over`.
+    fn write_resumed(&mut self, previd: &str, services: &mut dyn Services, out: &mut Vec<u8>) {
+        let Some(sm) = self.sm.as_mut() else {
+            return;
+        };
         let (received, settled) = (services.received(), services.settled());
         let ours = settled.saturating_sub(sm.base).wrapping_add(sm.local) as u32;
         sm.ack_wanted = settled < received;
         let _ = write!(
             Sink(out),
             "<resumed xmlns='{NS_SM3}' h='{ours}' previd='{}'/>",
-            escape(&previd)
+            escape(previd)
         );
-        // What the client had not acknowledged is sent again (XEP-0198 §5), still unacked.
+    }
+
+    /// What the client had not acknowledged, sent again after `<resumed/>` (XEP-0198 §5), still
+    /// unacked, with a request for an ack.
+    fn resend_unacked(&mut self, out: &mut Vec<u8>) {
+        let Some(sm) = self.sm.as_mut() else {
+            return;
+        };
         for (bytes, _) in &sm.unacked {
             out.extend_from_slice(bytes);
         }
@@ -325,9 +429,6 @@ impl C2s {
             sm.since_request = 0;
             let _ = write!(Sink(out), "<r xmlns='{NS_SM3}'/>");
         }
-        cont(State::Established {
-            full_jid: full_jid.into(),
-        })
     }
 
     fn handled_count_too_high(&mut self, out: &mut Vec<u8>) -> Next {
@@ -409,6 +510,17 @@ impl C2s {
         if let Some(step) = self.check_deadline(out, now) {
             return step;
         }
+        if let State::Sasl2Success(_) = self.state {
+            let State::Sasl2Success(done) = std::mem::replace(&mut self.state, State::Closed)
+            else {
+                unreachable!("matched above");
+            };
+            let (state, step) = self.sasl2_complete(*done, services, out);
+            self.state = state;
+            if step != Step::Continue {
+                return step;
+            }
+        }
         if self.framer.is_none() && data.is_empty() {
             return Step::Continue;
         }
@@ -449,7 +561,7 @@ impl C2s {
     pub fn handle_tls_established(&mut self) {
         if matches!(self.state, State::TlsHandshake) {
             self.security = Security::Tls;
-            self.state = self.restart_stream(None);
+            self.state = self.restart_stream();
         }
     }
 
@@ -509,14 +621,15 @@ impl C2s {
         Some(step)
     }
 
-    /// A new stream begins on the same connection (after STARTTLS or SASL success).
-    fn restart_stream(&mut self, node: Option<String>) -> State {
+    /// A new stream begins on the same connection after STARTTLS: what was buffered in the clear
+    /// is dropped (RFC 6120 §5.4.3.3: it could have been injected).
+    fn restart_stream(&mut self) -> State {
         match self.framer.as_mut() {
             Some(framer) => framer.reset(),
             None => self.framer = Some(Box::new(Framer::new(self.config.stanza_bytes_max))),
         }
         self.header_sent = false;
-        State::ExpectStreamHeader { node }
+        State::ExpectStreamHeader { node: None }
     }
 
     fn plain_allowed(&self) -> bool {
@@ -570,14 +683,23 @@ impl C2s {
         (State::Closed, Step::Close)
     }
 
-    /// A SASL `<failure/>`; after `AUTH_ATTEMPTS_MAX` of them the stream is closed.
-    fn sasl_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
-        tracing::debug!(condition = failure.condition(), "c2s SASL failure");
-        let _ = write!(
-            Sink(out),
-            "<failure xmlns='{NS_SASL}'><{}/></failure>",
-            failure.condition()
-        );
+    /// A SASL `<failure/>` in the RFC 6120 profile, or the XEP-0388 one (`sasl2`: the RFC 6120
+    /// §6.5 condition in its own namespace; nothing inline is processed); after
+    /// `AUTH_ATTEMPTS_MAX` of them the stream is closed.
+    fn any_sasl_failure(&mut self, failure: Failure, sasl2: bool, out: &mut Vec<u8>) -> Next {
+        tracing::debug!(condition = failure.condition(), sasl2, "c2s SASL failure");
+        let condition = failure.condition();
+        let _ = if sasl2 {
+            write!(
+                Sink(out),
+                "<failure xmlns='{NS_SASL2}'><{condition} xmlns='{NS_SASL}'/></failure>"
+            )
+        } else {
+            write!(
+                Sink(out),
+                "<failure xmlns='{NS_SASL}'><{condition}/></failure>"
+            )
+        };
         self.auth_failures += 1;
         if self.auth_failures >= AUTH_ATTEMPTS_MAX {
             return self.stream_error("policy-violation", out);
@@ -595,8 +717,17 @@ impl C2s {
                 Base64.encode(additional)
             );
         }
-        // RFC 6120 §6.4.6: the stream restarts; bytes buffered from the old stream are dropped.
-        let state = self.restart_stream(Some(node.clone()));
+        // RFC 6120 §6.4.6: the stream restarts. What the client pipelined after its last SASL
+        // element (the new stream header, even a bind) stays buffered and is handled next, on
+        // the user's home shard after a handoff.
+        match self.framer.as_mut() {
+            Some(framer) => framer.restart(),
+            None => self.framer = Some(Box::new(Framer::new(self.config.stanza_bytes_max))),
+        }
+        self.header_sent = false;
+        let state = State::ExpectStreamHeader {
+            node: Some(node.clone()),
+        };
         (state, Step::Authenticated { node })
     }
 
@@ -635,20 +766,8 @@ impl C2s {
                 }
                 match state {
                     State::ExpectStartTlsOrAuth => self.on_pre_auth(stanza, services, out),
-                    State::PlainResponse => {
-                        self.on_sasl_response(stanza, out, |this, data, out| {
-                            this.on_plain(data, services, out)
-                        })
-                    }
-                    State::ScramClientFirst { hash } => {
-                        self.on_sasl_response(stanza, out, |this, data, out| {
-                            this.on_scram_first(hash, data, services, out)
-                        })
-                    }
-                    State::ScramClientFinal(server) => {
-                        self.on_sasl_response(stanza, out, |this, data, out| {
-                            this.on_scram_final(&server, data, out)
-                        })
+                    State::SaslResponse { exchange, sasl2 } => {
+                        self.on_sasl_response(stanza, exchange, sasl2, services, out)
                     }
                     State::ExpectBind { node } => self.on_expect_bind(stanza, node, services, out),
                     State::Established { full_jid } => {
@@ -657,6 +776,8 @@ impl C2s {
                     State::ExpectStreamHeader { .. } | State::TlsHandshake | State::Closed => {
                         self.stream_error("not-well-formed", out)
                     }
+                    // `handle_bytes` completes it before reading further events.
+                    State::Sasl2Success(_) => self.stream_error("internal-server-error", out),
                 }
             }
         }
@@ -713,6 +834,9 @@ impl C2s {
                         out.extend_from_slice(b"<mechanism>PLAIN</mechanism>");
                     }
                     out.extend_from_slice(b"</mechanisms>");
+                    if self.plain_allowed() {
+                        self.write_sasl2_feature(out);
+                    }
                 }
                 State::ExpectStartTlsOrAuth
             }
@@ -742,6 +866,13 @@ impl C2s {
             // RFC 6120 §5.3.1: nothing but STARTTLS is negotiated before TLS when it is mandatory.
             return self.stream_error("policy-violation", out);
         }
+        if stanza.kind == Kind::Other
+            && ns == Some(NS_SASL2)
+            && stanza.name() == "authenticate"
+            && self.plain_allowed()
+        {
+            return self.on_authenticate(&stanza, services, out);
+        }
         if stanza.kind != Kind::Other || ns != Some(NS_SASL) {
             return self.stream_error("not-authorized", out);
         }
@@ -758,87 +889,332 @@ impl C2s {
             Ok(payload) => payload,
             Err(failure) => return self.sasl_failure(failure, out),
         };
+        let outcome = self.start_mechanism(&mechanism, payload, services);
+        self.sasl_outcome(outcome, out)
+    }
+
+    /// The first step of `mechanism` with the client's initial response, if any.
+    fn start_mechanism(
+        &self,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+        services: &mut dyn Services,
+    ) -> Outcome {
         if mechanism == "PLAIN" {
             if !self.plain_allowed() {
-                return self.sasl_failure(Failure::EncryptionRequired, out);
+                return Outcome::Failure(Failure::EncryptionRequired);
             }
-            return match payload {
-                Some(data) => self.on_plain(&data, services, out),
-                None => {
-                    Self::challenge(out, b"");
-                    cont(State::PlainResponse)
-                }
+            return match initial {
+                Some(data) => self.plain(&data, services),
+                None => Outcome::Challenge(Vec::new(), Exchange::Plain),
             };
         }
-        let Some(hash) = ScramHash::from_mechanism(&mechanism) else {
-            return self.sasl_failure(Failure::InvalidMechanism, out);
+        let Some(hash) = ScramHash::from_mechanism(mechanism) else {
+            return Outcome::Failure(Failure::InvalidMechanism);
         };
-        match payload {
-            Some(data) => self.on_scram_first(hash, &data, services, out),
-            None => {
-                Self::challenge(out, b"");
-                cont(State::ScramClientFirst { hash })
-            }
+        match initial {
+            Some(data) => self.scram_first(hash, &data, services),
+            None => Outcome::Challenge(Vec::new(), Exchange::ScramClientFirst(hash)),
         }
     }
 
-    /// During an exchange: `<response/>` continues it with `then`, `<abort/>` ends it, anything
-    /// else fails it.
+    /// The next step of `exchange` with the client's response `data`.
+    fn continue_exchange(
+        &self,
+        exchange: Exchange,
+        data: &[u8],
+        services: &mut dyn Services,
+    ) -> Outcome {
+        match exchange {
+            Exchange::Plain => self.plain(data, services),
+            Exchange::ScramClientFirst(hash) => self.scram_first(hash, data, services),
+            Exchange::ScramClientFinal(server) => match server.finish(data) {
+                Ok(server_final) => Outcome::Success {
+                    node: server.node().to_owned(),
+                    additional: server_final,
+                },
+                Err(failure) => Outcome::Failure(failure),
+            },
+        }
+    }
+
+    /// Writes a mechanism step's result in the RFC 6120 profile.
+    fn sasl_outcome(&mut self, outcome: Outcome, out: &mut Vec<u8>) -> Next {
+        match outcome {
+            Outcome::Challenge(data, exchange) => {
+                Self::challenge(out, &data);
+                cont(State::SaslResponse {
+                    exchange,
+                    sasl2: None,
+                })
+            }
+            Outcome::Success { node, additional } => self.sasl_success(node, &additional, out),
+            Outcome::Failure(failure) => self.sasl_failure(failure, out),
+        }
+    }
+
+    /// During an exchange: `<response/>` continues it, `<abort/>` ends it, anything else fails it
+    /// (in the XEP-0388 profile anything but those two closes the stream, §2.5.1).
     fn on_sasl_response(
         &mut self,
         stanza: Stanza,
-        out: &mut Vec<u8>,
-        then: impl FnOnce(&mut Self, &[u8], &mut Vec<u8>) -> Next,
-    ) -> Next {
-        if stanza.kind != Kind::Other || stanza.xmlns().as_deref() != Some(NS_SASL) {
-            return self.stream_error("not-authorized", out);
-        }
-        match stanza.name() {
-            "response" => match sasl_payload(&stanza) {
-                Ok(data) => then(self, &data.unwrap_or_default(), out),
-                Err(failure) => self.sasl_failure(failure, out),
-            },
-            "abort" => self.sasl_failure(Failure::Aborted, out),
-            _ => self.sasl_failure(Failure::MalformedRequest, out),
-        }
-    }
-
-    fn on_plain(&mut self, data: &[u8], services: &mut dyn Services, out: &mut Vec<u8>) -> Next {
-        match sasl::plain(data, &self.config.domain, |node| services.credentials(node)) {
-            Ok(node) => self.sasl_success(node, b"", out),
-            Err(failure) => self.sasl_failure(failure, out),
-        }
-    }
-
-    fn on_scram_first(
-        &mut self,
-        hash: ScramHash,
-        data: &[u8],
+        exchange: Exchange,
+        sasl2: Option<Box<Sasl2Request>>,
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {
+        let ns = if sasl2.is_some() { NS_SASL2 } else { NS_SASL };
+        if stanza.kind != Kind::Other || stanza.xmlns().as_deref() != Some(ns) {
+            return self.stream_error("not-authorized", out);
+        }
+        let data = match stanza.name() {
+            "response" => match sasl_payload(&stanza) {
+                Ok(data) => data.unwrap_or_default(),
+                Err(failure) => return self.any_sasl_failure(failure, sasl2.is_some(), out),
+            },
+            "abort" => return self.any_sasl_failure(Failure::Aborted, sasl2.is_some(), out),
+            _ if sasl2.is_some() => return self.stream_error("not-authorized", out),
+            _ => return self.sasl_failure(Failure::MalformedRequest, out),
+        };
+        let outcome = self.continue_exchange(exchange, &data, services);
+        match sasl2 {
+            None => self.sasl_outcome(outcome, out),
+            Some(request) => self.sasl2_outcome(outcome, request, out),
+        }
+    }
+
+    fn sasl_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
+        self.any_sasl_failure(failure, false, out)
+    }
+
+    fn sasl2_failure(&mut self, failure: Failure, out: &mut Vec<u8>) -> Next {
+        self.any_sasl_failure(failure, true, out)
+    }
+
+    fn plain(&self, data: &[u8], services: &mut dyn Services) -> Outcome {
+        match sasl::plain(data, &self.config.domain, |node| services.credentials(node)) {
+            Ok(node) => Outcome::Success {
+                node,
+                additional: Vec::new(),
+            },
+            Err(failure) => Outcome::Failure(failure),
+        }
+    }
+
+    fn scram_first(&self, hash: ScramHash, data: &[u8], services: &mut dyn Services) -> Outcome {
         let first = match sasl::parse_client_first(data) {
             Ok(first) => first,
-            Err(failure) => return self.sasl_failure(failure, out),
+            Err(failure) => return Outcome::Failure(failure),
         };
         let Some(node) = sasl::normalize_node(&first.username, &self.config.domain) else {
-            return self.sasl_failure(Failure::NotAuthorized, out);
+            return Outcome::Failure(Failure::NotAuthorized);
         };
         let credentials = services.credentials(&node);
         match ScramServer::start(hash, first, node, &self.config.domain, credentials) {
             Ok((server, server_first)) => {
-                Self::challenge(out, &server_first);
-                cont(State::ScramClientFinal(Box::new(server)))
+                Outcome::Challenge(server_first, Exchange::ScramClientFinal(Box::new(server)))
             }
-            Err(failure) => self.sasl_failure(failure, out),
+            Err(failure) => Outcome::Failure(failure),
         }
     }
 
-    fn on_scram_final(&mut self, server: &ScramServer, data: &[u8], out: &mut Vec<u8>) -> Next {
-        match server.finish(data) {
-            Ok(server_final) => self.sasl_success(server.node().to_owned(), &server_final, out),
-            Err(failure) => self.sasl_failure(failure, out),
+    // ---- XEP-0388 (SASL2) with XEP-0386 (Bind 2) ----
+
+    /// The `<authentication/>` feature: our mechanisms, and Bind 2 inline with XEP-0198 inside
+    /// it. Offered where PLAIN is (under TLS, or in the loopback plaintext mode): XEP-0388 §7
+    /// wants SASL2 only after TLS.
+    fn write_sasl2_feature(&self, out: &mut Vec<u8>) {
+        let _ = write!(
+            Sink(out),
+            "<authentication xmlns='{NS_SASL2}'><mechanism>SCRAM-SHA-256</mechanism>\
+             <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><inline>\
+             <sm xmlns='{NS_SM3}'/><bind xmlns='{NS_BIND2}'><inline><feature var='{NS_SM3}'/>\
+             </inline></bind></inline></authentication>"
+        );
+    }
+
+    /// `<authenticate mechanism=...>` (XEP-0388 §2.3): parses what it asks for, then runs the
+    /// mechanism's first step.
+    fn on_authenticate(
+        &mut self,
+        stanza: &Stanza,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let Ok(element) = stanza.as_str().parse::<minidom::Element>() else {
+            return self.sasl2_failure(Failure::MalformedRequest, out);
+        };
+        let mechanism = element.attr("mechanism").unwrap_or_default().to_owned();
+        let initial = match element.get_child("initial-response", NS_SASL2) {
+            // XEP-0388 §2.3: an empty element is an empty response; no element, no response.
+            Some(child) => match Base64.decode(child.text().trim()) {
+                Ok(data) => Some(data),
+                Err(_) => return self.sasl2_failure(Failure::IncorrectEncoding, out),
+            },
+            None => None,
+        };
+        let user_agent_id = element
+            .get_child("user-agent", NS_SASL2)
+            .and_then(|ua| ua.attr("id"))
+            .filter(|id| !id.is_empty() && id.len() <= BIND2_TAG_BYTES_MAX)
+            .map(str::to_owned);
+        let bind = element
+            .get_child("bind", NS_BIND2)
+            .map(|bind| Bind2Request {
+                tag: bind
+                    .get_child("tag", NS_BIND2)
+                    .map(|t| t.text().trim().to_owned())
+                    .filter(|t| {
+                        !t.is_empty()
+                            && t.len() <= BIND2_TAG_BYTES_MAX
+                            && !t.chars().any(|c| c.is_control() || c.is_whitespace())
+                    }),
+                sm_enable: bind
+                    .get_child("enable", NS_SM3)
+                    .map(|enable| matches!(enable.attr("resume"), Some("true" | "1"))),
+            });
+        let resume = element.get_child("resume", NS_SM3).map(|resume| {
+            let previd = resume.attr("previd").unwrap_or_default().to_owned();
+            (previd, resume.attr("h").and_then(|h| h.parse::<u32>().ok()))
+        });
+        let request = Box::new(Sasl2Request {
+            resume,
+            user_agent_id,
+            bind,
+        });
+        let outcome = self.start_mechanism(&mechanism, initial, services);
+        self.sasl2_outcome(outcome, request, out)
+    }
+
+    /// Writes a mechanism step's result in the XEP-0388 profile. Success is not written here:
+    /// the connection first goes to the user's home shard, where `sasl2_complete` binds.
+    fn sasl2_outcome(
+        &mut self,
+        outcome: Outcome,
+        request: Box<Sasl2Request>,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        match outcome {
+            Outcome::Challenge(data, exchange) => {
+                let _ = write!(
+                    Sink(out),
+                    "<challenge xmlns='{NS_SASL2}'>{}</challenge>",
+                    Base64.encode(&data)
+                );
+                cont(State::SaslResponse {
+                    exchange,
+                    sasl2: Some(request),
+                })
+            }
+            Outcome::Success { node, additional } => (
+                State::Sasl2Success(Box::new(Sasl2Success {
+                    node: node.clone(),
+                    additional,
+                    request: *request,
+                })),
+                Step::Authenticated { node },
+            ),
+            Outcome::Failure(failure) => self.sasl2_failure(failure, out),
         }
+    }
+
+    /// On the user's home shard: binds what `<bind/>` asked for (XEP-0386), enables XEP-0198 if
+    /// asked inline, and writes `<success/>` with the authorization identifier (the full JID
+    /// when bound) and the features of the authenticated stream (no restart, XEP-0388 §2.6.1).
+    /// A bind the router refuses leaves the session unbound: `<success/>` carries the bare JID
+    /// and the features offer RFC 6120 binding.
+    fn sasl2_complete(
+        &mut self,
+        done: Sasl2Success,
+        services: &mut dyn Services,
+        out: &mut Vec<u8>,
+    ) -> Next {
+        let Sasl2Success {
+            node,
+            additional,
+            request,
+        } = done;
+        // XEP-0198 §6.2: a resumption first; when it takes over the session, the bind is
+        // ignored and no features follow; when it fails, `<failed/>` and a new session.
+        let mut resume_failed = None;
+        if let Some((previd, h)) = &request.resume {
+            match h.filter(|_| !previd.is_empty()) {
+                None => resume_failed = Some("bad-request"),
+                Some(h) => match self.take_over(&node, previd, h, services) {
+                    Ok(full_jid) => {
+                        sasl2_success_start(out, &additional);
+                        let _ = write!(
+                            Sink(out),
+                            "<authorization-identifier>{}</authorization-identifier>",
+                            escape(&full_jid)
+                        );
+                        self.write_resumed(previd, services, out);
+                        out.extend_from_slice(b"</success>");
+                        self.resend_unacked(out);
+                        return cont(State::Established {
+                            full_jid: full_jid.into(),
+                        });
+                    }
+                    Err(TakeOver::NotFound) => resume_failed = Some("item-not-found"),
+                    Err(TakeOver::CountTooHigh) => return self.handled_count_too_high(out),
+                },
+            }
+        }
+        sasl2_success_start(out, &additional);
+        let failed = resume_failed
+            .map(|c| format!("<failed xmlns='{NS_SM3}'><{c} xmlns='{NS_STANZA_ERRORS}'/></failed>"))
+            .unwrap_or_default();
+        let bound = request.bind.as_ref().and_then(|bind| {
+            let unique = match &request.user_agent_id {
+                Some(id) => sasl::stable_resource_id(&node, id),
+                None => hex(&random_id())[..16].to_owned(),
+            };
+            let tagged = bind.tag.as_ref().map(|tag| format!("{tag}/{unique}"));
+            let bound = match tagged {
+                Some(resource) => services
+                    .bind(&node, Some(&resource))
+                    .or_else(|_| services.bind(&node, Some(&unique))),
+                None => services.bind(&node, Some(&unique)),
+            };
+            match bound {
+                Ok(full_jid) => Some((full_jid, bind.sm_enable)),
+                Err(e) => {
+                    tracing::debug!(error = ?e, "bind 2 refused");
+                    None
+                }
+            }
+        });
+        let Some((full_jid, sm_enable)) = bound else {
+            let _ = write!(
+                Sink(out),
+                "<authorization-identifier>{}@{}</authorization-identifier>{failed}</success>\
+                 <stream:features><bind xmlns='{NS_BIND}'/><sm xmlns='{NS_SM3}'/></stream:features>",
+                escape(&node),
+                escape(&self.config.domain)
+            );
+            return cont(State::ExpectBind { node });
+        };
+        let _ = write!(
+            Sink(out),
+            "<authorization-identifier>{}</authorization-identifier>{failed}\
+             <bound xmlns='{NS_BIND2}'>",
+            escape(&full_jid)
+        );
+        if let Some(resume) = sm_enable {
+            self.enable_sm(resume, services, out);
+        }
+        out.extend_from_slice(b"</bound></success>");
+        if self.sm.is_none() {
+            let _ = write!(
+                Sink(out),
+                "<stream:features><sm xmlns='{NS_SM3}'/></stream:features>"
+            );
+        } else {
+            out.extend_from_slice(b"<stream:features/>");
+        }
+        cont(State::Established {
+            full_jid: full_jid.into(),
+        })
     }
 
     fn on_expect_bind(
@@ -936,30 +1312,7 @@ impl C2s {
                             attr_value(text, stanza.header.start_tag_end, "resume").as_deref(),
                             Some("true" | "1")
                         );
-                        let max = self.config.sm_resume_timeout.as_secs();
-                        let id = (wants_resume && max > 0).then(random_id);
-                        self.sm = Some(Box::new(Sm {
-                            base: services.received(),
-                            local: 0,
-                            ack_wanted: false,
-                            sent: 0,
-                            acked: 0,
-                            unacked: VecDeque::new(),
-                            since_request: 0,
-                            id,
-                        }));
-                        services.sm_enabled();
-                        match id.as_ref().map(hex) {
-                            Some(id) => {
-                                let _ = write!(
-                                    Sink(out),
-                                    "<enabled xmlns='{NS_SM3}' id='{id}' resume='true' max='{max}'/>"
-                                );
-                            }
-                            None => {
-                                let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
-                            }
-                        }
+                        self.enable_sm(wants_resume, services, out);
                     }
                     "r" if self.sm.is_some() => self.send_ack(services, out),
                     "a" if self.sm.is_some() => {
@@ -980,6 +1333,49 @@ impl C2s {
             }
             Kind::Other => self.stream_error("unsupported-stanza-type", out),
         }
+    }
+}
+
+impl C2s {
+    /// XEP-0198 `<enable/>` on a bound stream (or inline in a Bind 2 request): writes
+    /// `<enabled/>`, with a resumption id when asked for and resumption is on.
+    fn enable_sm(&mut self, wants_resume: bool, services: &mut dyn Services, out: &mut Vec<u8>) {
+        let max = self.config.sm_resume_timeout.as_secs();
+        let id = (wants_resume && max > 0).then(random_id);
+        self.sm = Some(Box::new(Sm {
+            base: services.received(),
+            local: 0,
+            ack_wanted: false,
+            sent: 0,
+            acked: 0,
+            unacked: VecDeque::new(),
+            since_request: 0,
+            id,
+        }));
+        services.sm_enabled();
+        match id.as_ref().map(hex) {
+            Some(id) => {
+                let _ = write!(
+                    Sink(out),
+                    "<enabled xmlns='{NS_SM3}' id='{id}' resume='true' max='{max}'/>"
+                );
+            }
+            None => {
+                let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
+            }
+        }
+    }
+}
+
+/// The start of a XEP-0388 `<success/>`, with the mechanism's success data if any.
+fn sasl2_success_start(out: &mut Vec<u8>, additional: &[u8]) {
+    let _ = write!(Sink(out), "<success xmlns='{NS_SASL2}'>");
+    if !additional.is_empty() {
+        let _ = write!(
+            Sink(out),
+            "<additional-data>{}</additional-data>",
+            Base64.encode(additional)
+        );
     }
 }
 

@@ -47,8 +47,12 @@ pub struct Handoff {
     /// The TLS session with any ciphertext and plaintext it holds that the machine has not seen.
     pub tls: Option<Box<TlsSession>>,
     pub machine: C2s,
-    /// Bytes read from the socket but not yet given to the machine (without TLS only).
+    /// Bytes read from the socket but not yet given to the machine.
     pub unread: Vec<u8>,
+    /// Plaintext the machine wrote and nobody sent yet: the home shard sends it with what it
+    /// writes next, so a login costs one send fewer (a pipelined XEP-0388 login's features go
+    /// out with its `<success/>`).
+    pub out: Vec<u8>,
 }
 
 /// Accepts connections on one listener until the shard stops.
@@ -123,7 +127,8 @@ pub async fn adopt_loop(shard: Rc<Shard>, rx: flume::Receiver<Handoff>) {
     while let Ok(h) = rx.recv_async().await {
         shard.stats.borrow_mut().handoffs_in += 1;
         let stream = sys::adopt_socket(h.socket);
-        let session = Session::register(&shard, shard.next_conn_id(), h.tls, h.machine);
+        let mut session = Session::register(&shard, shard.next_conn_id(), h.tls, h.machine);
+        session.out = h.out;
         spawn_conn(shard.clone(), stream, session, h.unread);
     }
 }
@@ -342,7 +347,8 @@ impl Session {
     }
 
     /// Deregisters the connection from this shard and packs it for shard `home`: the socket,
-    /// the TLS state, the machine (with its framer's buffered bytes) and any unread bytes.
+    /// the TLS state (with records not yet written), the machine (with its framer's buffered
+    /// bytes), any unread bytes and the plaintext not yet written.
     pub fn hand_off(&mut self, shard: &Shard, socket: StdTcpStream, unread: Vec<u8>) -> Handoff {
         // The machine moves; a closed placeholder stays behind (it is never used again).
         let placeholder = C2s::new(shard.c2s_direct_tls.clone(), Security::Tls, Instant::now());
@@ -358,6 +364,7 @@ impl Session {
             tls: self.tls.take(),
             machine,
             unread,
+            out: std::mem::take(&mut self.out),
         }
     }
 
@@ -488,7 +495,10 @@ impl Conn {
         if matches!(step, Step::Close) {
             self.s.seal_close_notify();
         }
-        if self.flush(stream).await.is_err() {
+        // After authentication the output waits for what the home shard adds (see
+        // `Handoff::out`; at home, the recursion below), so a login costs one send fewer.
+        let authenticated = matches!(step, Step::Authenticated { .. });
+        if !authenticated && self.flush(stream).await.is_err() {
             return Some(End::Closed);
         }
         match step {
@@ -500,8 +510,7 @@ impl Conn {
             },
             Step::Authenticated { node } => {
                 self.shard.stats.borrow_mut().auth_succeeded();
-                let bare = format!("{node}@{}", self.shard.domain);
-                let home = home_shard(&bare, self.shard.shards);
+                let home = self.shard.home_of(&node);
                 if home == self.shard.id {
                     // Already home: go on with whatever the client sent after authenticating.
                     let (step, rest) = self.s.handle_input(&self.shard, &unread);

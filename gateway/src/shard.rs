@@ -300,6 +300,11 @@ impl Shard {
         }
     }
 
+    /// The home shard of the local part `node` of this domain.
+    pub fn home_of(&self, node: &str) -> usize {
+        shared::shard::home_shard(&format!("{node}@{}", self.domain), self.shards)
+    }
+
     pub fn next_conn_id(&self) -> ConnId {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);

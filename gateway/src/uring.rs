@@ -23,7 +23,6 @@ use shared::limits::{
     URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX, URING_SEND_BACKLOG_BYTES_MAX,
     URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
 };
-use shared::shard::home_shard;
 
 use crate::c2s::Step;
 use crate::conn::{Handoff, Listener, Session};
@@ -699,16 +698,31 @@ impl Driver {
     }
 
     /// Writes what the machine produced and carries out its step.
-    fn after_step(&mut self, index: u32, step: Step, unread: Vec<u8>) {
+    fn after_step(&mut self, index: u32, mut step: Step, unread: Vec<u8>) {
         let shard = self.shard.clone();
         let Some(slot) = self.entries[index as usize].slot.as_deref_mut() else {
             return;
         };
         slot.session.report_phase(&shard);
+        if step == Step::Continue
+            && slot.session.outbox.len() > 0
+            && slot.session.outbox.close_requested().is_none()
+            && slot.takes_output()
+        {
+            // What the router queued for this connection while its input was handled (its own
+            // presence coming back after a login, an IQ answered at once) goes out in the same
+            // send; the wake-up it caused then finds the queue empty.
+            let mut drained = std::mem::take(&mut self.drained);
+            step = slot.session.handle_outbox(&shard, &mut drained);
+            self.drained = drained;
+        }
         if matches!(step, Step::Close) {
             slot.session.seal_close_notify();
         }
-        if !self.flush(index) {
+        // After authentication the output waits for what the home shard adds (see
+        // `Handoff::out`; at home, the recursion below), so a login costs one send fewer.
+        let authenticated = matches!(step, Step::Authenticated { .. });
+        if !authenticated && !self.flush(index) {
             self.begin_close(index);
             return;
         }
@@ -726,7 +740,7 @@ impl Driver {
             }
             Step::Authenticated { node } => {
                 shard.stats.borrow_mut().auth_succeeded();
-                let home = home_shard(&format!("{node}@{}", shard.domain), shard.shards);
+                let home = shard.home_of(&node);
                 if home == shard.id {
                     // Already home: go on with whatever the client sent after authenticating.
                     let (step, rest) = slot.session.handle_input(&shard, &unread);
@@ -1083,7 +1097,9 @@ impl Driver {
     fn adopt(&mut self, h: Handoff) {
         self.shard.stats.borrow_mut().handoffs_in += 1;
         let fd = h.socket.into_raw_fd();
-        let session = Session::register(&self.shard, self.shard.next_conn_id(), h.tls, h.machine);
+        let mut session =
+            Session::register(&self.shard, self.shard.next_conn_id(), h.tls, h.machine);
+        session.out = h.out;
         self.start(fd, session, h.unread);
     }
 

@@ -332,14 +332,15 @@ fn a_stanza_written_a_byte_at_a_time_arrives(engine: &str) {
 /// moment `<success/>` arrives, while the server is handing the connection to its user's home
 /// shard: bytes the old shard read meanwhile travel with the handoff, the rest wait in the
 /// socket for the new shard, and the session goes on there. Users on both home shards,
-/// connections landing on either shard: some are handed off (checked on `/metrics`). (Bytes sent
-/// before `<success/>` are dropped at the stream restart, RFC 6120 §6.4.6.)
+/// connections landing on either shard: some are handed off (checked on `/metrics`). Clients
+/// that pipeline all of it in the same write as `<auth/>` (before `<success/>`, as XEP-0305
+/// allows) lose nothing either: the stream restart keeps the bytes not yet handled.
 fn a_handoff_carries_the_bytes_sent_right_after_auth(engine: &str) {
     let mut nodes = users_on_shard(0, 4);
     nodes.extend(users_on_shard(1, 4));
     let builder = on_engine(engine, &[]).users(&nodes).allow_plaintext();
     let server = builder.start();
-    for tls in [false, true] {
+    for (tls, early) in [(false, false), (true, false), (false, true), (true, true)] {
         for node in &nodes {
             let addr = if tls { server.tls } else { server.c2s };
             let mut c = Raw::connect(addr, tls, None);
@@ -347,19 +348,24 @@ fn a_handoff_carries_the_bytes_sent_right_after_auth(engine: &str) {
             c.expect("</stream:features>");
             let creds = base64::engine::general_purpose::STANDARD
                 .encode(format!("\0{node}\0{}", password_of(node)));
-            c.send(&format!(
-                "<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{creds}</auth>"
-            ));
-            c.expect("<success");
-            c.send(&format!(
+            let auth = format!("<auth xmlns='{NS_SASL}' mechanism='PLAIN'>{creds}</auth>");
+            let next = format!(
                 "{}<iq type='set' id='b1'><bind xmlns='{NS_BIND}'><resource>r</resource></bind></iq>\
                  <presence/><iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>",
                 Client::stream_header(DOMAIN)
-            ));
+            );
+            if early {
+                c.send(&format!("{auth}{next}"));
+                c.expect("<success");
+            } else {
+                c.send(&auth);
+                c.expect("<success");
+                c.send(&next);
+            }
             let bound = c.expect("</iq>");
             assert!(
                 bound.contains(&format!("<jid>{node}@{DOMAIN}/r</jid>")),
-                "{node} tls {tls}: {bound}"
+                "{node} tls {tls} early {early}: {bound}"
             );
             let pong = c.expect("id='p1'");
             assert!(!pong.contains("type='error'"), "{pong}");

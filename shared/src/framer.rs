@@ -234,6 +234,19 @@ impl Framer {
         self.header = Header::default();
     }
 
+    /// A new stream begins right after the last event (a SASL success, RFC 6120 §6.4.6): forgets
+    /// the old stream's state but keeps the bytes not yet returned as events, which a client may
+    /// have pipelined (its new stream header and more, XEP-0305 §2.3). Never after STARTTLS:
+    /// bytes sent in the clear must not be carried into the TLS stream (use `reset`).
+    pub fn restart(&mut self) {
+        // After an event the buffer starts at the first unread byte and no element is open.
+        debug_assert_eq!(self.pos, 0);
+        debug_assert!(self.stack.is_empty());
+        let buf = std::mem::take(&mut self.buf);
+        self.reset();
+        self.buf = buf;
+    }
+
     /// Bytes buffered and not yet returned as an event.
     pub fn buffered_bytes(&self) -> usize {
         self.buf.len()
@@ -1211,6 +1224,27 @@ mod tests {
         f.reset();
         f.push(HEADER.as_bytes());
         assert!(matches!(f.next_event(), Ok(Some(Event::StreamOpen(_)))));
+    }
+
+    /// Goal: `restart` (after SASL success) begins a new stream but keeps what the client
+    /// pipelined after the last event: the new header and a stanza, whole or split.
+    #[test]
+    fn restart_keeps_pipelined_bytes() {
+        let auth =
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>";
+        for split in [0, 5, HEADER.len() + 3] {
+            let mut f = Framer::new(STANZA_BYTES_MAX);
+            let rest = format!("<?xml version='1.0'?>{HEADER}<iq id='1'/>");
+            f.push(format!("{HEADER}{auth}{}", &rest[..split]).as_bytes());
+            assert!(matches!(f.next_event(), Ok(Some(Event::StreamOpen(_)))));
+            assert!(matches!(f.next_event(), Ok(Some(Event::Stanza(_)))));
+            f.restart();
+            f.push(&rest.as_bytes()[split..]);
+            let (events, err) = drain(&mut f);
+            assert_eq!(err, None, "split {split}");
+            assert!(matches!(events[0], Event::StreamOpen(_)), "split {split}");
+            assert_eq!(stanzas(&events)[0].id().as_deref(), Some("1"));
+        }
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub const AUTH_ATTEMPTS_MAX: u32 = 3;
 /// Longest local part (RFC 7622 §3.3.1: 1023 bytes); resource likewise.
 pub const JID_PART_BYTES_MAX: usize = 1023;
 
+/// Longest XEP-0386 `<tag/>` (or XEP-0388 user-agent id) kept in a generated resource; a longer
+/// one is left out. The resource (tag, `/`, 16 hex digits) stays far within
+/// `JID_PART_BYTES_MAX`, and the request's strings are dropped after the bind.
+pub const BIND2_TAG_BYTES_MAX: usize = 64;
+const _: () = assert!(BIND2_TAG_BYTES_MAX + 17 <= JID_PART_BYTES_MAX);
+
 /// Default SCRAM iteration count for stored credentials (RFC 7677 recommends at least 4096).
 pub const SCRAM_ITERATIONS_DEFAULT: u32 = 4096;
 /// Device keys one account may hold (`gateway user add-device-key`); each is 32 bytes of stored

@@ -158,6 +158,45 @@ fn events_limited<'a>(
     events
 }
 
+/// The SASL element after which the stream restarts (RFC 6120 §6.4.6).
+const AUTH: &str =
+    "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGEAYg==</auth>";
+
+type Events = Vec<Result<Event, FrameError>>;
+
+/// Feeds `chunks`, calling `Framer::restart` right after the `<auth/>` stanza's event, as the
+/// c2s machine does on SASL success; returns the events up to it and those after it.
+fn events_with_restart<'a>(chunks: impl IntoIterator<Item = &'a [u8]>) -> (Events, Events) {
+    let mut framer = Framer::new(STANZA_BYTES_MAX);
+    let (mut old, mut new) = (Vec::new(), Vec::new());
+    let mut restarted = false;
+    for chunk in chunks {
+        framer.push(chunk);
+        loop {
+            let ev = match framer.next_event() {
+                Ok(Some(ev)) => Ok(ev),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            let failed = ev.is_err();
+            let auth = matches!(&ev, Ok(Event::Stanza(s)) if s.name() == "auth");
+            if restarted {
+                new.push(ev)
+            } else {
+                old.push(ev)
+            }
+            if failed {
+                return (old, new);
+            }
+            if auth && !restarted {
+                framer.restart();
+                restarted = true;
+            }
+        }
+    }
+    (old, new)
+}
+
 /// Splits `bytes` at the given points (taken modulo its length, sorted).
 fn split_at<'a>(bytes: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
@@ -228,6 +267,34 @@ proptest! {
 
         prop_assert_eq!(&events_of(split_at(bytes, &cuts)), &whole);
         prop_assert_eq!(&events_of(bytes.chunks(1)), &whole);
+    }
+
+    /// A client that pipelines its restarted stream behind its SASL `<auth/>`: with `restart`
+    /// called right after the auth's event, however the bytes were split, the new stream's
+    /// events are those of the new stream framed alone.
+    #[test]
+    fn restart_after_auth_keeps_the_pipelined_stream(
+        first in prop::collection::vec(stanza(), 0..3),
+        second in prop::collection::vec(stanza(), 0..4),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let text = |stanzas: &[Element]| {
+            let mut out = String::new();
+            for st in stanzas {
+                write_element(st, &mut out);
+            }
+            out
+        };
+        let old_stream = format!("{HEADER}{}{AUTH}", text(&first));
+        let new_stream = format!("{HEADER}{}{CLOSE}", text(&second));
+        let bytes = format!("{old_stream}{new_stream}").into_bytes();
+        let want_old = events_of([old_stream.as_bytes()]);
+        let want_new = events_of([new_stream.as_bytes()]);
+        for chunks in [split_at(&bytes, &cuts), bytes.chunks(1).collect()] {
+            let (old, new) = events_with_restart(chunks);
+            prop_assert_eq!(&old, &want_old);
+            prop_assert_eq!(&new, &want_new);
+        }
     }
 
     #[test]

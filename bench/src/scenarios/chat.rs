@@ -209,6 +209,8 @@ mod tests {
                 resource: None,
                 send_presence: true,
                 sm: false,
+                sasl2: false,
+                sasl2_pipelined: false,
             }),
             tls: None,
             server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),

@@ -134,6 +134,16 @@ pub struct Opts {
     /// an online user until the recipient acknowledges it; senders ask for and count acks (chat).
     #[arg(long)]
     pub sm: bool,
+    /// Log in with XEP-0388 SASL2 + XEP-0386 Bind 2 when the server offers them: credentials,
+    /// bind (--resource is the tag), XEP-0198 enable and initial presence in one flight, no
+    /// stream restart. Servers without them get the RFC 6120 login.
+    #[arg(long)]
+    pub sasl2: bool,
+    /// --sasl2, and `<authenticate/>` goes right behind the stream header without waiting for
+    /// the features, as a client that cached them from an earlier connection may (direct TLS
+    /// and plaintext): the whole login is the TLS handshake and one flight each way.
+    #[arg(long)]
+    pub sasl2_pipelined: bool,
     /// Chat: run steps at rising rates until p99 exceeds --p99-bound-ms or messages are lost.
     #[arg(long)]
     pub sweep: bool,
@@ -379,6 +389,8 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
             resource: opts.resource.clone(),
             send_presence: true,
             sm: opts.sm,
+            sasl2: opts.sasl2 || opts.sasl2_pipelined,
+            sasl2_pipelined: opts.sasl2_pipelined,
         }),
         tls: tls_config(opts, tls)?,
         server_name,

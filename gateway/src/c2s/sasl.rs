@@ -105,6 +105,14 @@ fn authzid_matches(authzid: &str, node: &str, domain: &str) -> bool {
     requested == own
 }
 
+/// The generated part of a XEP-0386 resource for a client that sent a XEP-0388 user-agent id:
+/// stable for the same account and id, so the client gets the same resource at every login,
+/// without exposing the id (64 bits of SHA-256 over account and id, as hex).
+pub(crate) fn stable_resource_id(node: &str, user_agent_id: &str) -> String {
+    let digest = Sha256::hash(format!("{node}\0{user_agent_id}").as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

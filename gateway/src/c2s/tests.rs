@@ -17,8 +17,13 @@ use super::*;
 const DOMAIN: &str = "example.com";
 const HEADER: &str = "<?xml version='1.0'?><stream:stream to='example.com' version='1.0' \
                       xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+/// RFC 6120 mechanisms, then the XEP-0388 feature with Bind 2 (XEP-0386) and XEP-0198 inline.
 const MECHS_ALL: &str = "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism>\
-                         <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>";
+                         <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism></mechanisms>\
+                         <authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256</mechanism>\
+                         <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><inline>\
+                         <sm xmlns='urn:xmpp:sm:3'/><bind xmlns='urn:xmpp:bind:0'><inline>\
+                         <feature var='urn:xmpp:sm:3'/></inline></bind></inline></authentication>";
 const MECHS_SCRAM: &str =
     "<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-256</mechanism>\
                            <mechanism>SCRAM-SHA-1</mechanism></mechanisms>";
@@ -1144,4 +1149,343 @@ fn stream_management_idle_state_is_compact() {
     assert_eq!(c.c2s.sm.as_ref().expect("enabled").unacked.capacity(), 0);
     let (rid, _, _) = c.c2s.detach().expect("resumable");
     assert_eq!(rid, id);
+}
+
+// ---- XEP-0388 (SASL2) with XEP-0386 (Bind 2) ----
+
+const UA_ID: &str = "d4565fa7-4d72-4749-b3d3-740edbf87770";
+
+fn sasl2_plain(password: &str, inner: &str) -> String {
+    let payload = Base64.encode(format!("\0alice\0{password}"));
+    format!(
+        "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'>\
+         <initial-response>{payload}</initial-response>{inner}</authenticate>"
+    )
+}
+
+fn bind2(tag: &str, extra: &str) -> String {
+    format!("<bind xmlns='urn:xmpp:bind:0'><tag>{tag}</tag>{extra}</bind>")
+}
+
+fn user_agent(id: &str) -> String {
+    format!("<user-agent id='{id}'><software>Test</software></user-agent>")
+}
+
+impl Client {
+    /// Sends `data`, which must authenticate; then (as the driver does on the home shard) feeds
+    /// nothing, which completes the SASL2 success. Returns what that wrote.
+    fn sasl2_authenticated(&mut self, data: &str) -> String {
+        let (step, out) = self.send(data);
+        assert_eq!(
+            step,
+            Step::Authenticated {
+                node: "alice".to_owned()
+            },
+            "{out}"
+        );
+        assert_eq!(out, "", "success waits for the home shard");
+        self.ok("")
+    }
+}
+
+/// The `<authorization-identifier>` of a SASL2 success.
+fn authz_id(out: &str) -> &str {
+    let start = out.find("<authorization-identifier>").expect(out) + 26;
+    let end = out.find("</authorization-identifier>").expect(out);
+    &out[start..end]
+}
+
+/// Goal: one round trip logs in and binds (XEP-0388 + XEP-0386); the resource is the client's
+/// tag and a generated part; a stanza pipelined right after `<authenticate/>` is handled after
+/// the success, in order. Method: the machine with a mock router.
+#[test]
+fn sasl2_plain_with_bind2_and_pipelined_presence() {
+    let mut c = Client::tls();
+    assert!(c
+        .ok(HEADER)
+        .contains("<authentication xmlns='urn:xmpp:sasl:2'>"));
+    let out = c.sasl2_authenticated(&format!(
+        "{}<presence/>",
+        sasl2_plain(
+            "pw",
+            &format!("{}{}", user_agent(UA_ID), bind2("Phone", ""))
+        )
+    ));
+    let jid = authz_id(&out).to_owned();
+    let resource = jid.strip_prefix("alice@example.com/Phone/").expect(&jid);
+    assert_eq!(resource.len(), 16, "{jid}");
+    assert!(!jid.contains(UA_ID), "the user-agent id is never shown");
+    assert_eq!(
+        out,
+        format!(
+            "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>{jid}\
+             </authorization-identifier><bound xmlns='urn:xmpp:bind:0'></bound></success>\
+             <stream:features><sm xmlns='urn:xmpp:sm:3'/></stream:features>"
+        )
+    );
+    assert!(c.c2s.is_established());
+    assert_eq!(c.c2s.full_jid(), Some(jid.as_str()));
+    assert_eq!(c.svc.stanzas.len(), 1, "the pipelined presence");
+    assert_eq!(c.svc.stanzas[0].kind, Kind::Presence);
+    assert!(c.svc.stanzas[0].as_str().contains(&jid), "from stamped");
+
+    // Same account and user-agent id: the same resource; another id: another one.
+    let mut again = Client::tls();
+    again.ok(HEADER);
+    let out = again.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &format!("{}{}", user_agent(UA_ID), bind2("Phone", "")),
+    ));
+    assert_eq!(authz_id(&out), jid);
+    let mut other = Client::tls();
+    other.ok(HEADER);
+    let out = other.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &format!("{}{}", user_agent("other"), bind2("Phone", "")),
+    ));
+    assert_ne!(authz_id(&out), jid);
+}
+
+/// Goal: a wrong password gets a SASL2 `<failure/>` with the RFC 6120 condition, binds nothing,
+/// and leaves the client free to try again; the third failure closes the stream.
+#[test]
+fn sasl2_wrong_password() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let failure = "<failure xmlns='urn:xmpp:sasl:2'>\
+                   <not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>";
+    assert_eq!(c.ok(&sasl2_plain("wrong", &bind2("T", ""))), failure);
+    assert!(c.svc.bound.is_empty(), "nothing inline is processed");
+    let out = c.sasl2_authenticated(&sasl2_plain("pw", &bind2("T", "")));
+    assert!(out.contains("<bound xmlns='urn:xmpp:bind:0'>"), "{out}");
+
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    c.ok(&sasl2_plain("wrong", ""));
+    c.ok(&sasl2_plain("wrong", ""));
+    let (step, out) = c.send(&sasl2_plain("wrong", ""));
+    assert_eq!(step, Step::Close);
+    assert!(out.starts_with(failure), "{out}");
+    assert!(out.ends_with(&stream_error("policy-violation")), "{out}");
+}
+
+/// Goal: SCRAM-SHA-256 over SASL2: challenge, response, then success with the server
+/// signature in `<additional-data/>` (checked by the `sasl` crate's client) and XEP-0198 enabled
+/// inline in the bind, with a resumption id.
+#[test]
+fn sasl2_scram_sha256_with_inline_stream_management() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let mut client = Scram::<Sha256>::new("alice", "pw", ChannelBinding::None).unwrap();
+    let first = Base64.encode(client.initial());
+    let out = c.ok(&format!(
+        "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='SCRAM-SHA-256'>\
+         <initial-response>{first}</initial-response>{}</authenticate>",
+        bind2("Laptop", "<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+    ));
+    let start = out.find("<challenge xmlns='urn:xmpp:sasl:2'>").expect(&out) + 35;
+    let server_first = Base64
+        .decode(&out[start..out.find("</challenge>").unwrap()])
+        .unwrap();
+    let final_ = Base64.encode(client.response(&server_first).unwrap());
+    let out = c.sasl2_authenticated(&format!(
+        "<response xmlns='urn:xmpp:sasl:2'>{final_}</response>"
+    ));
+    let start = out.find("<additional-data>").expect(&out) + 17;
+    let server_final = Base64
+        .decode(&out[start..out.find("</additional-data>").unwrap()])
+        .unwrap();
+    client
+        .success(&server_final)
+        .expect("server signature verifies");
+    assert!(
+        authz_id(&out).starts_with("alice@example.com/Laptop/"),
+        "{out}"
+    );
+    assert!(
+        out.contains("<enabled xmlns='urn:xmpp:sm:3' id='") && out.contains("resume='true'"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("</bound></success><stream:features/>"),
+        "{out}"
+    );
+    assert!(c.svc.sm_enabled);
+    assert!(c.c2s.sm_enabled());
+}
+
+/// Goal: without `<bind/>` the SASL2 success names the bare JID and the stream goes on to RFC
+/// 6120 binding, with no restart; a bind the router refuses does the same.
+#[test]
+fn sasl2_without_bind_and_refused_bind() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let out = c.sasl2_authenticated(&sasl2_plain("pw", ""));
+    assert_eq!(
+        out,
+        "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>alice@example.com\
+         </authorization-identifier></success><stream:features>\
+         <bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><sm xmlns='urn:xmpp:sm:3'/></stream:features>"
+    );
+    let out = c.ok(
+        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
+         <resource>r</resource></bind></iq>",
+    );
+    assert!(out.contains("<jid>alice@example.com/r</jid>"), "{out}");
+
+    let mut c = Client::tls();
+    c.svc.full = true;
+    c.ok(HEADER);
+    let out = c.sasl2_authenticated(&sasl2_plain("pw", &bind2("T", "")));
+    assert_eq!(authz_id(&out), "alice@example.com");
+    assert!(!out.contains("<bound"), "{out}");
+    assert!(!c.c2s.is_established());
+}
+
+/// Goal: SASL2 is not offered nor accepted where PLAIN is not (no TLS); an unknown mechanism
+/// and a bad initial response fail in the SASL2 profile; a tag that cannot be part of a
+/// resource is left out.
+#[test]
+fn sasl2_refusals_and_odd_requests() {
+    let mut c = Client::new(Security::Plain, config(false, false));
+    assert!(!c.ok(HEADER).contains("urn:xmpp:sasl:2"));
+    let (step, out) = c.send(&sasl2_plain("pw", ""));
+    assert_eq!((step, out), (Step::Close, stream_error("not-authorized")));
+
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    assert_eq!(
+        c.ok("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='X-UNKNOWN'/>"),
+        "<failure xmlns='urn:xmpp:sasl:2'>\
+         <invalid-mechanism xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>"
+    );
+    assert_eq!(
+        c.ok("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'>\
+              <initial-response>!!</initial-response></authenticate>"),
+        "<failure xmlns='urn:xmpp:sasl:2'>\
+         <incorrect-encoding xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>"
+    );
+    // PLAIN without an initial response: an empty challenge, then the response.
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    assert_eq!(
+        c.ok("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'/>"),
+        "<challenge xmlns='urn:xmpp:sasl:2'></challenge>"
+    );
+    let payload = Base64.encode("\0alice\0pw");
+    let out = c.sasl2_authenticated(&format!(
+        "<response xmlns='urn:xmpp:sasl:2'>{payload}</response>"
+    ));
+    assert_eq!(authz_id(&out), "alice@example.com");
+
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let long = "x".repeat(BIND2_TAG_BYTES_MAX + 1);
+    let out = c.sasl2_authenticated(&sasl2_plain("pw", &bind2(&long, "")));
+    let resource = authz_id(&out).strip_prefix("alice@example.com/").unwrap();
+    assert_eq!(resource.len(), 16, "{resource}");
+    // A legacy `<response/>` during a SASL2 exchange closes the stream (XEP-0388 §2.5.1).
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    c.ok("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'/>");
+    let (step, out) = c.send(&format!(
+        "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{payload}</response>"
+    ));
+    assert_eq!((step, out), (Step::Close, stream_error("not-authorized")));
+}
+
+/// Goal: a legacy (RFC 6120) client that pipelines its restarted stream header and bind right
+/// after `<auth/>` loses nothing (this was dropped before: the framer was reset on success).
+#[test]
+fn legacy_pipelined_restart_and_bind_after_auth() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let (step, out) = c.send(&format!(
+        "{}{HEADER}<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
+         <resource>r</resource></bind></iq><presence/>",
+        plain_auth("", "alice", "pw")
+    ));
+    assert_eq!(out, "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>");
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        }
+    );
+    let out = c.ok("");
+    assert!(out.contains(BIND_FEATURES), "{out}");
+    assert!(
+        out.ends_with("<jid>alice@example.com/r</jid></bind></iq>"),
+        "{out}"
+    );
+    assert_eq!(c.svc.stanzas.len(), 1, "the pipelined presence");
+}
+
+/// Goal: XEP-0198 resumption inline in SASL2 (XEP-0198 §6.2): a detached session is taken over
+/// by `<resume/>` inside `<authenticate/>` (the bind is ignored, no features follow, the
+/// unacknowledged stanzas are sent again after the success); an unknown id gives `<failed/>`
+/// inside the success and a new session is bound.
+#[test]
+fn sasl2_inline_resumption() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let out = c.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &bind2("T", "<enable xmlns='urn:xmpp:sm:3' resume='true'/>"),
+    ));
+    let id_at = out.find(" id='").expect("resumption id") + 5;
+    let id = out[id_at..id_at + 32].to_owned();
+    let jid = authz_id(&out).to_owned();
+    let mut sent = Vec::new();
+    for i in 0..2u64 {
+        c.c2s.handle_outbound(
+            Bytes::from(format!("<message id='o{i}'/>")),
+            None,
+            &mut sent,
+        );
+    }
+    let (rid, sm, full) = c.c2s.detach().expect("resumable");
+    assert_eq!((rid.as_str(), full.as_str()), (id.as_str(), jid.as_str()));
+
+    let mut n = Client::tls();
+    n.svc.detached = Some((rid, sm, full));
+    n.ok(HEADER);
+    let out = n.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='{id}' h='1'/>{}",
+            bind2("T", "")
+        ),
+    ));
+    assert_eq!(
+        out,
+        format!(
+            "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>{jid}\
+             </authorization-identifier><resumed xmlns='urn:xmpp:sm:3' h='0' previd='{id}'/>\
+             </success><message id='o1'/><r xmlns='urn:xmpp:sm:3'/>"
+        )
+    );
+    assert!(n.svc.bound.is_empty(), "the bind is ignored");
+    assert_eq!(n.c2s.full_jid(), Some(jid.as_str()));
+    assert!(n.c2s.sm_enabled());
+
+    // An unknown id: `<failed/>` in the success, then the bind goes ahead.
+    let mut m = Client::tls();
+    m.ok(HEADER);
+    let out = m.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &format!(
+            "<resume xmlns='urn:xmpp:sm:3' previd='nope' h='0'/>{}",
+            bind2("T", "")
+        ),
+    ));
+    assert!(
+        out.contains(
+            "</authorization-identifier><failed xmlns='urn:xmpp:sm:3'><item-not-found \
+             xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed><bound xmlns='urn:xmpp:bind:0'>"
+        ),
+        "{out}"
+    );
+    assert!(m.c2s.is_established());
+    assert_eq!(m.svc.bound.len(), 1);
 }

@@ -36,6 +36,26 @@ pub const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 pub const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
 pub const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
 
+/// Every case runs on both I/O engines, as `uring::case` and `tasks::case` (each case a function
+/// taking the engine's name); for test files that declare `#[macro_use] mod support;`.
+#[allow(unused_macros)]
+macro_rules! on_both_engines {
+    ($($case:ident),* $(,)?) => {
+        mod uring {
+            $(#[test]
+            fn $case() {
+                super::$case("uring");
+            })*
+        }
+        mod tasks {
+            $(#[test]
+            fn $case() {
+                super::$case("tasks");
+            })*
+        }
+    };
+}
+
 pub fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_gateway")
 }
