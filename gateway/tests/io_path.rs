@@ -7,6 +7,7 @@
 //! `resource-constraint`), a handoff to the home shard with the client's next stanzas already
 //! sent, and TLS resumption.
 
+#[macro_use]
 mod support;
 
 use std::io::{self, Read, Write};
@@ -536,24 +537,6 @@ fn on_engine(engine: &str, args: &[&str]) -> ServerBuilder {
         builder = builder.arg(a);
     }
     builder
-}
-
-/// Every case runs on both I/O engines, as `uring::case` and `tasks::case`.
-macro_rules! on_both_engines {
-    ($($case:ident),* $(,)?) => {
-        mod uring {
-            $(#[test]
-            fn $case() {
-                super::$case("uring");
-            })*
-        }
-        mod tasks {
-            $(#[test]
-            fn $case() {
-                super::$case("tasks");
-            })*
-        }
-    };
 }
 
 on_both_engines!(
