@@ -2,9 +2,12 @@
 # Login storm cost of two values of one config key, alternated: for each round and value, a fresh
 # gateway, then `bench login` (SESSIONS users at once) with the server's pid; prints logins per
 # server CPU-second (established logins / server user+system CPU seconds) per run and the medians.
+# With --bins it alternates two gateway binaries instead (default config; runs named a and b),
+# e.g. before and after a change.
 #
 #   scripts/login-ab.sh [--key io_engine] [--values uring,tasks] [--rounds 3] [--sessions 5000]
 #                       [--tls direct|none|starttls] [--procs 2] [--out DIR]
+#                       [--bins GATEWAY_A,GATEWAY_B]
 #
 # Each value is written as a TOML string (`KEY = "VALUE"`). Binaries: $GATEWAY_BIN and $BENCH
 # (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
@@ -22,6 +25,7 @@ SESSIONS=5000
 TLS=direct
 PROCS=2
 OUT="/tmp/login-ab-$(date +%Y%m%d-%H%M%S)"
+BINS=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --key) KEY=$2; shift 2 ;;
@@ -31,7 +35,8 @@ while [ $# -gt 0 ]; do
         --tls) TLS=$2; shift 2 ;;
         --procs) PROCS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0" >&2; exit 2 ;;
+        --bins) BINS=$2; shift 2 ;;
+        -h|--help) sed -n '2,15p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -48,11 +53,26 @@ case "$TLS" in
     none) port=$C2S_PORT; tls_args=() ;;
     *) echo "--tls takes direct, starttls or none" >&2; exit 2 ;;
 esac
+declare -A bin_of=()
+if [ -n "$BINS" ]; then
+    IFS=, read -r bin_a bin_b <<< "$BINS"
+    [ -x "$bin_a" ] && [ -x "$bin_b" ] || { echo "--bins takes two gateway binaries: A,B" >&2; exit 2; }
+    values=(a b)
+    bin_of=([a]="$bin_a" [b]="$bin_b")
+    export GATEWAY_BIN="$bin_a"
+    echo "a = $bin_a, b = $bin_b" | tee "$OUT/bins.txt"
+else
+    IFS=, read -ra values <<< "$VALUES"
+fi
 "$PEERS/gateway.sh" setup "$SESSIONS"
-IFS=, read -ra values <<< "$VALUES"
 for round in $(seq 1 "$ROUNDS"); do
     for v in "${values[@]}"; do
-        printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
+        if [ -n "$BINS" ]; then
+            : > "$OUT/$v.toml"
+            export GATEWAY_BIN="${bin_of[$v]}"
+        else
+            printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
+        fi
         GATEWAY_CONFIG="$OUT/$v.toml" "$PEERS/gateway.sh" start
         pid=$("$PEERS/gateway.sh" pid)
         "$BENCH" login --target "127.0.0.1:$port" --tls "$TLS" "${tls_args[@]}" \
