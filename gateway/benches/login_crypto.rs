@@ -7,17 +7,23 @@
 //! figures are server CPU per login. `1 / (handshake + PLAIN check)` is
 //! the most logins per server CPU-second any I/O path can reach on this CPU.
 //!
-//! Handshakes run on each crypto library rustls offers (ring, aws-lc-rs) with the gateway's own
-//! configuration otherwise; `crypto_primitives` times the handshake's public-key operations
-//! alone in both libraries.
+//! Handshakes run on each `CryptoLibrary` (ring, aws-lc-rs, and the mix the gateway runs) with
+//! the gateway's own configuration otherwise, plus variants it does not run (no ticket, the other
+//! ticketer or signer, aws-lc-rs's P-256 group, the post-quantum hybrid);
+//! `crypto_primitives` times the handshake's public-key operations (and one record seal) alone
+//! in both libraries.
 //!
 //!   cargo bench -p gateway --bench login_crypto --profile fastrel
+//!   cargo bench -p gateway --bench login_crypto --profile fastrel -- paired
+//!
+//! The second interleaves all handshake kinds and prints medians and ratios to ring: on a shared,
+//! noisy box that is the comparison to trust (criterion's separate runs drift by 10-20%).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use gateway::tls::{server_config_with, CryptoLibrary, TlsSession};
 use router::credentials::{device_key_hash, new_device_key, Credentials};
 use rustls::crypto::{CryptoProvider, SupportedKxGroup};
@@ -177,13 +183,32 @@ fn server_time(
     total
 }
 
-fn tls_handshakes(c: &mut Criterion) {
-    let mut group = c.benchmark_group("server_tls13_handshake");
-    group.warm_up_time(Duration::from_secs(1));
-    group.measurement_time(Duration::from_secs(4));
+/// One kind of handshake: its server and client, and whether the client resumes.
+struct Case {
+    /// `library/kind`.
+    name: String,
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    resumed: bool,
+}
+
+/// Every handshake kind on both libraries, plus variants the gateway does not run (aws-lc's own
+/// P-256 key exchange, the post-quantum hybrid). The certificates live in `dirs`.
+fn cases(dirs: &mut Vec<tempfile::TempDir>) -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut case = |name: String, server: &Arc<ServerConfig>, client: &Arc<ClientConfig>| {
+        let resumed = name.contains("resumed");
+        cases.push(Case {
+            name,
+            server: server.clone(),
+            client: client.clone(),
+            resumed,
+        })
+    };
     for (library, name) in [
         (CryptoLibrary::Ring, "ring"),
         (CryptoLibrary::AwsLc, "aws_lc"),
+        (CryptoLibrary::Mixed, "mixed"),
     ] {
         let ecdsa_dir = tempfile::tempdir().expect("tempdir");
         let ed25519_dir = tempfile::tempdir().expect("tempdir");
@@ -209,30 +234,63 @@ fn tls_handshakes(c: &mut Criterion) {
         no_ticket.send_tls13_tickets = 0;
         let no_ticket = Arc::new(no_ticket);
 
-        group.bench_function(format!("{name}/full_x25519_ecdsa_p256_default"), |b| {
-            b.iter_custom(|iters| server_time(iters, &ecdsa, &x25519, false))
-        });
-        group.bench_function(format!("{name}/full_x25519_ecdsa_p256_no_ticket"), |b| {
-            b.iter_custom(|iters| server_time(iters, &no_ticket, &x25519, false))
-        });
-        group.bench_function(format!("{name}/full_p256_ecdsa_p256"), |b| {
-            b.iter_custom(|iters| server_time(iters, &ecdsa, &p256, false))
-        });
+        case(
+            format!("{name}/full_x25519_ecdsa_p256_default"),
+            &ecdsa,
+            &x25519,
+        );
+        case(
+            format!("{name}/full_x25519_ecdsa_p256_no_ticket"),
+            &no_ticket,
+            &x25519,
+        );
+        case(format!("{name}/full_p256_ecdsa_p256"), &ecdsa, &p256);
         if library == CryptoLibrary::AwsLc {
+            // Tickets from ring's ticketer.
+            let config = Config {
+                data_dir: ecdsa_dir.path().to_path_buf(),
+                ..Config::default()
+            };
+            let aws_lc_tickets = server_config_with(
+                &config,
+                library.login_cheap_provider(),
+                CryptoLibrary::Ring.ticketer().expect("ticketer"),
+            )
+            .expect("server config");
+            case(
+                format!("{name}/full_x25519_ecdsa_p256_ring_ticketer"),
+                &aws_lc_tickets,
+                &x25519,
+            );
             // P-256 key exchange on aws-lc's own group, which the gateway does not use.
             let aws_lc_p256 = server(ecdsa_dir.path(), None, library, |p| {
                 p.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::SECP256R1]
             });
-            group.bench_function(format!("{name}/full_p256_ecdsa_p256_aws_lc_kx"), |b| {
-                b.iter_custom(|iters| server_time(iters, &aws_lc_p256, &p256, false))
-            });
+            case(
+                format!("{name}/full_p256_ecdsa_p256_aws_lc_kx"),
+                &aws_lc_p256,
+                &p256,
+            );
         }
-        group.bench_function(format!("{name}/full_x25519_ed25519"), |b| {
-            b.iter_custom(|iters| server_time(iters, &ed25519, &x25519_ed, false))
-        });
-        group.bench_function(format!("{name}/resumed_x25519"), |b| {
-            b.iter_custom(|iters| server_time(iters, &ecdsa, &resuming, true))
-        });
+        if library == CryptoLibrary::Mixed {
+            // Signing with ring's keys instead of aws-lc-rs's.
+            let ring_sign = server(ecdsa_dir.path(), None, library, |p| {
+                p.key_provider = rustls::crypto::ring::default_provider().key_provider
+            });
+            case(
+                format!("{name}/full_x25519_ecdsa_p256_ring_sign"),
+                &ring_sign,
+                &x25519,
+            );
+            case(
+                format!("{name}/full_p256_ecdsa_p256_ring_sign"),
+                &ring_sign,
+                &p256,
+            );
+        }
+        case(format!("{name}/full_x25519_ed25519"), &ed25519, &x25519_ed);
+        case(format!("{name}/resumed_x25519"), &ecdsa, &resuming);
+        dirs.extend([ecdsa_dir, ed25519_dir]);
     }
     // What a post-quantum hybrid would cost if the server accepted it (it does not: see
     // `gateway::tls::KX_GROUPS`); only aws-lc-rs has ML-KEM.
@@ -247,10 +305,91 @@ fn tls_handshakes(c: &mut Criterion) {
         Some(vec![rustls::crypto::aws_lc_rs::kx_group::X25519MLKEM768]),
         false,
     );
-    group.bench_function("aws_lc/full_x25519mlkem768_ecdsa_p256", |b| {
-        b.iter_custom(|iters| server_time(iters, &pq, &pq_client, false))
-    });
+    case(
+        "aws_lc/full_x25519mlkem768_ecdsa_p256".to_string(),
+        &pq,
+        &pq_client,
+    );
+    dirs.push(pq_dir);
+    cases
+}
+
+fn tls_handshakes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("server_tls13_handshake");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(4));
+    let mut dirs = Vec::new();
+    for case in cases(&mut dirs) {
+        group.bench_function(&case.name, |b| {
+            b.iter_custom(|iters| server_time(iters, &case.server, &case.client, case.resumed))
+        });
+    }
     group.finish();
+}
+
+/// Rounds of `paired`: each runs a block of handshakes of every case.
+const PAIRED_ROUNDS: usize = 200;
+/// Handshakes per case and round; the first `PAIRED_WARMUP` of a block are not counted (the
+/// caches then still hold the previous case's library, which a server running one never sees).
+const PAIRED_BLOCK: usize = 8;
+const PAIRED_WARMUP: usize = 2;
+/// Any non-zero xorshift seed: the same order every run.
+const PAIRED_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Every case's handshakes interleaved in short blocks (so load from other processes on a shared
+/// box falls on all alike), then each case's median server CPU per handshake and its ratio to
+/// ring's same kind. Run with `-- paired`.
+fn paired() {
+    let mut dirs = Vec::new();
+    let cases = cases(&mut dirs);
+    let samples = PAIRED_ROUNDS * (PAIRED_BLOCK - PAIRED_WARMUP);
+    let mut spent: Vec<Vec<Duration>> = vec![Vec::with_capacity(samples); cases.len()];
+    // The cases' order is shuffled every round (Fisher-Yates on a xorshift), so that no case
+    // always follows the same one.
+    let mut order: Vec<usize> = (0..cases.len()).collect();
+    let mut state = PAIRED_SEED;
+    for _ in 0..PAIRED_ROUNDS {
+        for i in (1..order.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            order.swap(i, (state % (i as u64 + 1)) as usize);
+        }
+        for &c in &order {
+            let case = &cases[c];
+            for i in 0..PAIRED_BLOCK {
+                let time = server_time(1, &case.server, &case.client, case.resumed);
+                if i >= PAIRED_WARMUP {
+                    spent[c].push(time);
+                }
+            }
+        }
+    }
+    let median = |d: &mut Vec<Duration>| {
+        d.sort_unstable();
+        d[d.len() / 2]
+    };
+    let medians: Vec<Duration> = spent.iter_mut().map(median).collect();
+    println!(
+        "server CPU per TLS 1.3 handshake, median of {samples} ({PAIRED_ROUNDS} interleaved \
+         rounds of {PAIRED_BLOCK} in shuffled order, {PAIRED_WARMUP} uncounted):"
+    );
+    for (case, m) in cases.iter().zip(&medians) {
+        let kind = case.name.split_once('/').map_or("", |(_, kind)| kind);
+        let ring = cases
+            .iter()
+            .zip(&medians)
+            .find(|(c, _)| c.name == format!("ring/{kind}"))
+            .map(|(_, m)| *m);
+        let ratio = ring.map_or(String::new(), |r| {
+            format!("{:.2}x ring", m.as_secs_f64() / r.as_secs_f64())
+        });
+        println!(
+            "  {:<45} {:>7.1} us  {ratio}",
+            case.name,
+            m.as_secs_f64() * 1e6
+        );
+    }
 }
 
 /// The handshake's public-key operations alone, as the server runs them: an ephemeral key pair
@@ -384,4 +523,12 @@ fn sasl_plain(c: &mut Criterion) {
 }
 
 criterion_group!(benches, tls_handshakes, crypto_primitives, sasl_plain);
-criterion_main!(benches);
+
+fn main() {
+    if std::env::args().any(|arg| arg == "paired") {
+        paired();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -66,30 +66,41 @@ pub fn server_config_with(
 }
 
 /// The cryptography under rustls's handshake (key exchange, signature, key schedule, tickets).
+/// Server CPU per full TLS 1.3 handshake (X25519, ECDSA P-256 certificate, one ticket; `cargo
+/// bench -p gateway --bench login_crypto --profile fastrel -- paired`, 2-core AMD EPYC VM):
+/// `Ring` ~130 us, `AwsLc` ~0.86x that, `Mixed` ~0.79x. aws-lc-rs's X25519 key generation is
+/// ~3x ring's speed, but a handshake on its cipher suites (HKDF, transcript hash, AEAD) costs
+/// more than on ring's (one with P-256 key exchange, where X25519 plays no part, is 1.12-1.19x
+/// ring's), so `Mixed` keeps ring's suites and takes X25519 from aws-lc-rs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CryptoLibrary {
     Ring,
     AwsLc,
+    /// ring's cipher suites and P-256/P-384 key exchange, with aws-lc-rs's X25519, signing keys
+    /// and ticketer.
+    Mixed,
 }
 
 /// The library the gateway runs its handshakes on.
-pub const CRYPTO_LIBRARY: CryptoLibrary = CryptoLibrary::AwsLc;
+pub const CRYPTO_LIBRARY: CryptoLibrary = CryptoLibrary::Mixed;
 
 impl CryptoLibrary {
     /// The library's provider with the cheapest safe choices first, since a full handshake is
     /// most of a login's CPU: AES-128-GCM with SHA-256 before AES-256-GCM with SHA-384 (the key
     /// schedule's HKDF and the transcript hash then run on SHA-256, which has CPU instructions
     /// on current x86 and ARM, where SHA-384 has none), same for TLS 1.2. Key exchange groups
-    /// are ring's set (X25519, P-256, P-384) in every library, X25519 first; with aws-lc-rs,
-    /// X25519 is aws-lc's (its key generation is ~3x ring's speed) and P-256 and P-384 stay
-    /// ring's (measured cheaper in a full handshake: see `benches/login_crypto.rs`). The
-    /// self-signed certificate is ECDSA P-256 (rcgen's default), far cheaper to sign with than
-    /// RSA.
+    /// are ring's set (X25519, P-256, P-384) in every library, X25519 first; when aws-lc-rs is
+    /// in, X25519 is aws-lc's and P-256 and P-384 stay ring's (aws-lc-rs's P-256 measured no
+    /// cheaper inside a handshake: see `benches/login_crypto.rs`). The self-signed certificate
+    /// is ECDSA P-256 (rcgen's default), far cheaper to sign with than RSA.
     pub fn login_cheap_provider(self) -> rustls::crypto::CryptoProvider {
         let mut provider = match self {
-            Self::Ring => rustls::crypto::ring::default_provider(),
+            Self::Ring | Self::Mixed => rustls::crypto::ring::default_provider(),
             Self::AwsLc => rustls::crypto::aws_lc_rs::default_provider(),
         };
+        if self == Self::Mixed {
+            provider.key_provider = rustls::crypto::aws_lc_rs::default_provider().key_provider;
+        }
         // Stable sort: suites keep the library's order within each rank.
         provider.cipher_suites.sort_by_key(|suite| {
             use rustls::crypto::hash::HashAlgorithm::SHA256;
@@ -103,7 +114,7 @@ impl CryptoLibrary {
         });
         provider.kx_groups = match self {
             Self::Ring => provider.kx_groups,
-            Self::AwsLc => vec![
+            Self::AwsLc | Self::Mixed => vec![
                 rustls::crypto::aws_lc_rs::kx_group::X25519,
                 rustls::crypto::ring::kx_group::SECP256R1,
                 rustls::crypto::ring::kx_group::SECP384R1,
@@ -112,11 +123,14 @@ impl CryptoLibrary {
         provider
     }
 
-    /// The stateless ticketer of the library (an AEAD seal per ticket issued).
+    /// The stateless TLS 1.3 ticketer (one seal per ticket issued, under keys rustls rotates
+    /// every 6 hours): aws-lc-rs's (AES-256-CBC and HMAC-SHA256, RFC 5077) when the library
+    /// includes aws-lc-rs, ring's (ChaCha20-Poly1305) otherwise; they measured the same within
+    /// 2 us per handshake.
     pub fn ticketer(self) -> Result<Arc<dyn rustls::server::ProducesTickets>> {
         match self {
             Self::Ring => rustls::crypto::ring::Ticketer::new(),
-            Self::AwsLc => rustls::crypto::aws_lc_rs::Ticketer::new(),
+            Self::AwsLc | Self::Mixed => rustls::crypto::aws_lc_rs::Ticketer::new(),
         }
         .context("TLS session ticketer")
     }
@@ -652,11 +666,15 @@ mod tests {
         };
         let ring = names(rustls::crypto::ring::default_provider());
         assert_eq!(ring, KX_GROUPS);
-        for library in [CryptoLibrary::Ring, CryptoLibrary::AwsLc] {
+        for library in [
+            CryptoLibrary::Ring,
+            CryptoLibrary::AwsLc,
+            CryptoLibrary::Mixed,
+        ] {
             assert_eq!(names(library.login_cheap_provider()), ring, "{library:?}");
         }
-        // With aws-lc-rs, X25519 is aws-lc's own, the rest ring's.
-        let groups = CryptoLibrary::AwsLc.login_cheap_provider().kx_groups;
+        // With aws-lc-rs in, X25519 is aws-lc's own, the rest ring's.
+        let groups = CRYPTO_LIBRARY.login_cheap_provider().kx_groups;
         let same = |a: &dyn rustls::crypto::SupportedKxGroup,
                     b: &dyn rustls::crypto::SupportedKxGroup| {
             std::ptr::addr_eq(a, b)
