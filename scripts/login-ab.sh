@@ -4,10 +4,14 @@
 # server CPU-second (established logins / server user+system CPU seconds) per run and the medians.
 # With --bench-flags it alternates the client instead: `bench login` with each flag of the comma
 # list in turn (`-` for none), e.g. `-,--sasl2,--sasl2-pipelined`, against the same gateway build
-# with its default config; runs are named after the flags (`none`, `sasl2`, ...).
+# with its default config; runs are named after the flags (`none`, `sasl2`, ...). With --bins it
+# alternates two gateway binaries (default config; runs named a and b), e.g. before and after a
+# change. Besides logins per server CPU-second it prints the medians of the server's user and
+# system CPU per login.
 #
 #   scripts/login-ab.sh [--key io_engine] [--values uring,tasks] [--rounds 3] [--sessions 5000]
-#                       [--tls direct|none|starttls] [--procs 2] [--out DIR] [--bench-flags LIST]
+#                       [--tls direct|none|starttls] [--procs 2] [--out DIR]
+#                       [--bench-flags LIST | --bins GATEWAY_A,GATEWAY_B]
 #
 # Each value is written as a TOML string (`KEY = "VALUE"`). Binaries: $GATEWAY_BIN and $BENCH
 # (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
@@ -26,6 +30,7 @@ TLS=direct
 PROCS=2
 OUT="/tmp/login-ab-$(date +%Y%m%d-%H%M%S)"
 BENCH_FLAGS=
+BINS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --key) KEY=$2; shift 2 ;;
@@ -36,7 +41,8 @@ while [ $# -gt 0 ]; do
         --procs) PROCS=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --bench-flags) BENCH_FLAGS=$2; shift 2 ;;
-        -h|--help) sed -n '2,14p' "$0" >&2; exit 2 ;;
+        --bins) BINS=$2; shift 2 ;;
+        -h|--help) sed -n '2,17p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -53,8 +59,21 @@ case "$TLS" in
     none) port=$C2S_PORT; tls_args=() ;;
     *) echo "--tls takes direct, starttls or none" >&2; exit 2 ;;
 esac
-"$PEERS/gateway.sh" setup "$SESSIONS"
+if [ -n "$BINS" ] && [ -n "$BENCH_FLAGS" ]; then
+    echo "--bins and --bench-flags do not go together: alternate one thing at a time" >&2
+    exit 2
+fi
 IFS=, read -ra values <<< "$VALUES"
+declare -A bin_of=()
+if [ -n "$BINS" ]; then
+    IFS=, read -r bin_a bin_b <<< "$BINS"
+    [ -x "$bin_a" ] && [ -x "$bin_b" ] || { echo "--bins takes two gateway binaries: A,B" >&2; exit 2; }
+    values=(a b)
+    bin_of=([a]="$bin_a" [b]="$bin_b")
+    export GATEWAY_BIN="$bin_a"
+    echo "a = $bin_a, b = $bin_b" | tee "$OUT/bins.txt"
+fi
+"$PEERS/gateway.sh" setup "$SESSIONS"
 if [ -n "$BENCH_FLAGS" ]; then
     IFS=, read -ra bench_flags <<< "$BENCH_FLAGS"
     values=()
@@ -70,6 +89,9 @@ for round in $(seq 1 "$ROUNDS"); do
         if [ -n "$BENCH_FLAGS" ]; then
             : > "$OUT/$v.toml"
             [ "$v" != none ] && flag=("--$v")
+        elif [ -n "$BINS" ]; then
+            : > "$OUT/$v.toml"
+            export GATEWAY_BIN="${bin_of[$v]}"
         else
             printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
         fi
@@ -85,7 +107,7 @@ python3 - "$OUT" "$ROUNDS" "${values[@]}" <<'EOF'
 import json, statistics, sys
 out, rounds, values = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 for v in values:
-    rates = []
+    rates, users, systems = [], [], []
     for r in range(1, rounds + 1):
         try:
             j = json.load(open(f"{out}/{v}-{r}.json"))
@@ -96,10 +118,15 @@ for v in values:
         cpu = s["cpu_user_seconds"] + s["cpu_system_seconds"]
         est = j["counts"]["established"]
         rates.append(est / cpu if cpu else 0.0)
+        if est:
+            users.append(s["cpu_user_seconds"] / est * 1e6)
+            systems.append(s["cpu_system_seconds"] / est * 1e6)
         print(f"{v} round {r}: {est} logins, {j['counts']['failed']} failed, "
               f"server cpu {cpu:.2f} s, {rates[-1]:.0f} logins per server CPU-second, "
               f"{j['rates']['sessions_per_second']:.0f} logins/s")
     if rates:
-        print(f"{v}: median {statistics.median(rates):.0f} logins per server CPU-second")
+        print(f"{v}: median {statistics.median(rates):.0f} logins per server CPU-second, "
+              f"server CPU per login median user {statistics.median(users):.0f} us, "
+              f"system {statistics.median(systems):.0f} us")
 EOF
 echo "reports: $OUT" >&2

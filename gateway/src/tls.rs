@@ -15,16 +15,28 @@ use shared::config::Config;
 
 use crate::record::{Opened, RecordError, Tls13Records, TrafficSecretCapture, TrafficSecrets};
 
-/// Builds the server TLS configuration (TLS 1.2 and 1.3, ring provider, no client auth).
+/// Builds the server TLS configuration (TLS 1.2 and 1.3, no client auth) on `CRYPTO_LIBRARY`.
 pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>> {
+    server_config_with(
+        config,
+        CRYPTO_LIBRARY.login_cheap_provider(),
+        CRYPTO_LIBRARY.ticketer()?,
+    )
+}
+
+/// `server_config` on a given provider and ticketer (benchmarks compare libraries with it).
+pub fn server_config_with(
+    config: &Config,
+    provider: rustls::crypto::CryptoProvider,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+) -> Result<Arc<ServerConfig>> {
     let (cert_path, key_path) = match (&config.tls_cert_path, &config.tls_key_path) {
         (Some(c), Some(k)) => (c.clone(), k.clone()),
         _ => generated_paths(config)?,
     };
     let certs = load_certs(&cert_path)?;
     let key = load_key(&key_path)?;
-    let provider = Arc::new(login_cheap_provider());
-    let mut server = ServerConfig::builder_with_provider(provider)
+    let mut server = ServerConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("TLS protocol versions")?
         .with_no_client_auth()
@@ -39,11 +51,11 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>> {
         })?;
     server.alpn_protocols = vec![b"xmpp-client".to_vec()];
     // Our cipher suite order, not the client's: AES-128-GCM-SHA256 first (see
-    // `login_cheap_provider`).
+    // `CryptoLibrary::login_cheap_provider`).
     server.ignore_client_order = true;
     // Stateless TLS 1.3 tickets (keys rotated by rustls): a reconnecting client resumes without
     // a certificate signature, and the server keeps no per-session cache.
-    server.ticketer = rustls::crypto::ring::Ticketer::new().context("TLS session ticketer")?;
+    server.ticketer = ticketer;
     server.send_tls13_tickets = TLS13_TICKETS_PER_HANDSHAKE;
     // TLS 1.3 sessions leave rustls after the handshake for our lean record layer (`record`):
     // rustls hands over the keys, its key log the traffic secrets (kept in memory, never
@@ -53,27 +65,85 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>> {
     Ok(Arc::new(server))
 }
 
-/// The ring provider with the cheapest safe choices first, since a full handshake is most of a
-/// login's CPU: AES-128-GCM with SHA-256 before AES-256-GCM with SHA-384 (the key schedule's
-/// HKDF and the transcript hash then run on SHA-256, which has CPU instructions on current x86
-/// and ARM, where SHA-384 has none), same for TLS 1.2. Key exchange groups stay ring's order,
-/// X25519 first (cheaper than P-256). The self-signed certificate is ECDSA P-256 (rcgen's
-/// default), far cheaper to sign with than RSA.
-fn login_cheap_provider() -> rustls::crypto::CryptoProvider {
-    let mut provider = rustls::crypto::ring::default_provider();
-    // Stable sort: suites keep ring's order within each rank.
-    provider.cipher_suites.sort_by_key(|suite| {
-        use rustls::crypto::hash::HashAlgorithm::SHA256;
-        use rustls::SupportedCipherSuite::{Tls12, Tls13};
-        match suite {
-            Tls13(s) if s.common.hash_provider.algorithm() == SHA256 => 0,
-            Tls13(_) => 1,
-            Tls12(s) if s.common.hash_provider.algorithm() == SHA256 => 2,
-            Tls12(_) => 3,
-        }
-    });
-    provider
+/// The cryptography under rustls's handshake (key exchange, signature, key schedule, tickets).
+/// Server CPU per full TLS 1.3 handshake (X25519, ECDSA P-256 certificate, one ticket; `cargo
+/// bench -p gateway --bench login_crypto --profile fastrel -- paired`, 2-core AMD EPYC VM):
+/// `Ring` ~130 us, `AwsLc` ~0.86x that, `Mixed` ~0.79x. aws-lc-rs's X25519 key generation is
+/// ~3x ring's speed, but a handshake on its cipher suites (HKDF, transcript hash, AEAD) costs
+/// more than on ring's (one with P-256 key exchange, where X25519 plays no part, is 1.12-1.19x
+/// ring's), so `Mixed` keeps ring's suites and takes X25519 from aws-lc-rs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CryptoLibrary {
+    Ring,
+    AwsLc,
+    /// ring's cipher suites and P-256/P-384 key exchange, with aws-lc-rs's X25519, signing keys
+    /// and ticketer.
+    Mixed,
 }
+
+/// The library the gateway runs its handshakes on.
+pub const CRYPTO_LIBRARY: CryptoLibrary = CryptoLibrary::Mixed;
+
+impl CryptoLibrary {
+    /// The library's provider with the cheapest safe choices first, since a full handshake is
+    /// most of a login's CPU: AES-128-GCM with SHA-256 before AES-256-GCM with SHA-384 (the key
+    /// schedule's HKDF and the transcript hash then run on SHA-256, which has CPU instructions
+    /// on current x86 and ARM, where SHA-384 has none), same for TLS 1.2. Key exchange groups
+    /// are ring's set (X25519, P-256, P-384) in every library, X25519 first; when aws-lc-rs is
+    /// in, X25519 is aws-lc's and P-256 and P-384 stay ring's (aws-lc-rs's P-256 measured no
+    /// cheaper inside a handshake: see `benches/login_crypto.rs`). The self-signed certificate
+    /// is ECDSA P-256 (rcgen's default), far cheaper to sign with than RSA.
+    pub fn login_cheap_provider(self) -> rustls::crypto::CryptoProvider {
+        let mut provider = match self {
+            Self::Ring | Self::Mixed => rustls::crypto::ring::default_provider(),
+            Self::AwsLc => rustls::crypto::aws_lc_rs::default_provider(),
+        };
+        if self == Self::Mixed {
+            provider.key_provider = rustls::crypto::aws_lc_rs::default_provider().key_provider;
+        }
+        // Stable sort: suites keep the library's order within each rank.
+        provider.cipher_suites.sort_by_key(|suite| {
+            use rustls::crypto::hash::HashAlgorithm::SHA256;
+            use rustls::SupportedCipherSuite::{Tls12, Tls13};
+            match suite {
+                Tls13(s) if s.common.hash_provider.algorithm() == SHA256 => 0,
+                Tls13(_) => 1,
+                Tls12(s) if s.common.hash_provider.algorithm() == SHA256 => 2,
+                Tls12(_) => 3,
+            }
+        });
+        provider.kx_groups = match self {
+            Self::Ring => provider.kx_groups,
+            Self::AwsLc | Self::Mixed => vec![
+                rustls::crypto::aws_lc_rs::kx_group::X25519,
+                rustls::crypto::ring::kx_group::SECP256R1,
+                rustls::crypto::ring::kx_group::SECP384R1,
+            ],
+        };
+        provider
+    }
+
+    /// The stateless TLS 1.3 ticketer (one seal per ticket issued, under keys rustls rotates
+    /// every 6 hours): aws-lc-rs's (AES-256-CBC and HMAC-SHA256, RFC 5077) when the library
+    /// includes aws-lc-rs, ring's (ChaCha20-Poly1305) otherwise; they measured the same within
+    /// 2 us per handshake.
+    pub fn ticketer(self) -> Result<Arc<dyn rustls::server::ProducesTickets>> {
+        match self {
+            Self::Ring => rustls::crypto::ring::Ticketer::new(),
+            Self::AwsLc | Self::Mixed => rustls::crypto::aws_lc_rs::Ticketer::new(),
+        }
+        .context("TLS session ticketer")
+    }
+}
+
+/// Key exchange groups the server accepts, most preferred first: ring's set and order, whatever
+/// the library (rustls takes the client's preferred one among these; the post-quantum hybrid
+/// X25519MLKEM768 of aws-lc-rs is not offered: see `benches/login_crypto.rs` for its cost).
+pub const KX_GROUPS: [rustls::NamedGroup; 3] = [
+    rustls::NamedGroup::X25519,
+    rustls::NamedGroup::secp256r1,
+    rustls::NamedGroup::secp384r1,
+];
 
 /// Tickets sent after each full TLS 1.3 handshake: one per reconnect a client may attempt
 /// before its next full handshake.
@@ -565,18 +635,51 @@ mod tests {
 
     #[test]
     fn sha256_suites_come_first() {
-        let suites: Vec<CipherSuite> = login_cheap_provider()
-            .cipher_suites
-            .iter()
-            .map(|s| s.suite())
-            .collect();
-        assert_eq!(suites[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
-        assert_eq!(suites[1], CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
-        assert_eq!(suites[2], CipherSuite::TLS13_AES_256_GCM_SHA384);
-        // Nothing dropped: the same suites as ring's default, reordered.
-        assert_eq!(
-            suites.len(),
-            rustls::crypto::ring::default_provider().cipher_suites.len()
-        );
+        for (library, default) in [
+            (
+                CryptoLibrary::Ring,
+                rustls::crypto::ring::default_provider(),
+            ),
+            (
+                CryptoLibrary::AwsLc,
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ),
+        ] {
+            let suites: Vec<CipherSuite> = library
+                .login_cheap_provider()
+                .cipher_suites
+                .iter()
+                .map(|s| s.suite())
+                .collect();
+            assert_eq!(suites[0], CipherSuite::TLS13_AES_128_GCM_SHA256);
+            assert_eq!(suites[1], CipherSuite::TLS13_CHACHA20_POLY1305_SHA256);
+            assert_eq!(suites[2], CipherSuite::TLS13_AES_256_GCM_SHA384);
+            // Nothing dropped: the same suites as the library's default, reordered.
+            assert_eq!(suites.len(), default.cipher_suites.len(), "{library:?}");
+        }
+    }
+
+    #[test]
+    fn kx_groups_are_rings_in_every_library() {
+        let names = |p: rustls::crypto::CryptoProvider| -> Vec<rustls::NamedGroup> {
+            p.kx_groups.iter().map(|g| g.name()).collect()
+        };
+        let ring = names(rustls::crypto::ring::default_provider());
+        assert_eq!(ring, KX_GROUPS);
+        for library in [
+            CryptoLibrary::Ring,
+            CryptoLibrary::AwsLc,
+            CryptoLibrary::Mixed,
+        ] {
+            assert_eq!(names(library.login_cheap_provider()), ring, "{library:?}");
+        }
+        // With aws-lc-rs in, X25519 is aws-lc's own, the rest ring's.
+        let groups = CRYPTO_LIBRARY.login_cheap_provider().kx_groups;
+        let same = |a: &dyn rustls::crypto::SupportedKxGroup,
+                    b: &dyn rustls::crypto::SupportedKxGroup| {
+            std::ptr::addr_eq(a, b)
+        };
+        assert!(same(groups[0], rustls::crypto::aws_lc_rs::kx_group::X25519));
+        assert!(same(groups[1], rustls::crypto::ring::kx_group::SECP256R1));
     }
 }
