@@ -391,6 +391,7 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
             sm: opts.sm,
             sasl2: opts.sasl2 || opts.sasl2_pipelined,
             sasl2_pipelined: opts.sasl2_pipelined,
+            iap: Arc::default(),
         }),
         tls: tls_config(opts, tls)?,
         server_name,
