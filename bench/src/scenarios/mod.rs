@@ -139,9 +139,12 @@ pub struct Opts {
     /// stream restart. Servers without them get the RFC 6120 login.
     #[arg(long)]
     pub sasl2: bool,
-    /// --sasl2, and `<authenticate/>` goes right behind the stream header without waiting for
-    /// the features, as a client that cached them from an earlier connection may (direct TLS
-    /// and plaintext): the whole login is the TLS handshake and one flight each way.
+    /// --sasl2 with XEP-0509 (Initial Authentication Pipelining), direct TLS and plaintext: each
+    /// worker first learns the server's config version (one probe connection reads the
+    /// features), then every `<authenticate/>` carries it and goes right behind the stream
+    /// header: the whole login is the TLS handshake and one flight each way. A refusal for a
+    /// stale version is retried once on the same stream; a server without XEP-0509 gets
+    /// --sasl2 logins.
     #[arg(long)]
     pub sasl2_pipelined: bool,
     /// Chat: run steps at rising rates until p99 exceeds --p99-bound-ms or messages are lost.
