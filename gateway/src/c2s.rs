@@ -1,8 +1,9 @@
 //! The sans-IO client-to-server stream machine (RFC 6120): stream negotiation, STARTTLS, SASL,
 //! resource binding, stream errors; XEP-0388 SASL2 with XEP-0386 Bind 2 and XEP-0198 inline
 //! (a login in one round trip after TLS), with XEP-0509 (Initial Authentication Pipelining) so a
-//! client may send its `<authenticate/>` with the stream header; XEP-0198. It takes decrypted bytes, time and service
-//! answers and writes the bytes to send into `out`; it performs no I/O and reads no clock.
+//! client may send its `<authenticate/>` with the stream header; XEP-0198. It takes decrypted
+//! bytes, time and service answers and writes the bytes to send into `out`; it performs no I/O
+//! and reads no clock.
 //!
 //! Authentication ends with `Step::Authenticated`: the driver may then move the connection to
 //! the user's home shard, where binding (and a SASL2 `<success/>`, which carries the bound JID)
@@ -873,7 +874,7 @@ impl C2s {
             // Pipelined behind an `<authenticate/>` refused for a config-version mismatch, on
             // the assumption that it would succeed (XEP-0509): the rejection said these go.
             self.iap_discards_left -= 1;
-            tracing::debug!(kind = ?stanza.kind, "stanza pipelined behind a stale authenticate discarded");
+            tracing::debug!(kind = ?stanza.kind, "pipelined behind a stale authenticate, discarded");
             return cont(State::ExpectStartTlsOrAuth);
         }
         self.iap_discards_left = 0;
@@ -1003,11 +1004,12 @@ impl C2s {
     }
 
     /// XEP-0509 §2.2: a pipelined `<authenticate/>` whose config version is not the one these
-    /// features carry is refused "without prejudice": `<aborted/>` with `<config-version-mismatch/>`,
-    /// not counted as a failed login; the client retries on this stream with the features it
-    /// has now received. Stanzas it pipelined behind the refused `<authenticate/>` are discarded
-    /// (up to `IAP_PIPELINED_STANZAS_DISCARDED_MAX`), as the `<text/>` says. A client that keeps
-    /// sending stale values is closed after `IAP_MISMATCHES_MAX`.
+    /// features carry is refused "without prejudice": `<aborted/>` with
+    /// `<config-version-mismatch/>`, not counted as a failed login; the client retries on this
+    /// stream with the features it has now received. Stanzas it pipelined behind the refused
+    /// `<authenticate/>` are discarded (up to `IAP_PIPELINED_STANZAS_DISCARDED_MAX`), as the
+    /// `<text/>` says. A client that keeps sending stale values is closed after
+    /// `IAP_MISMATCHES_MAX`.
     fn iap_mismatch(&mut self, out: &mut Vec<u8>) -> Next {
         tracing::debug!(
             mismatches = self.iap_mismatches,
