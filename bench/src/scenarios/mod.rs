@@ -147,6 +147,10 @@ pub struct Opts {
     /// --sasl2 logins.
     #[arg(long)]
     pub sasl2_pipelined: bool,
+    /// --sasl2-pipelined starting from this cached XEP-0509 config version instead of probing
+    /// the server's (a stale value exercises the refusal and the retry on the same stream).
+    #[arg(long, requires = "sasl2_pipelined")]
+    pub iap_config_version: Option<String>,
     /// Chat: run steps at rising rates until p99 exceeds --p99-bound-ms or messages are lost.
     #[arg(long)]
     pub sweep: bool,

@@ -195,7 +195,9 @@ pub fn worker_main(kind: Kind, opts: Opts, link: Link) -> Result<()> {
     let _ = crate::driver::sys::raise_nofile();
     let config = driver_config(&opts, k, n)?;
     let pipelining = config.client.sasl2_pipelined && config.client.tls != TlsMode::StartTls;
-    if pipelining {
+    if let (true, Some(version)) = (pipelining, &opts.iap_config_version) {
+        config.client.iap.set(version);
+    } else if pipelining {
         // XEP-0509: learn the config version as a client's earlier connection would have.
         match probe_config_version(&config, PROBE_TIMEOUT) {
             Ok(Some(version)) => config.client.iap.set(&version),
