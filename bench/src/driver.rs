@@ -43,6 +43,9 @@ const PROBE_BYTES_MAX: usize = 64 * 1024;
 const READ_BUF: usize = 16 * 1024;
 /// Connects started per loop iteration at most, so I/O keeps being served during a burst.
 const CONNECT_BATCH: usize = 512;
+/// Whitespace keepalive period for established sessions.
+pub const KEEPALIVE: Duration = Duration::from_secs(30);
+
 /// XEP-0509: opens one connection, sends the stream header, reads the features and returns
 /// their config version (`None` when the server advertises none), so that a worker's sessions
 /// pipeline their logins from the first one. Blocking; bounded by `timeout` per read and write
@@ -92,9 +95,6 @@ fn read_features(stream: &mut (impl Read + Write), header: &[u8]) -> anyhow::Res
     }
     anyhow::bail!("no stream features in the first {PROBE_BYTES_MAX} bytes")
 }
-
-/// Whitespace keepalive period for established sessions.
-pub const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Everything a driver thread needs to know, shared read-only by the worker's threads.
 pub struct DriverConfig {
