@@ -11,6 +11,10 @@
 //! `ClientConfig::sasl2`, against a server offering XEP-0388 with XEP-0386 inline: one
 //! `<authenticate/>` carrying the credentials, the bind and the XEP-0198 enable, with initial
 //! presence in the same write, and no stream restart (SCRAM adds its one challenge round trip).
+//! With `ClientConfig::sasl2_pipelined` as well, XEP-0509 (Initial Authentication Pipelining):
+//! once a XEP-0509 config version is known (`ClientConfig::iap`, shared by the run's sessions),
+//! `<authenticate/>` carrying it goes right behind the stream header; a refusal for a stale
+//! version is retried once on the same stream with the features that came with it.
 //!
 //! Memory: the load generator holds up to a million idle sessions per box, so an established idle
 //! session must cost little. `Client` itself is small (`size_of::<Client>()` is 136 bytes on
@@ -24,7 +28,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
@@ -45,6 +50,7 @@ const NS_PING: &str = "urn:xmpp:ping";
 const NS_SM3: &str = "urn:xmpp:sm:3";
 const NS_SASL2: &str = "urn:xmpp:sasl:2";
 const NS_BIND2: &str = "urn:xmpp:bind:0";
+const NS_IAP: &str = "urn:xmpp:iap:0";
 /// The XEP-0386 tag bound resources start with when no `--resource` is given.
 const BIND2_TAG: &str = "bench";
 
@@ -157,11 +163,47 @@ pub struct ClientConfig {
     /// XEP-0198 enable, and initial presence follows in the same write; no stream restart.
     /// Servers that do not offer them get the RFC 6120 login.
     pub sasl2: bool,
-    /// With `sasl2`, on direct TLS or plaintext: send `<authenticate/>` (and presence) right
-    /// behind the stream header instead of waiting for the features, as a client that cached
-    /// them from an earlier connection may (XEP-0388 §2.1: the feature is stable and "MAY be
-    /// cached"). A server without SASL2 then fails the stream.
+    /// With `sasl2`, on direct TLS or plaintext, XEP-0509: once `iap` holds the server's config
+    /// version (learnt from any features, or set by the driver's probe), send `<authenticate/>`
+    /// with it (and presence) right behind the stream header instead of waiting for the
+    /// features. Until then, and against servers without XEP-0509, log in as `sasl2` does.
     pub sasl2_pipelined: bool,
+    /// The XEP-0509 config version cache shared by all sessions of a process.
+    pub iap: Arc<ConfigVersionCache>,
+}
+
+/// The last XEP-0509 config version a server advertised, shared by the sessions of a process
+/// (several driver threads: a lock read once per login), with counts for the report.
+#[derive(Debug, Default)]
+pub struct ConfigVersionCache {
+    value: RwLock<Option<Arc<str>>>,
+    /// Logins whose `<authenticate/>` was pipelined with a cached version.
+    pub pipelined: AtomicU64,
+    /// Of those, refused for a stale version (then retried on the same stream).
+    pub mismatches: AtomicU64,
+}
+
+impl ConfigVersionCache {
+    pub fn get(&self) -> Option<Arc<str>> {
+        // A poisoned lock only means a thread panicked while setting a string: the value is
+        // still whole.
+        match self.value.read() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Caches `version` (XEP-0509 §2.1: "SHOULD immediately cache this value").
+    pub fn set(&self, version: &str) {
+        if self.get().as_deref() == Some(version) {
+            return;
+        }
+        let mut slot = match self.value.write() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *slot = Some(Arc::from(version));
+    }
 }
 
 /// Why a session ended.
@@ -266,6 +308,10 @@ struct Login {
     scram_step: u8,
     /// The server advertised the RFC 3921 session feature as mandatory.
     session_required: bool,
+    /// `<authenticate/>` went with the stream header (XEP-0509), not yet answered.
+    pipelined: bool,
+    /// A XEP-0509 mismatch was already retried on this stream.
+    iap_retried: bool,
 }
 
 /// One client session. See the module docs for its memory layout.
@@ -304,6 +350,8 @@ impl Client {
                 sasl: Sasl::None,
                 scram_step: 0,
                 session_required: false,
+                pipelined: false,
+                iap_retried: false,
             })),
             full_jid: None,
             stream_name: None,
@@ -326,10 +374,20 @@ impl Client {
         }
         self.write_header(out);
         self.stage = Stage::Features;
-        if self.config.sasl2 && self.config.sasl2_pipelined && self.config.tls != TlsMode::StartTls
+        if !self.config.sasl2
+            || !self.config.sasl2_pipelined
+            || self.config.tls == TlsMode::StartTls
         {
-            self.send_authenticate(out);
+            return;
         }
+        let Some(version) = self.config.iap.get() else {
+            return;
+        };
+        self.config.iap.pipelined.fetch_add(1, Ordering::Relaxed);
+        if let Some(login) = self.login.as_mut() {
+            login.pipelined = true;
+        }
+        self.send_authenticate(Some(&version), out);
     }
 
     /// Plaintext bytes from the server.
@@ -446,15 +504,7 @@ impl Client {
     // ---- internals -------------------------------------------------------------------------
 
     fn write_header(&self, out: &mut Vec<u8>) {
-        put(
-            out,
-            &[
-                "<?xml version='1.0'?><stream:stream to='",
-                &escape(&self.config.domain),
-                "' version='1.0' xmlns='jabber:client' \
-                 xmlns:stream='http://etherx.jabber.org/streams'>",
-            ],
-        );
+        out.extend_from_slice(stream_header(&self.config.domain).as_bytes());
     }
 
     /// A new stream on the same connection (after STARTTLS or SASL): the old stream's buffered
@@ -552,8 +602,10 @@ impl Client {
             }
             Stage::StartTlsSent if name == "failure" => self.fail(FailReason::Tls, out),
             Stage::AuthSent => self.on_sasl(s, name, out),
-            // The features of a pipelined `<authenticate/>`'s stream: it was sent already.
+            // The features of a pipelined `<authenticate/>`'s stream: it was sent already; a
+            // changed config version is cached for the retry and the next logins.
             Stage::Sasl2Sent if name == "features" => {
+                self.learn_config_version(s.as_str());
                 if !sasl2_offered(s.as_str(), self.config.mechanism.sasl_name()) {
                     self.fail(FailReason::Auth, out);
                 }
@@ -594,7 +646,8 @@ impl Client {
             TlsMode::StartTls | TlsMode::Direct => {}
         }
         if self.config.sasl2 && sasl2_offered(text, self.config.mechanism.sasl_name()) {
-            return self.send_authenticate(out);
+            self.learn_config_version(text);
+            return self.send_authenticate(None, out);
         }
         if !offered {
             return self.fail(FailReason::Auth, out);
@@ -621,9 +674,19 @@ impl Client {
         self.stage = Stage::AuthSent;
     }
 
-    /// XEP-0388 `<authenticate/>` with a XEP-0386 bind (and XEP-0198 enable inside it), then
-    /// initial presence in the same write: the server handles it right after its `<success/>`.
-    fn send_authenticate(&mut self, out: &mut Vec<u8>) {
+    /// Caches the features' XEP-0509 config version, when pipelining.
+    fn learn_config_version(&self, features: &str) {
+        if self.config.sasl2_pipelined {
+            if let Some(version) = config_version_of(features) {
+                self.config.iap.set(&version);
+            }
+        }
+    }
+
+    /// XEP-0388 `<authenticate/>` with a XEP-0386 bind (and XEP-0198 enable inside it) and,
+    /// when pipelined, the XEP-0509 config version it was built on; then initial presence in
+    /// the same write: the server handles it right after its `<success/>`.
+    fn send_authenticate(&mut self, config_version: Option<&str>, out: &mut Vec<u8>) {
         let Some(initial) = self.initial_response(out) else {
             return;
         };
@@ -647,7 +710,20 @@ impl Client {
         if self.config.sm {
             put(out, &["<enable xmlns='", NS_SM3, "'/>"]);
         }
-        put(out, &["</bind></authenticate>"]);
+        put(out, &["</bind>"]);
+        if let Some(version) = config_version {
+            put(
+                out,
+                &[
+                    "<config-version xmlns='",
+                    NS_IAP,
+                    "' value='",
+                    &escape(version),
+                    "'/>",
+                ],
+            );
+        }
+        put(out, &["</authenticate>"]);
         if self.config.send_presence {
             out.extend_from_slice(b"<presence/>");
         }
@@ -765,6 +841,20 @@ impl Client {
                 self.login = None;
                 let full_jid = self.full_jid.as_deref().unwrap_or_default().to_owned();
                 self.push_event(Event::Established { full_jid });
+            }
+            // XEP-0509 §2.2: refused without prejudice; the features that came before it (and
+            // were cached) tell what to send now. The presence pipelined behind the refused
+            // `<authenticate/>` was discarded, so it goes again. Once per stream.
+            "failure"
+                if login.pipelined
+                    && !login.iap_retried
+                    && find_element(text, "config-version-mismatch", 0).is_some() =>
+            {
+                login.pipelined = false;
+                login.iap_retried = true;
+                self.config.iap.mismatches.fetch_add(1, Ordering::Relaxed);
+                let version = self.config.iap.get();
+                self.send_authenticate(version.as_deref(), out);
             }
             "failure" => self.fail(FailReason::Auth, out),
             _ => {
@@ -983,6 +1073,15 @@ impl Client {
     }
 }
 
+/// The client's opening stream header for `domain`.
+pub fn stream_header(domain: &str) -> String {
+    format!(
+        "<?xml version='1.0'?><stream:stream to='{}' version='1.0' xmlns='jabber:client' \
+         xmlns:stream='http://etherx.jabber.org/streams'>",
+        escape(domain)
+    )
+}
+
 /// A framer positioned inside a stream (if the header was already seen) with nothing buffered.
 fn new_framer(header_seen: bool, stream_name: Option<&str>) -> Box<Framer> {
     let mut framer = Box::new(Framer::new(STANZA_BYTES_MAX));
@@ -1068,7 +1167,24 @@ fn find_element(xml: &str, name: &str, from: usize) -> Option<Found> {
     }
 }
 
-/// The `<mechanism>` names in a features element.
+/// The XEP-0509 `<config-version value=.../>` of a features element, if any.
+pub fn config_version_of(features: &str) -> Option<String> {
+    let mut from = 0;
+    loop {
+        let e = find_element(features, "config-version", from)?;
+        from = e.outer.end;
+        let tag = &features[e.outer.start..e.inner.start];
+        if !tag.contains(NS_IAP) {
+            continue;
+        }
+        let (_, rest) = tag
+            .split_once(" value='")
+            .or_else(|| tag.split_once(" value=\""))?;
+        let value = rest.split(['\'', '"']).next()?;
+        return unescape(value).map(|v| v.into_owned());
+    }
+}
+
 /// Whether the features offer XEP-0388 with `mechanism` and XEP-0386 inline.
 fn sasl2_offered(features: &str, mechanism: &str) -> bool {
     let Some(auth) = find_element(features, "authentication", 0) else {
@@ -1148,6 +1264,7 @@ mod tests {
     const DOMAIN: &str = "example.com";
     const CLIENT_HEADER: &str = "<?xml version='1.0'?><stream:stream to='example.com' \
         version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+    const STREAM_CLOSE_STR: &str = "</stream:stream>";
     const SERVER_HEADER: &str = "<?xml version='1.0'?><stream:stream \
         xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' id='s1' \
         from='example.com' version='1.0' xml:lang='en'>";
@@ -1170,6 +1287,7 @@ mod tests {
             sm: false,
             sasl2: false,
             sasl2_pipelined: false,
+            iap: Arc::default(),
         })
     }
 
@@ -1622,29 +1740,106 @@ mod tests {
         }
     }
 
-    /// Goal: with `sasl2_pipelined` the `<authenticate/>` and presence follow the stream header
-    /// in the first write; the server's features are then only checked, and its success
-    /// establishes the session. A server whose features lack SASL2 fails the login.
+    /// A pipelining (XEP-0509) configuration with its own cache holding `cached`.
+    fn iap_config(cached: Option<&str>) -> Arc<ClientConfig> {
+        let mut cfg = (*sasl2_config(Mechanism::Plain, false)).clone();
+        cfg.sasl2_pipelined = true;
+        cfg.iap = Arc::default();
+        if let Some(v) = cached {
+            cfg.iap.set(v);
+        }
+        Arc::new(cfg)
+    }
+
+    /// `sasl2_features` with a XEP-0509 config version.
+    fn iap_features(mechs: &[&str], version: &str) -> String {
+        sasl2_features(mechs).replace(
+            "</stream:features>",
+            &format!(
+                "<config-version xmlns='urn:xmpp:iap:0' value='{version}'/></stream:features>"
+            ),
+        )
+    }
+
+    fn authenticate_plain(config_version: &str) -> String {
+        let initial = BASE64.encode(b"\0user17\0secret");
+        format!(
+            "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>{initial}\
+             </initial-response><bind xmlns='urn:xmpp:bind:0'><tag>bench</tag></bind>\
+             {config_version}</authenticate><presence/>"
+        )
+    }
+
+    fn iap(value: &str) -> String {
+        format!("<config-version xmlns='urn:xmpp:iap:0' value='{value}'/>")
+    }
+
+    /// A session of `cfg` started with its login pipelined on the cached version `cached`.
+    fn started_pipelined(cfg: Arc<ClientConfig>, cached: &str) -> Client {
+        let mut c = Client::new(cfg, "user17");
+        let mut out = Vec::new();
+        c.start(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{CLIENT_HEADER}{}", authenticate_plain(&iap(cached)))
+        );
+        c
+    }
+
+    /// Goal: XEP-0509 with nothing cached: the first login waits for the features, logs in as
+    /// `--sasl2` does (no config version in `<authenticate/>`) and caches the version, so the
+    /// next session pipelines. Whole or byte by byte.
     #[test]
-    fn sasl2_pipelined_authenticates_with_the_stream_header() {
-        for offered in [true, false] {
-            let mut cfg = (*sasl2_config(Mechanism::Plain, false)).clone();
-            cfg.sasl2_pipelined = true;
-            let mut c = Client::new(Arc::new(cfg), "user17");
+    fn iap_first_login_learns_the_config_version() {
+        for bytewise in [false, true] {
+            let cfg = iap_config(None);
+            let mut c = Client::new(cfg.clone(), "user17");
             let mut out = Vec::new();
             c.start(&mut out);
-            let out = String::from_utf8(out).unwrap();
-            let initial = BASE64.encode(b"\0user17\0secret");
+            assert_eq!(String::from_utf8(out).unwrap(), CLIENT_HEADER);
+            let features = format!("{SERVER_HEADER}{}", iap_features(&["PLAIN"], "v1"));
+            let (out, _) = feed(&mut c, &features, bytewise);
+            assert_eq!(out, authenticate_plain(""));
+            assert_eq!(cfg.iap.get().as_deref(), Some("v1"));
+            let (_, ev) = feed(
+                &mut c,
+                &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
+                bytewise,
+            );
             assert_eq!(
-                out,
-                format!(
-                    "{CLIENT_HEADER}<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'>\
-                     <initial-response>{initial}</initial-response><bind \
-                     xmlns='urn:xmpp:bind:0'><tag>bench</tag></bind></authenticate><presence/>"
-                )
+                ev,
+                vec![Event::Established {
+                    full_jid: SASL2_JID.into()
+                }]
+            );
+
+            let mut next = Client::new(cfg.clone(), "user17");
+            let mut out = Vec::new();
+            next.start(&mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("{CLIENT_HEADER}{}", authenticate_plain(&iap("v1")))
+            );
+            assert_eq!(cfg.iap.pipelined.load(Ordering::Relaxed), 1);
+        }
+    }
+
+    /// Goal: with a cached version the `<authenticate/>` (carrying it) and presence follow the
+    /// stream header in the first write; the features are then only checked, and the success
+    /// establishes the session. A server whose features lack SASL2 fails the login.
+    #[test]
+    fn iap_pipelines_with_the_cached_version() {
+        for offered in [true, false] {
+            let cfg = iap_config(Some("v1"));
+            let mut c = Client::new(cfg.clone(), "user17");
+            let mut out = Vec::new();
+            c.start(&mut out);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("{CLIENT_HEADER}{}", authenticate_plain(&iap("v1")))
             );
             let features = if offered {
-                sasl2_features(&["PLAIN"])
+                iap_features(&["PLAIN"], "v1")
             } else {
                 auth_features(&["PLAIN"], "")
             };
@@ -1665,7 +1860,86 @@ mod tests {
                     full_jid: SASL2_JID.into()
                 }]
             );
+            assert_eq!(cfg.iap.mismatches.load(Ordering::Relaxed), 0);
         }
+    }
+
+    /// Goal: a refusal for a stale version (XEP-0509 §2.2) is retried once on the same stream
+    /// with the version the features just carried (now cached), presence again; the login then
+    /// succeeds. A second refusal on the stream, or a mismatch on a login that did not
+    /// pipeline, is a failed login.
+    #[test]
+    fn iap_mismatch_is_retried_once_on_the_same_stream() {
+        let mismatch = "<failure xmlns='urn:xmpp:sasl:2'><aborted \
+                        xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/><config-version-mismatch \
+                        xmlns='urn:xmpp:iap:0'/><text>stale</text></failure>";
+        for bytewise in [false, true] {
+            let cfg = iap_config(Some("old"));
+            let mut c = started_pipelined(cfg.clone(), "old");
+            let features = format!("{SERVER_HEADER}{}", iap_features(&["PLAIN"], "new"));
+            let (out, ev) = feed(&mut c, &features, bytewise);
+            assert_eq!((out.as_str(), ev.len()), ("", 0));
+            assert_eq!(cfg.iap.get().as_deref(), Some("new"));
+            let (out, ev) = feed(&mut c, mismatch, bytewise);
+            assert_eq!(out, authenticate_plain(&iap("new")));
+            assert!(ev.is_empty(), "{ev:?}");
+            let (_, ev) = feed(
+                &mut c,
+                &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
+                bytewise,
+            );
+            assert_eq!(
+                ev,
+                vec![Event::Established {
+                    full_jid: SASL2_JID.into()
+                }]
+            );
+            assert_eq!(cfg.iap.pipelined.load(Ordering::Relaxed), 1);
+            assert_eq!(cfg.iap.mismatches.load(Ordering::Relaxed), 1);
+        }
+
+        let cfg = iap_config(Some("old"));
+        let mut c = started_pipelined(cfg, "old");
+        feed(
+            &mut c,
+            &format!("{SERVER_HEADER}{}", iap_features(&["PLAIN"], "new")),
+            false,
+        );
+        feed(&mut c, mismatch, false);
+        let (out, ev) = feed(&mut c, mismatch, false);
+        assert_eq!(
+            (out.as_str(), ev),
+            (STREAM_CLOSE_STR, vec![closed(FailReason::Auth, true)])
+        );
+
+        let mut c = started(iap_config(None));
+        feed(
+            &mut c,
+            &format!("{SERVER_HEADER}{}", iap_features(&["PLAIN"], "v1")),
+            false,
+        );
+        let (_, ev) = feed(&mut c, mismatch, false);
+        assert_eq!(ev, vec![closed(FailReason::Auth, true)]);
+    }
+
+    /// Goal: the config version is read from its own element and namespace only, unescaped.
+    #[test]
+    fn config_version_parsing() {
+        assert_eq!(
+            config_version_of(&iap_features(&["PLAIN"], "a+b/c=")).as_deref(),
+            Some("a+b/c=")
+        );
+        assert_eq!(
+            config_version_of("<stream:features><config-version xmlns=\"urn:xmpp:iap:0\" value=\"x&amp;y\"/></stream:features>").as_deref(),
+            Some("x&y")
+        );
+        assert_eq!(
+            config_version_of(
+                "<stream:features><config-version xmlns='urn:other' value='no'/></stream:features>"
+            ),
+            None
+        );
+        assert_eq!(config_version_of(&sasl2_features(&["PLAIN"])), None);
     }
 
     /// Goal: SCRAM-SHA-256 over SASL2: the challenge is answered in the SASL2 namespace and the

@@ -37,12 +37,64 @@ use crate::latency::Recorder;
 use crate::schedule::PartSchedule;
 
 const WAKER: Token = Token(usize::MAX);
+/// Bytes `probe_config_version` reads at most before the features must have come.
+const PROBE_BYTES_MAX: usize = 64 * 1024;
 /// Bytes read from a socket at once (one buffer per thread).
 const READ_BUF: usize = 16 * 1024;
 /// Connects started per loop iteration at most, so I/O keeps being served during a burst.
 const CONNECT_BATCH: usize = 512;
 /// Whitespace keepalive period for established sessions.
 pub const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// XEP-0509: opens one connection, sends the stream header, reads the features and returns
+/// their config version (`None` when the server advertises none), so that a worker's sessions
+/// pipeline their logins from the first one. Blocking; bounded by `timeout` per read and write
+/// and by `PROBE_BYTES_MAX`. Direct TLS or plaintext only.
+pub fn probe_config_version(
+    config: &DriverConfig,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    let sock = std::net::TcpStream::connect_timeout(&config.target, timeout)
+        .with_context(|| format!("connecting to {}", config.target))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(timeout))?;
+    let header = crate::client::stream_header(&config.client.domain);
+    let features = match (&config.tls, config.client.tls) {
+        (Some(tls), TlsMode::Direct) => {
+            let conn = rustls::ClientConnection::new(tls.clone(), config.server_name.clone())
+                .context("TLS client")?;
+            let mut stream = rustls::StreamOwned::new(conn, sock);
+            read_features(&mut stream, header.as_bytes())?
+        }
+        (_, TlsMode::None) => {
+            let mut sock = sock;
+            read_features(&mut sock, header.as_bytes())?
+        }
+        _ => anyhow::bail!("the config version probe runs on direct TLS or plaintext only"),
+    };
+    Ok(crate::client::config_version_of(&features))
+}
+
+/// Writes `header`, then reads until the end of the stream features.
+fn read_features(stream: &mut (impl Read + Write), header: &[u8]) -> anyhow::Result<String> {
+    stream.write_all(header)?;
+    stream.flush()?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < PROBE_BYTES_MAX {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            anyhow::bail!("the server closed the stream before its features");
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(end) = text.find("</stream:features>") {
+            return Ok(text[..end].to_owned());
+        }
+    }
+    anyhow::bail!("no stream features in the first {PROBE_BYTES_MAX} bytes")
+}
 
 /// Everything a driver thread needs to know, shared read-only by the worker's threads.
 pub struct DriverConfig {

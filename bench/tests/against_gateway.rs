@@ -284,6 +284,32 @@ fn bench_against_gateway() {
         assert_eq!(r.counts.established, 50, "{flag}");
     }
 
+    // XEP-0509 with a stale cached config version: every pipelined `<authenticate/>` is refused
+    // without prejudice and retried on the same stream, so all log in.
+    let json = dir.path().join("login-iap-stale.json");
+    let (code, r) = bench(
+        &[
+            "login",
+            "--target",
+            &tls_target,
+            "--sessions",
+            "50",
+            "--tls",
+            "direct",
+            "--insecure",
+            "--sasl2-pipelined",
+            "--iap-config-version",
+            "stale",
+        ],
+        &json,
+    );
+    assert_eq!(
+        code, 0,
+        "login with a stale config version failed: {:?}",
+        r.counts
+    );
+    assert_eq!(r.counts.established, 50);
+
     // reconnect, STARTTLS.
     let json = dir.path().join("reconnect.json");
     let (code, r) = bench(

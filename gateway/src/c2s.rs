@@ -1,7 +1,9 @@
 //! The sans-IO client-to-server stream machine (RFC 6120): stream negotiation, STARTTLS, SASL,
 //! resource binding, stream errors; XEP-0388 SASL2 with XEP-0386 Bind 2 and XEP-0198 inline
-//! (a login in one round trip after TLS); XEP-0198. It takes decrypted bytes, time and service
-//! answers and writes the bytes to send into `out`; it performs no I/O and reads no clock.
+//! (a login in one round trip after TLS), with XEP-0509 (Initial Authentication Pipelining) so a
+//! client may send its `<authenticate/>` with the stream header; XEP-0198. It takes decrypted
+//! bytes, time and service answers and writes the bytes to send into `out`; it performs no I/O
+//! and reads no clock.
 //!
 //! Authentication ends with `Step::Authenticated`: the driver may then move the connection to
 //! the user's home shard, where binding (and a SASL2 `<success/>`, which carries the bound JID)
@@ -18,7 +20,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use base64::engine::general_purpose::STANDARD as Base64;
@@ -29,7 +31,8 @@ use router::BindError;
 use shared::escape::escape;
 use shared::framer::{Event, Framer, StreamHeader};
 use shared::limits::{
-    AUTH_ATTEMPTS_MAX, BIND2_TAG_BYTES_MAX, SM_REQUEST_EVERY_STANZAS, SM_UNACKED_STANZAS_MAX,
+    AUTH_ATTEMPTS_MAX, BIND2_TAG_BYTES_MAX, IAP_MISMATCHES_MAX,
+    IAP_PIPELINED_STANZAS_DISCARDED_MAX, SM_REQUEST_EVERY_STANZAS, SM_UNACKED_STANZAS_MAX,
 };
 use shared::stanza::{Kind, Stanza};
 
@@ -48,6 +51,8 @@ const NS_SM3: &str = "urn:xmpp:sm:3";
 const NS_SASL2: &str = "urn:xmpp:sasl:2";
 /// XEP-0386 Bind 2.
 const NS_BIND2: &str = "urn:xmpp:bind:0";
+/// XEP-0509 Initial Authentication Pipelining.
+const NS_IAP: &str = "urn:xmpp:iap:0";
 
 /// Per-listener settings, shared by all connections of a shard (and sent along on handoff).
 #[derive(Debug, Clone)]
@@ -256,6 +261,11 @@ pub struct C2s {
     /// Whether our `<stream:stream>` for the current stream (restarts begin new ones) is out.
     header_sent: bool,
     auth_failures: u32,
+    /// XEP-0509 config-version mismatches on this connection (see `IAP_MISMATCHES_MAX`).
+    iap_mismatches: u8,
+    /// Stanzas pipelined behind an `<authenticate/>` rejected for a config-version mismatch
+    /// that may still be discarded (see `IAP_PIPELINED_STANZAS_DISCARDED_MAX`); zero otherwise.
+    iap_discards_left: u8,
     state: State,
     sm: Option<Box<Sm>>,
 }
@@ -277,6 +287,8 @@ impl C2s {
             started: now,
             header_sent: false,
             auth_failures: 0,
+            iap_mismatches: 0,
+            iap_discards_left: 0,
             state: State::ExpectStreamHeader { node: None },
             sm: None,
         }
@@ -633,14 +645,26 @@ impl C2s {
     }
 
     fn plain_allowed(&self) -> bool {
-        self.security == Security::Tls || self.config.allow_plaintext
+        self.feature_set().plain_allowed()
     }
 
     /// Plain connection where STARTTLS is offered and mandatory.
     fn tls_required(&self) -> bool {
-        self.security == Security::Plain
-            && self.config.starttls_offered
-            && !self.config.allow_plaintext
+        self.feature_set().tls_required()
+    }
+
+    fn feature_set(&self) -> FeatureSet {
+        FeatureSet {
+            tls: self.security == Security::Tls,
+            starttls_offered: self.config.starttls_offered,
+            allow_plaintext: self.config.allow_plaintext,
+        }
+    }
+
+    /// The features before authentication of this connection's feature set, rendered once per
+    /// process.
+    fn pre_auth_features(&self) -> &'static PreAuthFeatures {
+        self.feature_set().pre_auth_features()
     }
 
     // ---- output ----
@@ -815,29 +839,7 @@ impl C2s {
                 State::ExpectBind { node }
             }
             None => {
-                if self.security == Security::Plain && self.config.starttls_offered {
-                    if self.tls_required() {
-                        let _ = write!(
-                            Sink(out),
-                            "<starttls xmlns='{NS_TLS}'><required/></starttls>"
-                        );
-                    } else {
-                        let _ = write!(Sink(out), "<starttls xmlns='{NS_TLS}'/>");
-                    }
-                }
-                if !self.tls_required() {
-                    let _ = write!(
-                        Sink(out),
-                        "<mechanisms xmlns='{NS_SASL}'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism>"
-                    );
-                    if self.plain_allowed() {
-                        out.extend_from_slice(b"<mechanism>PLAIN</mechanism>");
-                    }
-                    out.extend_from_slice(b"</mechanisms>");
-                    if self.plain_allowed() {
-                        self.write_sasl2_feature(out);
-                    }
-                }
+                out.extend_from_slice(&self.pre_auth_features().rendered);
                 State::ExpectStartTlsOrAuth
             }
         };
@@ -866,6 +868,16 @@ impl C2s {
             // RFC 6120 §5.3.1: nothing but STARTTLS is negotiated before TLS when it is mandatory.
             return self.stream_error("policy-violation", out);
         }
+        if self.iap_discards_left > 0
+            && matches!(stanza.kind, Kind::Message | Kind::Presence | Kind::Iq)
+        {
+            // Pipelined behind an `<authenticate/>` refused for a config-version mismatch, on
+            // the assumption that it would succeed (XEP-0509): the rejection said these go.
+            self.iap_discards_left -= 1;
+            tracing::debug!(kind = ?stanza.kind, "pipelined behind a stale authenticate, discarded");
+            return cont(State::ExpectStartTlsOrAuth);
+        }
+        self.iap_discards_left = 0;
         if stanza.kind == Kind::Other
             && ns == Some(NS_SASL2)
             && stanza.name() == "authenticate"
@@ -991,6 +1003,33 @@ impl C2s {
         self.any_sasl_failure(failure, true, out)
     }
 
+    /// XEP-0509 §2.2: a pipelined `<authenticate/>` whose config version is not the one these
+    /// features carry is refused "without prejudice": `<aborted/>` with
+    /// `<config-version-mismatch/>`, not counted as a failed login; the client retries on this
+    /// stream with the features it has now received. Stanzas it pipelined behind the refused
+    /// `<authenticate/>` are discarded (up to `IAP_PIPELINED_STANZAS_DISCARDED_MAX`), as the
+    /// `<text/>` says. A client that keeps sending stale values is closed after
+    /// `IAP_MISMATCHES_MAX`.
+    fn iap_mismatch(&mut self, out: &mut Vec<u8>) -> Next {
+        tracing::debug!(
+            mismatches = self.iap_mismatches,
+            "XEP-0509 config version mismatch"
+        );
+        let _ = write!(
+            Sink(out),
+            "<failure xmlns='{NS_SASL2}'><aborted xmlns='{NS_SASL}'/>\
+             <config-version-mismatch xmlns='{NS_IAP}'/><text>Configuration version mismatch: \
+             authenticate again with the features just sent; stanzas pipelined behind this \
+             authenticate were discarded</text></failure>"
+        );
+        self.iap_mismatches = self.iap_mismatches.saturating_add(1);
+        if self.iap_mismatches >= IAP_MISMATCHES_MAX {
+            return self.stream_error("policy-violation", out);
+        }
+        self.iap_discards_left = IAP_PIPELINED_STANZAS_DISCARDED_MAX;
+        cont(State::ExpectStartTlsOrAuth)
+    }
+
     fn plain(&self, data: &[u8], services: &mut dyn Services) -> Outcome {
         match sasl::plain(data, &self.config.domain, |node| services.credentials(node)) {
             Ok(node) => Outcome::Success {
@@ -1020,19 +1059,6 @@ impl C2s {
 
     // ---- XEP-0388 (SASL2) with XEP-0386 (Bind 2) ----
 
-    /// The `<authentication/>` feature: our mechanisms, and Bind 2 inline with XEP-0198 inside
-    /// it. Offered where PLAIN is (under TLS, or in the loopback plaintext mode): XEP-0388 §7
-    /// wants SASL2 only after TLS.
-    fn write_sasl2_feature(&self, out: &mut Vec<u8>) {
-        let _ = write!(
-            Sink(out),
-            "<authentication xmlns='{NS_SASL2}'><mechanism>SCRAM-SHA-256</mechanism>\
-             <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><inline>\
-             <sm xmlns='{NS_SM3}'/><bind xmlns='{NS_BIND2}'><inline><feature var='{NS_SM3}'/>\
-             </inline></bind></inline></authentication>"
-        );
-    }
-
     /// `<authenticate mechanism=...>` (XEP-0388 §2.3): parses what it asks for, then runs the
     /// mechanism's first step.
     fn on_authenticate(
@@ -1044,6 +1070,14 @@ impl C2s {
         let Ok(element) = stanza.as_str().parse::<minidom::Element>() else {
             return self.sasl2_failure(Failure::MalformedRequest, out);
         };
+        // XEP-0509: an `<authenticate/>` built on features the client cached is checked before
+        // anything else; a stale one is refused without prejudice and costs no credential lookup.
+        if let Some(version) = element.get_child("config-version", NS_IAP) {
+            let current = self.pre_auth_features().config_version.as_deref();
+            if version.attr("value") != current {
+                return self.iap_mismatch(out);
+            }
+        }
         let mechanism = element.attr("mechanism").unwrap_or_default().to_owned();
         let initial = match element.get_child("initial-response", NS_SASL2) {
             // XEP-0388 §2.3: an empty element is an empty response; no element, no response.
@@ -1363,6 +1397,101 @@ impl C2s {
             None => {
                 let _ = write!(Sink(out), "<enabled xmlns='{NS_SM3}'/>");
             }
+        }
+    }
+}
+
+/// What the features before authentication depend on: nothing else goes into them, so they are
+/// rendered (and their XEP-0509 config version computed) once per process per set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FeatureSet {
+    /// The bytes travel under TLS (direct TLS, or after STARTTLS).
+    tls: bool,
+    starttls_offered: bool,
+    allow_plaintext: bool,
+}
+
+/// The rendered features before authentication of one `FeatureSet`.
+#[derive(Debug)]
+struct PreAuthFeatures {
+    /// The children of `<stream:features>`, the XEP-0509 `<config-version/>` last.
+    rendered: Box<[u8]>,
+    /// The XEP-0509 config version, when SASL2 is offered.
+    config_version: Option<Box<str>>,
+}
+
+/// Bytes of SHA-256 kept in a XEP-0509 config version (96 bits: 16 base64 characters).
+const CONFIG_VERSION_HASH_BYTES: usize = 12;
+
+impl FeatureSet {
+    fn plain_allowed(self) -> bool {
+        self.tls || self.allow_plaintext
+    }
+
+    fn tls_required(self) -> bool {
+        !self.tls && self.starttls_offered && !self.allow_plaintext
+    }
+
+    fn index(self) -> usize {
+        usize::from(self.tls) * 4
+            + usize::from(self.starttls_offered) * 2
+            + usize::from(self.allow_plaintext)
+    }
+
+    /// This set's features, rendered on first use. Read-only afterwards: every shard reads the
+    /// same bytes, nothing is written on the hot path.
+    fn pre_auth_features(self) -> &'static PreAuthFeatures {
+        static CACHE: [OnceLock<PreAuthFeatures>; 8] = [const { OnceLock::new() }; 8];
+        CACHE[self.index()].get_or_init(|| self.render())
+    }
+
+    /// The features, then (when SASL2 is offered) the XEP-0509 config version: a hash of the
+    /// features rendered without it (XEP-0509 §2.3.1's example), so any change to what is
+    /// offered, such as PLAIN or an inline feature, gives a new version.
+    fn render(self) -> PreAuthFeatures {
+        let mut out = Vec::with_capacity(512);
+        if !self.tls && self.starttls_offered {
+            if self.tls_required() {
+                let _ = write!(
+                    Sink(&mut out),
+                    "<starttls xmlns='{NS_TLS}'><required/></starttls>"
+                );
+            } else {
+                let _ = write!(Sink(&mut out), "<starttls xmlns='{NS_TLS}'/>");
+            }
+        }
+        let mut config_version = None;
+        if !self.tls_required() {
+            let _ = write!(
+                Sink(&mut out),
+                "<mechanisms xmlns='{NS_SASL}'><mechanism>SCRAM-SHA-256</mechanism><mechanism>SCRAM-SHA-1</mechanism>"
+            );
+            if self.plain_allowed() {
+                out.extend_from_slice(b"<mechanism>PLAIN</mechanism>");
+            }
+            out.extend_from_slice(b"</mechanisms>");
+            // SASL2 is offered where PLAIN is (under TLS, or in the loopback plaintext mode):
+            // XEP-0388 §7 wants it only after TLS.
+            if self.plain_allowed() {
+                let _ = write!(
+                    Sink(&mut out),
+                    "<authentication xmlns='{NS_SASL2}'><mechanism>SCRAM-SHA-256</mechanism>\
+                     <mechanism>SCRAM-SHA-1</mechanism><mechanism>PLAIN</mechanism><inline>\
+                     <sm xmlns='{NS_SM3}'/><bind xmlns='{NS_BIND2}'><inline><feature var='{NS_SM3}'/>\
+                     </inline></bind></inline></authentication>"
+                );
+                let digest = sasl::sha256(&out);
+                let version = Base64.encode(&digest[..CONFIG_VERSION_HASH_BYTES]);
+                let _ = write!(
+                    Sink(&mut out),
+                    "<config-version xmlns='{NS_IAP}' value='{version}'/>"
+                );
+                config_version = Some(version.into_boxed_str());
+            }
+        }
+        PreAuthFeatures {
+            rendered: out.into_boxed_slice(),
+            config_version,
         }
     }
 }

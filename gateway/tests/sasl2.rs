@@ -4,7 +4,9 @@
 //! with an inline bind and the client's next stanzas pipelined in the same write as
 //! `<authenticate/>` or right after it (nothing lost across the handoff), a message between two
 //! such sessions, a wrong password, SCRAM-SHA-256 with the server signature checked and XEP-0198
-//! enabled inline, XEP-0198 resumption inline, and a legacy (RFC 6120) login on the same server.
+//! enabled inline, XEP-0198 resumption inline, a legacy (RFC 6120) login on the same server, and
+//! XEP-0509 pipelining: `<authenticate/>` with the stream header and the cached config version,
+//! a stale version refused without prejudice, then a login on the same stream.
 
 #[macro_use]
 mod support;
@@ -265,6 +267,121 @@ fn inline_resumption_after_a_lost_connection(engine: &str) {
     }
 }
 
+const NS_IAP: &str = "urn:xmpp:iap:0";
+
+/// The XEP-0509 config version in a features block.
+fn config_version(features: &str) -> String {
+    let start = format!("<config-version xmlns='{NS_IAP}' value='");
+    let at = features.find(&start).expect(features) + start.len();
+    features[at..at + features[at..].find('\'').unwrap()].to_owned()
+}
+
+fn iap(value: &str) -> String {
+    format!("<config-version xmlns='{NS_IAP}' value='{value}'/>")
+}
+
+/// Sum of a `/metrics` counter's samples whose line contains `label`.
+fn metric(server: &Server, name: &str, label: &str) -> f64 {
+    let metrics = http_get(server.admin, "/metrics").unwrap().1;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Goal: XEP-0509 on the real server. A client that learnt the config version from a first
+/// connection sends stream header, `<authenticate/>` with that version, presence and a ping in
+/// one write and is logged in (users on both home shards: handoffs included); with a stale
+/// version it gets `<aborted/>` + `<config-version-mismatch/>`, its pipelined stanzas are
+/// discarded, and after three such refusals it logs in on the same stream; the refusals are
+/// not counted as failed logins in `/metrics` (a wrong password on another stream is).
+fn iap_pipelined_login_and_stale_version(engine: &str) {
+    let mut nodes = users_on_shard(0, 1);
+    nodes.extend(users_on_shard(1, 1));
+    let server = on_engine(engine).users(&nodes).start();
+    let version = {
+        let mut first = Client::connect_direct_tls(server.tls);
+        first.open_stream();
+        config_version(&first.read_features())
+    };
+    for node in &nodes {
+        let mut c = Client::connect_direct_tls(server.tls);
+        c.send(&format!(
+            "{}{}<presence/>{PING}",
+            Client::stream_header(DOMAIN),
+            authenticate_plain(
+                node,
+                &password_of(node),
+                &format!("{}{}", bind2("Iap"), iap(&version))
+            )
+        ));
+        assert_eq!(config_version(&c.read_features()), version);
+        let jid = expect_success(&mut c);
+        assert!(jid.starts_with(&format!("{node}@{DOMAIN}/Iap/")), "{jid}");
+        c.expect("<presence");
+        c.expect_stanza("iq", "id='p1'");
+    }
+
+    let node = &nodes[1];
+    let mut c = Client::connect_direct_tls(server.tls);
+    c.send(&format!(
+        "{}{}<presence/>{PING}",
+        Client::stream_header(DOMAIN),
+        authenticate_plain(
+            node,
+            &password_of(node),
+            &format!("{}{}", bind2("Iap"), iap("stale"))
+        )
+    ));
+    let fresh = config_version(&c.read_features());
+    assert_eq!(fresh, version);
+    for round in 0..3 {
+        if round > 0 {
+            c.send(&authenticate_plain(node, &password_of(node), &iap("older")));
+        }
+        let failure = c.expect("</failure>");
+        assert!(
+            failure.contains(&format!(
+                "<failure xmlns='{NS_SASL2}'><aborted xmlns='{NS_SASL}'/>"
+            )) && failure.contains(&format!("<config-version-mismatch xmlns='{NS_IAP}'/>")),
+            "{failure}"
+        );
+    }
+    c.send(&format!(
+        "{}<presence/>{PING}",
+        authenticate_plain(
+            node,
+            &password_of(node),
+            &format!("{}{}", bind2("Iap"), iap(&fresh))
+        )
+    ));
+    expect_success(&mut c);
+    c.expect("<presence");
+    // The ping pipelined behind the refused authenticate was discarded: only this one answers.
+    let pong = c.expect_stanza("iq", "id='p1'");
+    assert!(pong.contains("type='result'"), "{pong}");
+
+    // A wrong password is a failed login; the refusals above were not.
+    let mut w = open(&server);
+    w.send(&authenticate_plain(node, "wrong", ""));
+    w.expect("<not-authorized");
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
+    while metric(&server, "gateway_auth_total", "result=\"success\"") < 3.0
+        || metric(&server, "gateway_auth_total", "result=\"failure\"") < 1.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "auth counters never updated"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        metric(&server, "gateway_auth_total", "result=\"failure\""),
+        1.0
+    );
+}
+
 /// A server builder on I/O engine `engine`.
 fn on_engine(engine: &str) -> ServerBuilder {
     ServerBuilder::new().arg("--io-engine").arg(engine)
@@ -275,4 +392,5 @@ on_both_engines!(
     wrong_password_then_success_and_legacy,
     scram_sha256_with_inline_stream_management,
     inline_resumption_after_a_lost_connection,
+    iap_pipelined_login_and_stale_version,
 );

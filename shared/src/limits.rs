@@ -66,6 +66,19 @@ pub const ROSTER_CACHE_USERS_MAX: usize = 1_024;
 /// Failed SASL attempts on one connection before it is closed.
 pub const AUTH_ATTEMPTS_MAX: u32 = 3;
 
+/// XEP-0509 config-version mismatches (a pipelined `<authenticate/>` built on stale features)
+/// one connection may have before it is closed with `policy-violation`. They are rejected
+/// "without prejudice", so they do not count toward `AUTH_ATTEMPTS_MAX`; a client that follows
+/// the XEP has one at most (the features it gets with the rejection carry the current value).
+pub const IAP_MISMATCHES_MAX: u8 = 8;
+
+/// Stanzas (message, presence, iq) a client pipelined behind an `<authenticate/>` that was
+/// rejected for a XEP-0509 config-version mismatch, which the server discards instead of
+/// closing the stream with `not-authorized`, so that the client can retry on the same stream as
+/// XEP-0509 intends. The rejection's `<text/>` says they were discarded; one more before the next
+/// SASL element is the RFC 6120 `not-authorized` stream error as before.
+pub const IAP_PIPELINED_STANZAS_DISCARDED_MAX: u8 = 8;
+
 /// Longest local part (RFC 7622 §3.3.1: 1023 bytes); resource likewise.
 pub const JID_PART_BYTES_MAX: usize = 1023;
 

@@ -211,6 +211,7 @@ mod tests {
                 sm: false,
                 sasl2: false,
                 sasl2_pipelined: false,
+                iap: Arc::default(),
             }),
             tls: None,
             server_name: rustls::pki_types::ServerName::try_from("localhost").unwrap(),

@@ -139,11 +139,18 @@ pub struct Opts {
     /// stream restart. Servers without them get the RFC 6120 login.
     #[arg(long)]
     pub sasl2: bool,
-    /// --sasl2, and `<authenticate/>` goes right behind the stream header without waiting for
-    /// the features, as a client that cached them from an earlier connection may (direct TLS
-    /// and plaintext): the whole login is the TLS handshake and one flight each way.
+    /// --sasl2 with XEP-0509 (Initial Authentication Pipelining), direct TLS and plaintext: each
+    /// worker first learns the server's config version (one probe connection reads the
+    /// features), then every `<authenticate/>` carries it and goes right behind the stream
+    /// header: the whole login is the TLS handshake and one flight each way. A refusal for a
+    /// stale version is retried once on the same stream; a server without XEP-0509 gets
+    /// --sasl2 logins.
     #[arg(long)]
     pub sasl2_pipelined: bool,
+    /// --sasl2-pipelined starting from this cached XEP-0509 config version instead of probing
+    /// the server's (a stale value exercises the refusal and the retry on the same stream).
+    #[arg(long, requires = "sasl2_pipelined")]
+    pub iap_config_version: Option<String>,
     /// Chat: run steps at rising rates until p99 exceeds --p99-bound-ms or messages are lost.
     #[arg(long)]
     pub sweep: bool,
@@ -391,6 +398,7 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
             sm: opts.sm,
             sasl2: opts.sasl2 || opts.sasl2_pipelined,
             sasl2_pipelined: opts.sasl2_pipelined,
+            iap: Arc::default(),
         }),
         tls: tls_config(opts, tls)?,
         server_name,

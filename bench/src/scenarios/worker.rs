@@ -8,9 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::{chat, driver_config, Kind, Opts};
-use crate::driver::{offsets_histogram, Driver};
+use crate::client::TlsMode;
+use crate::driver::{offsets_histogram, probe_config_version, Driver};
 use crate::latency::Recorder;
 use crate::workers::{unix_ms, Link, Sampler, WorkerResult};
+
+/// How long the XEP-0509 config version probe may wait for each read or write.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The outcome of one connect phase of this worker.
 pub(super) struct Phase {
@@ -190,6 +194,26 @@ pub fn worker_main(kind: Kind, opts: Opts, link: Link) -> Result<()> {
     let n = opts.worker_count.unwrap_or(1).max(1);
     let _ = crate::driver::sys::raise_nofile();
     let config = driver_config(&opts, k, n)?;
+    let pipelining = config.client.sasl2_pipelined && config.client.tls != TlsMode::StartTls;
+    if let (true, Some(version)) = (pipelining, &opts.iap_config_version) {
+        config.client.iap.set(version);
+    } else if pipelining {
+        // XEP-0509: learn the config version as a client's earlier connection would have.
+        match probe_config_version(&config, PROBE_TIMEOUT) {
+            Ok(Some(version)) => config.client.iap.set(&version),
+            Ok(None) if k == 0 => eprintln!(
+                "the server advertises no XEP-0509 config version: --sasl2-pipelined logs in \
+                 as --sasl2 does"
+            ),
+            Ok(None) => {}
+            Err(e) if k == 0 => eprintln!(
+                "XEP-0509 probe failed ({e:#}): sessions learn the config version from their \
+                 features"
+            ),
+            Err(_) => {}
+        }
+    }
+    let iap = config.client.iap.clone();
     let sessions = config.local_sessions;
     let driver = Driver::start(config)?;
     // Let the threads allocate their buffers before the baseline.
@@ -221,6 +245,16 @@ pub fn worker_main(kind: Kind, opts: Opts, link: Link) -> Result<()> {
     }
     let start = Instant::now();
     let outcome = run_phases(&mut w, start);
+    if pipelining {
+        w.say(
+            &format!(
+                "XEP-0509: {} logins pipelined, {} refused for a stale config version",
+                iap.pipelined.load(Ordering::Relaxed),
+                iap.mismatches.load(Ordering::Relaxed)
+            ),
+            true,
+        );
+    }
     w.close();
     w.result.rss_after_bytes = w.own_rss();
     let Worker {

@@ -201,6 +201,24 @@ fn mask_ids(s: &str) -> String {
     out
 }
 
+/// The XEP-0509 feature with its value replaced by `mask_config_version`.
+const IAP_MASKED: &str = "<config-version xmlns='urn:xmpp:iap:0' value='V'/>";
+const IAP_START: &str = "<config-version xmlns='urn:xmpp:iap:0' value='";
+
+/// The XEP-0509 config version in `out`, if any.
+fn config_version(out: &str) -> Option<&str> {
+    let start = out.find(IAP_START)? + IAP_START.len();
+    let len = out[start..].find('\'')?;
+    Some(&out[start..start + len])
+}
+
+fn mask_config_version(out: &str) -> String {
+    match config_version(out) {
+        Some(v) => out.replacen(&format!("{IAP_START}{v}'"), &format!("{IAP_START}V'"), 1),
+        None => out.to_owned(),
+    }
+}
+
 fn challenge_payload(out: &str) -> Vec<u8> {
     let start = out
         .find("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
@@ -230,9 +248,9 @@ fn plain_login_over_tls_bind_and_message() {
     let mut c = Client::tls();
     let out = c.ok(HEADER);
     assert_eq!(
-        mask_ids(&out),
+        mask_config_version(&mask_ids(&out)),
         format!(
-            "{}<stream:features>{MECHS_ALL}</stream:features>",
+            "{}<stream:features>{MECHS_ALL}{IAP_MASKED}</stream:features>",
             server_header()
         )
     );
@@ -241,7 +259,7 @@ fn plain_login_over_tls_bind_and_message() {
     assert_eq!(c.c2s.full_jid(), None);
     let out = c.ok(HEADER);
     assert_eq!(
-        mask_ids(&out),
+        mask_config_version(&mask_ids(&out)),
         format!("{}{BIND_FEATURES}", server_header())
     );
     let out = c.ok(
@@ -581,8 +599,8 @@ fn plaintext_allowed_offers_everything() {
     let mut c = Client::new(Security::Plain, config(true, true));
     let out = c.ok(HEADER);
     assert!(
-        out.ends_with(&format!(
-            "<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>{MECHS_ALL}</stream:features>"
+        mask_config_version(&out).ends_with(&format!(
+            "<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>{MECHS_ALL}{IAP_MASKED}</stream:features>"
         )),
         "{out}"
     );
@@ -624,9 +642,9 @@ fn starttls_flow() {
     c.c2s.handle_tls_established();
     let out = c.ok(HEADER);
     assert_eq!(
-        mask_ids(&out),
+        mask_config_version(&mask_ids(&out)),
         format!(
-            "{}<stream:features>{MECHS_ALL}</stream:features>",
+            "{}<stream:features>{MECHS_ALL}{IAP_MASKED}</stream:features>",
             server_header()
         )
     );
@@ -665,7 +683,7 @@ fn bad_namespace() {
     );
     assert_eq!(step, Step::Close);
     assert_eq!(
-        mask_ids(&out),
+        mask_config_version(&mask_ids(&out)),
         format!("{}{}", server_header(), stream_error("invalid-namespace"))
     );
 
@@ -682,7 +700,7 @@ fn host_and_version() {
     let (step, out) = c.send(&HEADER.replace("example.com", "other.example"));
     assert_eq!(step, Step::Close);
     assert_eq!(
-        mask_ids(&out),
+        mask_config_version(&mask_ids(&out)),
         format!("{}{}", server_header(), stream_error("host-unknown"))
     );
 
@@ -718,7 +736,7 @@ fn doctype_is_restricted() {
     let (step, out) = c.send("<?xml version='1.0'?><!DOCTYPE foo [<!ENTITY x 'y'>]>");
     assert_eq!(step, Step::Close);
     assert_eq!(
-        mask_ids(&out),
+        mask_config_version(&mask_ids(&out)),
         format!("{}{}", server_header(), stream_error("restricted-xml"))
     );
 }
@@ -1488,4 +1506,195 @@ fn sasl2_inline_resumption() {
     );
     assert!(m.c2s.is_established());
     assert_eq!(m.svc.bound.len(), 1);
+}
+
+// ---- XEP-0509 (Initial Authentication Pipelining) ----
+
+/// A XEP-0509 `<config-version/>` for an `<authenticate/>`.
+fn iap(value: &str) -> String {
+    format!("<config-version xmlns='urn:xmpp:iap:0' value='{value}'/>")
+}
+
+/// The current config version of a direct-TLS stream, learnt as a client does: from the
+/// features of a first connection.
+fn tls_config_version() -> String {
+    let mut c = Client::tls();
+    let out = c.ok(HEADER);
+    config_version(&out).expect(&out).to_owned()
+}
+
+const IAP_MISMATCH: &str = "<failure xmlns='urn:xmpp:sasl:2'>\
+                            <aborted xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>\
+                            <config-version-mismatch xmlns='urn:xmpp:iap:0'/>";
+
+/// Goal: the config version is tied to the rendered features: the same for every connection
+/// of one feature set, another when what is offered changes (STARTTLS offered, PLAIN and SASL2
+/// not offered), absent where SASL2 is not offered; it is the hash of the features without it.
+/// Method: the features of connections with each feature set.
+#[test]
+fn config_version_follows_the_features() {
+    let features = |security, starttls, plaintext| {
+        let mut c = Client::new(security, config(starttls, plaintext));
+        let out = c.ok(HEADER);
+        let start = out.find("<stream:features>").unwrap() + 17;
+        let end = out.find("</stream:features>").unwrap();
+        out[start..end].to_owned()
+    };
+    let tls = features(Security::Tls, false, false);
+    let version = config_version(&tls).expect(&tls).to_owned();
+    assert_eq!(version.len(), 16, "{version}");
+    assert!(
+        tls.ends_with(&iap(&version)),
+        "the feature comes last: {tls}"
+    );
+    let digest = Sha256::hash(tls.strip_suffix(&iap(&version)).unwrap().as_bytes());
+    assert_eq!(version, Base64.encode(&digest[..12]));
+    assert_eq!(
+        config_version(&features(Security::Tls, true, true)),
+        Some(version.as_str()),
+        "same features, same version"
+    );
+    // The same features in the loopback plaintext mode: the same version.
+    assert_eq!(
+        config_version(&features(Security::Plain, false, true)),
+        Some(version.as_str())
+    );
+    // STARTTLS offered as well: other features, another version.
+    let with_starttls = features(Security::Plain, true, true);
+    let other = config_version(&with_starttls).expect(&with_starttls);
+    assert_ne!(other, version);
+    // No PLAIN, no SASL2: nothing to pipeline, no version.
+    assert_eq!(
+        config_version(&features(Security::Plain, false, false)),
+        None
+    );
+    assert_eq!(
+        config_version(&features(Security::Plain, true, false)),
+        None
+    );
+}
+
+/// Goal: a client that cached the config version sends `<authenticate/>` (and its initial
+/// presence) with the stream header and logs in: features and success answer the one flight.
+/// Method: the machine with a mock router, everything in one `handle_bytes`.
+#[test]
+fn iap_pipelined_with_current_version_logs_in() {
+    let version = tls_config_version();
+    let mut c = Client::tls();
+    let (step, out) = c.send(&format!(
+        "{HEADER}{}<presence/>",
+        sasl2_plain("pw", &format!("{}{}", bind2("Phone", ""), iap(&version)))
+    ));
+    assert_eq!(
+        step,
+        Step::Authenticated {
+            node: "alice".to_owned()
+        },
+        "{out}"
+    );
+    assert!(
+        out.ends_with(&format!("{}</stream:features>", iap(&version))),
+        "{out}"
+    );
+    let out = c.ok("");
+    assert!(
+        out.starts_with("<success xmlns='urn:xmpp:sasl:2'>"),
+        "{out}"
+    );
+    assert!(
+        authz_id(&out).starts_with("alice@example.com/Phone/"),
+        "{out}"
+    );
+    assert!(c.c2s.is_established());
+    assert_eq!(c.svc.stanzas.len(), 1, "the pipelined presence");
+    assert_eq!(c.svc.stanzas[0].kind, Kind::Presence);
+}
+
+/// Goal: a stale config version is refused without prejudice (XEP-0509 §2.2): `<aborted/>`
+/// with `<config-version-mismatch/>`, no credential lookup, no failed login counted, the
+/// presence pipelined behind it discarded; the client then logs in on the same stream with
+/// the version the features just carried. Method: the machine with a mock router.
+#[test]
+fn iap_stale_version_is_refused_then_login_on_the_same_stream() {
+    let mut c = Client::tls();
+    let (step, out) = c.send(&format!(
+        "{HEADER}{}<presence/>",
+        sasl2_plain("pw", &format!("{}{}", bind2("Phone", ""), iap("stale")))
+    ));
+    assert_eq!(step, Step::Continue, "{out}");
+    let at = out.find("</stream:features>").expect(&out) + 18;
+    let version = config_version(&out[..at]).expect(&out).to_owned();
+    assert!(out[at..].starts_with(IAP_MISMATCH), "{out}");
+    assert!(out.ends_with("</text></failure>"), "{out}");
+    assert!(c.svc.lookups.is_empty(), "no credential lookup");
+    assert_eq!(c.c2s.auth_failures(), 0, "not a failed login");
+    assert!(
+        c.svc.stanzas.is_empty(),
+        "the pipelined presence is discarded"
+    );
+    let out = c.sasl2_authenticated(&format!(
+        "{}<presence/>",
+        sasl2_plain("pw", &format!("{}{}", bind2("Phone", ""), iap(&version)))
+    ));
+    assert!(out.contains("<bound xmlns='urn:xmpp:bind:0'>"), "{out}");
+    assert_eq!(c.svc.stanzas.len(), 1, "only the second presence");
+    assert_eq!(c.c2s.auth_failures(), 0);
+}
+
+/// Goal: mismatches do not count toward `AUTH_ATTEMPTS_MAX` (three of them, then a good login,
+/// still work; so do three mismatches and two wrong passwords); past `IAP_MISMATCHES_MAX` the
+/// stream is closed; past `IAP_PIPELINED_STANZAS_DISCARDED_MAX` pipelined stanzas the old
+/// `not-authorized` applies, as it does to a stanza that follows no mismatch.
+#[test]
+fn iap_mismatches_are_without_prejudice_and_bounded() {
+    let version = tls_config_version();
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    for _ in 0..3 {
+        let out = c.ok(&sasl2_plain("pw", &iap("stale")));
+        assert!(out.starts_with(IAP_MISMATCH), "{out}");
+    }
+    let out = c.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &format!("{}{}", bind2("T", ""), iap(&version)),
+    ));
+    assert!(out.contains("<bound xmlns='urn:xmpp:bind:0'>"), "{out}");
+
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    for _ in 0..3 {
+        c.ok(&sasl2_plain("pw", &iap("stale")));
+    }
+    let failure = "<failure xmlns='urn:xmpp:sasl:2'>\
+                   <not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>";
+    assert_eq!(c.ok(&sasl2_plain("wrong", &iap(&version))), failure);
+    assert_eq!(c.ok(&sasl2_plain("wrong", "")), failure);
+    assert_eq!(c.c2s.auth_failures(), 2);
+    c.sasl2_authenticated(&sasl2_plain("pw", &iap(&version)));
+
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    for _ in 1..IAP_MISMATCHES_MAX {
+        c.ok(&sasl2_plain("pw", &iap("stale")));
+    }
+    let (step, out) = c.send(&sasl2_plain("pw", &iap("stale")));
+    assert_eq!(step, Step::Close);
+    assert!(out.starts_with(IAP_MISMATCH), "{out}");
+    assert!(out.ends_with(&stream_error("policy-violation")), "{out}");
+
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    let discarded = "<presence/>".repeat(usize::from(IAP_PIPELINED_STANZAS_DISCARDED_MAX));
+    c.ok(&format!("{}{discarded}", sasl2_plain("pw", &iap("stale"))));
+    let (step, out) = c.send("<presence/>");
+    assert_eq!((step, out), (Step::Close, stream_error("not-authorized")));
+    assert!(c.svc.stanzas.is_empty());
+
+    // Discarding ends at the next SASL element: a stanza after a refused password is refused.
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    c.ok(&format!("{}<presence/>", sasl2_plain("pw", &iap("stale"))));
+    assert_eq!(c.ok(&sasl2_plain("wrong", "")), failure);
+    let (step, out) = c.send("<presence/>");
+    assert_eq!((step, out), (Step::Close, stream_error("not-authorized")));
 }
