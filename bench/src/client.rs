@@ -1693,6 +1693,21 @@ mod tests {
         )
     }
 
+    /// Feeds a SASL2 success with a plain `<bound/>`: the session must be established.
+    fn assert_sasl2_bound(c: &mut Client, bytewise: bool) {
+        let (_, ev) = feed(
+            c,
+            &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
+            bytewise,
+        );
+        assert_eq!(
+            ev,
+            vec![Event::Established {
+                full_jid: SASL2_JID.into()
+            }]
+        );
+    }
+
     fn sasl2_success(additional: &str, bound: &str) -> String {
         format!(
             "<success xmlns='urn:xmpp:sasl:2'>{additional}<authorization-identifier>{SASL2_JID}\
@@ -1801,17 +1816,7 @@ mod tests {
             let (out, _) = feed(&mut c, &features, bytewise);
             assert_eq!(out, authenticate_plain(""));
             assert_eq!(cfg.iap.get().as_deref(), Some("v1"));
-            let (_, ev) = feed(
-                &mut c,
-                &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
-                bytewise,
-            );
-            assert_eq!(
-                ev,
-                vec![Event::Established {
-                    full_jid: SASL2_JID.into()
-                }]
-            );
+            assert_sasl2_bound(&mut c, bytewise);
 
             let mut next = Client::new(cfg.clone(), "user17");
             let mut out = Vec::new();
@@ -1849,17 +1854,7 @@ mod tests {
                 continue;
             }
             assert_eq!((out.as_str(), ev.len()), ("", 0));
-            let (_, ev) = feed(
-                &mut c,
-                &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
-                false,
-            );
-            assert_eq!(
-                ev,
-                vec![Event::Established {
-                    full_jid: SASL2_JID.into()
-                }]
-            );
+            assert_sasl2_bound(&mut c, false);
             assert_eq!(cfg.iap.mismatches.load(Ordering::Relaxed), 0);
         }
     }
@@ -1883,17 +1878,7 @@ mod tests {
             let (out, ev) = feed(&mut c, mismatch, bytewise);
             assert_eq!(out, authenticate_plain(&iap("new")));
             assert!(ev.is_empty(), "{ev:?}");
-            let (_, ev) = feed(
-                &mut c,
-                &sasl2_success("", "<bound xmlns='urn:xmpp:bind:0'/>"),
-                bytewise,
-            );
-            assert_eq!(
-                ev,
-                vec![Event::Established {
-                    full_jid: SASL2_JID.into()
-                }]
-            );
+            assert_sasl2_bound(&mut c, bytewise);
             assert_eq!(cfg.iap.pipelined.load(Ordering::Relaxed), 1);
             assert_eq!(cfg.iap.mismatches.load(Ordering::Relaxed), 1);
         }

@@ -372,13 +372,8 @@ fn a_handoff_carries_the_bytes_sent_right_after_auth(engine: &str) {
             assert!(!pong.contains("type='error'"), "{pong}");
         }
     }
-    let metrics = http_get(server.admin, "/metrics").unwrap().1;
-    let handed: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("gateway_handoffs_total{") && l.contains("direction=\"in\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(handed > 0.0, "no connection was handed off:\n{metrics}");
+    let handed = metric(&server, "gateway_handoffs_total", "direction=\"in\"");
+    assert!(handed > 0.0, "no connection was handed off");
 }
 
 /// Bytes of each message body sent to the slow reader, and the most messages sent (a bound:

@@ -127,13 +127,8 @@ fn plain_bind2_with_pipelined_stanzas(engine: &str) {
     let got = cb.expect_stanza("message", &body);
     assert!(got.contains(&format!("from='{a}@{DOMAIN}/A/")), "{got}");
 
-    let metrics = http_get(server.admin, "/metrics").unwrap().1;
-    let handed: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("gateway_handoffs_total{") && l.contains("direction=\"in\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(handed > 0.0, "no connection was handed off:\n{metrics}");
+    let handed = metric(&server, "gateway_handoffs_total", "direction=\"in\"");
+    assert!(handed > 0.0, "no connection was handed off");
 }
 
 /// Goal: a wrong password gets a SASL2 failure with `<not-authorized/>` and binds nothing; the
@@ -280,14 +275,16 @@ fn iap(value: &str) -> String {
     format!("<config-version xmlns='{NS_IAP}' value='{value}'/>")
 }
 
-/// Sum of a `/metrics` counter's samples whose line contains `label`.
-fn metric(server: &Server, name: &str, label: &str) -> f64 {
-    let metrics = http_get(server.admin, "/metrics").unwrap().1;
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// `<authenticate/>` (PLAIN, Bind 2 tag `Iap`, config version `version`), presence and a ping.
+fn iap_login(node: &str, version: &str) -> String {
+    format!(
+        "{}<presence/>{PING}",
+        authenticate_plain(
+            node,
+            &password_of(node),
+            &format!("{}{}", bind2("Iap"), iap(version))
+        )
+    )
 }
 
 /// Goal: XEP-0509 on the real server. A client that learnt the config version from a first
@@ -308,13 +305,9 @@ fn iap_pipelined_login_and_stale_version(engine: &str) {
     for node in &nodes {
         let mut c = Client::connect_direct_tls(server.tls);
         c.send(&format!(
-            "{}{}<presence/>{PING}",
+            "{}{}",
             Client::stream_header(DOMAIN),
-            authenticate_plain(
-                node,
-                &password_of(node),
-                &format!("{}{}", bind2("Iap"), iap(&version))
-            )
+            iap_login(node, &version)
         ));
         assert_eq!(config_version(&c.read_features()), version);
         let jid = expect_success(&mut c);
@@ -326,13 +319,9 @@ fn iap_pipelined_login_and_stale_version(engine: &str) {
     let node = &nodes[1];
     let mut c = Client::connect_direct_tls(server.tls);
     c.send(&format!(
-        "{}{}<presence/>{PING}",
+        "{}{}",
         Client::stream_header(DOMAIN),
-        authenticate_plain(
-            node,
-            &password_of(node),
-            &format!("{}{}", bind2("Iap"), iap("stale"))
-        )
+        iap_login(node, "stale")
     ));
     let fresh = config_version(&c.read_features());
     assert_eq!(fresh, version);
@@ -348,14 +337,7 @@ fn iap_pipelined_login_and_stale_version(engine: &str) {
             "{failure}"
         );
     }
-    c.send(&format!(
-        "{}<presence/>{PING}",
-        authenticate_plain(
-            node,
-            &password_of(node),
-            &format!("{}{}", bind2("Iap"), iap(&fresh))
-        )
-    ));
+    c.send(&iap_login(node, &fresh));
     expect_success(&mut c);
     c.expect("<presence");
     // The ping pipelined behind the refused authenticate was discarded: only this one answers.

@@ -426,6 +426,16 @@ impl Drop for Server {
     }
 }
 
+/// Sum of a `/metrics` counter's samples whose line contains `label`.
+pub fn metric(server: &Server, name: &str, label: &str) -> f64 {
+    let metrics = http_get(server.admin, "/metrics").unwrap().1;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A minimal HTTP/1.0 GET; `None` if the connection fails.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
