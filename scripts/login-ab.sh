@@ -7,11 +7,15 @@
 # with its default config; runs are named after the flags (`none`, `sasl2`, ...). With --bins it
 # alternates two gateway binaries (default config; runs named a and b), e.g. before and after a
 # change. Besides logins per server CPU-second it prints the medians of the server's user and
-# system CPU per login.
+# system CPU per login. --bench-args passes more `bench login` arguments to every run (e.g.
+# `--sasl2` with --bins). --bench-cpus runs the client under `taskset -c LIST` (unpinned threads)
+# so that, with GATEWAY_CPUS and GATEWAY_SHARDS, server and client sit on different CPUs: a
+# per-core figure, e.g. GATEWAY_SHARDS=1 GATEWAY_CPUS=1 ... --bench-cpus 0.
 #
 #   scripts/login-ab.sh [--key io_engine] [--values uring,tasks] [--rounds 3] [--sessions 5000]
 #                       [--tls direct|none|starttls] [--procs 2] [--out DIR]
 #                       [--bench-flags LIST | --bins GATEWAY_A,GATEWAY_B]
+#                       [--bench-args "ARGS"] [--bench-cpus LIST]
 #
 # Each value is written as a TOML string (`KEY = "VALUE"`). Binaries: $GATEWAY_BIN and $BENCH
 # (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
@@ -31,6 +35,8 @@ PROCS=2
 OUT="/tmp/login-ab-$(date +%Y%m%d-%H%M%S)"
 BENCH_FLAGS=
 BINS=
+BENCH_ARGS=
+BENCH_CPUS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --key) KEY=$2; shift 2 ;;
@@ -42,7 +48,9 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --bench-flags) BENCH_FLAGS=$2; shift 2 ;;
         --bins) BINS=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" >&2; exit 2 ;;
+        --bench-args) BENCH_ARGS=$2; shift 2 ;;
+        --bench-cpus) BENCH_CPUS=$2; shift 2 ;;
+        -h|--help) sed -n '2,22p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -64,6 +72,12 @@ if [ -n "$BINS" ] && [ -n "$BENCH_FLAGS" ]; then
     exit 2
 fi
 IFS=, read -ra values <<< "$VALUES"
+read -ra extra_args <<< "$BENCH_ARGS"
+runner=()
+if [ -n "$BENCH_CPUS" ]; then
+    runner=(taskset -c "$BENCH_CPUS")
+    extra_args+=(--no-pin)
+fi
 declare -A bin_of=()
 if [ -n "$BINS" ]; then
     IFS=, read -r bin_a bin_b <<< "$BINS"
@@ -97,7 +111,8 @@ for round in $(seq 1 "$ROUNDS"); do
         fi
         GATEWAY_CONFIG="$OUT/$v.toml" "$PEERS/gateway.sh" start
         pid=$("$PEERS/gateway.sh" pid)
-        "$BENCH" login --target "127.0.0.1:$port" --tls "$TLS" "${tls_args[@]}" ${flag[@]+"${flag[@]}"} \
+        ${runner[@]+"${runner[@]}"} "$BENCH" login --target "127.0.0.1:$port" --tls "$TLS" "${tls_args[@]}" \
+            ${flag[@]+"${flag[@]}"} ${extra_args[@]+"${extra_args[@]}"} \
             --sessions "$SESSIONS" --procs "$PROCS" --server-pid "$pid" \
             --json "$OUT/$v-$round.json" > "$OUT/$v-$round.log" 2>&1 || true
         "$PEERS/gateway.sh" stop
