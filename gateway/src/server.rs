@@ -407,7 +407,6 @@ async fn run_shard(start: ShardStart) {
             let sizes = UringSizes {
                 recv_buffers: start.config.uring_recv_buffers,
                 recv_buffer_bytes: start.config.uring_recv_buffer_bytes,
-                deferred_task_run: start.config.uring_task_run == "deferred",
             };
             let reserved = shard.knobs.borrow().max_sessions_per_shard as usize;
             match fds.and_then(|fds| Driver::new(shard.clone(), fds, sizes, reserved)) {

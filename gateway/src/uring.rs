@@ -53,15 +53,8 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(shared::limits::ACCEPT_RETR
 /// them all with one enter per turn (`reap`), which cuts kernel entries and interrupts per login
 /// when the shard is busy. The eventfd still fires when the first deferred completion of a batch
 /// waits, so a sleeping shard wakes as before. Older kernels get the plain single-issuer ring.
-/// With `deferred` false (`uring_task_run = "immediate"`), the plain ring.
-fn build_ring(deferred: bool) -> std::io::Result<IoUring> {
+fn build_ring() -> std::io::Result<IoUring> {
     let cq_entries = URING_SQ_ENTRIES * URING_CQ_PER_SQ_ENTRIES;
-    if !deferred {
-        return IoUring::builder()
-            .setup_single_issuer()
-            .setup_cqsize(cq_entries)
-            .build(URING_SQ_ENTRIES);
-    }
     let deferred = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
@@ -109,8 +102,6 @@ fn decode(data: u64) -> (u64, u32, u32) {
 pub struct UringSizes {
     pub recv_buffers: u32,
     pub recv_buffer_bytes: usize,
-    /// Completions as deferred task work (`uring_task_run = "deferred"`).
-    pub deferred_task_run: bool,
 }
 
 // The ready list: slots whose send queue has work, pushed by their outbox's waker. Each shard is
@@ -372,7 +363,7 @@ impl Driver {
         sizes: UringSizes,
         slots_reserved: usize,
     ) -> std::io::Result<Driver> {
-        let ring = build_ring(sizes.deferred_task_run)?;
+        let ring = build_ring()?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (code, name) in [
@@ -1302,7 +1293,7 @@ mod tests {
 
     #[test]
     fn completions_are_deferred_until_the_driver_collects_them() {
-        let mut ring = build_ring(true).expect("ring");
+        let mut ring = build_ring().expect("ring");
         let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let mut buf = [0u8; 16];
         let recv = opcode::Recv::new(Fd(b.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32)

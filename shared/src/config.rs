@@ -100,17 +100,10 @@ pub struct Config {
     pub uring_recv_buffers: u32,
     /// Bytes of each provided receive buffer of the `uring` engine (256 to 65536).
     pub uring_recv_buffer_bytes: usize,
-    /// When the `uring` engine's completions are posted: `deferred` (default: as task work the
-    /// shard runs with one enter per turn, IORING_SETUP_DEFER_TASKRUN; kernels before 6.1 get
-    /// `immediate`) or `immediate` (the kernel interrupts the shard to post each one).
-    pub uring_task_run: String,
 }
 
 /// The values `io_engine` takes.
 pub const IO_ENGINES: [&str; 2] = ["uring", "tasks"];
-
-/// The values `uring_task_run` takes.
-pub const URING_TASK_RUN_MODES: [&str; 2] = ["deferred", "immediate"];
 
 /// The values `huge_pages` takes.
 pub const HUGE_PAGES_MODES: [&str; 3] = ["off", "thp", "reserved"];
@@ -156,7 +149,6 @@ impl Default for Config {
             io_engine: "uring".to_owned(),
             uring_recv_buffers: limits::URING_RECV_BUFFERS_DEFAULT,
             uring_recv_buffer_bytes: limits::URING_RECV_BUFFER_BYTES_DEFAULT,
-            uring_task_run: "deferred".to_owned(),
         }
     }
 }
@@ -275,13 +267,6 @@ impl Config {
                 key: "io_engine",
                 problem: format!("{:?} is not an I/O engine", self.io_engine),
                 fix: "use `uring` (the default) or `tasks` (a task per connection)",
-            });
-        }
-        if !URING_TASK_RUN_MODES.contains(&self.uring_task_run.as_str()) {
-            return Err(ConfigError::Invalid {
-                key: "uring_task_run",
-                problem: format!("{:?} is not a task run mode", self.uring_task_run),
-                fix: "use `deferred` (the default) or `immediate`",
             });
         }
         if !self.uring_recv_buffers.is_power_of_two()
@@ -423,19 +408,6 @@ mod tests {
         }
         Config::from_toml("uring_recv_buffers = 32768\nuring_recv_buffer_bytes = 65536").unwrap();
         Config::from_toml("uring_recv_buffers = 4\nuring_recv_buffer_bytes = 256").unwrap();
-    }
-
-    #[test]
-    fn uring_task_run_is_checked() {
-        assert_eq!(Config::default().uring_task_run, "deferred");
-        Config::from_toml("uring_task_run = 'immediate'").unwrap();
-        let err = Config::from_toml("uring_task_run = 'lazy'")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("uring_task_run") && err.contains("immediate"),
-            "{err}"
-        );
     }
 
     #[test]
