@@ -48,43 +48,6 @@ const ADMISSION_RETRY: Duration =
     Duration::from_millis(shared::limits::ADMISSION_RETRY_MILLISECONDS);
 const ACCEPT_RETRY: Duration = Duration::from_millis(shared::limits::ACCEPT_RETRY_MILLISECONDS);
 
-/// The shard's ring. Completions run as deferred task work (IORING_SETUP_DEFER_TASKRUN, Linux 6.1):
-/// a packet arriving does not interrupt the shard to post its completion; the driver collects
-/// them all with one enter per turn (`reap`), which cuts kernel entries and interrupts per login
-/// when the shard is busy. The eventfd still fires when the first deferred completion of a batch
-/// waits, so a sleeping shard wakes as before. Older kernels get the plain single-issuer ring.
-fn build_ring() -> std::io::Result<IoUring> {
-    let cq_entries = URING_SQ_ENTRIES * URING_CQ_PER_SQ_ENTRIES;
-    let deferred = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_taskrun_flag()
-        .setup_cqsize(cq_entries)
-        .build(URING_SQ_ENTRIES);
-    match deferred {
-        Ok(ring) => Ok(ring),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            tracing::debug!("io_uring without DEFER_TASKRUN (kernel before 6.1)");
-            IoUring::builder()
-                .setup_single_issuer()
-                .setup_cqsize(cq_entries)
-                .build(URING_SQ_ENTRIES)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Posts the completions deferred task work holds (IORING_SETUP_DEFER_TASKRUN): when the ring
-/// says some wait, one enter with GETEVENTS (the crate adds it then) runs them, and submits what
-/// is queued on the way.
-fn post_deferred(ring: &mut IoUring) {
-    if ring.submission().taskrun() {
-        if let Err(e) = ring.submit() {
-            tracing::warn!(error = %e, "io_uring enter for deferred completions failed");
-        }
-    }
-}
-
 fn user_data(op: u64, slot: u32, generation: u32) -> u64 {
     (op << 56) | (u64::from(generation & GENERATION_MASK) << 32) | u64::from(slot)
 }
@@ -363,7 +326,10 @@ impl Driver {
         sizes: UringSizes,
         slots_reserved: usize,
     ) -> std::io::Result<Driver> {
-        let ring = build_ring()?;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_cqsize(URING_SQ_ENTRIES * URING_CQ_PER_SQ_ENTRIES)
+            .build(URING_SQ_ENTRIES)?;
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (code, name) in [
@@ -463,7 +429,7 @@ impl Driver {
             let mut arrived = false;
             for _ in 0..URING_IDLE_YIELDS {
                 futures_lite::future::yield_now().await;
-                if self.completions_pending() || READY.with(|r| !r.borrow().is_empty()) {
+                if !self.ring.completion().is_empty() || READY.with(|r| !r.borrow().is_empty()) {
                     arrived = true;
                     break;
                 }
@@ -587,14 +553,8 @@ impl Driver {
         }
     }
 
-    /// Whether completions wait: posted, or (deferred task work) ready to be posted by an enter.
-    fn completions_pending(&mut self) -> bool {
-        !self.ring.completion().is_empty() || self.ring.submission().taskrun()
-    }
-
     /// Handles the completions that are there (at most a turn's worth). True when any were.
     fn reap(&mut self) -> bool {
-        post_deferred(&mut self.ring);
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.extend(
             self.ring
@@ -1280,49 +1240,6 @@ mod tests {
             user_data(OP_RECV, 7, 2),
             "a reused slot's completions must differ from the old one's"
         );
-    }
-
-    /// Kernel release as (major, minor), from uname.
-    fn kernel_release() -> (u32, u32) {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
-        let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
-        let major = parts.next().and_then(|p| p.parse().ok()).expect("major");
-        let minor = parts.next().and_then(|p| p.parse().ok()).expect("minor");
-        (major, minor)
-    }
-
-    #[test]
-    fn completions_are_deferred_until_the_driver_collects_them() {
-        let mut ring = build_ring().expect("ring");
-        let (mut a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
-        let mut buf = [0u8; 16];
-        let recv = opcode::Recv::new(Fd(b.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32)
-            .build()
-            .user_data(7);
-        // SAFETY: `buf` outlives the operation: it completes (and is reaped) below.
-        unsafe { ring.submission().push(&recv) }.expect("sq has room");
-        ring.submit().expect("submit");
-        std::io::Write::write_all(&mut a, b"ping").expect("write");
-        let deferred = kernel_release() >= (6, 1);
-        if deferred {
-            // The data arrived, but its completion waits as task work for the driver's enter:
-            // nothing interrupted this thread to post it.
-            assert!(
-                ring.completion().is_empty(),
-                "a completion was posted without an enter"
-            );
-            assert!(
-                ring.submission().taskrun(),
-                "the ring must say deferred work waits"
-            );
-        }
-        post_deferred(&mut ring);
-        let cqe = ring
-            .completion()
-            .next()
-            .expect("the recv completed once collected");
-        assert_eq!((cqe.user_data(), cqe.result()), (7, 4));
-        assert_eq!(&buf[..4], b"ping");
     }
 
     #[test]
