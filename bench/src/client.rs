@@ -332,6 +332,8 @@ pub struct Client {
     header_seen: bool,
     tls_done: bool,
     was_established: bool,
+    /// The login went through XEP-0388 `<authenticate/>` (not RFC 6120 `<auth/>`).
+    sasl2_used: bool,
     /// XEP-0198: the server's `<enabled/>` arrived; `sm_in` stanzas received since then, of
     /// which `sm_in_acked` were acknowledged to the server (both mod 2^32).
     sm_on: bool,
@@ -361,6 +363,7 @@ impl Client {
             header_seen: false,
             tls_done: false,
             was_established: false,
+            sasl2_used: false,
             sm_on: false,
             sm_in: 0,
             sm_in_acked: 0,
@@ -494,6 +497,12 @@ impl Client {
 
     pub fn is_established(&self) -> bool {
         self.stage == Stage::Established
+    }
+
+    /// SASL2 was asked for (`ClientConfig::sasl2`) but this login used RFC 6120 SASL: the server
+    /// did not offer XEP-0388 with the mechanism and inline Bind 2.
+    pub fn fell_back_from_sasl2(&self) -> bool {
+        self.config.sasl2 && !self.sasl2_used
     }
 
     /// The bound JID, once bound.
@@ -728,6 +737,7 @@ impl Client {
             out.extend_from_slice(b"<presence/>");
         }
         self.stage = Stage::Sasl2Sent;
+        self.sasl2_used = true;
     }
 
     /// The mechanism's initial response (SCRAM: its state is kept in `login`); `None` after
@@ -1750,7 +1760,7 @@ mod tests {
                     full_jid: SASL2_JID.into()
                 }]
             );
-            assert!(c.is_established() && c.sm_on);
+            assert!(c.is_established() && c.sm_on && !c.fell_back_from_sasl2());
             assert!(c.framer.is_none() && c.login.is_none() && c.queued.capacity() == 0);
         }
     }
@@ -2008,7 +2018,13 @@ mod tests {
                 out.starts_with("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl'"),
                 "{out}"
             );
+            // The run says so (driver hint): its figures are not SASL2 logins.
+            assert!(c.fell_back_from_sasl2());
         }
+        assert!(
+            !established_client().fell_back_from_sasl2(),
+            "SASL2 was not asked for"
+        );
     }
 
     fn established_client() -> Client {

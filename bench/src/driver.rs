@@ -922,6 +922,9 @@ impl Thread {
                 Event::Established { .. } => {
                     if conn.state < State::Established {
                         conn.state = State::Established;
+                        if conn.client.fell_back_from_sasl2() {
+                            self.hints.insert(SASL2_FALLBACK_HINT.to_owned());
+                        }
                         let now_us = self.epoch.elapsed().as_micros() as u64;
                         self.login
                             .record_us(now_us.saturating_sub(conn.started_us).max(1));
@@ -1120,6 +1123,11 @@ pub fn parse_body(body: &str) -> Option<(u64, u64)> {
     let i = rest.split(' ').next()?;
     Some((t.parse().ok()?, i.parse().ok()?))
 }
+
+/// Said once per run when `--sasl2` sessions logged in the RFC 6120 way instead.
+pub const SASL2_FALLBACK_HINT: &str = "--sasl2: the server did not offer XEP-0388 SASL2 with \
+    the mechanism and inline XEP-0386 Bind 2, so sessions logged in with RFC 6120 SASL and bind \
+    (the figures are not SASL2 logins)";
 
 /// A clear hint for a connect error.
 pub fn connect_hint(e: &io::Error, source: Option<IpAddr>, target: SocketAddr) -> String {

@@ -282,6 +282,11 @@ fn bench_against_gateway() {
         );
         assert_eq!(code, 0, "login {flag} failed: {:?}", r.counts);
         assert_eq!(r.counts.established, 50, "{flag}");
+        assert!(
+            !r.notes.contains(&bench::driver::SASL2_FALLBACK_HINT.to_owned()),
+            "{flag}: the gateway offers SASL2, yet {:?}",
+            r.notes
+        );
     }
 
     // XEP-0509 with a stale cached config version: every pipelined `<authenticate/>` is refused
