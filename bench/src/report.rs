@@ -57,6 +57,13 @@ pub struct Counts {
     /// Absent in files written before it existed (read as 0).
     #[serde(default)]
     pub acked: u64,
+    /// `login --sasl2-pipelined`: logins whose `<authenticate/>` carried a XEP-0509 config
+    /// version, and refusals for a stale one (each retried once on the same stream). Absent in
+    /// files written before they existed (read as 0).
+    #[serde(default)]
+    pub iap_pipelined: u64,
+    #[serde(default)]
+    pub iap_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -366,6 +373,8 @@ pub(crate) mod tests {
             lost: 1,
             duplicated: 0,
             acked: 49_990,
+            iap_pipelined: 0,
+            iap_refused: 0,
         };
         report.rates = Rates {
             sessions_per_second: 250.0,

@@ -66,6 +66,12 @@ pub struct WorkerResult {
     pub rss_after_bytes: u64,
     pub cpu_user_seconds: f64,
     pub cpu_system_seconds: f64,
+    /// `--sasl2-pipelined`: `<authenticate/>`s sent with a XEP-0509 config version, and those
+    /// refused for a stale one.
+    #[serde(default)]
+    pub iap_pipelined: u64,
+    #[serde(default)]
+    pub iap_refused: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -283,9 +283,17 @@ fn bench_against_gateway() {
         assert_eq!(code, 0, "login {flag} failed: {:?}", r.counts);
         assert_eq!(r.counts.established, 50, "{flag}");
         assert!(
-            !r.notes.contains(&bench::driver::SASL2_FALLBACK_HINT.to_owned()),
+            !r.notes
+                .contains(&bench::driver::SASL2_FALLBACK_HINT.to_owned()),
             "{flag}: the gateway offers SASL2, yet {:?}",
             r.notes
+        );
+        // Pipelined: every worker learnt the config version first, so every login used it.
+        let pipelined = if flag == "--sasl2-pipelined" { 50 } else { 0 };
+        assert_eq!(
+            (r.counts.iap_pipelined, r.counts.iap_refused),
+            (pipelined, 0),
+            "{flag}"
         );
     }
 
@@ -314,6 +322,11 @@ fn bench_against_gateway() {
         r.counts
     );
     assert_eq!(r.counts.established, 50);
+    assert_eq!(
+        (r.counts.iap_pipelined, r.counts.iap_refused),
+        (50, 50),
+        "each login pipelined once with the stale version and refused once"
+    );
 
     // reconnect, STARTTLS.
     let json = dir.path().join("reconnect.json");

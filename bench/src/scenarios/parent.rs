@@ -222,6 +222,8 @@ fn build_report(
     for r in results {
         counts.established += r.established;
         counts.failed += r.failed;
+        counts.iap_pipelined += r.iap_pipelined;
+        counts.iap_refused += r.iap_refused;
         for (k, v) in &r.failed_by_reason {
             *counts.failed_by_reason.entry(k.clone()).or_insert(0) += v;
         }

@@ -246,6 +246,8 @@ pub fn worker_main(kind: Kind, opts: Opts, link: Link) -> Result<()> {
     let start = Instant::now();
     let outcome = run_phases(&mut w, start);
     if pipelining {
+        w.result.iap_pipelined = iap.pipelined.load(Ordering::Relaxed);
+        w.result.iap_refused = iap.mismatches.load(Ordering::Relaxed);
         w.say(
             &format!(
                 "XEP-0509: {} logins pipelined, {} refused for a stale config version",
