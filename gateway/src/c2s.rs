@@ -67,6 +67,24 @@ pub struct C2sConfig {
     pub unauthenticated_timeout: std::time::Duration,
     /// XEP-0198: how long a session that lost its connection may be resumed (zero: never).
     pub sm_resume_timeout: std::time::Duration,
+    /// Where stream ids, generated resources and resumption ids come from (`fill_random`
+    /// outside tests).
+    pub random: RandomFill,
+}
+
+/// Fills a buffer with cryptographically secure random bytes, or says it could not.
+pub type RandomFill = fn(&mut [u8]) -> Result<(), RandomUnavailable>;
+
+/// No secure random bytes could be had: the caller must not go on with predictable ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no secure random bytes: the random number generator failed")]
+pub struct RandomUnavailable;
+
+/// The gateway's `RandomFill`: aws-lc's DRBG (the one rustls's handshakes draw from too, see
+/// `tls::CryptoLibrary`), seeded and reseeded from the OS by aws-lc and safe across fork. Unlike
+/// `getrandom`, a draw is no syscall: a login draws three ids or so.
+pub fn fill_random(buf: &mut [u8]) -> Result<(), RandomUnavailable> {
+    aws_lc_rs::rand::fill(buf).map_err(|_| RandomUnavailable)
 }
 
 /// Whether the bytes the machine sees travelled under TLS.
@@ -669,29 +687,49 @@ impl C2s {
 
     // ---- output ----
 
-    fn write_header(&mut self, out: &mut Vec<u8>) {
-        let mut id = [0u8; 16];
-        // A failure leaves zeros: the id is not a secret, only a label.
-        let _ = getrandom::getrandom(&mut id);
-        let mut id_hex = String::with_capacity(32);
-        for b in id {
-            let _ = write!(id_hex, "{b:02x}");
-        }
+    /// Writes our `<stream:stream>` with a fresh random id (RFC 6120 §4.7.3: unique and
+    /// unpredictable); nothing is written when no random id can be had.
+    fn write_header(&mut self, out: &mut Vec<u8>) -> Result<(), RandomUnavailable> {
+        let id = self.random_id()?;
+        self.write_header_with_id(Some(&hex(&id)), out);
+        Ok(())
+    }
+
+    fn write_header_with_id(&mut self, id: Option<&str>, out: &mut Vec<u8>) {
         let domain = escape(&self.config.domain);
         let _ = write!(
             Sink(out),
-            "<?xml version='1.0'?><stream:stream from='{domain}' id='{id_hex}' version='1.0' xml:lang='en' \
-             xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'>"
+            "<?xml version='1.0'?><stream:stream from='{domain}'"
+        );
+        if let Some(id) = id {
+            let _ = write!(Sink(out), " id='{id}'");
+        }
+        let _ = write!(
+            Sink(out),
+            " version='1.0' xml:lang='en' xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'>"
         );
         self.header_sent = true;
+    }
+
+    /// The header that must precede a stream error or close when ours is not out yet (RFC 6120
+    /// §4.9.1.2). Without randomness it goes out without an id: the stream ends right after it.
+    fn write_header_before_close(&mut self, out: &mut Vec<u8>) {
+        if !self.header_sent && self.write_header(out).is_err() {
+            self.write_header_with_id(None, out);
+        }
+    }
+
+    /// 128 random bits for an id (stream, generated resource, XEP-0198 resumption).
+    fn random_id(&self) -> Result<[u8; RESUME_ID_BYTES], RandomUnavailable> {
+        let mut id = [0u8; RESUME_ID_BYTES];
+        (self.config.random)(&mut id).inspect_err(|e| tracing::error!(error = %e, "c2s id"))?;
+        Ok(id)
     }
 
     /// Writes a stream error (preceded by our header if not yet sent) and the stream's close.
     fn stream_error(&mut self, condition: &str, out: &mut Vec<u8>) -> Next {
         tracing::debug!(condition, "c2s stream error");
-        if !self.header_sent {
-            self.write_header(out);
-        }
+        self.write_header_before_close(out);
         let _ = write!(
             Sink(out),
             "<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/></stream:error></stream:stream>"
@@ -700,9 +738,7 @@ impl C2s {
     }
 
     fn close_stream(&mut self, out: &mut Vec<u8>) -> Next {
-        if !self.header_sent {
-            self.write_header(out);
-        }
+        self.write_header_before_close(out);
         out.extend_from_slice(b"</stream:stream>");
         (State::Closed, Step::Close)
     }
@@ -828,7 +864,9 @@ impl C2s {
         if !version_supported(header.version.as_deref()) {
             return self.stream_error("unsupported-version", out);
         }
-        self.write_header(out);
+        if self.write_header(out).is_err() {
+            return self.stream_error("internal-server-error", out);
+        }
         out.extend_from_slice(b"<stream:features>");
         let next = match node {
             Some(node) => {
@@ -1199,9 +1237,11 @@ impl C2s {
             .map(|c| format!("<failed xmlns='{NS_SM3}'><{c} xmlns='{NS_STANZA_ERRORS}'/></failed>"))
             .unwrap_or_default();
         let bound = request.bind.as_ref().and_then(|bind| {
+            // Without randomness there is no resource to generate: no Bind 2, and the client
+            // binds with RFC 6120 bind (the server's resource is made by the router).
             let unique = match &request.user_agent_id {
                 Some(id) => sasl::stable_resource_id(&node, id),
-                None => hex(&random_id())[..16].to_owned(),
+                None => hex(&self.random_id().ok()?)[..16].to_owned(),
             };
             let tagged = bind.tag.as_ref().map(|tag| format!("{tag}/{unique}"));
             let bound = match tagged {
@@ -1375,7 +1415,13 @@ impl C2s {
     /// `<enabled/>`, with a resumption id when asked for and resumption is on.
     fn enable_sm(&mut self, wants_resume: bool, services: &mut dyn Services, out: &mut Vec<u8>) {
         let max = self.config.sm_resume_timeout.as_secs();
-        let id = (wants_resume && max > 0).then(random_id);
+        // Without randomness there is no unguessable resumption id: the stream gets XEP-0198
+        // without resumption (the server may always decline it, XEP-0198 §5).
+        let id = if wants_resume && max > 0 {
+            self.random_id().ok()
+        } else {
+            None
+        };
         self.sm = Some(Box::new(Sm {
             base: services.received(),
             local: 0,
@@ -1508,16 +1554,8 @@ fn sasl2_success_start(out: &mut Vec<u8>, additional: &[u8]) {
     }
 }
 
-/// Bytes of a XEP-0198 resumption id.
+/// Bytes of a random id: stream ids, XEP-0198 resumption ids (and, cut, generated resources).
 const RESUME_ID_BYTES: usize = 16;
-
-/// A XEP-0198 resumption id: 128 random bits.
-fn random_id() -> [u8; RESUME_ID_BYTES] {
-    let mut id = [0u8; RESUME_ID_BYTES];
-    // A failure leaves zeros; resumption still checks the user, so it cannot cross accounts.
-    let _ = getrandom::getrandom(&mut id);
-    id
-}
 
 /// Lowercase hex, as resumption ids are sent.
 fn hex(bytes: &[u8; RESUME_ID_BYTES]) -> String {
@@ -1630,7 +1668,6 @@ fn parse_iq(stanza: &Stanza) -> Option<minidom::Element> {
     };
     parsed.ok()
 }
-
 fn is_session_iq(stanza: &Stanza) -> bool {
     stanza.type_().as_deref() == Some("set")
         && stanza.as_str().contains(NS_SESSION)
