@@ -1105,7 +1105,7 @@ impl C2s {
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {
-        let Ok(element) = stanza.as_str().parse::<minidom::Element>() else {
+        let Ok(element) = router::build::parse_element(stanza.as_str()) else {
             return self.sasl2_failure(Failure::MalformedRequest, out);
         };
         // XEP-0509: an `<authenticate/>` built on features the client cached is checked before
@@ -1305,7 +1305,7 @@ impl C2s {
             return self.on_resume(&stanza, node, services, out);
         }
         let bind = if stanza.kind == Kind::Iq {
-            parse_iq(&stanza)
+            router::build::parse(&stanza)
         } else {
             None
         };
@@ -1652,24 +1652,9 @@ fn sasl_payload(stanza: &Stanza) -> Result<Option<Vec<u8>>, Failure> {
     }
 }
 
-/// Parses an IQ on the cold path (bind, session). The stanza inherits `jabber:client` from the
-/// stream; it is declared here when the element does not declare its own.
-fn parse_iq(stanza: &Stanza) -> Option<minidom::Element> {
-    let text = stanza.as_str();
-    let parsed = if stanza.header.xmlns.is_some() {
-        text.parse::<minidom::Element>()
-    } else {
-        let at = stanza.header.name.end;
-        let mut with_ns = String::with_capacity(text.len() + 24);
-        with_ns.push_str(&text[..at]);
-        with_ns.push_str(" xmlns='jabber:client'");
-        with_ns.push_str(&text[at..]);
-        with_ns.parse::<minidom::Element>()
-    };
-    parsed.ok()
-}
 fn is_session_iq(stanza: &Stanza) -> bool {
     stanza.type_().as_deref() == Some("set")
         && stanza.as_str().contains(NS_SESSION)
-        && parse_iq(stanza).is_some_and(|iq| iq.get_child("session", NS_SESSION).is_some())
+        && router::build::parse(stanza)
+            .is_some_and(|iq| iq.get_child("session", NS_SESSION).is_some())
 }
