@@ -14,6 +14,7 @@
 //! machine, consumes it and puts the next one back. Anything the machine does not expect closes
 //! the stream with the RFC 6120 §4.9.3 condition that fits; it never panics on input.
 
+mod authenticate;
 mod sasl;
 #[cfg(test)]
 mod tests;
@@ -691,18 +692,20 @@ impl C2s {
     /// unpredictable); nothing is written when no random id can be had.
     fn write_header(&mut self, out: &mut Vec<u8>) -> Result<(), RandomUnavailable> {
         let id = self.random_id()?;
-        self.write_header_with_id(Some(&hex(&id)), out);
+        self.write_header_with_id(Some(&id), out);
         Ok(())
     }
 
-    fn write_header_with_id(&mut self, id: Option<&str>, out: &mut Vec<u8>) {
+    fn write_header_with_id(&mut self, id: Option<&[u8; RESUME_ID_BYTES]>, out: &mut Vec<u8>) {
         let domain = escape(&self.config.domain);
         let _ = write!(
             Sink(out),
             "<?xml version='1.0'?><stream:stream from='{domain}'"
         );
         if let Some(id) = id {
-            let _ = write!(Sink(out), " id='{id}'");
+            out.extend_from_slice(b" id='");
+            push_hex(out, id);
+            out.push(b'\'');
         }
         let _ = write!(
             Sink(out),
@@ -1105,49 +1108,45 @@ impl C2s {
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {
-        let Ok(element) = router::build::parse_element(stanza.as_str()) else {
+        let Some(element) = authenticate::parse(stanza.as_str()) else {
             return self.sasl2_failure(Failure::MalformedRequest, out);
         };
         // XEP-0509: an `<authenticate/>` built on features the client cached is checked before
         // anything else; a stale one is refused without prejudice and costs no credential lookup.
-        if let Some(version) = element.get_child("config-version", NS_IAP) {
+        if let Some(version) = &element.config_version {
             let current = self.pre_auth_features().config_version.as_deref();
-            if version.attr("value") != current {
+            if version.as_deref() != current {
                 return self.iap_mismatch(out);
             }
         }
-        let mechanism = element.attr("mechanism").unwrap_or_default().to_owned();
-        let initial = match element.get_child("initial-response", NS_SASL2) {
+        let mechanism = element.mechanism.unwrap_or_default();
+        let initial = match element.initial_response {
             // XEP-0388 §2.3: an empty element is an empty response; no element, no response.
-            Some(child) => match Base64.decode(child.text().trim()) {
+            Some(text) => match Base64.decode(text.trim()) {
                 Ok(data) => Some(data),
                 Err(_) => return self.sasl2_failure(Failure::IncorrectEncoding, out),
             },
             None => None,
         };
         let user_agent_id = element
-            .get_child("user-agent", NS_SASL2)
-            .and_then(|ua| ua.attr("id"))
-            .filter(|id| !id.is_empty() && id.len() <= BIND2_TAG_BYTES_MAX)
-            .map(str::to_owned);
-        let bind = element
-            .get_child("bind", NS_BIND2)
-            .map(|bind| Bind2Request {
-                tag: bind
-                    .get_child("tag", NS_BIND2)
-                    .map(|t| t.text().trim().to_owned())
-                    .filter(|t| {
-                        !t.is_empty()
-                            && t.len() <= BIND2_TAG_BYTES_MAX
-                            && !t.chars().any(|c| c.is_control() || c.is_whitespace())
-                    }),
-                sm_enable: bind
-                    .get_child("enable", NS_SM3)
-                    .map(|enable| matches!(enable.attr("resume"), Some("true" | "1"))),
-            });
-        let resume = element.get_child("resume", NS_SM3).map(|resume| {
-            let previd = resume.attr("previd").unwrap_or_default().to_owned();
-            (previd, resume.attr("h").and_then(|h| h.parse::<u32>().ok()))
+            .user_agent
+            .flatten()
+            .filter(|id| !id.is_empty() && id.len() <= BIND2_TAG_BYTES_MAX);
+        let bind = element.bind.map(|bind| Bind2Request {
+            tag: bind.tag.map(|t| t.trim().to_owned()).filter(|t| {
+                !t.is_empty()
+                    && t.len() <= BIND2_TAG_BYTES_MAX
+                    && !t.chars().any(|c| c.is_control() || c.is_whitespace())
+            }),
+            sm_enable: bind
+                .enable
+                .map(|resume| matches!(resume.as_deref(), Some("true" | "1"))),
+        });
+        let resume = element.resume.map(|(previd, h)| {
+            (
+                previd.unwrap_or_default(),
+                h.and_then(|h| h.parse::<u32>().ok()),
+            )
         });
         let request = Box::new(Sasl2Request {
             resume,
@@ -1565,6 +1564,15 @@ fn hex(bytes: &[u8; RESUME_ID_BYTES]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// Appends lowercase hex, as `hex` makes it, without a `String` in between.
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
+    }
 }
 
 /// `Vec<u8>` as a `fmt::Write` target.
