@@ -271,9 +271,9 @@ const STREAM_NAME: &[u8] = b"stream:stream";
 pub struct C2s {
     config: Arc<C2sConfig>,
     security: Security,
-    /// The stream's framer; `None` between stanzas of an open `<stream:stream>` with nothing
-    /// buffered (all a framer would hold then), rebuilt with `Framer::in_stream` when bytes
-    /// arrive.
+    /// The stream's framer; once established, `None` between stanzas of an open
+    /// `<stream:stream>` with nothing buffered (all a framer would hold then), rebuilt with
+    /// `Framer::in_stream` when bytes arrive.
     framer: Option<Box<Framer>>,
     /// The unauthenticated deadline runs from here.
     started: Instant,
@@ -568,7 +568,12 @@ impl C2s {
             let event = match framer.next_event() {
                 Ok(Some(event)) => event,
                 Ok(None) => {
-                    if framer.idle_stream_name() == Some(STREAM_NAME) {
+                    // Only an established stream drops its idle framer: a login's next flight
+                    // comes within a round trip, and a framer rebuilt for each one cost ~5
+                    // allocations (the box, its buffers, names and attribute list).
+                    if framer.idle_stream_name() == Some(STREAM_NAME)
+                        && matches!(self.state, State::Established { .. })
+                    {
                         self.framer = None;
                     }
                     return Step::Continue;

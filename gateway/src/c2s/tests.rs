@@ -1085,11 +1085,12 @@ fn stream_management_resumption() {
 
 /// An idle established stream holds no framer; a partial stanza keeps one until it completes;
 /// a stream under another prefix keeps its framer (its name is not the one rebuilt), and both
-/// carry on as before.
+/// carry on as before. A stream still logging in keeps its framer between flights.
 #[test]
 fn idle_stream_drops_its_framer() {
     let mut c = Client::tls();
     c.login_plain();
+    assert!(c.c2s.framer.is_some(), "kept while logging in");
     c.bind("phone");
     assert!(c.c2s.is_established());
     assert!(c.c2s.framer.is_none(), "idle after bind");
