@@ -242,6 +242,7 @@ fn main() -> Result<()> {
         stanza_bytes_max: shared::limits::STANZA_BYTES_MAX,
         unauthenticated_timeout: Duration::from_secs(60),
         sm_resume_timeout: Duration::from_secs(300),
+        random: gateway::c2s::fill_random,
     });
     let credentials = Credentials::derive(PASSWORD, PBKDF2_ITERATIONS);
     let mut router = Router::new(0, 1, DOMAIN.into(), Box::new(MemoryRosterStore::new()));

@@ -14,6 +14,7 @@
 //! machine, consumes it and puts the next one back. Anything the machine does not expect closes
 //! the stream with the RFC 6120 §4.9.3 condition that fits; it never panics on input.
 
+mod authenticate;
 mod sasl;
 #[cfg(test)]
 mod tests;
@@ -67,6 +68,24 @@ pub struct C2sConfig {
     pub unauthenticated_timeout: std::time::Duration,
     /// XEP-0198: how long a session that lost its connection may be resumed (zero: never).
     pub sm_resume_timeout: std::time::Duration,
+    /// Where stream ids, generated resources and resumption ids come from (`fill_random`
+    /// outside tests).
+    pub random: RandomFill,
+}
+
+/// Fills a buffer with cryptographically secure random bytes, or says it could not.
+pub type RandomFill = fn(&mut [u8]) -> Result<(), RandomUnavailable>;
+
+/// No secure random bytes could be had: the caller must not go on with predictable ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("no secure random bytes: the random number generator failed")]
+pub struct RandomUnavailable;
+
+/// The gateway's `RandomFill`: aws-lc's DRBG (the one rustls's handshakes draw from too, see
+/// `tls::CryptoLibrary`), seeded and reseeded from the OS by aws-lc and safe across fork. Unlike
+/// `getrandom`, a draw is no syscall: a login draws three ids or so.
+pub fn fill_random(buf: &mut [u8]) -> Result<(), RandomUnavailable> {
+    aws_lc_rs::rand::fill(buf).map_err(|_| RandomUnavailable)
 }
 
 /// Whether the bytes the machine sees travelled under TLS.
@@ -252,9 +271,9 @@ const STREAM_NAME: &[u8] = b"stream:stream";
 pub struct C2s {
     config: Arc<C2sConfig>,
     security: Security,
-    /// The stream's framer; `None` between stanzas of an open `<stream:stream>` with nothing
-    /// buffered (all a framer would hold then), rebuilt with `Framer::in_stream` when bytes
-    /// arrive.
+    /// The stream's framer; once established, `None` between stanzas of an open
+    /// `<stream:stream>` with nothing buffered (all a framer would hold then), rebuilt with
+    /// `Framer::in_stream` when bytes arrive.
     framer: Option<Box<Framer>>,
     /// The unauthenticated deadline runs from here.
     started: Instant,
@@ -549,7 +568,12 @@ impl C2s {
             let event = match framer.next_event() {
                 Ok(Some(event)) => event,
                 Ok(None) => {
-                    if framer.idle_stream_name() == Some(STREAM_NAME) {
+                    // Only an established stream drops its idle framer: a login's next flight
+                    // comes within a round trip, and a framer rebuilt for each one cost ~5
+                    // allocations (the box, its buffers, names and attribute list).
+                    if framer.idle_stream_name() == Some(STREAM_NAME)
+                        && matches!(self.state, State::Established { .. })
+                    {
                         self.framer = None;
                     }
                     return Step::Continue;
@@ -669,29 +693,51 @@ impl C2s {
 
     // ---- output ----
 
-    fn write_header(&mut self, out: &mut Vec<u8>) {
-        let mut id = [0u8; 16];
-        // A failure leaves zeros: the id is not a secret, only a label.
-        let _ = getrandom::getrandom(&mut id);
-        let mut id_hex = String::with_capacity(32);
-        for b in id {
-            let _ = write!(id_hex, "{b:02x}");
-        }
+    /// Writes our `<stream:stream>` with a fresh random id (RFC 6120 §4.7.3: unique and
+    /// unpredictable); nothing is written when no random id can be had.
+    fn write_header(&mut self, out: &mut Vec<u8>) -> Result<(), RandomUnavailable> {
+        let id = self.random_id()?;
+        self.write_header_with_id(Some(&id), out);
+        Ok(())
+    }
+
+    fn write_header_with_id(&mut self, id: Option<&[u8; RESUME_ID_BYTES]>, out: &mut Vec<u8>) {
         let domain = escape(&self.config.domain);
         let _ = write!(
             Sink(out),
-            "<?xml version='1.0'?><stream:stream from='{domain}' id='{id_hex}' version='1.0' xml:lang='en' \
-             xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'>"
+            "<?xml version='1.0'?><stream:stream from='{domain}'"
+        );
+        if let Some(id) = id {
+            out.extend_from_slice(b" id='");
+            push_hex(out, id);
+            out.push(b'\'');
+        }
+        let _ = write!(
+            Sink(out),
+            " version='1.0' xml:lang='en' xmlns='{NS_CLIENT}' xmlns:stream='{NS_STREAMS}'>"
         );
         self.header_sent = true;
+    }
+
+    /// The header that must precede a stream error or close when ours is not out yet (RFC 6120
+    /// §4.9.1.2). Without randomness it goes out without an id: the stream ends right after it.
+    fn write_header_before_close(&mut self, out: &mut Vec<u8>) {
+        if !self.header_sent && self.write_header(out).is_err() {
+            self.write_header_with_id(None, out);
+        }
+    }
+
+    /// 128 random bits for an id (stream, generated resource, XEP-0198 resumption).
+    fn random_id(&self) -> Result<[u8; RESUME_ID_BYTES], RandomUnavailable> {
+        let mut id = [0u8; RESUME_ID_BYTES];
+        (self.config.random)(&mut id).inspect_err(|e| tracing::error!(error = %e, "c2s id"))?;
+        Ok(id)
     }
 
     /// Writes a stream error (preceded by our header if not yet sent) and the stream's close.
     fn stream_error(&mut self, condition: &str, out: &mut Vec<u8>) -> Next {
         tracing::debug!(condition, "c2s stream error");
-        if !self.header_sent {
-            self.write_header(out);
-        }
+        self.write_header_before_close(out);
         let _ = write!(
             Sink(out),
             "<stream:error><{condition} xmlns='{NS_STREAM_ERRORS}'/></stream:error></stream:stream>"
@@ -700,9 +746,7 @@ impl C2s {
     }
 
     fn close_stream(&mut self, out: &mut Vec<u8>) -> Next {
-        if !self.header_sent {
-            self.write_header(out);
-        }
+        self.write_header_before_close(out);
         out.extend_from_slice(b"</stream:stream>");
         (State::Closed, Step::Close)
     }
@@ -828,7 +872,9 @@ impl C2s {
         if !version_supported(header.version.as_deref()) {
             return self.stream_error("unsupported-version", out);
         }
-        self.write_header(out);
+        if self.write_header(out).is_err() {
+            return self.stream_error("internal-server-error", out);
+        }
         out.extend_from_slice(b"<stream:features>");
         let next = match node {
             Some(node) => {
@@ -1067,49 +1113,45 @@ impl C2s {
         services: &mut dyn Services,
         out: &mut Vec<u8>,
     ) -> Next {
-        let Ok(element) = stanza.as_str().parse::<minidom::Element>() else {
+        let Some(element) = authenticate::parse(stanza.as_str()) else {
             return self.sasl2_failure(Failure::MalformedRequest, out);
         };
         // XEP-0509: an `<authenticate/>` built on features the client cached is checked before
         // anything else; a stale one is refused without prejudice and costs no credential lookup.
-        if let Some(version) = element.get_child("config-version", NS_IAP) {
+        if let Some(version) = &element.config_version {
             let current = self.pre_auth_features().config_version.as_deref();
-            if version.attr("value") != current {
+            if version.as_deref() != current {
                 return self.iap_mismatch(out);
             }
         }
-        let mechanism = element.attr("mechanism").unwrap_or_default().to_owned();
-        let initial = match element.get_child("initial-response", NS_SASL2) {
+        let mechanism = element.mechanism.unwrap_or_default();
+        let initial = match element.initial_response {
             // XEP-0388 §2.3: an empty element is an empty response; no element, no response.
-            Some(child) => match Base64.decode(child.text().trim()) {
+            Some(text) => match Base64.decode(text.trim()) {
                 Ok(data) => Some(data),
                 Err(_) => return self.sasl2_failure(Failure::IncorrectEncoding, out),
             },
             None => None,
         };
         let user_agent_id = element
-            .get_child("user-agent", NS_SASL2)
-            .and_then(|ua| ua.attr("id"))
-            .filter(|id| !id.is_empty() && id.len() <= BIND2_TAG_BYTES_MAX)
-            .map(str::to_owned);
-        let bind = element
-            .get_child("bind", NS_BIND2)
-            .map(|bind| Bind2Request {
-                tag: bind
-                    .get_child("tag", NS_BIND2)
-                    .map(|t| t.text().trim().to_owned())
-                    .filter(|t| {
-                        !t.is_empty()
-                            && t.len() <= BIND2_TAG_BYTES_MAX
-                            && !t.chars().any(|c| c.is_control() || c.is_whitespace())
-                    }),
-                sm_enable: bind
-                    .get_child("enable", NS_SM3)
-                    .map(|enable| matches!(enable.attr("resume"), Some("true" | "1"))),
-            });
-        let resume = element.get_child("resume", NS_SM3).map(|resume| {
-            let previd = resume.attr("previd").unwrap_or_default().to_owned();
-            (previd, resume.attr("h").and_then(|h| h.parse::<u32>().ok()))
+            .user_agent
+            .flatten()
+            .filter(|id| !id.is_empty() && id.len() <= BIND2_TAG_BYTES_MAX);
+        let bind = element.bind.map(|bind| Bind2Request {
+            tag: bind.tag.map(|t| t.trim().to_owned()).filter(|t| {
+                !t.is_empty()
+                    && t.len() <= BIND2_TAG_BYTES_MAX
+                    && !t.chars().any(|c| c.is_control() || c.is_whitespace())
+            }),
+            sm_enable: bind
+                .enable
+                .map(|resume| matches!(resume.as_deref(), Some("true" | "1"))),
+        });
+        let resume = element.resume.map(|(previd, h)| {
+            (
+                previd.unwrap_or_default(),
+                h.and_then(|h| h.parse::<u32>().ok()),
+            )
         });
         let request = Box::new(Sasl2Request {
             resume,
@@ -1199,9 +1241,11 @@ impl C2s {
             .map(|c| format!("<failed xmlns='{NS_SM3}'><{c} xmlns='{NS_STANZA_ERRORS}'/></failed>"))
             .unwrap_or_default();
         let bound = request.bind.as_ref().and_then(|bind| {
+            // Without randomness there is no resource to generate: no Bind 2, and the client
+            // binds with RFC 6120 bind (the server's resource is made by the router).
             let unique = match &request.user_agent_id {
                 Some(id) => sasl::stable_resource_id(&node, id),
-                None => hex(&random_id())[..16].to_owned(),
+                None => hex(&self.random_id().ok()?)[..16].to_owned(),
             };
             let tagged = bind.tag.as_ref().map(|tag| format!("{tag}/{unique}"));
             let bound = match tagged {
@@ -1265,7 +1309,7 @@ impl C2s {
             return self.on_resume(&stanza, node, services, out);
         }
         let bind = if stanza.kind == Kind::Iq {
-            parse_iq(&stanza)
+            router::build::parse(&stanza)
         } else {
             None
         };
@@ -1375,7 +1419,13 @@ impl C2s {
     /// `<enabled/>`, with a resumption id when asked for and resumption is on.
     fn enable_sm(&mut self, wants_resume: bool, services: &mut dyn Services, out: &mut Vec<u8>) {
         let max = self.config.sm_resume_timeout.as_secs();
-        let id = (wants_resume && max > 0).then(random_id);
+        // Without randomness there is no unguessable resumption id: the stream gets XEP-0198
+        // without resumption (the server may always decline it, XEP-0198 §5).
+        let id = if wants_resume && max > 0 {
+            self.random_id().ok()
+        } else {
+            None
+        };
         self.sm = Some(Box::new(Sm {
             base: services.received(),
             local: 0,
@@ -1508,16 +1558,8 @@ fn sasl2_success_start(out: &mut Vec<u8>, additional: &[u8]) {
     }
 }
 
-/// Bytes of a XEP-0198 resumption id.
+/// Bytes of a random id: stream ids, XEP-0198 resumption ids (and, cut, generated resources).
 const RESUME_ID_BYTES: usize = 16;
-
-/// A XEP-0198 resumption id: 128 random bits.
-fn random_id() -> [u8; RESUME_ID_BYTES] {
-    let mut id = [0u8; RESUME_ID_BYTES];
-    // A failure leaves zeros; resumption still checks the user, so it cannot cross accounts.
-    let _ = getrandom::getrandom(&mut id);
-    id
-}
 
 /// Lowercase hex, as resumption ids are sent.
 fn hex(bytes: &[u8; RESUME_ID_BYTES]) -> String {
@@ -1527,6 +1569,15 @@ fn hex(bytes: &[u8; RESUME_ID_BYTES]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// Appends lowercase hex, as `hex` makes it, without a `String` in between.
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 15)]);
+    }
 }
 
 /// `Vec<u8>` as a `fmt::Write` target.
@@ -1614,25 +1665,9 @@ fn sasl_payload(stanza: &Stanza) -> Result<Option<Vec<u8>>, Failure> {
     }
 }
 
-/// Parses an IQ on the cold path (bind, session). The stanza inherits `jabber:client` from the
-/// stream; it is declared here when the element does not declare its own.
-fn parse_iq(stanza: &Stanza) -> Option<minidom::Element> {
-    let text = stanza.as_str();
-    let parsed = if stanza.header.xmlns.is_some() {
-        text.parse::<minidom::Element>()
-    } else {
-        let at = stanza.header.name.end;
-        let mut with_ns = String::with_capacity(text.len() + 24);
-        with_ns.push_str(&text[..at]);
-        with_ns.push_str(" xmlns='jabber:client'");
-        with_ns.push_str(&text[at..]);
-        with_ns.parse::<minidom::Element>()
-    };
-    parsed.ok()
-}
-
 fn is_session_iq(stanza: &Stanza) -> bool {
     stanza.type_().as_deref() == Some("set")
         && stanza.as_str().contains(NS_SESSION)
-        && parse_iq(stanza).is_some_and(|iq| iq.get_child("session", NS_SESSION).is_some())
+        && router::build::parse(stanza)
+            .is_some_and(|iq| iq.get_child("session", NS_SESSION).is_some())
 }

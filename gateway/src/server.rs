@@ -134,6 +134,7 @@ pub fn serve(config: Config) -> Result<()> {
         stanza_bytes_max: config.stanza_bytes_max,
         unauthenticated_timeout: Duration::from_secs(config.unauthenticated_timeout_seconds),
         sm_resume_timeout: Duration::from_secs(config.sm_resume_timeout_seconds),
+        random: crate::c2s::fill_random,
     });
     let c2s_direct_tls = Arc::new(C2sConfig {
         starttls_offered: false,

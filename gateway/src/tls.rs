@@ -76,8 +76,8 @@ pub fn server_config_with(
 pub enum CryptoLibrary {
     Ring,
     AwsLc,
-    /// ring's cipher suites and P-256/P-384 key exchange, with aws-lc-rs's X25519, signing keys
-    /// and ticketer.
+    /// ring's cipher suites and P-256/P-384 key exchange, with aws-lc-rs's X25519, signing keys,
+    /// ticketer and random number generator.
     Mixed,
 }
 
@@ -99,7 +99,12 @@ impl CryptoLibrary {
             Self::AwsLc => rustls::crypto::aws_lc_rs::default_provider(),
         };
         if self == Self::Mixed {
-            provider.key_provider = rustls::crypto::aws_lc_rs::default_provider().key_provider;
+            let aws_lc = rustls::crypto::aws_lc_rs::default_provider();
+            provider.key_provider = aws_lc.key_provider;
+            // ring's `SecureRandom` makes a getrandom syscall per fill (~3 per handshake: server
+            // random, session id, ticket nonce); aws-lc's draws from its DRBG, seeded and
+            // reseeded from the OS by aws-lc and safe across fork, without a syscall per call.
+            provider.secure_random = aws_lc.secure_random;
         }
         // Stable sort: suites keep the library's order within each rank.
         provider.cipher_suites.sort_by_key(|suite| {

@@ -124,18 +124,25 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn random_bytes<const N: usize>() -> Option<[u8; N]> {
     let mut buf = [0u8; N];
-    getrandom::getrandom(&mut buf).ok()?;
+    super::fill_random(&mut buf).ok()?;
     Some(buf)
 }
 
 /// A per-process key for the fake salts of unknown users, so that the challenge for a user that
-/// does not exist looks like (and stays as stable as) one for a user that does.
-fn fake_salt(hash: ScramHash, node: &str) -> Vec<u8> {
+/// does not exist looks like (and stays as stable as) one for a user that does. `None` while
+/// no random key can be had (a known key would tell unknown users from known ones).
+fn fake_salt(hash: ScramHash, node: &str) -> Option<Vec<u8>> {
     static KEY: OnceLock<[u8; 32]> = OnceLock::new();
-    let key = KEY.get_or_init(|| random_bytes::<32>().unwrap_or([0x5a; 32]));
+    let key = match KEY.get() {
+        Some(key) => key,
+        None => {
+            let fresh = random_bytes::<32>()?;
+            KEY.get_or_init(|| fresh)
+        }
+    };
     let mut salt = hash.hmac(key, node.as_bytes());
     salt.truncate(16);
-    salt
+    Some(salt)
 }
 
 /// Decodes a SCRAM `saslname` (`=2C` is `,`, `=3D` is `=`; any other `=` is an error).
@@ -291,7 +298,11 @@ impl ScramServer {
                 let (salt, salted) = hash.secret(c);
                 (salt.to_vec(), c.iterations, Some(salted.to_vec()))
             }
-            None => (fake_salt(hash, &node), SCRAM_ITERATIONS_DEFAULT, None),
+            None => (
+                fake_salt(hash, &node).ok_or(Failure::TemporaryAuth)?,
+                SCRAM_ITERATIONS_DEFAULT,
+                None,
+            ),
         };
         let server_first = format!("r={nonce},s={},i={iterations}", Base64.encode(salt));
         let message = server_first.clone().into_bytes();

@@ -109,6 +109,7 @@ fn config(starttls_offered: bool, allow_plaintext: bool) -> Arc<C2sConfig> {
         stanza_bytes_max: 4096,
         unauthenticated_timeout: Duration::from_secs(30),
         sm_resume_timeout: Duration::from_secs(300),
+        random: crate::c2s::fill_random,
     })
 }
 
@@ -1084,11 +1085,12 @@ fn stream_management_resumption() {
 
 /// An idle established stream holds no framer; a partial stanza keeps one until it completes;
 /// a stream under another prefix keeps its framer (its name is not the one rebuilt), and both
-/// carry on as before.
+/// carry on as before. A stream still logging in keeps its framer between flights.
 #[test]
 fn idle_stream_drops_its_framer() {
     let mut c = Client::tls();
     c.login_plain();
+    assert!(c.c2s.framer.is_some(), "kept while logging in");
     c.bind("phone");
     assert!(c.c2s.is_established());
     assert!(c.c2s.framer.is_none(), "idle after bind");
@@ -1697,4 +1699,81 @@ fn iap_mismatches_are_without_prejudice_and_bounded() {
     assert_eq!(c.ok(&sasl2_plain("wrong", "")), failure);
     let (step, out) = c.send("<presence/>");
     assert_eq!((step, out), (Step::Close, stream_error("not-authorized")));
+}
+
+thread_local! {
+    /// Whether `failing_random` fails now (each test runs on its own thread).
+    static RANDOM_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A `RandomFill` that fails while `RANDOM_FAILS` is set, and is `fill_random` otherwise.
+fn failing_random(buf: &mut [u8]) -> Result<(), RandomUnavailable> {
+    if RANDOM_FAILS.get() {
+        return Err(RandomUnavailable);
+    }
+    fill_random(buf)
+}
+
+fn client_with_failing_random() -> Client {
+    let mut config = (*config(false, false)).clone();
+    config.random = failing_random;
+    Client::new(Security::Tls, Arc::new(config))
+}
+
+/// Goal: ids that must be unpredictable are never made up when the random number generator
+/// fails (they once came out as zeros). Method: a `RandomFill` that fails on demand; a stream
+/// opened without randomness is refused with `<internal-server-error/>` behind a header without
+/// id; a login that loses randomness after the header gets no generated Bind 2 resource and no
+/// XEP-0198 resumption id, and nothing it is sent holds an all-zero id.
+#[test]
+fn failed_randomness_is_an_error_not_zeros() {
+    let mut c = client_with_failing_random();
+    RANDOM_FAILS.set(true);
+    let (step, out) = c.send(HEADER);
+    assert_eq!(step, Step::Close);
+    assert_eq!(
+        out,
+        format!(
+            "<?xml version='1.0'?><stream:stream from='example.com' version='1.0' xml:lang='en' \
+             xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>{}",
+            stream_error("internal-server-error")
+        )
+    );
+
+    let mut c = client_with_failing_random();
+    RANDOM_FAILS.set(false);
+    let header = c.ok(HEADER);
+    assert!(mask_ids(&header).starts_with(server_header()), "{header}");
+    assert!(!header.contains(&"0".repeat(32)), "{header}");
+    RANDOM_FAILS.set(true);
+    let out = c.sasl2_authenticated(&sasl2_plain(
+        "pw",
+        &bind2("Phone", "<enable xmlns='urn:xmpp:sm:3' resume='true'/>"),
+    ));
+    assert_eq!(
+        out,
+        "<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>alice@example.com\
+         </authorization-identifier></success><stream:features>\
+         <bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/><sm xmlns='urn:xmpp:sm:3'/>\
+         </stream:features>"
+    );
+    assert!(!c.c2s.is_established());
+    let out = c.ok("<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>");
+    assert!(out.contains("<jid>alice@example.com/"), "{out}");
+    let out = c.ok("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    assert_eq!(out, "<enabled xmlns='urn:xmpp:sm:3'/>");
+}
+
+/// Goal: stream ids are fresh per stream and not zeros. Method: two streams' headers.
+#[test]
+fn stream_ids_are_random() {
+    let id = |out: &str| {
+        let start = out.find(" id='").expect(out) + 5;
+        out[start..start + 32].to_owned()
+    };
+    let first = id(&Client::tls().ok(HEADER));
+    let second = id(&Client::tls().ok(HEADER));
+    assert_ne!(first, second);
+    assert_ne!(first, "0".repeat(32));
+    assert!(first.bytes().all(|b| b.is_ascii_hexdigit()), "{first}");
 }
