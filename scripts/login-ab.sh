@@ -7,11 +7,12 @@
 # with its default config; runs are named after the flags (`none`, `sasl2`, ...). With --bins it
 # alternates two gateway binaries (default config; runs named a and b), e.g. before and after a
 # change. Besides logins per server CPU-second it prints the medians of the server's user and
-# system CPU per login.
+# system CPU per login. --client-flag adds one `bench login` flag to every run (e.g. --sasl2 with
+# --bins).
 #
 #   scripts/login-ab.sh [--key io_engine] [--values uring,tasks] [--rounds 3] [--sessions 5000]
 #                       [--tls direct|none|starttls] [--procs 2] [--out DIR]
-#                       [--bench-flags LIST | --bins GATEWAY_A,GATEWAY_B]
+#                       [--bench-flags LIST | --bins GATEWAY_A,GATEWAY_B] [--client-flag FLAG]
 #
 # Each value is written as a TOML string (`KEY = "VALUE"`). Binaries: $GATEWAY_BIN and $BENCH
 # (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
@@ -31,6 +32,7 @@ PROCS=2
 OUT="/tmp/login-ab-$(date +%Y%m%d-%H%M%S)"
 BENCH_FLAGS=
 BINS=
+CLIENT_FLAG=
 while [ $# -gt 0 ]; do
     case "$1" in
         --key) KEY=$2; shift 2 ;;
@@ -42,7 +44,8 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --bench-flags) BENCH_FLAGS=$2; shift 2 ;;
         --bins) BINS=$2; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" >&2; exit 2 ;;
+        --client-flag) CLIENT_FLAG=$2; shift 2 ;;
+        -h|--help) sed -n '2,19p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -86,9 +89,10 @@ fi
 for round in $(seq 1 "$ROUNDS"); do
     for v in "${values[@]}"; do
         flag=()
+        [ -n "$CLIENT_FLAG" ] && flag=("$CLIENT_FLAG")
         if [ -n "$BENCH_FLAGS" ]; then
             : > "$OUT/$v.toml"
-            [ "$v" != none ] && flag=("--$v")
+            [ "$v" != none ] && flag+=("--$v")
         elif [ -n "$BINS" ]; then
             : > "$OUT/$v.toml"
             export GATEWAY_BIN="${bin_of[$v]}"
