@@ -534,16 +534,15 @@ fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
     );
 }
 
-/// The uring engine ends a stream with one segment: `</stream:stream>` and close_notify carry
-/// the FIN (the last send holds its tail with MSG_MORE and the socket's shutdown sends it with
-/// the FIN), where a plain send and close take two (the data, then a bare FIN). Method: the
+/// The server ends a stream with one segment: `</stream:stream>` and close_notify carry the FIN
+/// (the last send holds its tail with MSG_MORE and the socket's shutdown sends it with the FIN), where a plain send and close take two (the data, then a bare FIN). Method: the
 /// client's count of all the segments it received (`tcpi_segs_in`, pure ACKs and a bare FIN
 /// included) from its `</stream:stream>` to the end of the stream. The server's ACK of that
 /// `</stream:stream>` rides on its answer unless the delayed-ACK timer (40 ms at least) fires
 /// first, which a loaded machine can cause: the best of a few connections counts.
-fn the_fin_leaves_with_the_last_bytes() {
+fn the_fin_leaves_with_the_last_bytes(engine: &str) {
     let node = "user1";
-    let server = on_engine("uring", &[]).user(node).start();
+    let server = on_engine(engine, &[]).user(node).start();
     let mut counts = Vec::new();
     for _ in 0..FIN_TRIES {
         let mut c = Raw::connect(server.tls, true, None);
@@ -574,11 +573,6 @@ fn the_fin_leaves_with_the_last_bytes() {
 
 /// Connections `the_fin_leaves_with_the_last_bytes` tries before it fails.
 const FIN_TRIES: usize = 3;
-
-#[test]
-fn the_fin_leaves_with_the_last_bytes_on_uring() {
-    the_fin_leaves_with_the_last_bytes();
-}
 
 /// Connections closed by either side leave no descriptor open in the server (the uring engine
 /// closes sockets through its ring, the task engine with `close(2)`). Method: after a first
@@ -650,4 +644,5 @@ on_both_engines!(
     a_reconnect_resumes_the_tls_session_with_a_ticket,
     the_last_bytes_and_close_notify_leave_in_one_segment,
     closed_connections_leave_no_descriptor_open,
+    the_fin_leaves_with_the_last_bytes,
 );
