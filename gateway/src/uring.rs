@@ -841,8 +841,9 @@ impl Driver {
         // The connection's last bytes (`</stream:stream>`, close_notify) wait in the socket for
         // the FIN (`finish_close`): one segment instead of two. Every path that sets
         // `last_sends` ends in `finish_close` once the send completes or the close grace cancels
-        // it, so a held tail never stays: MSG_MORE holds only what is less than a segment, and
-        // the shutdown there pushes it out.
+        // it, so a held tail never stays: MSG_MORE holds only what is less than a segment, the
+        // shutdown there pushes it out, and so does any segment from the peer meanwhile (the
+        // kernel pushes on input with the socket's own TCP_NODELAY, not the send's MSG_MORE).
         let flags = if slot.last_sends || slot.closing {
             slot.corked = true;
             libc::MSG_NOSIGNAL | libc::MSG_MORE
