@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use io_uring::types::{self, BufRingEntry, Fd};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use shared::limits::{
-    CLOSE_WRITE_GRACE_MILLISECONDS, URING_ACCEPTS_IN_FLIGHT_MAX, URING_CLOSE_ENTRIES_DEFERRED_MAX,
-    URING_COMPLETIONS_PER_TURN, URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX,
-    URING_SEND_BACKLOG_BYTES_MAX, URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
+    CLOSE_WRITE_GRACE_MILLISECONDS, URING_ACCEPTS_IN_FLIGHT_MAX, URING_COMPLETIONS_PER_TURN,
+    URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX, URING_SEND_BACKLOG_BYTES_MAX,
+    URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
 };
 
 use crate::c2s::Step;
@@ -322,8 +322,6 @@ pub struct Driver {
     _listener_sockets: Vec<std::net::TcpListener>,
     drained: Vec<Outgoing>,
     cqes: Vec<(u64, i32, u32)>,
-    /// Entries in the submission queue that are socket closes, pushed since the last submit.
-    close_entries: usize,
     eventfd: Rc<glommio::io::BufferedFile>,
 }
 
@@ -390,7 +388,6 @@ impl Driver {
             _listener_sockets: sockets,
             drained: Vec::new(),
             cqes: Vec::with_capacity(URING_COMPLETIONS_PER_TURN),
-            close_entries: 0,
             eventfd: Rc::new(eventfd),
         })
     }
@@ -428,10 +425,8 @@ impl Driver {
             self.rearm_starved();
             self.manage_accepts();
             self.bufs.publish();
-            self.submit_turn(worked);
+            self.submit();
             if self.shard.stopping.is_open() && self.shard.open_connections.get() == 0 {
-                // Closes the turn kept go now: the ring's drop would discard them.
-                self.submit();
                 return;
             }
             if worked {
@@ -553,31 +548,16 @@ impl Driver {
             if pushed.is_ok() {
                 return;
             }
-            self.close_entries = 0;
             if let Err(e) = self.ring.submit() {
                 tracing::warn!(error = %e, "io_uring submit failed");
             }
         }
     }
 
-    /// Submits the turn's entries. Closes alone wait while the shard is busy (`worked`): the
-    /// next turn's sends, receives or accepts take them along, where each would otherwise cost
-    /// an `io_uring_enter` (the `close(2)` it replaces). A turn without work (the driver is about
-    /// to sleep) or `URING_CLOSE_ENTRIES_DEFERRED_MAX` of them send them at once, so a socket
-    /// waits for its close a few turns at most.
-    fn submit_turn(&mut self, worked: bool) {
-        let queued = self.ring.submission().len();
-        if worked && queued == self.close_entries && queued < URING_CLOSE_ENTRIES_DEFERRED_MAX {
-            return;
-        }
-        self.submit();
-    }
-
     fn submit(&mut self) {
         if self.ring.submission().is_empty() {
             return;
         }
-        self.close_entries = 0;
         if let Err(e) = self.ring.submit() {
             tracing::warn!(error = %e, "io_uring submit failed");
         }
@@ -1071,7 +1051,7 @@ impl Driver {
     }
 
     /// No operation of the slot is in flight any more: close the socket (in the ring, with the
-    /// turn's other submissions: no syscall of its own) and end the session.
+    /// turn's other submissions) and end the session.
     fn finish_close(&mut self, index: u32) {
         let mut slot = self.release(index);
         self.close_socket(slot.fd, slot.corked);
@@ -1099,14 +1079,12 @@ impl Driver {
                 self.submit();
             }
             self.push(shutdown);
-            self.close_entries += 1;
         }
         let close = opcode::Close::new(Fd(fd))
             .build()
             .flags(squeue::Flags::SKIP_SUCCESS)
             .user_data(data);
         self.push(close);
-        self.close_entries += 1;
     }
 
     /// No operation of the slot is in flight any more: send it to its home shard.

@@ -229,13 +229,6 @@ pub const URING_SEND_BACKLOG_BYTES_MAX: usize = 256 * 1024;
 /// grows.
 pub const URING_SLOTS_RESERVED_MAX: usize = 1 << 20;
 
-/// Submission entries of socket closes (a shutdown and a close each at most) the io_uring engine
-/// keeps for the next turn while its shard is busy, so they reach the kernel with the next
-/// turn's other submissions instead of in an `io_uring_enter` of their own; past this many, or
-/// when the shard has nothing else to do, they go at once. 64 entries: 1 KiB of the queue.
-pub const URING_CLOSE_ENTRIES_DEFERRED_MAX: usize = 64;
-const _: () = assert!(URING_CLOSE_ENTRIES_DEFERRED_MAX < URING_SQ_ENTRIES as usize);
-
 /// Completions the io_uring engine handles per turn before it serves the send queues that woke
 /// and lets the shard's other tasks run (64 x 4 KiB of input: a fast sender cannot fill its
 /// recipients' send queues before their writers run, as with the task engine's 256 KiB).
