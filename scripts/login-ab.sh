@@ -7,8 +7,8 @@
 # with its default config; runs are named after the flags (`none`, `sasl2`, ...). With --bins it
 # alternates two gateway binaries (default config; runs named a and b), e.g. before and after a
 # change. Besides logins per server CPU-second it prints the medians of the server's user and
-# system CPU per login. --bench-args passes more `bench login` arguments to every run (e.g.
-# `--sasl2` with --bins). --bench-cpus runs the client under `taskset -c LIST` (unpinned threads)
+# system CPU per login. --bench-args (or --client-flag) passes more `bench login` arguments to
+# every run (e.g. `--sasl2` with --bins). --bench-cpus runs the client under `taskset -c LIST` (unpinned threads)
 # so that, with GATEWAY_CPUS and GATEWAY_SHARDS, server and client sit on different CPUs: a
 # per-core figure, e.g. GATEWAY_SHARDS=1 GATEWAY_CPUS=1 ... --bench-cpus 0.
 #
@@ -48,7 +48,7 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --bench-flags) BENCH_FLAGS=$2; shift 2 ;;
         --bins) BINS=$2; shift 2 ;;
-        --bench-args) BENCH_ARGS=$2; shift 2 ;;
+        --bench-args|--client-flag) BENCH_ARGS=$2; shift 2 ;;
         --bench-cpus) BENCH_CPUS=$2; shift 2 ;;
         -h|--help) sed -n '2,22p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -102,7 +102,7 @@ for round in $(seq 1 "$ROUNDS"); do
         flag=()
         if [ -n "$BENCH_FLAGS" ]; then
             : > "$OUT/$v.toml"
-            [ "$v" != none ] && flag=("--$v")
+            [ "$v" != none ] && flag+=("--$v")
         elif [ -n "$BINS" ]; then
             : > "$OUT/$v.toml"
             export GATEWAY_BIN="${bin_of[$v]}"

@@ -498,7 +498,8 @@ impl Conn {
         // After authentication the output waits for what the home shard adds (see
         // `Handoff::out`; at home, the recursion below), so a login costs one send fewer.
         let authenticated = matches!(step, Step::Authenticated { .. });
-        if !authenticated && self.flush(stream).await.is_err() {
+        let last = matches!(step, Step::Close);
+        if !authenticated && self.flush(stream, last).await.is_err() {
             return Some(End::Closed);
         }
         match step {
@@ -565,12 +566,28 @@ impl Conn {
         (Step::Continue, Vec::new(), true)
     }
 
-    /// Writes pending plaintext (through TLS when on) and TLS records.
-    async fn flush(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    /// Writes pending plaintext (through TLS when on) and TLS records. The `last` bytes of the
+    /// connection (its close follows) go with `MSG_MORE` as far as the socket takes them at
+    /// once: `End::Closed` always ends in `TcpStream::close`, whose shutdown of the write side
+    /// sends them with the FIN in one segment (a close alone could reset the connection when
+    /// input is unread, and drop them).
+    async fn flush(&mut self, stream: &mut TcpStream, last: bool) -> std::io::Result<()> {
         let (wire, sent) = self.s.take_wire();
         // Records queued before a failure (an alert) still go out.
-        if !wire.is_empty() {
-            write_wire(stream, &self.shard, &self.s.outbox, &wire).await?;
+        let mut rest = &wire[..];
+        if last && !rest.is_empty() {
+            match sys::send_more(stream, rest) {
+                Ok(n) => {
+                    self.shard.stats.borrow_mut().bytes_out(n);
+                    rest = &rest[n..];
+                }
+                // Full: the write below waits for room (without MSG_MORE: nothing is held).
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if !rest.is_empty() {
+            write_wire(stream, &self.shard, &self.s.outbox, rest).await?;
         }
         sent.map_err(std::io::Error::other)
     }

@@ -19,6 +19,27 @@ pub fn dup_socket(socket: &impl AsRawFd) -> std::io::Result<StdTcpStream> {
     Ok(unsafe { StdTcpStream::from_raw_fd(fd) })
 }
 
+/// Sends what of `bytes` the socket takes now (`MSG_DONTWAIT`), with `MSG_MORE`: a tail shorter
+/// than a segment stays in the socket until the next send without it or the shutdown of the
+/// write side, which sends it with the FIN. For a connection's last bytes, right before its
+/// shutdown (task engine). Returns the bytes taken (`WouldBlock` when none).
+pub fn send_more(socket: &impl AsRawFd, bytes: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `bytes` is valid for reads of its length for the call; the descriptor is borrowed
+    // from its owner for the call.
+    let n = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_MORE | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Adopts a handed-over socket on the current executor.
 pub fn adopt_socket(socket: StdTcpStream) -> glommio::net::TcpStream {
     let fd = socket.into_raw_fd();
@@ -225,7 +246,10 @@ pub fn glommio_listener(listener: std::net::TcpListener) -> glommio::net::TcpLis
 /// Binds a listener with SO_REUSEPORT (one per shard on the same port; the kernel spreads accepts)
 /// and SO_REUSEADDR (a restart must not wait for the previous run's connections in TIME-WAIT to
 /// expire, which glommio's own `bind` does not allow). TCP_NODELAY is set on it: accepted sockets
-/// inherit it on Linux, so no per-connection call is needed.
+/// inherit it on Linux, so no per-connection call is needed. Not set, measured (README, "Segments
+/// and syscalls per login"): TCP_QUICKACK = 0 (accepted sockets do not inherit it, and the
+/// ClientHello it would keep from a pure ACK is usually in before the accept completes) and
+/// TCP_DEFER_ACCEPT (no change in system CPU per login).
 pub fn bind_listener_std(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

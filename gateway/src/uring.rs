@@ -17,7 +17,7 @@ use std::task::{RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
 use io_uring::types::{self, BufRingEntry, Fd};
-use io_uring::{cqueue, opcode, IoUring};
+use io_uring::{cqueue, opcode, squeue, IoUring};
 use shared::limits::{
     CLOSE_WRITE_GRACE_MILLISECONDS, URING_ACCEPTS_IN_FLIGHT_MAX, URING_COMPLETIONS_PER_TURN,
     URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX, URING_SEND_BACKLOG_BYTES_MAX,
@@ -37,6 +37,8 @@ const OP_RECV: u64 = 1;
 const OP_SEND: u64 = 2;
 const OP_CANCEL: u64 = 3;
 const OP_ACCEPT: u64 = 4;
+/// The socket's shutdown and close at the end of a connection (completions only on failure).
+const OP_CLOSE: u64 = 5;
 
 /// Generations are kept to 24 bits in `user_data` (kind 8 | generation 24 | slot 32).
 const GENERATION_MASK: u32 = 0x00FF_FFFF;
@@ -230,6 +232,12 @@ struct Slot {
     /// Reading paused: too much waits to be sent.
     write_blocked: bool,
     closing: bool,
+    /// The sends from now on are the connection's last: they carry `MSG_MORE`, so their tail is
+    /// held in the socket until the close sends it with the FIN in the same segment.
+    last_sends: bool,
+    /// A send carried `MSG_MORE`: the close must shut the write side down first (see
+    /// `finish_close`).
+    corked: bool,
     grace_armed: bool,
     /// The machine's deadline is in the timer heap.
     deadline_scheduled: bool,
@@ -337,6 +345,8 @@ impl Driver {
             (opcode::Send::CODE, "send"),
             (opcode::Accept::CODE, "accept"),
             (opcode::AsyncCancel::CODE, "async cancel"),
+            (opcode::Shutdown::CODE, "shutdown"),
+            (opcode::Close::CODE, "close"),
         ] {
             if !probe.is_supported(code) {
                 return Err(std::io::Error::other(format!(
@@ -569,6 +579,14 @@ impl Driver {
                 OP_RECV => self.on_recv(slot, generation, result, flags),
                 OP_SEND => self.on_send(slot, generation, result),
                 OP_ACCEPT => self.on_accept(slot as usize, result),
+                OP_CLOSE => {
+                    // A shutdown of a connection the peer already reset fails (ENOTCONN); the
+                    // close linked to it runs regardless.
+                    tracing::trace!(
+                        error = %std::io::Error::from_raw_os_error(-result),
+                        "closing a socket"
+                    );
+                }
                 _ => {}
             }
         }
@@ -718,6 +736,7 @@ impl Driver {
         }
         if matches!(step, Step::Close) {
             slot.session.seal_close_notify();
+            slot.last_sends = true;
         }
         // After authentication the output waits for what the home shard adds (see
         // `Handoff::out`; at home, the recursion below), so a login costs one send fewer.
@@ -799,8 +818,20 @@ impl Driver {
             return;
         };
         let rest = &send.bytes[send.sent..];
+        // The connection's last bytes (`</stream:stream>`, close_notify) wait in the socket for
+        // the FIN (`finish_close`): one segment instead of two. Every path that sets
+        // `last_sends` ends in `finish_close` once the send completes or the close grace cancels
+        // it, so a held tail never stays: MSG_MORE holds only what is less than a segment, the
+        // shutdown there pushes it out, and so does any segment from the peer meanwhile (the
+        // kernel pushes on input with the socket's own TCP_NODELAY, not the send's MSG_MORE).
+        let flags = if slot.last_sends || slot.closing {
+            slot.corked = true;
+            libc::MSG_NOSIGNAL | libc::MSG_MORE
+        } else {
+            libc::MSG_NOSIGNAL
+        };
         let entry = opcode::Send::new(Fd(slot.fd), rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
+            .flags(flags)
             .build()
             .user_data(user_data(OP_SEND, index, generation));
         self.push(entry);
@@ -1019,12 +1050,41 @@ impl Driver {
         e.slot.take().expect("a slot in use")
     }
 
-    /// No operation of the slot is in flight any more: close the socket and end the session.
+    /// No operation of the slot is in flight any more: close the socket (in the ring, with the
+    /// turn's other submissions) and end the session.
     fn finish_close(&mut self, index: u32) {
         let mut slot = self.release(index);
-        // SAFETY: the slot owned `fd` and no operation uses it any more.
-        unsafe { libc::close(slot.fd) };
+        self.close_socket(slot.fd, slot.corked);
         slot.session.cleanup(&self.shard);
+    }
+
+    /// Closes `fd` through the ring. A socket whose last sends were held with `MSG_MORE` is shut
+    /// down for writing first: that sends the held bytes with the FIN in one segment, and unlike
+    /// a bare close it cannot lose them (a close with unread input resets the connection and
+    /// drops what was never sent; after the shutdown they are on the wire). The close is
+    /// hard-linked to the shutdown: it runs even when the shutdown fails (the peer reset).
+    fn close_socket(&mut self, fd: RawFd, corked: bool) {
+        let data = user_data(OP_CLOSE, 0, 0);
+        if corked {
+            let shutdown = opcode::Shutdown::new(Fd(fd), libc::SHUT_WR)
+                .build()
+                .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS)
+                .user_data(data);
+            // Linked entries must reach the kernel in one submission: make room for both.
+            let room = {
+                let sq = self.ring.submission();
+                sq.capacity() - sq.len()
+            };
+            if room < 2 {
+                self.submit();
+            }
+            self.push(shutdown);
+        }
+        let close = opcode::Close::new(Fd(fd))
+            .build()
+            .flags(squeue::Flags::SKIP_SUCCESS)
+            .user_data(data);
+        self.push(close);
     }
 
     /// No operation of the slot is in flight any more: send it to its home shard.
@@ -1060,6 +1120,8 @@ impl Driver {
             recv_cancelled: false,
             write_blocked: false,
             closing: false,
+            last_sends: false,
+            corked: false,
             grace_armed: false,
             deadline_scheduled: false,
             handoff: None,

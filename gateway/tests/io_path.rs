@@ -5,7 +5,7 @@
 //! server's read buffers and than its whole buffer ring (nothing lost or reordered), a reader too
 //! slow for what it is sent (bounded send queue, then its stream is closed with
 //! `resource-constraint`), a handoff to the home shard with the client's next stanzas already
-//! sent, and TLS resumption.
+//! sent, TLS resumption, the segments that end a stream, and no descriptor left open by a close.
 
 #[macro_use]
 mod support;
@@ -479,6 +479,15 @@ fn a_reconnect_resumes_the_tls_session_with_a_ticket(engine: &str) {
 
 /// Segments with data that `tcp` has received so far (the kernel's count, `TCP_INFO`).
 fn data_segments_in(tcp: &TcpStream) -> u32 {
+    tcp_info(tcp).tcpi_data_segs_in
+}
+
+/// Segments of any kind (data, pure ACKs, a bare FIN) that `tcp` has received so far.
+fn segments_in(tcp: &TcpStream) -> u32 {
+    tcp_info(tcp).tcpi_segs_in
+}
+
+fn tcp_info(tcp: &TcpStream) -> libc::tcp_info {
     use std::os::fd::AsRawFd;
     // SAFETY: zeroed is a valid tcp_info (plain integers).
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
@@ -494,7 +503,7 @@ fn data_segments_in(tcp: &TcpStream) -> u32 {
         )
     };
     assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
-    info.tcpi_data_segs_in
+    info
 }
 
 /// When the client ends its stream, the server's `</stream:stream>` and its TLS close_notify
@@ -525,6 +534,96 @@ fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
     );
 }
 
+/// The server ends a stream with one segment: `</stream:stream>` and close_notify carry the FIN
+/// (the last send holds its tail with MSG_MORE and the socket's shutdown sends it with the FIN), where a plain send and close take two (the data, then a bare FIN). Method: the
+/// client's count of all the segments it received (`tcpi_segs_in`, pure ACKs and a bare FIN
+/// included) from its `</stream:stream>` to the end of the stream. The server's ACK of that
+/// `</stream:stream>` rides on its answer unless the delayed-ACK timer (40 ms at least) fires
+/// first, which a loaded machine can cause: the best of a few connections counts.
+fn the_fin_leaves_with_the_last_bytes(engine: &str) {
+    let node = "user1";
+    let server = on_engine(engine, &[]).user(node).start();
+    let mut counts = Vec::new();
+    for _ in 0..FIN_TRIES {
+        let mut c = Raw::connect(server.tls, true, None);
+        c.login(node);
+        c.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>");
+        c.expect("id='p1'");
+        while c.read_some() && !c.text.is_empty() {
+            c.text.clear();
+        }
+        let before = segments_in(&c.tcp);
+        c.send("</stream:stream>");
+        c.expect("</stream:stream>");
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while c.read_some() {
+            assert!(Instant::now() < deadline, "the server did not close");
+        }
+        assert!(c.close_notify, "the server closed without close_notify");
+        counts.push(segments_in(&c.tcp) - before);
+        if counts.last() == Some(&1) {
+            return;
+        }
+    }
+    panic!(
+        "the end of the stream came in {counts:?} segments per connection (one each expected: \
+         the last bytes with the FIN)"
+    );
+}
+
+/// Connections `the_fin_leaves_with_the_last_bytes` tries before it fails.
+const FIN_TRIES: usize = 3;
+
+/// Connections closed by either side leave no descriptor open in the server (the uring engine
+/// closes sockets through its ring, the task engine with `close(2)`). Method: after a first
+/// login and close (whatever the server opens once is open by then), the entries of
+/// `/proc/<pid>/fd`; then connections that end their stream (the server closes first, with its
+/// last bytes held for the FIN) alternate with connections the client just drops (the server
+/// sees the end of input); the count must come back to where it was.
+fn closed_connections_leave_no_descriptor_open(engine: &str) {
+    let node = "user1";
+    let server = on_engine(engine, &[]).user(node).start();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+            .expect("the server's /proc/<pid>/fd")
+            .count()
+    };
+    let end_stream = |c: &mut Raw| {
+        c.send("</stream:stream>");
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while c.read_some() {
+            assert!(Instant::now() < deadline, "the server did not close");
+        }
+    };
+    let mut first = Raw::connect(server.tls, true, None);
+    first.login(node);
+    end_stream(&mut first);
+    let baseline = fds();
+    for i in 0..CLOSE_CYCLES {
+        let mut c = Raw::connect(server.tls, true, None);
+        c.login(node);
+        c.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>");
+        c.expect("id='p1'");
+        if i % 2 == 0 {
+            end_stream(&mut c);
+        }
+    }
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let mut now_open = fds();
+    while now_open > baseline && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        now_open = fds();
+    }
+    assert_eq!(
+        now_open, baseline,
+        "the server has {now_open} descriptors open after {CLOSE_CYCLES} closed connections, \
+         {baseline} before"
+    );
+}
+
+/// Connections `closed_connections_leave_no_descriptor_open` opens and closes.
+const CLOSE_CYCLES: usize = 10;
+
 /// A server builder on I/O engine `engine` with extra `serve` flags.
 fn on_engine(engine: &str, args: &[&str]) -> ServerBuilder {
     let mut builder = ServerBuilder::new().arg("--io-engine").arg(engine);
@@ -544,4 +643,6 @@ on_both_engines!(
     a_reader_that_falls_behind_is_closed_with_resource_constraint,
     a_reconnect_resumes_the_tls_session_with_a_ticket,
     the_last_bytes_and_close_notify_leave_in_one_segment,
+    closed_connections_leave_no_descriptor_open,
+    the_fin_leaves_with_the_last_bytes,
 );
