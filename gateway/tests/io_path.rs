@@ -506,12 +506,11 @@ fn tcp_info(tcp: &TcpStream) -> libc::tcp_info {
     info
 }
 
-/// When the client ends its stream, the server's `</stream:stream>` and its TLS close_notify
-/// leave in one send: one data segment, not one each (a login storm pays for every segment).
-fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
-    let node = "user1";
-    let server = on_engine(engine, &[]).user(node).start();
-    let mut c = Raw::connect(server.tls, true, None);
+/// Logs `node` in over direct TLS, lets the login's own traffic settle, then ends the stream
+/// from the client and reads to the end of it: the segments the client received from its
+/// `</stream:stream>` on, as (data segments, all segments: pure ACKs and a bare FIN included).
+fn segments_ending_a_stream(tls: SocketAddr, node: &str) -> (u32, u32) {
+    let mut c = Raw::connect(tls, true, None);
     c.login(node);
     c.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>");
     c.expect("id='p1'");
@@ -519,7 +518,7 @@ fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
     while c.read_some() && !c.text.is_empty() {
         c.text.clear();
     }
-    let before = data_segments_in(&c.tcp);
+    let before = (data_segments_in(&c.tcp), segments_in(&c.tcp));
     c.send("</stream:stream>");
     c.expect("</stream:stream>");
     let deadline = Instant::now() + IO_TIMEOUT;
@@ -527,7 +526,18 @@ fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
         assert!(Instant::now() < deadline, "the server did not close");
     }
     assert!(c.close_notify, "the server closed without close_notify");
-    let segments = data_segments_in(&c.tcp) - before;
+    (
+        data_segments_in(&c.tcp) - before.0,
+        segments_in(&c.tcp) - before.1,
+    )
+}
+
+/// When the client ends its stream, the server's `</stream:stream>` and its TLS close_notify
+/// leave in one send: one data segment, not one each (a login storm pays for every segment).
+fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
+    let node = "user1";
+    let server = on_engine(engine, &[]).user(node).start();
+    let (segments, _) = segments_ending_a_stream(server.tls, node);
     assert_eq!(
         segments, 1,
         "</stream:stream> and close_notify came in {segments} data segments"
@@ -535,33 +545,20 @@ fn the_last_bytes_and_close_notify_leave_in_one_segment(engine: &str) {
 }
 
 /// The server ends a stream with one segment: `</stream:stream>` and close_notify carry the FIN
-/// (the last send holds its tail with MSG_MORE and the socket's shutdown sends it with the FIN), where a plain send and close take two (the data, then a bare FIN). Method: the
-/// client's count of all the segments it received (`tcpi_segs_in`, pure ACKs and a bare FIN
-/// included) from its `</stream:stream>` to the end of the stream. The server's ACK of that
-/// `</stream:stream>` rides on its answer unless the delayed-ACK timer (40 ms at least) fires
-/// first, which a loaded machine can cause: the best of a few connections counts.
+/// (the last send holds its tail with MSG_MORE and the socket's shutdown sends it with the FIN),
+/// where a plain send and close take two (the data, then a bare FIN). Method: the client's count
+/// of all the segments it received from its `</stream:stream>` to the end of the stream. The
+/// server's ACK of that `</stream:stream>` rides on its answer unless the delayed-ACK timer (40
+/// ms at least) fires first, which a loaded machine can cause: the best of a few connections
+/// counts.
 fn the_fin_leaves_with_the_last_bytes(engine: &str) {
     let node = "user1";
     let server = on_engine(engine, &[]).user(node).start();
     let mut counts = Vec::new();
     for _ in 0..FIN_TRIES {
-        let mut c = Raw::connect(server.tls, true, None);
-        c.login(node);
-        c.send("<iq type='get' id='p1'><ping xmlns='urn:xmpp:ping'/></iq>");
-        c.expect("id='p1'");
-        while c.read_some() && !c.text.is_empty() {
-            c.text.clear();
-        }
-        let before = segments_in(&c.tcp);
-        c.send("</stream:stream>");
-        c.expect("</stream:stream>");
-        let deadline = Instant::now() + IO_TIMEOUT;
-        while c.read_some() {
-            assert!(Instant::now() < deadline, "the server did not close");
-        }
-        assert!(c.close_notify, "the server closed without close_notify");
-        counts.push(segments_in(&c.tcp) - before);
-        if counts.last() == Some(&1) {
+        let (_, segments) = segments_ending_a_stream(server.tls, node);
+        counts.push(segments);
+        if segments == 1 {
             return;
         }
     }
