@@ -1563,12 +1563,9 @@ const RESUME_ID_BYTES: usize = 16;
 
 /// Lowercase hex, as resumption ids are sent.
 fn hex(bytes: &[u8; RESUME_ID_BYTES]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(2 * RESUME_ID_BYTES), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    let mut out = Vec::with_capacity(2 * RESUME_ID_BYTES);
+    push_hex(&mut out, bytes);
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// Appends lowercase hex, as `hex` makes it, without a `String` in between.

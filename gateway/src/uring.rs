@@ -37,7 +37,7 @@ const OP_RECV: u64 = 1;
 const OP_SEND: u64 = 2;
 const OP_CANCEL: u64 = 3;
 const OP_ACCEPT: u64 = 4;
-/// The socket's shutdown and close at the end of a connection (completions only on failure).
+/// The socket's close at the end of a connection (completions only on failure).
 const OP_CLOSE: u64 = 5;
 
 /// Generations are kept to 24 bits in `user_data` (kind 8 | generation 24 | slot 32).

@@ -251,8 +251,7 @@ pub fn worker_main(kind: Kind, opts: Opts, link: Link) -> Result<()> {
         w.say(
             &format!(
                 "XEP-0509: {} logins pipelined, {} refused for a stale config version",
-                iap.pipelined.load(Ordering::Relaxed),
-                iap.mismatches.load(Ordering::Relaxed)
+                w.result.iap_pipelined, w.result.iap_refused
             ),
             true,
         );
