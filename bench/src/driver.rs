@@ -113,6 +113,9 @@ pub struct DriverConfig {
     pub threads: usize,
     pub pin: bool,
     pub login_timeout: Duration,
+    /// `--handshake-only`: direct TLS without XMPP; established when the handshake completes,
+    /// then close_notify, and the server's close ends the session.
+    pub handshake_only: bool,
 }
 
 impl DriverConfig {
@@ -549,9 +552,20 @@ impl Thread {
                         self.remove(slot, End::Done);
                         continue;
                     }
+                    let was = conn.state;
                     conn.state = State::Closing;
                     self.scratch.out.clear();
-                    conn.client.close(&mut self.scratch.out);
+                    if self.config.handshake_only {
+                        // No stream to close: close_notify, if the handshake got that far.
+                        if was >= State::Established {
+                            continue;
+                        }
+                        if let Some(tls) = conn.tls.as_mut() {
+                            tls.send_close_notify();
+                        }
+                    } else {
+                        conn.client.close(&mut self.scratch.out);
+                    }
                     let r = send(conn, &mut self.scratch);
                     if r.is_err() {
                         self.remove(slot, End::Done);
@@ -809,7 +823,9 @@ impl Thread {
         }
         let conn = self.conns[slot].as_mut().expect("present");
         self.scratch.out.clear();
-        conn.client.start(&mut self.scratch.out);
+        if !self.config.handshake_only {
+            conn.client.start(&mut self.scratch.out);
+        }
         send(conn, &mut self.scratch).map_err(|e| io_end(conn, &e))?;
         self.events(slot)
     }
@@ -874,6 +890,9 @@ impl Thread {
                     .into(),
                 ));
             }
+            if self.config.handshake_only {
+                return self.handshake_only_step(slot);
+            }
             // Plaintext for the machine.
             loop {
                 let tls = conn.tls.as_mut().expect("tls");
@@ -903,6 +922,52 @@ impl Thread {
         Ok(())
     }
 
+    /// `--handshake-only`, after rustls took in what arrived: once the handshake is done the
+    /// session counts as established and the client says close_notify; what the server sends is
+    /// dropped, and its close_notify or EOF ends the session (done, as it is closing).
+    fn handshake_only_step(&mut self, slot: usize) -> Result<(), End> {
+        let conn = self.conns[slot].as_mut().expect("present");
+        let tls = conn.tls.as_mut().expect("tls");
+        if conn.state == State::LoggingIn && !tls.is_handshaking() {
+            tls.send_close_notify();
+            self.established(slot);
+            self.conns[slot].as_mut().expect("present").state = State::Closing;
+        }
+        let conn = self.conns[slot].as_mut().expect("present");
+        loop {
+            let tls = conn.tls.as_mut().expect("tls");
+            match tls.reader().read(&mut self.scratch.plain) {
+                Ok(0) => return Err(eof_end(conn)),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(eof_end(conn)),
+            }
+        }
+        self.scratch.out.clear();
+        send(conn, &mut self.scratch).map_err(|e| io_end(conn, &e))
+    }
+
+    /// Counts session `slot` as established (once): its login time and offset in the phase.
+    fn established(&mut self, slot: usize) {
+        let conn = self.conns[slot].as_mut().expect("present");
+        if conn.state >= State::Established {
+            return;
+        }
+        conn.state = State::Established;
+        if conn.client.fell_back_from_sasl2() {
+            self.hints.insert(SASL2_FALLBACK_HINT.to_owned());
+        }
+        let now_us = self.epoch.elapsed().as_micros() as u64;
+        self.login
+            .record_us(now_us.saturating_sub(conn.started_us).max(1));
+        let offset = self.phase_start.elapsed().as_millis() as u64;
+        let _ = self.established_at_ms.record(offset.max(1));
+        self.shared
+            .phase_established
+            .fetch_add(1, Ordering::Relaxed);
+        conn.pending.shrink_to_fit();
+    }
+
     /// Drains the machine's events.
     fn events(&mut self, slot: usize) -> Result<(), End> {
         loop {
@@ -919,23 +984,7 @@ impl Thread {
                     self.scratch.out.clear();
                     send(conn, &mut self.scratch).map_err(|e| io_end(conn, &e))?;
                 }
-                Event::Established { .. } => {
-                    if conn.state < State::Established {
-                        conn.state = State::Established;
-                        if conn.client.fell_back_from_sasl2() {
-                            self.hints.insert(SASL2_FALLBACK_HINT.to_owned());
-                        }
-                        let now_us = self.epoch.elapsed().as_micros() as u64;
-                        self.login
-                            .record_us(now_us.saturating_sub(conn.started_us).max(1));
-                        let offset = self.phase_start.elapsed().as_millis() as u64;
-                        let _ = self.established_at_ms.record(offset.max(1));
-                        self.shared
-                            .phase_established
-                            .fetch_add(1, Ordering::Relaxed);
-                        conn.pending.shrink_to_fit();
-                    }
-                }
+                Event::Established { .. } => self.established(slot),
                 Event::Message { body, .. } => self.receipt(&body),
                 Event::Acked { h } => {
                     let newly = h.wrapping_sub(conn.sm_acked);

@@ -109,6 +109,59 @@ fn healthy(admin: u16) -> bool {
     text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200")
 }
 
+/// Runs a command to completion within `limit`; returns (exit code, stderr).
+fn run_stderr(cmd: &mut Command, limit: Duration) -> (i32, String) {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (
+        status.code().unwrap_or(-1),
+        reader.join().unwrap_or_default(),
+    )
+}
+
+/// The gateway's open connections (the sum of its `gateway_connections` samples), from
+/// `/metrics` on the admin port; None when it does not answer.
+fn open_connections(admin: u16) -> Option<u64> {
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let mut sum = 0;
+    let mut seen = false;
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("gateway_connections{"))
+    {
+        let value = line.rsplit(' ').next()?;
+        sum += value.parse::<f64>().ok()? as u64;
+        seen = true;
+    }
+    seen.then_some(sum)
+}
+
 fn bench(args: &[&str], json: &Path) -> (i32, Report) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_bench"));
     cmd.args(args).arg("--json").arg(json);
@@ -327,6 +380,55 @@ fn bench_against_gateway() {
         (50, 50),
         "each login pipelined once with the stale version and refused once"
     );
+
+    // The TLS handshake alone (--handshake-only): each session counts when its handshake is
+    // done, says close_notify, and the gateway closes every one of them.
+    let json = dir.path().join("handshake-only.json");
+    let (code, r) = bench(
+        &[
+            "login",
+            "--target",
+            &tls_target,
+            "--sessions",
+            "50",
+            "--tls",
+            "direct",
+            "--insecure",
+            "--handshake-only",
+        ],
+        &json,
+    );
+    assert_eq!(code, 0, "login --handshake-only failed: {:?}", r.counts);
+    assert_eq!((r.counts.established, r.counts.failed), (50, 0));
+    assert_eq!(r.latency_us.samples, 50);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let open = open_connections(admin);
+        if open == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway still holds {open:?} connections 10 s after the handshake-only storm"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It stops after the handshake of direct TLS: any other mode is refused with a hint.
+    let (code, out) = run_stderr(
+        Command::new(env!("CARGO_BIN_EXE_bench")).args([
+            "login",
+            "--target",
+            &c2s_target,
+            "--sessions",
+            "1",
+            "--tls",
+            "none",
+            "--handshake-only",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert_ne!(code, 0);
+    assert!(out.contains("--tls direct"), "{out}");
 
     // reconnect, STARTTLS.
     let json = dir.path().join("reconnect.json");

@@ -225,6 +225,7 @@ mod tests {
             threads: 2,
             pin: false,
             login_timeout: Duration::from_secs(30),
+            handshake_only: false,
         }
     }
 

@@ -151,6 +151,13 @@ pub struct Opts {
     /// the server's (a stale value exercises the refusal and the retry on the same stream).
     #[arg(long, requires = "sasl2_pipelined")]
     pub iap_config_version: Option<String>,
+    /// Login with --tls direct: the TLS handshake only, no XMPP. A session counts as
+    /// established when its handshake completes; the client then sends close_notify and waits
+    /// for the server to close (whatever the server sends is read and dropped). A floor for
+    /// what a login's TLS and TCP cost a server, and a way to hold TLS terminators that speak
+    /// no XMPP (nginx's stream module) to the same storm: see scripts/tls-floor.sh.
+    #[arg(long)]
+    pub handshake_only: bool,
     /// Chat: run steps at rising rates until p99 exceeds --p99-bound-ms or messages are lost.
     #[arg(long)]
     pub sweep: bool,
@@ -385,6 +392,9 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
         // A second call in the same process (several drivers) finds them already set.
         crate::client::set_passwords(passwords);
     }
+    if opts.handshake_only && tls != TlsMode::Direct {
+        bail!("--handshake-only needs --tls direct (it stops after the TLS handshake)");
+    }
     let server_name = rustls::pki_types::ServerName::try_from(opts.domain.clone())
         .with_context(|| format!("--domain {} is not a valid TLS server name", opts.domain))?;
     Ok(DriverConfig {
@@ -412,6 +422,7 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
         threads: opts.threads(),
         pin: !opts.no_pin,
         login_timeout: Duration::from_secs_f64(opts.login_timeout),
+        handshake_only: opts.handshake_only,
     })
 }
 
