@@ -152,6 +152,8 @@ pub struct Shared {
     pub open: AtomicU64,
     /// Established sessions that the server (or the network) closed.
     pub dropped: AtomicU64,
+    /// TLS handshakes of the current connect phase that resumed a session (a ticket).
+    pub phase_resumed: AtomicU64,
 }
 
 /// One chat run (a step of a sweep): its schedule share and its delivery bookkeeping.
@@ -299,6 +301,7 @@ impl Driver {
     pub fn connect(&self, phase_start: Instant, rate: Option<f64>) {
         self.shared.phase_established.store(0, Ordering::SeqCst);
         self.shared.phase_failed.store(0, Ordering::SeqCst);
+        self.shared.phase_resumed.store(0, Ordering::SeqCst);
         let per_thread = rate.map(|r| r / self.config.threads as f64);
         self.send(|| Cmd::Connect {
             phase_start,
@@ -365,6 +368,8 @@ struct Conn {
     state: State,
     /// TLS created on `Event::StartTls`; the machine is told once the handshake is done.
     starttls_wait: bool,
+    /// The TLS handshake is done and was counted (resumed or not).
+    tls_done: bool,
     /// XEP-0198: messages sent, the server's last `<a h/>` (both mod 2^32), and the scheduled
     /// send time (ns since the epoch) of the last message sent.
     sm_sent: u32,
@@ -704,6 +709,7 @@ impl Thread {
                     started_us,
                     state: State::Connecting,
                     starttls_wait: false,
+                    tls_done: false,
                     sm_sent: 0,
                     sm_acked: 0,
                     last_scheduled_ns: 0,
@@ -889,6 +895,12 @@ impl Thread {
                     }
                     .into(),
                 ));
+            }
+            if !conn.tls_done && !tls.is_handshaking() {
+                conn.tls_done = true;
+                if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    self.shared.phase_resumed.fetch_add(1, Ordering::Relaxed);
+                }
             }
             if self.config.handshake_only {
                 return self.handshake_only_step(slot);

@@ -9,4 +9,5 @@ pub mod procfs;
 pub mod report;
 pub mod scenarios;
 pub mod schedule;
+pub mod tickets;
 pub mod workers;

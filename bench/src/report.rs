@@ -64,6 +64,11 @@ pub struct Counts {
     pub iap_pipelined: u64,
     #[serde(default)]
     pub iap_refused: u64,
+    /// TLS handshakes of the measured phase that resumed a session with a ticket (`login
+    /// --resume`: all of them when the server resumes; a storm without it: those that found one
+    /// of the few tickets rustls's cache keeps). Absent in files written before it (read as 0).
+    #[serde(default)]
+    pub tls_resumed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -375,6 +380,7 @@ pub(crate) mod tests {
             acked: 49_990,
             iap_pipelined: 0,
             iap_refused: 0,
+            tls_resumed: 0,
         };
         report.rates = Rates {
             sessions_per_second: 250.0,

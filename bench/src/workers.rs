@@ -72,6 +72,9 @@ pub struct WorkerResult {
     pub iap_pipelined: u64,
     #[serde(default)]
     pub iap_refused: u64,
+    /// TLS handshakes of the measured phase that resumed a session (a ticket).
+    #[serde(default)]
+    pub tls_resumed: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -381,6 +381,37 @@ fn bench_against_gateway() {
         "each login pipelined once with the stale version and refused once"
     );
 
+    // A reconnect storm of clients holding tickets (--resume): every session logs in once with a
+    // full handshake and closes, then all log in again, each resuming its TLS session; the
+    // server's CPU covers the second phase only.
+    let json = dir.path().join("login-resume.json");
+    let (code, r) = bench(
+        &[
+            "login",
+            "--target",
+            &tls_target,
+            "--sessions",
+            "60",
+            "--procs",
+            "2",
+            "--tls",
+            "direct",
+            "--insecure",
+            "--sasl2",
+            "--resume",
+            "--server-pid",
+            &pid,
+        ],
+        &json,
+    );
+    assert_eq!(code, 0, "login --resume failed: {:?}", r.counts);
+    assert_eq!((r.counts.established, r.counts.failed), (60, 0));
+    assert_eq!(
+        r.counts.tls_resumed, 60,
+        "every login of the second phase resumes"
+    );
+    assert!(r.server.is_some());
+
     // The TLS handshake alone (--handshake-only): each session counts when its handshake is
     // done, says close_notify, and the gateway closes every one of them.
     let json = dir.path().join("handshake-only.json");

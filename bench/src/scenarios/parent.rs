@@ -86,7 +86,11 @@ pub fn run(kind: Kind, opts: Opts, args: Vec<String>) -> Result<i32> {
                 + Duration::from_secs(10))
                 * steps
         }
-        Kind::Login => {}
+        Kind::Login => {
+            if opts.resume {
+                budget += opts.phase_budget(ramp) + Duration::from_secs(5);
+            }
+        }
     }
     let deadline = Instant::now() + budget;
     let mut server = opts.server_pid.map(ServerWatch::start).transpose()?;
@@ -116,6 +120,16 @@ pub fn run(kind: Kind, opts: Opts, args: Vec<String>) -> Result<i32> {
             workers.reply("go")?;
         }
         Kind::Login => {
+            if opts.resume {
+                // The server's figures cover the measured (resumed) phase only.
+                workers.barrier("warmed")?;
+                if let Some(s) = server.take() {
+                    let pid = s.pid;
+                    s.sampler.stop();
+                    server = Some(ServerWatch::start(pid)?);
+                }
+                workers.reply("go")?;
+            }
             workers.barrier("ramped")?;
             if let Some(s) = server.as_mut() {
                 s.hold();
@@ -224,6 +238,7 @@ fn build_report(
         counts.failed += r.failed;
         counts.iap_pipelined += r.iap_pipelined;
         counts.iap_refused += r.iap_refused;
+        counts.tls_resumed += r.tls_resumed;
         for (k, v) in &r.failed_by_reason {
             *counts.failed_by_reason.entry(k.clone()).or_insert(0) += v;
         }

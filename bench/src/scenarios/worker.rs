@@ -26,6 +26,8 @@ pub(super) struct Phase {
     pub t99: Option<f64>,
     pub t100: Option<f64>,
     pub last_seconds: f64,
+    /// TLS handshakes that resumed a session.
+    pub resumed: u64,
 }
 
 pub(super) struct Worker {
@@ -114,6 +116,7 @@ impl Worker {
             hints.extend(r.hints);
         }
         let established = shared.phase_established.load(Ordering::Relaxed);
+        let resumed = shared.phase_resumed.load(Ordering::Relaxed);
         let mut failed = shared.phase_failed.load(Ordering::Relaxed);
         if established + failed < total {
             let missing = total - established - failed;
@@ -151,6 +154,7 @@ impl Worker {
             t99,
             t100,
             last_seconds,
+            resumed,
         })
     }
 
@@ -164,6 +168,7 @@ impl Worker {
         r.time_to_99pct_seconds = phase.t99;
         r.time_to_100pct_seconds = phase.t100;
         r.ramp_seconds = phase.last_seconds;
+        r.tls_resumed = phase.resumed;
     }
 
     /// Sleeps, serving nothing (the driver threads do the work), bounded.
@@ -297,6 +302,16 @@ fn run_phases(w: &mut Worker, start: Instant) -> Result<()> {
             w.link.barrier("held", serde_json::Value::Null)?;
         }
         Kind::Login => {
+            let mut start = start;
+            if w.opts.resume {
+                // Full handshakes; each session keeps its ticket, then closes.
+                let warm = w.connect_phase(start, ramp, "warm-up")?;
+                w.result.initial_established = warm.established;
+                w.result.initial_failed = warm.failed;
+                w.close();
+                w.link.barrier("warmed", serde_json::Value::Null)?;
+                start = Instant::now();
+            }
             let phase = w.connect_phase(start, ramp, "login")?;
             w.record_phase(&phase);
             w.result.rss_hold_bytes = w.own_rss();
