@@ -116,6 +116,8 @@ pub struct DriverConfig {
     /// `--handshake-only`: direct TLS without XMPP; established when the handshake completes,
     /// then close_notify, and the server's close ends the session.
     pub handshake_only: bool,
+    /// `--resume`: the TLS ticket pool the sessions share (lending starts after the warm-up).
+    pub tickets: Option<Arc<crate::tickets::TicketPool>>,
 }
 
 impl DriverConfig {

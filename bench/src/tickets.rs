@@ -4,6 +4,7 @@
 //! for thousands of sessions that all connect to `localhost`.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use rustls::client::{ClientSessionStore, Tls12ClientSessionValue, Tls13ClientSessionValue};
@@ -19,6 +20,9 @@ pub const TICKETS_PER_PROCESS_MAX: usize = 200_000;
 #[derive(Debug)]
 pub struct TicketPool {
     capacity: usize,
+    /// Off during the warm-up: tickets are kept but none handed out, so that every session of
+    /// the warm-up does a full handshake and leaves one ticket for the measured phase.
+    lending: AtomicBool,
     inner: Mutex<Pool>,
 }
 
@@ -35,8 +39,14 @@ impl TicketPool {
     pub fn new(capacity: usize) -> TicketPool {
         TicketPool {
             capacity: capacity.clamp(1, TICKETS_PER_PROCESS_MAX),
+            lending: AtomicBool::new(false),
             inner: Mutex::new(Pool::default()),
         }
+    }
+
+    /// From now on, handshakes take the tickets kept (each once).
+    pub fn start_lending(&self) {
+        self.lending.store(true, Ordering::SeqCst);
     }
 
     /// Tickets held now.
@@ -104,6 +114,9 @@ impl ClientSessionStore for TicketPool {
         &self,
         server_name: &ServerName<'static>,
     ) -> Option<Tls13ClientSessionValue> {
+        if !self.lending.load(Ordering::SeqCst) {
+            return None;
+        }
         let mut pool = self.lock();
         let ticket = pool.tickets.get_mut(server_name)?.pop_front()?;
         pool.count -= 1;

@@ -226,6 +226,7 @@ mod tests {
             pin: false,
             login_timeout: Duration::from_secs(30),
             handshake_only: false,
+            tickets: None,
         }
     }
 

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::client::{ClientConfig, Mechanism, TlsMode};
 use crate::driver::DriverConfig;
+use crate::tickets::TicketPool;
 
 pub use parent::run;
 pub use worker::worker_main;
@@ -335,7 +336,11 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-pub(super) fn tls_config(opts: &Opts, mode: TlsMode) -> Result<Option<Arc<rustls::ClientConfig>>> {
+pub(super) fn tls_config(
+    opts: &Opts,
+    mode: TlsMode,
+    tickets: Option<&Arc<TicketPool>>,
+) -> Result<Option<Arc<rustls::ClientConfig>>> {
     if mode == TlsMode::None {
         return Ok(None);
     }
@@ -363,11 +368,9 @@ pub(super) fn tls_config(opts: &Opts, mode: TlsMode) -> Result<Option<Arc<rustls
             opts.tls
         );
     };
-    if opts.resume {
+    if let Some(pool) = tickets {
         // Sessions of a worker share one ClientConfig: the pool holds a ticket for each.
-        config.resumption = rustls::client::Resumption::store(Arc::new(
-            crate::tickets::TicketPool::new(opts.sessions as usize),
-        ));
+        config.resumption = rustls::client::Resumption::store(pool.clone());
     }
     Ok(Some(Arc::new(config)))
 }
@@ -411,6 +414,9 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
     if opts.handshake_only && tls != TlsMode::Direct {
         bail!("--handshake-only needs --tls direct (it stops after the TLS handshake)");
     }
+    let tickets = opts
+        .resume
+        .then(|| Arc::new(TicketPool::new(opts.sessions as usize)));
     let server_name = rustls::pki_types::ServerName::try_from(opts.domain.clone())
         .with_context(|| format!("--domain {} is not a valid TLS server name", opts.domain))?;
     Ok(DriverConfig {
@@ -426,7 +432,8 @@ pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
             sasl2_pipelined: opts.sasl2_pipelined,
             iap: Arc::default(),
         }),
-        tls: tls_config(opts, tls)?,
+        tls: tls_config(opts, tls, tickets.as_ref())?,
+        tickets,
         server_name,
         target,
         sources,

@@ -61,6 +61,9 @@ impl ServerWatch {
 /// Returns the exit code (0 passed, 1 failed).
 pub fn run(kind: Kind, opts: Opts, args: Vec<String>) -> Result<i32> {
     // Validate everything here, once, before starting anything.
+    if (opts.resume || opts.handshake_only) && kind != Kind::Login {
+        anyhow::bail!("--resume and --handshake-only are for `bench login`");
+    }
     driver_config(&opts, 0, opts.procs.max(1) as u64)?;
     check_open_files(&opts)?;
     let n = opts.procs.max(1);

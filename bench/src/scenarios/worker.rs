@@ -309,6 +309,13 @@ fn run_phases(w: &mut Worker, start: Instant) -> Result<()> {
                 w.result.initial_established = warm.established;
                 w.result.initial_failed = warm.failed;
                 w.close();
+                if let Some(pool) = &w.driver.config.tickets {
+                    pool.start_lending();
+                }
+                // The XEP-0509 counts are the measured phase's.
+                let iap = &w.driver.config.client.iap;
+                iap.pipelined.store(0, Ordering::Relaxed);
+                iap.mismatches.store(0, Ordering::Relaxed);
                 w.link.barrier("warmed", serde_json::Value::Null)?;
                 start = Instant::now();
             }
