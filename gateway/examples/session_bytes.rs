@@ -239,6 +239,7 @@ fn main() -> Result<()> {
         domain: DOMAIN.into(),
         starttls_offered: false,
         allow_plaintext: true,
+        scram_iterations: PBKDF2_ITERATIONS,
         stanza_bytes_max: shared::limits::STANZA_BYTES_MAX,
         unauthenticated_timeout: Duration::from_secs(60),
         sm_resume_timeout: Duration::from_secs(300),

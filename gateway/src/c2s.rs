@@ -63,6 +63,9 @@ pub struct C2sConfig {
     pub starttls_offered: bool,
     /// Allow SASL PLAIN and sessions without TLS.
     pub allow_plaintext: bool,
+    /// The server's `scram_iterations`, the PBKDF2 count new accounts get: what SCRAM shows and
+    /// PLAIN spends for a user that does not exist, so that failing tells nothing of existence.
+    pub scram_iterations: u32,
     pub stanza_bytes_max: usize,
     /// An unauthenticated connection must have bound a resource by then.
     pub unauthenticated_timeout: std::time::Duration,
@@ -1077,7 +1080,10 @@ impl C2s {
     }
 
     fn plain(&self, data: &[u8], services: &mut dyn Services) -> Outcome {
-        match sasl::plain(data, &self.config.domain, |node| services.credentials(node)) {
+        let config = &self.config;
+        match sasl::plain(data, &config.domain, config.scram_iterations, |node| {
+            services.credentials(node)
+        }) {
             Ok(node) => Outcome::Success {
                 node,
                 additional: Vec::new(),
@@ -1095,7 +1101,14 @@ impl C2s {
             return Outcome::Failure(Failure::NotAuthorized);
         };
         let credentials = services.credentials(&node);
-        match ScramServer::start(hash, first, node, &self.config.domain, credentials) {
+        match ScramServer::start(
+            hash,
+            first,
+            node,
+            &self.config.domain,
+            credentials,
+            self.config.scram_iterations,
+        ) {
             Ok((server, server_first)) => {
                 Outcome::Challenge(server_first, Exchange::ScramClientFinal(Box::new(server)))
             }

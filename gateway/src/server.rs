@@ -131,6 +131,7 @@ pub fn serve(config: Config) -> Result<()> {
         domain: config.domain.clone(),
         starttls_offered: true,
         allow_plaintext: config.allow_plaintext,
+        scram_iterations: config.scram_iterations,
         stanza_bytes_max: config.stanza_bytes_max,
         unauthenticated_timeout: Duration::from_secs(config.unauthenticated_timeout_seconds),
         sm_resume_timeout: Duration::from_secs(config.sm_resume_timeout_seconds),

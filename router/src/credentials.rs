@@ -13,7 +13,12 @@
 //! is one SHA-256 and a constant-time comparison per stored key, no PBKDF2, which is safe because
 //! a 256-bit random secret cannot be guessed, so key stretching buys nothing. Device keys do not
 //! work with SCRAM (its stored keys come from the password).
+//!
+//! A login for an account that does not exist must cost what a failed login for one that does
+//! costs, or the time to fail tells which accounts exist: [`verify_plain_unknown`] is that work.
 
+use std::cell::Cell;
+use std::hint::black_box;
 use std::thread;
 
 use pbkdf2::pbkdf2_hmac;
@@ -50,6 +55,55 @@ pub struct Credentials {
     /// SHA-256 of each device key of the account (at most
     /// `shared::limits::DEVICE_KEYS_PER_ACCOUNT_MAX`).
     pub device_keys: Vec<[u8; 32]>,
+}
+
+thread_local! {
+    /// PBKDF2 rounds run by this thread, summed over every derivation.
+    static PBKDF2_ROUNDS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// How many PBKDF2 rounds (HMAC iterations, summed over every derivation of either hash) this
+/// thread has run. Lets a test see the key stretching a login did (for example that an unknown
+/// user pays what a known one pays) without measuring time. Costs one thread-local add per
+/// derivation, which takes milliseconds.
+pub fn pbkdf2_rounds_on_this_thread() -> u64 {
+    PBKDF2_ROUNDS.with(Cell::get)
+}
+
+/// The work [`Credentials::verify_plain`] does for a wrong password, done for a user that does
+/// not exist; always false. A SASL PLAIN login for an unknown user calls this instead of
+/// failing at once, so that its failure takes as long as a known user's wrong password.
+///
+/// `salt` should be the salt the server would show that user in a SCRAM challenge (stable per
+/// user, secret to the server) and `iterations` the server's configured count, the one new
+/// accounts get. The PBKDF2-HMAC-SHA-256 output is compared in constant time with a value
+/// built to differ from it in one bit, so it cannot match, whatever the password.
+///
+/// Device keys: a known account fails a login only after PBKDF2, since `verify_plain` skips
+/// it only for a device key that matches, and matching takes the 256-bit secret. So this runs
+/// PBKDF2 for every password, device-key-shaped or not. Before it, a known account holding
+/// device keys spends one SHA-256 and a comparison per stored key on a `dk-` password, one
+/// without keys spends nothing; this spends one SHA-256 and one comparison, as an account with
+/// one key does. That sits inside the spread between known accounts (one SHA-256 of 67 bytes
+/// or 15 more 32-byte comparisons: well under a microsecond, against the milliseconds of
+/// PBKDF2), so the cost of a `dk-` password tells nothing about the account's existence.
+pub fn verify_plain_unknown(password: &str, salt: &[u8], iterations: u32) -> bool {
+    let mut found = Choice::from(0);
+    if password.starts_with(DEVICE_KEY_PREFIX) {
+        let candidate = device_key_hash(password);
+        found |= black_box(candidate).ct_eq(&unmatchable(candidate));
+    }
+    let candidate = salted_sha256(password.as_bytes(), salt, iterations.max(1));
+    // `black_box` keeps the compiler from proving the comparison false and dropping the
+    // derivation whose cost is the point.
+    found |= black_box(candidate)[..].ct_eq(&unmatchable(candidate)[..]);
+    found.into()
+}
+
+/// `value` with its lowest bit flipped: never equal to `value`.
+fn unmatchable(mut value: [u8; 32]) -> [u8; 32] {
+    value[0] ^= 1;
+    value
 }
 
 /// A new device key, `dk-` and 64 lower-case hex digits, from the OS random number generator.
@@ -287,8 +341,13 @@ fn random_salt() -> Vec<u8> {
     salt
 }
 
+fn count_rounds(iterations: u32) {
+    PBKDF2_ROUNDS.with(|rounds| rounds.set(rounds.get().saturating_add(u64::from(iterations))));
+}
+
 /// RFC 5802 `Hi(password, salt, i)` with HMAC-SHA-1.
 fn salted_sha1(password: &[u8], salt: &[u8], iterations: u32) -> [u8; SHA1_LEN] {
+    count_rounds(iterations);
     let mut out = [0u8; SHA1_LEN];
     pbkdf2_hmac::<Sha1>(password, salt, iterations, &mut out);
     out
@@ -296,6 +355,7 @@ fn salted_sha1(password: &[u8], salt: &[u8], iterations: u32) -> [u8; SHA1_LEN] 
 
 /// RFC 5802 `Hi(password, salt, i)` with HMAC-SHA-256.
 fn salted_sha256(password: &[u8], salt: &[u8], iterations: u32) -> [u8; SHA256_LEN] {
+    count_rounds(iterations);
     let mut out = [0u8; SHA256_LEN];
     pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
     out
@@ -431,6 +491,42 @@ mod tests {
         }
         c.device_keys.clear();
         assert_eq!(c.to_bytes()[0], FORMAT_V1);
+    }
+
+    #[test]
+    fn unknown_users_pay_the_known_users_work_and_never_match() {
+        let salt = b"fake salt, 16 B".to_vec();
+        let mut known = Credentials::derive_with_salts("pw", 64, salt.clone(), salt.clone());
+        known.device_keys.push(device_key_hash(&new_device_key()));
+        let rounds = |f: &dyn Fn() -> bool| {
+            let before = pbkdf2_rounds_on_this_thread();
+            let verified = f();
+            (verified, pbkdf2_rounds_on_this_thread() - before)
+        };
+        let wrong_key = new_device_key();
+        for password in ["wrong", "pw", wrong_key.as_str(), ""] {
+            // Even the password whose PBKDF2 output is exactly what would match fails.
+            assert_eq!(
+                rounds(&|| verify_plain_unknown(password, &salt, 64)),
+                (false, 64),
+                "{password:?}"
+            );
+            assert_eq!(
+                rounds(&|| verify_plain_unknown(password, &salt, 0)),
+                (false, 1),
+                "zero iterations are raised to one, as for derived credentials"
+            );
+        }
+        for password in ["wrong", wrong_key.as_str()] {
+            assert_eq!(rounds(&|| known.verify_plain(password)), (false, 64));
+        }
+        assert_eq!(rounds(&|| known.verify_plain("pw")), (true, 64));
+        // Deriving counts both hashes.
+        assert_eq!(
+            rounds(&|| Credentials::derive("pw", 10).iterations == 10),
+            (true, 20)
+        );
+        assert_eq!(unmatchable([7; 32])[0], 6);
     }
 
     #[test]

@@ -39,7 +39,8 @@ pub struct Config {
     pub tls_key_path: Option<PathBuf>,
     /// Allow SASL PLAIN and sessions without TLS on the c2s port. For loopback benchmarks only.
     pub allow_plaintext: bool,
-    /// PBKDF2 iterations for newly stored SCRAM credentials.
+    /// PBKDF2 iterations for newly stored SCRAM credentials; also the count SCRAM shows, and
+    /// PLAIN spends, for a user that does not exist, so that failed logins look alike.
     pub scram_iterations: u32,
     /// Largest stanza accepted, in bytes.
     pub stanza_bytes_max: usize,

@@ -6,14 +6,21 @@
 //! channel-binding echo of the client-final message and compares proofs in variable time. The
 //! hash and HMAC primitives are the `sasl` crate's (`ScramProvider`). Nothing here logs or keeps
 //! passwords.
+//!
+//! A failed login must not tell whether the account exists. Both mechanisms run the same steps
+//! for an unknown user as for a known one with a wrong secret and fail with the same condition:
+//! PLAIN spends the PBKDF2 a known account's check costs (`verify_plain_unknown`, the
+//! server's configured iteration count, the user's fake salt); SCRAM shows a fake salt that is
+//! stable per user and the configured iteration count, then checks the proof against a fake
+//! salted password, which no proof can pass.
 
 use std::sync::OnceLock;
 
 use base64::engine::general_purpose::STANDARD as Base64;
 use base64::Engine;
-use router::credentials::Credentials;
+use router::credentials::{verify_plain_unknown, Credentials};
 use sasl::common::scram::{ScramProvider, Sha1, Sha256};
-use shared::limits::{JID_PART_BYTES_MAX, SCRAM_ITERATIONS_DEFAULT};
+use shared::limits::JID_PART_BYTES_MAX;
 
 /// Why a SASL exchange failed: one RFC 6120 §6.5 condition each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,21 +135,32 @@ fn random_bytes<const N: usize>() -> Option<[u8; N]> {
     Some(buf)
 }
 
-/// A per-process key for the fake salts of unknown users, so that the challenge for a user that
-/// does not exist looks like (and stays as stable as) one for a user that does. `None` while
-/// no random key can be had (a known key would tell unknown users from known ones).
-fn fake_salt(hash: ScramHash, node: &str) -> Option<Vec<u8>> {
+/// A per-process key for the fake secrets of unknown users, so that the challenge for a user
+/// that does not exist looks like (and stays as stable as) one for a user that does. `None`
+/// while no random key can be had (a known key would tell unknown users from known ones).
+fn fake_key() -> Option<&'static [u8; 32]> {
     static KEY: OnceLock<[u8; 32]> = OnceLock::new();
-    let key = match KEY.get() {
-        Some(key) => key,
+    match KEY.get() {
+        Some(key) => Some(key),
         None => {
             let fresh = random_bytes::<32>()?;
-            KEY.get_or_init(|| fresh)
+            Some(KEY.get_or_init(|| fresh))
         }
-    };
-    let mut salt = hash.hmac(key, node.as_bytes());
-    salt.truncate(16);
+    }
+}
+
+/// The salt shown for the unknown user `node`: 16 bytes, as stored salts are.
+fn fake_salt(hash: ScramHash, node: &str) -> Option<Vec<u8>> {
+    let mut salt = hash.hmac(fake_key()?, node.as_bytes());
+    salt.truncate(router::credentials::SALT_LEN);
     Some(salt)
+}
+
+/// A salted password for the unknown user `node`, as long as a stored one, so that checking
+/// a proof against it costs what checking a known user's does. (A local part holds no NUL, so
+/// the input differs from every `fake_salt` input.)
+fn fake_salted_password(hash: ScramHash, node: &str) -> Option<Vec<u8>> {
+    Some(hash.hmac(fake_key()?, format!("salted\0{node}").as_bytes()))
 }
 
 /// Decodes a SCRAM `saslname` (`=2C` is `,`, `=3D` is `=`; any other `=` is an error).
@@ -164,9 +182,13 @@ fn decode_saslname(s: &str) -> Option<String> {
 }
 
 /// PLAIN: `[authzid] NUL authcid NUL passwd`. Returns the authenticated node.
+///
+/// `iterations` is the server's configured PBKDF2 count (`scram_iterations`): what an unknown
+/// user's failed check spends, as a known account created with it spends on a wrong password.
 pub(crate) fn plain(
     message: &[u8],
     domain: &str,
+    iterations: u32,
     credentials: impl FnOnce(&str) -> Option<Credentials>,
 ) -> Result<String, Failure> {
     let mut parts = message.split(|&b| b == 0);
@@ -189,8 +211,17 @@ pub(crate) fn plain(
     if password.is_empty() {
         return Err(Failure::NotAuthorized);
     }
-    let stored = credentials(&node).ok_or(Failure::NotAuthorized)?;
-    if stored.verify_plain(password) {
+    let verified = match credentials(&node) {
+        Some(stored) => stored.verify_plain(password),
+        None => {
+            // This salt never leaves the server (PLAIN shows none): only the work matters, so
+            // a salt from the node alone serves while no fake-salt key can be had.
+            let salt = fake_salt(ScramHash::Sha256, &node)
+                .unwrap_or_else(|| Sha256::hash(node.as_bytes()));
+            verify_plain_unknown(password, &salt, iterations)
+        }
+    };
+    if verified {
         Ok(node)
     } else {
         Err(Failure::NotAuthorized)
@@ -262,9 +293,12 @@ pub(crate) struct ScramServer {
     nonce: String,
     client_first_bare: String,
     server_first: String,
-    /// `None` for an unknown user: the exchange runs to the end and then fails, so the answer
-    /// does not reveal whether the account exists.
-    salted_password: Option<Vec<u8>>,
+    /// The stored salted password, or for an unknown user a fake one: the exchange runs to
+    /// the end, proof check included, and then fails, so neither the answer nor the work
+    /// reveals whether the account exists.
+    salted_password: Vec<u8>,
+    /// Whether the account exists; `false` fails even a proof that checks out.
+    known: bool,
 }
 
 impl std::fmt::Debug for ScramServer {
@@ -279,12 +313,15 @@ impl std::fmt::Debug for ScramServer {
 impl ScramServer {
     /// Checks the client-first-message's identities and builds the server-first-message.
     /// `node` is the normalised username; `credentials` are its stored ones, if any.
+    /// `iterations` is the server's configured PBKDF2 count (`scram_iterations`), which new
+    /// accounts get: the `i=` shown for a user that does not exist.
     pub(crate) fn start(
         hash: ScramHash,
         first: ClientFirst,
         node: String,
         domain: &str,
         credentials: Option<Credentials>,
+        iterations: u32,
     ) -> Result<(ScramServer, Vec<u8>), Failure> {
         if let Some(authzid) = &first.authzid {
             if !authzid_matches(authzid, &node, domain) {
@@ -296,12 +333,13 @@ impl ScramServer {
         let (salt, iterations, salted_password) = match &credentials {
             Some(c) => {
                 let (salt, salted) = hash.secret(c);
-                (salt.to_vec(), c.iterations, Some(salted.to_vec()))
+                (salt.to_vec(), c.iterations, salted.to_vec())
             }
             None => (
                 fake_salt(hash, &node).ok_or(Failure::TemporaryAuth)?,
-                SCRAM_ITERATIONS_DEFAULT,
-                None,
+                // As `Credentials::derive` stores it.
+                iterations.max(1),
+                fake_salted_password(hash, &node).ok_or(Failure::TemporaryAuth)?,
             ),
         };
         let server_first = format!("r={nonce},s={},i={iterations}", Base64.encode(salt));
@@ -314,6 +352,7 @@ impl ScramServer {
             client_first_bare: first.bare,
             server_first,
             salted_password,
+            known: credentials.is_some(),
         };
         Ok((server, message))
     }
@@ -345,9 +384,7 @@ impl ScramServer {
         if binding != self.gs2_header.as_bytes() || nonce != self.nonce {
             return Err(Failure::NotAuthorized);
         }
-        let Some(salted) = &self.salted_password else {
-            return Err(Failure::NotAuthorized);
-        };
+        let salted = &self.salted_password;
         let auth_message = format!(
             "{},{},{}",
             self.client_first_bare, self.server_first, without_proof
@@ -363,7 +400,7 @@ impl ScramServer {
             .zip(&client_signature)
             .map(|(p, s)| p ^ s)
             .collect();
-        if !ct_eq(&self.hash.hash(&client_key), &stored_key) {
+        if !ct_eq(&self.hash.hash(&client_key), &stored_key) || !self.known {
             return Err(Failure::NotAuthorized);
         }
         let server_key = self.hash.hmac(salted, b"Server Key");
@@ -427,6 +464,53 @@ mod tests {
             "alice",
             "example.com"
         ));
+    }
+
+    /// The client-final-message for `server`, with the proof made from `salted` (RFC 5802 §3).
+    fn client_final(server: &ScramServer, salted: &[u8]) -> Vec<u8> {
+        let h = server.hash;
+        let without_proof = format!("c={},r={}", Base64.encode(&server.gs2_header), server.nonce);
+        let auth_message = format!(
+            "{},{},{without_proof}",
+            server.client_first_bare, server.server_first
+        );
+        let client_key = h.hmac(salted, b"Client Key");
+        let signature = h.hmac(&h.hash(&client_key), auth_message.as_bytes());
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(&signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        format!("{without_proof},p={}", Base64.encode(proof)).into_bytes()
+    }
+
+    /// Goal: an unknown user's SCRAM exchange checks the proof as a known user's does (against
+    /// a fake salted password as long as a stored one) and fails even when the proof checks
+    /// out, so no client can log in as a user that does not exist. Method: a proof made from
+    /// the fake salted password itself.
+    #[test]
+    fn scram_unknown_user_never_succeeds() {
+        for hash in [ScramHash::Sha1, ScramHash::Sha256] {
+            let first = parse_client_first(b"n,,n=mallory,r=abc").unwrap();
+            let node = "mallory".to_owned();
+            let (mut server, message) =
+                ScramServer::start(hash, first, node, "example.com", None, 64).unwrap();
+            let message = String::from_utf8(message).unwrap();
+            assert!(message.ends_with(",i=64"), "{message}");
+            let fake = fake_salted_password(hash, "mallory").unwrap();
+            let stored_len = match hash {
+                ScramHash::Sha1 => router::credentials::SHA1_LEN,
+                ScramHash::Sha256 => router::credentials::SHA256_LEN,
+            };
+            assert_eq!((fake.len(), &fake), (stored_len, &server.salted_password));
+            assert_ne!(fake_salt(hash, "mallory").unwrap(), fake[..16]);
+            let proof = client_final(&server, &fake);
+            assert_eq!(server.finish(&proof), Err(Failure::NotAuthorized));
+            // The same proof would pass for an account whose salted password that is: only the
+            // account's absence fails it.
+            server.known = true;
+            assert!(server.finish(&proof).is_ok());
+        }
     }
 
     #[test]

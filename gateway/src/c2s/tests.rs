@@ -8,7 +8,9 @@ use ::sasl::common::scram::{ScramProvider, Sha1, Sha256};
 use ::sasl::common::ChannelBinding;
 use base64::engine::general_purpose::STANDARD as Base64;
 use base64::Engine;
-use router::credentials::Credentials;
+use router::credentials::{
+    device_key_hash, new_device_key, pbkdf2_rounds_on_this_thread, Credentials,
+};
 use router::BindError;
 use shared::stanza::Stanza;
 
@@ -33,9 +35,15 @@ const BIND_FEATURES: &str = "<stream:features><bind xmlns='urn:ietf:params:xml:n
 const NOT_AUTHORIZED: &str =
     "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><not-authorized/></failure>";
 
+/// The server's configured PBKDF2 count in these tests, and alice's: not the 4,096 default, as
+/// the peers scripts run.
+const SCRAM_ITERATIONS: u32 = 64;
+
 fn alice_credentials() -> Credentials {
     static CREDS: OnceLock<Credentials> = OnceLock::new();
-    CREDS.get_or_init(|| Credentials::derive("pw", 64)).clone()
+    CREDS
+        .get_or_init(|| Credentials::derive("pw", SCRAM_ITERATIONS))
+        .clone()
 }
 
 #[derive(Default)]
@@ -106,6 +114,7 @@ fn config(starttls_offered: bool, allow_plaintext: bool) -> Arc<C2sConfig> {
         domain: DOMAIN.to_owned(),
         starttls_offered,
         allow_plaintext,
+        scram_iterations: SCRAM_ITERATIONS,
         stanza_bytes_max: 4096,
         unauthenticated_timeout: Duration::from_secs(30),
         sm_resume_timeout: Duration::from_secs(300),
@@ -361,9 +370,17 @@ fn stanza_before_bind_is_not_authorized() {
 }
 
 fn scram_login<S: ScramProvider>(mechanism: &str, password: &str) -> (Client, Step, String) {
-    let mut c = Client::tls();
+    scram_login_as::<S>(Client::tls(), mechanism, "alice", password)
+}
+
+fn scram_login_as<S: ScramProvider>(
+    mut c: Client,
+    mechanism: &str,
+    user: &str,
+    password: &str,
+) -> (Client, Step, String) {
     c.ok(HEADER);
-    let mut client = Scram::<S>::new("alice", password, ChannelBinding::None).unwrap();
+    let mut client = Scram::<S>::new(user, password, ChannelBinding::None).unwrap();
     let first = Base64.encode(client.initial());
     let out = c.ok(&format!(
         "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{mechanism}'>{first}</auth>"
@@ -440,13 +457,124 @@ fn scram_without_initial_response_and_unknown_user() {
     let server_first = challenge_payload(&out);
     assert!(String::from_utf8(server_first.clone())
         .unwrap()
-        .contains(",i=4096"));
+        .contains(",i=64"));
     let final_ = Base64.encode(client.response(&server_first).unwrap());
     let out = c.ok(&format!(
         "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{final_}</response>"
     ));
     assert_eq!(out, NOT_AUTHORIZED);
     assert_eq!(c.svc.lookups, vec!["nobody".to_owned()]);
+}
+
+/// One PLAIN attempt on a fresh TLS stream whose server is configured with `iterations`, with
+/// alice holding a device key: RFC 6120 `<auth/>`, or XEP-0388 `<authenticate/>` with `sasl2`.
+/// Returns the step, the answer and the PBKDF2 rounds the server ran for it.
+fn plain_attempt(iterations: u32, sasl2: bool, user: &str, password: &str) -> (Step, String, u64) {
+    let mut config = (*config(false, false)).clone();
+    config.scram_iterations = iterations;
+    let mut c = Client::new(Security::Tls, Arc::new(config));
+    let alice = c.svc.users.get_mut("alice").unwrap();
+    alice.device_keys.push(device_key_hash(&new_device_key()));
+    c.ok(HEADER);
+    let request = if sasl2 {
+        sasl2_plain_as(user, password, "")
+    } else {
+        plain_auth("", user, password)
+    };
+    let before = pbkdf2_rounds_on_this_thread();
+    let (step, out) = c.send(&request);
+    (step, out, pbkdf2_rounds_on_this_thread() - before)
+}
+
+const SASL2_NOT_AUTHORIZED: &str = "<failure xmlns='urn:xmpp:sasl:2'>\
+                                    <not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>";
+
+/// Goal: SASL PLAIN for a user that does not exist runs the key stretching a known user's check
+/// runs, with the server's configured count (a device-key-shaped password too), then fails with
+/// `not-authorized`; it does not fail at once, which would tell unknown users by the time.
+/// Method: the machine with a mock store; this thread's PBKDF2 rounds counted (no clock).
+#[test]
+fn plain_unknown_user_runs_the_configured_key_stretching() {
+    let device_key_shaped = new_device_key();
+    for sasl2 in [false, true] {
+        let failure = if sasl2 {
+            SASL2_NOT_AUTHORIZED
+        } else {
+            NOT_AUTHORIZED
+        };
+        for iterations in [SCRAM_ITERATIONS, 100] {
+            for password in ["pw", device_key_shaped.as_str()] {
+                assert_eq!(
+                    plain_attempt(iterations, sasl2, "mallory", password),
+                    (Step::Continue, failure.to_owned(), u64::from(iterations)),
+                    "sasl2 {sasl2}, {iterations} iterations, {password}"
+                );
+            }
+        }
+    }
+}
+
+/// Goal: an unknown user's SCRAM challenge carries the server's configured iteration count,
+/// which new accounts get, not a constant, and a salt that stays the same; a known user's
+/// carries the count stored with the account. Method: the machine with a mock store.
+#[test]
+fn scram_unknown_user_gets_the_configured_iterations() {
+    let server_first = |iterations: u32, mechanism: &str, user: &str| {
+        let mut config = (*config(false, false)).clone();
+        config.scram_iterations = iterations;
+        let mut c = Client::new(Security::Tls, Arc::new(config));
+        c.ok(HEADER);
+        let first = Base64.encode(format!("n,,n={user},r=abcdef"));
+        let out = c.ok(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='{mechanism}'>{first}</auth>"
+        ));
+        let payload = String::from_utf8(challenge_payload(&out)).unwrap();
+        let (_, salt_and_count) = payload.split_once(",s=").expect(&payload);
+        salt_and_count.to_owned()
+    };
+    for mechanism in ["SCRAM-SHA-1", "SCRAM-SHA-256"] {
+        let unknown = server_first(SCRAM_ITERATIONS, mechanism, "mallory");
+        assert!(unknown.ends_with(",i=64"), "{unknown}");
+        assert_eq!(
+            server_first(SCRAM_ITERATIONS, mechanism, "mallory"),
+            unknown
+        );
+        assert!(server_first(1000, mechanism, "mallory").ends_with(",i=1000"));
+        // alice was created with 64 iterations; another configured count does not change hers.
+        assert!(server_first(1000, mechanism, "alice").ends_with(",i=64"));
+    }
+}
+
+/// Goal: a known user's wrong secret and an unknown user fail alike: the same condition, the
+/// same bytes, the same key stretching, over PLAIN (RFC 6120 and SASL2, passwords and
+/// device-key-shaped ones) and SCRAM (the exchange runs to its end for both). Method: the
+/// machine with a mock store; PBKDF2 rounds counted (no clock).
+#[test]
+fn failed_logins_look_alike_for_known_and_unknown_users() {
+    let wrong_key = new_device_key();
+    for sasl2 in [false, true] {
+        for password in ["wrong", wrong_key.as_str()] {
+            let known = plain_attempt(SCRAM_ITERATIONS, sasl2, "alice", password);
+            let unknown = plain_attempt(SCRAM_ITERATIONS, sasl2, "mallory", password);
+            assert_eq!(known, unknown, "sasl2 {sasl2}, {password}");
+            assert_eq!(known.2, u64::from(SCRAM_ITERATIONS));
+        }
+    }
+    for mechanism in ["SCRAM-SHA-1", "SCRAM-SHA-256"] {
+        let attempt = |user: &str, password: &str| {
+            let (c, step, out) = if mechanism == "SCRAM-SHA-1" {
+                scram_login_as::<Sha1>(Client::tls(), mechanism, user, password)
+            } else {
+                scram_login_as::<Sha256>(Client::tls(), mechanism, user, password)
+            };
+            assert_eq!(c.svc.lookups, vec![user.to_owned()]);
+            (step, out)
+        };
+        let known = attempt("alice", "wrong");
+        assert_eq!(known, (Step::Continue, NOT_AUTHORIZED.to_owned()));
+        assert_eq!(attempt("mallory", "wrong"), known);
+        assert_eq!(attempt("mallory", "pw"), known);
+    }
 }
 
 #[test]
@@ -1176,7 +1304,11 @@ fn stream_management_idle_state_is_compact() {
 const UA_ID: &str = "d4565fa7-4d72-4749-b3d3-740edbf87770";
 
 fn sasl2_plain(password: &str, inner: &str) -> String {
-    let payload = Base64.encode(format!("\0alice\0{password}"));
+    sasl2_plain_as("alice", password, inner)
+}
+
+fn sasl2_plain_as(user: &str, password: &str, inner: &str) -> String {
+    let payload = Base64.encode(format!("\0{user}\0{password}"));
     format!(
         "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'>\
          <initial-response>{payload}</initial-response>{inner}</authenticate>"
