@@ -35,11 +35,30 @@ impl Drop for Guard {
 
 /// Runs a command to completion within `limit`; returns (exit code, stdout).
 fn run(cmd: &mut Command, limit: Duration) -> (i32, String) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
-    let mut stdout = child.stdout.take().expect("piped");
+    run_capturing(cmd.stdout(Stdio::piped()), limit, false)
+}
+
+/// Runs a command to completion within `limit`; returns (exit code, stderr).
+fn run_stderr(cmd: &mut Command, limit: Duration) -> (i32, String) {
+    run_capturing(
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()),
+        limit,
+        true,
+    )
+}
+
+/// Runs `cmd` (its stdout or, with `stderr`, its stderr piped) to completion within `limit`;
+/// returns the exit code and what the piped stream carried.
+fn run_capturing(cmd: &mut Command, limit: Duration, stderr: bool) -> (i32, String) {
+    let mut child = cmd.spawn().expect("spawn");
+    let mut stream: Box<dyn Read + Send> = if stderr {
+        Box::new(child.stderr.take().expect("piped"))
+    } else {
+        Box::new(child.stdout.take().expect("piped"))
+    };
     let reader = std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
+        let _ = stream.read_to_string(&mut s);
         s
     });
     let deadline = Instant::now() + limit;
@@ -109,37 +128,6 @@ fn healthy(admin: u16) -> bool {
     text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200")
 }
 
-/// Runs a command to completion within `limit`; returns (exit code, stderr).
-fn run_stderr(cmd: &mut Command, limit: Duration) -> (i32, String) {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut stderr = child.stderr.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    (
-        status.code().unwrap_or(-1),
-        reader.join().unwrap_or_default(),
-    )
-}
-
 /// The gateway's open connections (the sum of its `gateway_connections` samples), from
 /// `/metrics` on the admin port; None when it does not answer.
 fn open_connections(admin: u16) -> Option<u64> {
@@ -160,6 +148,23 @@ fn open_connections(admin: u16) -> Option<u64> {
         seen = true;
     }
     seen.then_some(sum)
+}
+
+/// `bench login` over direct TLS (any certificate) to `target` with `sessions` users and `more`
+/// flags.
+fn direct_tls_login(target: &str, sessions: &str, more: &[&str], json: &Path) -> (i32, Report) {
+    let mut args = vec![
+        "login",
+        "--target",
+        target,
+        "--sessions",
+        sessions,
+        "--tls",
+        "direct",
+        "--insecure",
+    ];
+    args.extend_from_slice(more);
+    bench(&args, json)
 }
 
 fn bench(args: &[&str], json: &Path) -> (i32, Report) {
@@ -353,20 +358,10 @@ fn bench_against_gateway() {
     // XEP-0509 with a stale cached config version: every pipelined `<authenticate/>` is refused
     // without prejudice and retried on the same stream, so all log in.
     let json = dir.path().join("login-iap-stale.json");
-    let (code, r) = bench(
-        &[
-            "login",
-            "--target",
-            &tls_target,
-            "--sessions",
-            "50",
-            "--tls",
-            "direct",
-            "--insecure",
-            "--sasl2-pipelined",
-            "--iap-config-version",
-            "stale",
-        ],
+    let (code, r) = direct_tls_login(
+        &tls_target,
+        "50",
+        &["--sasl2-pipelined", "--iap-config-version", "stale"],
         &json,
     );
     assert_eq!(
@@ -385,23 +380,10 @@ fn bench_against_gateway() {
     // full handshake and closes, then all log in again, each resuming its TLS session; the
     // server's CPU covers the second phase only.
     let json = dir.path().join("login-resume.json");
-    let (code, r) = bench(
-        &[
-            "login",
-            "--target",
-            &tls_target,
-            "--sessions",
-            "60",
-            "--procs",
-            "2",
-            "--tls",
-            "direct",
-            "--insecure",
-            "--sasl2",
-            "--resume",
-            "--server-pid",
-            &pid,
-        ],
+    let (code, r) = direct_tls_login(
+        &tls_target,
+        "60",
+        &["--procs", "2", "--sasl2", "--resume", "--server-pid", &pid],
         &json,
     );
     assert_eq!(code, 0, "login --resume failed: {:?}", r.counts);
@@ -415,20 +397,7 @@ fn bench_against_gateway() {
     // The TLS handshake alone (--handshake-only): each session counts when its handshake is
     // done, says close_notify, and the gateway closes every one of them.
     let json = dir.path().join("handshake-only.json");
-    let (code, r) = bench(
-        &[
-            "login",
-            "--target",
-            &tls_target,
-            "--sessions",
-            "50",
-            "--tls",
-            "direct",
-            "--insecure",
-            "--handshake-only",
-        ],
-        &json,
-    );
+    let (code, r) = direct_tls_login(&tls_target, "50", &["--handshake-only"], &json);
     assert_eq!(code, 0, "login --handshake-only failed: {:?}", r.counts);
     assert_eq!((r.counts.established, r.counts.failed), (50, 0));
     assert_eq!(r.latency_us.samples, 50);
