@@ -123,8 +123,13 @@ pub fn serve(config: Config) -> Result<()> {
         }
         None => None,
     };
-    let stores = Store::open_all(&config.data_dir, shards, &config.domain)
-        .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
+    let stores = Store::open_all_with_cache(
+        &config.data_dir,
+        shards,
+        &config.domain,
+        config.store_cache_bytes,
+    )
+    .with_context(|| format!("opening the store under {}", config.data_dir.display()))?;
     let stores = Arc::new(stores);
     let tls = tls::server_config(&config)?;
     let c2s_starttls = Arc::new(C2sConfig {

@@ -119,11 +119,33 @@ impl Store {
         shards: usize,
         domain: &str,
     ) -> Result<Vec<Store>, StoreError> {
+        Self::open_all_with_cache(
+            data_dir,
+            shards,
+            domain,
+            shared::limits::STORE_CACHE_BYTES_DEFAULT,
+        )
+    }
+
+    /// `open_all` with each shard's database caching at most `cache_bytes` of its pages in
+    /// memory (config key `store_cache_bytes`); what is not cached is read again from the file
+    /// (the OS page cache) when needed.
+    pub fn open_all_with_cache(
+        data_dir: &Path,
+        shards: usize,
+        domain: &str,
+        cache_bytes: usize,
+    ) -> Result<Vec<Store>, StoreError> {
         if shards == 0 {
             return Err(StoreError::NoShards);
         }
         fs::create_dir_all(data_dir).map_err(|e| io_err("creating", data_dir, e))?;
-        let lock = Arc::new(open_db(&data_dir.join(LOCK_FILE), data_dir, true)?);
+        let lock = Arc::new(open_db(
+            &data_dir.join(LOCK_FILE),
+            data_dir,
+            true,
+            SMALL_CACHE_BYTES,
+        )?);
         recover(data_dir)?;
 
         let store_dir = data_dir.join(STORE_DIR);
@@ -166,7 +188,7 @@ impl Store {
                         path.display()
                     )));
                 }
-                let db = open_db(&path, data_dir, false)?;
+                let db = open_db(&path, data_dir, false, cache_bytes)?;
                 ensure_tables(&db)?;
                 Ok(Store {
                     db,
@@ -431,12 +453,24 @@ impl Store {
     }
 }
 
-/// Opens (`create`: or creates) a redb database, mapping "locked by someone else" to `InUse`.
-fn open_db(path: &Path, data_dir: &Path, create: bool) -> Result<Database, StoreError> {
+/// The page cache of the databases opened only briefly: the data dir's lock and the ones a
+/// re-partition reads and writes once.
+const SMALL_CACHE_BYTES: usize = shared::limits::STORE_CACHE_BYTES_MIN;
+
+/// Opens (`create`: or creates) a redb database caching at most `cache_bytes` of its pages,
+/// mapping "locked by someone else" to `InUse`.
+fn open_db(
+    path: &Path,
+    data_dir: &Path,
+    create: bool,
+    cache_bytes: usize,
+) -> Result<Database, StoreError> {
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(cache_bytes);
     let result = if create {
-        Database::create(path)
+        builder.create(path)
     } else {
-        Database::open(path)
+        builder.open(path)
     };
     result.map_err(|e| match e {
         redb::DatabaseError::DatabaseAlreadyOpen => {
@@ -574,14 +608,14 @@ fn repartition(
                     path.display()
                 )));
             }
-            open_db(&path, data_dir, false)
+            open_db(&path, data_dir, false, SMALL_CACHE_BYTES)
         })
         .collect::<Result<Vec<_>, _>>()?;
 
     remove_dir_if_exists(&tmp_dir)?;
     fs::create_dir_all(&tmp_dir).map_err(|e| io_err("creating", &tmp_dir, e))?;
     let new_dbs = (0..new_shards)
-        .map(|i| open_db(&shard_path(&tmp_dir, i), data_dir, true))
+        .map(|i| open_db(&shard_path(&tmp_dir, i), data_dir, true, SMALL_CACHE_BYTES))
         .collect::<Result<Vec<_>, _>>()?;
 
     let mut moved = (0u64, 0u64, 0u64);

@@ -57,6 +57,8 @@ pub struct Config {
     /// Bytes of pinned io_uring memory per executor (glommio `io_memory`); networking does not
     /// use it, so it is kept small to fit the default 8 MiB memlock limit.
     pub io_memory_bytes: usize,
+    /// Page cache of each shard's database, in bytes (redb's cache; a miss is a `pread`).
+    pub store_cache_bytes: usize,
     /// Count stanzas, bytes and routing latency on the hot path. Default true; `false` only to
     /// measure what statistics cost (connections, queues and alerts are still reported).
     pub stats_enabled: bool,
@@ -132,6 +134,7 @@ impl Default for Config {
             log_level: "info".to_owned(),
             log_format: "human".to_owned(),
             io_memory_bytes: 128 * 1024,
+            store_cache_bytes: limits::STORE_CACHE_BYTES_DEFAULT,
             stats_enabled: true,
             admin_token: None,
             alert_mesh_queue_batches: limits::ALERT_MESH_QUEUE_BATCHES_DEFAULT,
@@ -213,6 +216,16 @@ impl Config {
                 key: "stanza_bytes_max",
                 problem: format!("{} is out of range", self.stanza_bytes_max),
                 fix: "use a value from 4096 to 1048576 (default 65536)",
+            });
+        }
+        if !(limits::STORE_CACHE_BYTES_MIN..=limits::STORE_CACHE_BYTES_MAX)
+            .contains(&self.store_cache_bytes)
+        {
+            return Err(ConfigError::Invalid {
+                key: "store_cache_bytes",
+                problem: format!("{} bytes is out of range", self.store_cache_bytes),
+                fix: "use a value from 1048576 (1 MiB) to 1073741824 (1 GiB) per shard \
+                      (default 67108864)",
             });
         }
         if self.scram_iterations == 0 {
@@ -409,6 +422,20 @@ mod tests {
         }
         Config::from_toml("uring_recv_buffers = 32768\nuring_recv_buffer_bytes = 65536").unwrap();
         Config::from_toml("uring_recv_buffers = 4\nuring_recv_buffer_bytes = 256").unwrap();
+    }
+
+    #[test]
+    fn store_cache_is_bounded() {
+        for bad in ["store_cache_bytes = 0", "store_cache_bytes = 2147483648"] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains("store_cache_bytes"), "{bad}: {err}");
+        }
+        let c = Config::from_toml("store_cache_bytes = 1048576").unwrap();
+        assert_eq!(c.store_cache_bytes, 1 << 20);
+        assert_eq!(
+            Config::default().store_cache_bytes,
+            limits::STORE_CACHE_BYTES_DEFAULT
+        );
     }
 
     #[test]

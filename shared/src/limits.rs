@@ -237,3 +237,16 @@ pub const URING_COMPLETIONS_PER_TURN: usize = 64;
 /// Accepts the io_uring engine keeps in flight per listener per shard (fewer near
 /// `max_sessions_per_shard`; one at a time under `accepts_per_second_per_shard`).
 pub const URING_ACCEPTS_IN_FLIGHT_MAX: usize = 32;
+
+/// Page cache of each shard's database (redb), in bytes, by default. redb's own default is 1 GiB
+/// per database, and a shard's cache fills with every page its logins and queues touch: on a host
+/// with millions of users and dozens of shards, resident memory would grow by gigabytes that
+/// look like a leak. A cache miss is a `pread` the OS page cache usually answers. Config key
+/// `store_cache_bytes`.
+pub const STORE_CACHE_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
+
+/// Smallest `store_cache_bytes` accepted (redb keeps a tenth of it for writes).
+pub const STORE_CACHE_BYTES_MIN: usize = 1024 * 1024;
+
+/// Largest `store_cache_bytes` accepted: redb's own default.
+pub const STORE_CACHE_BYTES_MAX: usize = 1024 * 1024 * 1024;
