@@ -57,18 +57,36 @@ pub struct Counts {
     /// Absent in files written before it existed (read as 0).
     #[serde(default)]
     pub acked: u64,
+    /// Login counts, written at this level (`counts.iap_pipelined`, ...).
+    #[serde(flatten)]
+    pub login: LoginCounts,
+}
+
+/// What each worker counts of its logins and the report sums: a worker's result and the
+/// report's `counts` both carry them. Each is absent in files written before it existed (read
+/// as 0).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct LoginCounts {
     /// `login --sasl2-pipelined`: logins whose `<authenticate/>` carried a XEP-0509 config
-    /// version, and refusals for a stale one (each retried once on the same stream). Absent in
-    /// files written before they existed (read as 0).
+    /// version, and refusals for a stale one (each retried once on the same stream).
     #[serde(default)]
     pub iap_pipelined: u64,
     #[serde(default)]
     pub iap_refused: u64,
     /// TLS handshakes of the measured phase that resumed a session with a ticket (`login
     /// --resume`: all of them when the server resumes; a storm without it: those that found one
-    /// of the few tickets rustls's cache keeps). Absent in files written before it (read as 0).
+    /// of the few tickets rustls's cache keeps).
     #[serde(default)]
     pub tls_resumed: u64,
+}
+
+impl LoginCounts {
+    /// Adds a worker's counts to these.
+    pub fn add(&mut self, other: &LoginCounts) {
+        self.iap_pipelined += other.iap_pipelined;
+        self.iap_refused += other.iap_refused;
+        self.tls_resumed += other.tls_resumed;
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -378,9 +396,7 @@ pub(crate) mod tests {
             lost: 1,
             duplicated: 0,
             acked: 49_990,
-            iap_pipelined: 0,
-            iap_refused: 0,
-            tls_resumed: 0,
+            login: LoginCounts::default(),
         };
         report.rates = Rates {
             sessions_per_second: 250.0,

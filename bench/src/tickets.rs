@@ -49,16 +49,6 @@ impl TicketPool {
         self.lending.store(true, Ordering::SeqCst);
     }
 
-    /// Tickets held now.
-    pub fn len(&self) -> usize {
-        self.lock().count
-    }
-
-    /// True when no ticket is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
         // A panic while holding the lock leaves a consistent pool: every method is one step.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())

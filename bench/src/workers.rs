@@ -66,15 +66,9 @@ pub struct WorkerResult {
     pub rss_after_bytes: u64,
     pub cpu_user_seconds: f64,
     pub cpu_system_seconds: f64,
-    /// `--sasl2-pipelined`: `<authenticate/>`s sent with a XEP-0509 config version, and those
-    /// refused for a stale one.
-    #[serde(default)]
-    pub iap_pipelined: u64,
-    #[serde(default)]
-    pub iap_refused: u64,
-    /// TLS handshakes of the measured phase that resumed a session (a ticket).
-    #[serde(default)]
-    pub tls_resumed: u64,
+    /// XEP-0509 pipelining and TLS resumption counts of the measured phase.
+    #[serde(flatten)]
+    pub login_counts: crate::report::LoginCounts,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -349,7 +349,7 @@ fn bench_against_gateway() {
         // Pipelined: every worker learnt the config version first, so every login used it.
         let pipelined = if flag == "--sasl2-pipelined" { 50 } else { 0 };
         assert_eq!(
-            (r.counts.iap_pipelined, r.counts.iap_refused),
+            (r.counts.login.iap_pipelined, r.counts.login.iap_refused),
             (pipelined, 0),
             "{flag}"
         );
@@ -371,7 +371,7 @@ fn bench_against_gateway() {
     );
     assert_eq!(r.counts.established, 50);
     assert_eq!(
-        (r.counts.iap_pipelined, r.counts.iap_refused),
+        (r.counts.login.iap_pipelined, r.counts.login.iap_refused),
         (50, 50),
         "each login pipelined once with the stale version and refused once"
     );
@@ -389,7 +389,7 @@ fn bench_against_gateway() {
     assert_eq!(code, 0, "login --resume failed: {:?}", r.counts);
     assert_eq!((r.counts.established, r.counts.failed), (60, 0));
     assert_eq!(
-        r.counts.tls_resumed, 60,
+        r.counts.login.tls_resumed, 60,
         "every login of the second phase resumes"
     );
     assert!(r.server.is_some());

@@ -375,6 +375,14 @@ pub(super) fn tls_config(
     Ok(Some(Arc::new(config)))
 }
 
+/// Refuses the flags that only `bench login` reads, for the other scenarios.
+pub(super) fn refuse_login_only_flags(opts: &Opts) -> Result<()> {
+    if opts.resume || opts.handshake_only {
+        bail!("--resume and --handshake-only are for `bench login`");
+    }
+    Ok(())
+}
+
 /// The driver's configuration for worker `k` of `n`; validates every flag.
 pub fn driver_config(opts: &Opts, k: u64, n: u64) -> Result<DriverConfig> {
     let target = loopback_target(&opts.target)?;

@@ -32,9 +32,7 @@ const DRAIN_ACK_EVERY: u64 = 500;
 
 pub fn run(opts: Opts) -> Result<i32> {
     let mode = opts.tls_mode()?;
-    if opts.resume || opts.handshake_only {
-        anyhow::bail!("--resume and --handshake-only are for `bench login`");
-    }
+    super::refuse_login_only_flags(&opts)?;
     let tls = tls_config(&opts, mode, None)?.map(|config| (mode, config));
     let addr = loopback_target(&opts.target)?;
     let recipients: Vec<String> = (1..=opts.sessions.max(1))

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::chat::{merge_steps, MergedStep, DRAIN, DRAIN_MORE};
-use super::{check_open_files, driver_config, worker_main, Kind, Opts};
+use super::{check_open_files, driver_config, refuse_login_only_flags, worker_main, Kind, Opts};
 use crate::latency::Recorder;
 use crate::report::{Counts, ProcessFigures, Report, SweepStep, Target};
 use crate::workers::{unix_ms, Sampler, WorkerResult, Workers};
@@ -61,8 +61,8 @@ impl ServerWatch {
 /// Returns the exit code (0 passed, 1 failed).
 pub fn run(kind: Kind, opts: Opts, args: Vec<String>) -> Result<i32> {
     // Validate everything here, once, before starting anything.
-    if (opts.resume || opts.handshake_only) && kind != Kind::Login {
-        anyhow::bail!("--resume and --handshake-only are for `bench login`");
+    if kind != Kind::Login {
+        refuse_login_only_flags(&opts)?;
     }
     driver_config(&opts, 0, opts.procs.max(1) as u64)?;
     check_open_files(&opts)?;
@@ -239,9 +239,7 @@ fn build_report(
     for r in results {
         counts.established += r.established;
         counts.failed += r.failed;
-        counts.iap_pipelined += r.iap_pipelined;
-        counts.iap_refused += r.iap_refused;
-        counts.tls_resumed += r.tls_resumed;
+        counts.login.add(&r.login_counts);
         for (k, v) in &r.failed_by_reason {
             *counts.failed_by_reason.entry(k.clone()).or_insert(0) += v;
         }

@@ -168,7 +168,7 @@ impl Worker {
         r.time_to_99pct_seconds = phase.t99;
         r.time_to_100pct_seconds = phase.t100;
         r.ramp_seconds = phase.last_seconds;
-        r.tls_resumed = phase.resumed;
+        r.login_counts.tls_resumed = phase.resumed;
     }
 
     /// Sleeps, serving nothing (the driver threads do the work), bounded.
@@ -251,12 +251,12 @@ pub fn worker_main(kind: Kind, opts: Opts, link: Link) -> Result<()> {
     let start = Instant::now();
     let outcome = run_phases(&mut w, start);
     if pipelining {
-        w.result.iap_pipelined = iap.pipelined.load(Ordering::Relaxed);
-        w.result.iap_refused = iap.mismatches.load(Ordering::Relaxed);
+        w.result.login_counts.iap_pipelined = iap.pipelined.load(Ordering::Relaxed);
+        w.result.login_counts.iap_refused = iap.mismatches.load(Ordering::Relaxed);
         w.say(
             &format!(
                 "XEP-0509: {} logins pipelined, {} refused for a stale config version",
-                w.result.iap_pipelined, w.result.iap_refused
+                w.result.login_counts.iap_pipelined, w.result.login_counts.iap_refused
             ),
             true,
         );
