@@ -6,9 +6,10 @@
 # list in turn (`-` for none), e.g. `-,--sasl2,--sasl2-pipelined`, against the same gateway build
 # with its default config; runs are named after the flags (`none`, `sasl2`, ...). With --bins it
 # alternates two gateway binaries (default config; runs named a and b), e.g. before and after a
-# change. Besides logins per server CPU-second it prints the medians of the server's user and
-# system CPU per login. --bench-args (or --client-flag) passes more `bench login` arguments to
-# every run (e.g. `--sasl2` with --bins). --bench-cpus runs the client under `taskset -c LIST` (unpinned threads)
+# change. Besides logins per server CPU-second (the whole run, teardown included) it prints the
+# same for the logins alone (server CPU until every session was logged in and held), the
+# teardown's CPU per session, and the medians of the server's user and system CPU per login.
+# --bench-args (or --client-flag) passes more `bench login` arguments to every run (e.g. `--sasl2` with --bins). --bench-cpus runs the client under `taskset -c LIST` (unpinned threads)
 # so that, with GATEWAY_CPUS and GATEWAY_SHARDS, server and client sit on different CPUs: a
 # per-core figure, e.g. GATEWAY_SHARDS=1 GATEWAY_CPUS=1 ... --bench-cpus 0.
 #
@@ -122,7 +123,7 @@ python3 - "$OUT" "$ROUNDS" "${values[@]}" <<'EOF'
 import json, statistics, sys
 out, rounds, values = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 for v in values:
-    rates, users, systems = [], [], []
+    rates, held_rates, users, systems, teardowns = [], [], [], [], []
     for r in range(1, rounds + 1):
         try:
             j = json.load(open(f"{out}/{v}-{r}.json"))
@@ -131,17 +132,31 @@ for v in values:
             continue
         s = j["server"]
         cpu = s["cpu_user_seconds"] + s["cpu_system_seconds"]
+        # The CPU until every login was held: the logins without their teardown (older bench
+        # builds do not report it).
+        held = (s.get("cpu_user_seconds_to_held") or 0) + (s.get("cpu_system_seconds_to_held") or 0)
         est = j["counts"]["established"]
         rates.append(est / cpu if cpu else 0.0)
+        if held:
+            held_rates.append(est / held)
         if est:
             users.append(s["cpu_user_seconds"] / est * 1e6)
             systems.append(s["cpu_system_seconds"] / est * 1e6)
-        print(f"{v} round {r}: {est} logins, {j['counts']['failed']} failed, "
-              f"server cpu {cpu:.2f} s, {rates[-1]:.0f} logins per server CPU-second, "
-              f"{j['rates']['sessions_per_second']:.0f} logins/s")
+            if held:
+                teardowns.append((cpu - held) / est * 1e6)
+        line = (f"{v} round {r}: {est} logins, {j['counts']['failed']} failed, "
+                f"server cpu {cpu:.2f} s, {rates[-1]:.0f} logins per server CPU-second")
+        if held:
+            line += f" ({held_rates[-1]:.0f} until held)"
+        print(line + f", {j['rates']['sessions_per_second']:.0f} logins/s")
     if rates:
-        print(f"{v}: median {statistics.median(rates):.0f} logins per server CPU-second, "
-              f"server CPU per login median user {statistics.median(users):.0f} us, "
-              f"system {statistics.median(systems):.0f} us")
+        line = (f"{v}: median {statistics.median(rates):.0f} logins per server CPU-second, "
+                f"server CPU per login median user {statistics.median(users):.0f} us, "
+                f"system {statistics.median(systems):.0f} us")
+        if held_rates:
+            line += (f"; logins alone (CPU until all were held) median "
+                     f"{statistics.median(held_rates):.0f} per server CPU-second, "
+                     f"teardown {statistics.median(teardowns):.0f} us per session")
+        print(line)
 EOF
 echo "reports: $OUT" >&2

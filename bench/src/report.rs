@@ -124,6 +124,13 @@ pub struct ProcessFigures {
     pub bytes_per_session: Option<f64>,
     pub cpu_user_seconds: f64,
     pub cpu_system_seconds: f64,
+    /// User CPU seconds from the start until all sessions were established and held (a login
+    /// storm's logins without their teardown); `None` for the client and when not held.
+    #[serde(default)]
+    pub cpu_user_seconds_to_held: Option<f64>,
+    /// System CPU seconds from the start until all sessions were held.
+    #[serde(default)]
+    pub cpu_system_seconds_to_held: Option<f64>,
     /// Kernel TCP memory from /proc/net/sockstat (`mem` pages x page size) while held.
     pub kernel_tcp_bytes: Option<u64>,
 }
@@ -336,6 +343,9 @@ impl Report {
                 p.cpu_user_seconds,
                 p.cpu_system_seconds
             );
+            if let (Some(u), Some(s)) = (p.cpu_user_seconds_to_held, p.cpu_system_seconds_to_held) {
+                let _ = write!(out, " ({u:.2} s user {s:.2} s system until held)");
+            }
             if let Some(b) = p.bytes_per_session {
                 let _ = write!(out, ", {b:.0} bytes/session");
             }
@@ -415,6 +425,8 @@ pub(crate) mod tests {
             bytes_per_session: Some(47_185.9),
             cpu_user_seconds: 12.5,
             cpu_system_seconds: 4.25,
+            cpu_user_seconds_to_held: Some(10.0),
+            cpu_system_seconds_to_held: Some(3.5),
             kernel_tcp_bytes: Some(8 << 20),
         });
         report.client = ProcessFigures {
@@ -425,6 +437,8 @@ pub(crate) mod tests {
             bytes_per_session: None,
             cpu_user_seconds: 3.0,
             cpu_system_seconds: 1.0,
+            cpu_user_seconds_to_held: None,
+            cpu_system_seconds_to_held: None,
             kernel_tcp_bytes: None,
         };
         report.sweep = [1000.0, 2000.0, 4000.0, 8000.0]

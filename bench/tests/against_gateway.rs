@@ -392,7 +392,14 @@ fn bench_against_gateway() {
         r.counts.login.tls_resumed, 60,
         "every login of the second phase resumes"
     );
-    assert!(r.server.is_some());
+    // The server's CPU is read twice: when every login is held, and after they all closed.
+    let figures = r.server.as_ref().expect("server figures");
+    let user_held = figures.cpu_user_seconds_to_held.expect("CPU until held");
+    let system_held = figures.cpu_system_seconds_to_held.expect("CPU until held");
+    assert!(
+        user_held <= figures.cpu_user_seconds && system_held <= figures.cpu_system_seconds,
+        "the CPU until held is part of the whole run's: {figures:?}"
+    );
 
     // The TLS handshake alone (--handshake-only): each session counts when its handshake is
     // done, says close_notify, and the gateway closes every one of them.

@@ -16,6 +16,8 @@ struct ServerWatch {
     rss_before: u64,
     cpu_before: (f64, f64),
     rss_hold: Option<u64>,
+    /// (user, system) CPU seconds read when the sessions were held.
+    cpu_hold: Option<(f64, f64)>,
     sampler: Sampler,
 }
 
@@ -29,12 +31,14 @@ impl ServerWatch {
             rss_before,
             cpu_before,
             rss_hold: None,
+            cpu_hold: None,
             sampler: Sampler::start(pid),
         })
     }
 
     fn hold(&mut self) {
         self.rss_hold = crate::procfs::rss_bytes(self.pid).ok();
+        self.cpu_hold = crate::procfs::cpu_seconds(self.pid).ok();
     }
 
     fn finish(self, established: u64, kernel_tcp: Option<u64>) -> ProcessFigures {
@@ -52,6 +56,8 @@ impl ServerWatch {
                 .map(|h| (h as f64 - self.rss_before as f64) / established as f64),
             cpu_user_seconds: cpu.0 - self.cpu_before.0,
             cpu_system_seconds: cpu.1 - self.cpu_before.1,
+            cpu_user_seconds_to_held: self.cpu_hold.map(|c| c.0 - self.cpu_before.0),
+            cpu_system_seconds_to_held: self.cpu_hold.map(|c| c.1 - self.cpu_before.1),
             kernel_tcp_bytes: kernel_tcp,
         }
     }
