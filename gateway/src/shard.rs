@@ -576,6 +576,14 @@ impl Shard {
             for frame in batch {
                 self.router.borrow_mut().handle_frame(frame);
                 self.drain_router();
+                if self.send_pressure.get() {
+                    // A delivery left a send queue half full: let the writers run before the next
+                    // frame, as connection input waits for them. Without this a burst from a peer
+                    // (its channel holds up to MESH_CHANNEL_BATCHES_MAX batches) went into one
+                    // session's queue in a single turn, overflowed it, and closed a recipient
+                    // that was reading as a slow reader.
+                    futures_lite::future::yield_now().await;
+                }
             }
             glommio::yield_if_needed().await;
         }
