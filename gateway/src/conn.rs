@@ -468,9 +468,11 @@ impl Conn {
                     if let Some(end) = self.after_step(stream, step, rest).await {
                         return end;
                     }
-                    if more {
-                        // The socket still holds input: let the shard's other tasks (the
-                        // recipients' writers among them) run before this one reads again.
+                    // The socket still holds input, or a delivery left a recipient's send queue
+                    // half full: let the shard's other tasks (the recipients' writers among
+                    // them) run before this one reads again, so a recipient that reads is never
+                    // overrun and closed as a slow reader.
+                    if self.shard.send_pressure.replace(false) || more {
                         futures_lite::future::yield_now().await;
                     }
                     continue;
@@ -561,6 +563,10 @@ impl Conn {
             let (step, rest) = self.s.handle_input(&shard, &big[..n]);
             if step != Step::Continue || n < big.len() {
                 return (step, rest, false);
+            }
+            if shard.send_pressure.get() {
+                // A delivery left a recipient's send queue half full: its writer runs first.
+                return (Step::Continue, rest, true);
             }
         }
         (Step::Continue, Vec::new(), true)

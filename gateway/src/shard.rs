@@ -208,9 +208,12 @@ pub struct Shard {
     mesh_blocked: RefCell<Vec<bool>>,
     /// Set while a mesh channel is full: connections stop reading until it clears.
     pub mesh_unblocked: Flag,
-    /// Set when a delivery left a session's send queue at least half full: the io_uring engine
-    /// feeds no more input this turn, so the recipient's writer runs before its queue overflows
-    /// (a recipient that does not read still fills it and is closed as a slow reader).
+    /// Set when a delivery left a session's send queue at least half full: whoever feeds stanzas
+    /// to the router yields to the writers before feeding more, so the recipient's writer runs
+    /// before its queue overflows (a recipient that does not read still fills it and is closed
+    /// as a slow reader). The io_uring engine feeds no more input for the rest of its turn and
+    /// clears the flag at the next; a connection task of the tasks engine and a mesh pump clear
+    /// it when they yield.
     pub send_pressure: Cell<bool>,
     /// Set when the shard is stopping: accept loops end, connections close.
     pub stopping: Flag,
@@ -576,7 +579,7 @@ impl Shard {
             for frame in batch {
                 self.router.borrow_mut().handle_frame(frame);
                 self.drain_router();
-                if self.send_pressure.get() {
+                if self.send_pressure.replace(false) {
                     // A delivery left a send queue half full: let the writers run before the next
                     // frame, as connection input waits for them. Without this a burst from a peer
                     // (its channel holds up to MESH_CHANNEL_BATCHES_MAX batches) went into one

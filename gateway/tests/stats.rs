@@ -483,3 +483,71 @@ fn full_mesh_channel(io_engine: &str) {
         m.contains("gateway_mesh_queue_batches{shard=\"0\",peer=\"1\"} 0")
     });
 }
+
+/// A sender that writes as fast as it can to a recipient who reads as fast as it can: every
+/// message arrives, in order, and the recipient is never closed as a slow reader. Across shards
+/// and within one, on both io engines.
+#[test]
+fn a_flood_across_shards_reaches_a_reading_recipient_whole() {
+    flood(1, "uring");
+}
+
+#[test]
+fn a_flood_within_a_shard_reaches_a_reading_recipient_whole() {
+    flood(0, "uring");
+}
+
+#[test]
+fn a_flood_across_shards_reaches_a_reading_recipient_whole_on_tasks() {
+    flood(1, "tasks");
+}
+
+#[test]
+fn a_flood_within_a_shard_reaches_a_reading_recipient_whole_on_tasks() {
+    flood(0, "tasks");
+}
+
+fn flood(recipient_shard: usize, io_engine: &str) {
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(recipient_shard, 2)
+        .into_iter()
+        .find(|u| *u != a)
+        .expect("a second user");
+    let server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--io-engine")
+        .arg(io_engine)
+        .start();
+    let mut alice = server.login(&a, "r");
+    let mut bob = server.login(&b, "r");
+    let to = bob.jid.clone().expect("bound");
+    const MESSAGES: usize = 5_000;
+    // Large writes of many stanzas each, so the sending shard reads many per turn.
+    const MESSAGES_PER_WRITE: usize = 100;
+    let writer = std::thread::spawn(move || {
+        let mut chunk = String::new();
+        for i in 0..MESSAGES {
+            chunk.push_str(&format!(
+                "<message to='{to}' type='chat' id='f{i}'><body>{i}</body></message>"
+            ));
+            if (i + 1) % MESSAGES_PER_WRITE == 0 {
+                alice.send(&chunk);
+                chunk.clear();
+            }
+        }
+        alice
+    });
+    for i in 0..MESSAGES {
+        bob.expect_stanza("message", &format!("id='f{i}'"));
+    }
+    let mut alice = writer.join().expect("writer");
+    alice.send("<iq type='get' id='ping'><ping xmlns='urn:xmpp:ping'/></iq>");
+    let pong = alice.expect_stanza("iq", "id='ping'");
+    assert!(pong.contains("result"), "{pong}");
+    assert_eq!(
+        support::metric(&server, "gateway_undeliverable_total", ""),
+        0.0,
+        "{}",
+        server.log()
+    );
+}
