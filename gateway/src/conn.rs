@@ -238,7 +238,7 @@ impl Session {
             let unacked = self.machine.take_unacked();
             shard.end_session(self.id, unacked);
         } else {
-            shard.conns.borrow_mut().remove(&self.id);
+            shard.remove_conn(self.id);
         }
     }
 
@@ -357,7 +357,7 @@ impl Session {
         let machine = std::mem::replace(&mut self.machine, placeholder);
         shard.stats.borrow_mut().handoffs_out += 1;
         // Deregister before the send: the connection is no longer this shard's.
-        shard.conns.borrow_mut().remove(&self.id);
+        shard.remove_conn(self.id);
         shard.open_connections.set(shard.open_connections.get() - 1);
         Handoff {
             socket,
@@ -689,7 +689,7 @@ impl Services for ShardServices<'_> {
         // This connection becomes the old session: its id, its send queue (with whatever was
         // queued while it was away); its own fresh entry goes.
         let outbox = self.shard.conns.borrow().get(&old).cloned()?;
-        self.shard.conns.borrow_mut().remove(&*self.conn);
+        self.shard.remove_conn(*self.conn);
         *self.conn = old;
         *self.outbox = outbox;
         *self.bound = true;

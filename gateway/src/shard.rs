@@ -15,6 +15,7 @@ use hashbrown::HashMap;
 use router::{Action, ConnId, Frame, Router, Store};
 use shared::limits::{MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, SESSION_SEND_QUEUE_STANZAS_MAX};
 use shared::stanza::Stanza;
+use shared::table::ShrinkIfSparse;
 
 use crate::c2s::{C2sConfig, SmState};
 use crate::conn::Handoff;
@@ -425,11 +426,19 @@ impl Shard {
         .detach();
     }
 
+    /// Deregisters connection `conn`'s send queue; the table gives its buckets back once sparse.
+    pub fn remove_conn(&self, conn: ConnId) -> Option<Rc<Outbox>> {
+        let mut conns = self.conns.borrow_mut();
+        let outbox = conns.remove(&conn);
+        conns.shrink_if_sparse();
+        outbox
+    }
+
     /// Session `conn` ends without resumption. `unacked` is what its client was given and never
     /// acknowledged; with what is still in its send queue it goes to the router (an IQ request
     /// among it gets an error reply), then the session is gone.
     pub fn end_session(self: &Rc<Self>, conn: ConnId, mut unacked: Vec<Bytes>) {
-        if let Some(outbox) = self.conns.borrow_mut().remove(&conn) {
+        if let Some(outbox) = self.remove_conn(conn) {
             let mut queued = Vec::new();
             outbox.drain_into(&mut queued);
             unacked.extend(

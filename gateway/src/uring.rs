@@ -1065,8 +1065,32 @@ impl Driver {
     fn release(&mut self, index: u32) -> Box<Slot> {
         let e = &mut self.entries[index as usize];
         e.generation = e.generation.wrapping_add(1);
+        let slot = e.slot.take().expect("a slot in use");
         self.free.push(index);
-        e.slot.take().expect("a slot in use")
+        self.sweep_timers();
+        slot
+    }
+
+    /// Drops the timers of released slots once they are most of the heap. They are otherwise
+    /// skipped when due, so after a storm closes the heap would keep one entry per closed
+    /// session until its deadline passed, and its capacity for good. Each slot has at most a
+    /// deadline and a grace timer live; the sweep is O(heap) after at least as many releases
+    /// (amortised O(1)).
+    fn sweep_timers(&mut self) {
+        let live_slots = self.entries.len() - self.free.len();
+        let heap = self.timers.len();
+        if heap < shared::table::TABLE_SHRINK_CAPACITY_MIN_ENTRIES
+            || heap <= shared::table::TABLE_SPARSE_FACTOR * 2 * live_slots
+        {
+            return;
+        }
+        let entries = &self.entries;
+        self.timers.retain(|Reverse((_, index, generation, _))| {
+            entries
+                .get(*index as usize)
+                .is_some_and(|e| e.slot.is_some() && e.generation & GENERATION_MASK == *generation)
+        });
+        self.timers.shrink_to(self.timers.len() * 2);
     }
 
     /// No operation of the slot is in flight any more: close the socket (in the ring, with the

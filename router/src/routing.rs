@@ -22,6 +22,7 @@ use shared::limits::{
 };
 use shared::shard::home_shard;
 use shared::stanza::{Kind, Stanza};
+use shared::table::ShrinkIfSparse;
 
 use crate::build::{self, Attrs};
 use crate::errors::error_reply;
@@ -495,6 +496,7 @@ impl Router {
         let users = &self.users;
         self.queues
             .retain(|node, _| users.contains_key(node.as_str()) || pending.contains(node.as_str()));
+        self.queues.shrink_if_sparse();
         self.queues_sweep_at = self.queues_max.max(self.queues.len() * 2);
     }
 
@@ -920,9 +922,11 @@ impl Router {
         let Some(sess) = self.sessions.remove(&conn) else {
             return;
         };
+        self.sessions.shrink_if_sparse();
         if let Some(user) = self.users.get_mut(sess.node()) {
             if user.conns.remove(conn) {
                 self.users.remove(sess.node());
+                self.users.shrink_if_sparse();
                 self.rosters.remove(sess.node());
             }
         }

@@ -9,3 +9,4 @@ pub mod limits;
 pub mod shard;
 pub mod stanza;
 pub mod stats;
+pub mod table;
