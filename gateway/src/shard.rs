@@ -331,9 +331,21 @@ impl Shard {
                 Action::Send { shard, frame } => self.queue_frame(shard, frame),
                 Action::DeliverStored { conn, stanza, seq } => {
                     let outbox = self.conns.borrow().get(&conn).cloned();
-                    match outbox.map(|o| o.push_stored(stanza.bytes, seq)) {
-                        Some(Ok(())) => self.stats.borrow_mut().delivered += 1,
-                        // It stays in the offline queue for the session's next login.
+                    let queued = outbox.as_ref().map(|o| o.push_stored(stanza.bytes, seq));
+                    match (outbox, queued) {
+                        (Some(o), Some(Ok(()))) => {
+                            self.stats.borrow_mut().delivered += 1;
+                            self.note_send_pressure(&o);
+                        }
+                        (Some(o), Some(Err(_))) => {
+                            // It stays in the offline queue. The session must not go on without
+                            // it (later messages would arrive live before it, and it only at the
+                            // next login): close it as the slow reader it is; the next login
+                            // drains the queue in order.
+                            o.close(SLOW_READER_STREAM_ERROR);
+                            self.stats.borrow_mut().undeliverable += 1;
+                        }
+                        // The session is gone: the next login drains the queue.
                         _ => self.stats.borrow_mut().undeliverable += 1,
                     }
                 }
@@ -472,14 +484,19 @@ impl Shard {
         Some((d.conn, d.sm, d.full_jid))
     }
 
+    /// Sets `send_pressure` when a delivery left `outbox` at least half full.
+    fn note_send_pressure(&self, outbox: &Outbox) {
+        if outbox.len() >= SESSION_SEND_QUEUE_STANZAS_MAX / 2 {
+            self.send_pressure.set(true);
+        }
+    }
+
     fn deliver(self: &Rc<Self>, conn: ConnId, stanza: Stanza) {
         let outbox = self.conns.borrow().get(&conn).cloned();
         // Cloning `Bytes` bumps a reference count: fan-out shares one buffer.
         let queued = outbox.is_some_and(|o| match o.push(stanza.bytes.clone()) {
             Ok(()) => {
-                if o.len() >= SESSION_SEND_QUEUE_STANZAS_MAX / 2 {
-                    self.send_pressure.set(true);
-                }
+                self.note_send_pressure(&o);
                 true
             }
             Err(_) => {

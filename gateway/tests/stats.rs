@@ -489,25 +489,35 @@ fn full_mesh_channel(io_engine: &str) {
 /// and within one, on both io engines.
 #[test]
 fn a_flood_across_shards_reaches_a_reading_recipient_whole() {
-    flood(1, "uring");
+    flood(1, "uring", false);
 }
 
 #[test]
 fn a_flood_within_a_shard_reaches_a_reading_recipient_whole() {
-    flood(0, "uring");
+    flood(0, "uring", false);
 }
 
 #[test]
 fn a_flood_across_shards_reaches_a_reading_recipient_whole_on_tasks() {
-    flood(1, "tasks");
+    flood(1, "tasks", false);
 }
 
 #[test]
 fn a_flood_within_a_shard_reaches_a_reading_recipient_whole_on_tasks() {
-    flood(0, "tasks");
+    flood(0, "tasks", false);
 }
 
-fn flood(recipient_shard: usize, io_engine: &str) {
+/// With XEP-0198 on both ends every message is also stored until the recipient acknowledges it,
+/// and the sender's acks wait for the store.
+#[test]
+fn a_flood_with_stream_management_is_stored_delivered_and_acked_whole() {
+    flood(1, "uring", true);
+    flood(0, "uring", true);
+}
+
+const NS_SM: &str = "urn:xmpp:sm:3";
+
+fn flood(recipient_shard: usize, io_engine: &str, sm: bool) {
     let a = users_on_shard(0, 1).remove(0);
     let b = users_on_shard(recipient_shard, 2)
         .into_iter()
@@ -520,8 +530,16 @@ fn flood(recipient_shard: usize, io_engine: &str) {
         .start();
     let mut alice = server.login(&a, "r");
     let mut bob = server.login(&b, "r");
+    if sm {
+        for c in [&mut alice, &mut bob] {
+            c.send(&format!("<enable xmlns='{NS_SM}'/>"));
+            c.expect("<enabled");
+        }
+    }
     let to = bob.jid.clone().expect("bound");
     const MESSAGES: usize = 5_000;
+    // With XEP-0198 the recipient acknowledges as it goes, as a client does.
+    const ACK_EVERY_MESSAGES: usize = 500;
     // Large writes of many stanzas each, so the sending shard reads many per turn.
     const MESSAGES_PER_WRITE: usize = 100;
     let writer = std::thread::spawn(move || {
@@ -539,8 +557,17 @@ fn flood(recipient_shard: usize, io_engine: &str) {
     });
     for i in 0..MESSAGES {
         bob.expect_stanza("message", &format!("id='f{i}'"));
+        if sm && (i + 1) % ACK_EVERY_MESSAGES == 0 {
+            bob.send(&format!("<a xmlns='{NS_SM}' h='{}'/>", i + 1));
+        }
     }
     let mut alice = writer.join().expect("writer");
+    if sm {
+        // Every message is settled (stored, or delivered and acknowledged) and acked to its
+        // sender.
+        alice.send(&format!("<r xmlns='{NS_SM}'/>"));
+        alice.expect(&format!("<a xmlns='{NS_SM}' h='{MESSAGES}'/>"));
+    }
     alice.send("<iq type='get' id='ping'><ping xmlns='urn:xmpp:ping'/></iq>");
     let pong = alice.expect_stanza("iq", "id='ping'");
     assert!(pong.contains("result"), "{pong}");
@@ -550,4 +577,65 @@ fn flood(recipient_shard: usize, io_engine: &str) {
         "{}",
         server.log()
     );
+}
+
+/// A recipient with XEP-0198 that stops reading: its send queue fills, the server closes it as a
+/// slow reader (never skipping a message and going on), the sender is acked for every message
+/// (each is stored), and the recipient's next login receives all of them, in order.
+#[test]
+fn a_recipient_that_stops_reading_is_closed_and_gets_everything_at_next_login() {
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new().users(&[&a, &b]).start();
+    let mut alice = server.login(&a, "r");
+    let mut bob = server.login(&b, "r");
+    for c in [&mut alice, &mut bob] {
+        c.send(&format!("<enable xmlns='{NS_SM}'/>"));
+        c.expect("<enabled");
+    }
+    // The full JID: bob sent no presence, so a message to his bare JID would only be stored.
+    let to = bob.jid.clone().expect("bound");
+    // 12 MB: more than the socket buffers and bob's 1,024-stanza send queue hold, less than the
+    // offline queue's default bounds (10,000 messages, 16 MiB).
+    const MESSAGES: usize = 6_000;
+    let body = "x".repeat(2_000);
+    for i in 0..MESSAGES {
+        alice.send(&format!(
+            "<message to='{to}' type='chat' id='s{i}'><body>{body}</body></message>"
+        ));
+    }
+    alice.send(&format!("<r xmlns='{NS_SM}'/>"));
+    alice.expect(&format!("<a xmlns='{NS_SM}' h='{MESSAGES}'/>"));
+
+    // What bob was given before the close came in order, from the first.
+    let received = bob
+        .try_read_until(Duration::from_secs(30), |s| {
+            s.find("</stream:stream>")
+                .map(|i| i + "</stream:stream>".len())
+        })
+        .unwrap_or_else(|e| panic!("bob was not closed: {e}"));
+    assert!(
+        received.contains("<resource-constraint"),
+        "closed as a slow reader"
+    );
+    let ids: Vec<usize> = received
+        .match_indices(" id='s")
+        .map(|(i, _)| {
+            let rest = &received[i + 6..];
+            rest[..rest.find('\'').unwrap()].parse().unwrap()
+        })
+        .collect();
+    assert!(ids.len() < MESSAGES, "bob was closed before the end");
+    assert!(
+        ids.iter().enumerate().all(|(k, &id)| k == id),
+        "in order from the first: {:?}",
+        &ids[..ids.len().min(20)]
+    );
+
+    // Nothing was acknowledged: the next login gets every message, in order.
+    let mut bob = server.login(&b, "again");
+    bob.send("<presence/>");
+    for i in 0..MESSAGES {
+        bob.expect_stanza("message", &format!("id='s{i}'"));
+    }
 }
