@@ -338,11 +338,16 @@ impl Shard {
                             self.note_send_pressure(&o);
                         }
                         (Some(o), Some(Err(_))) => {
-                            // It stays in the offline queue. The session must not go on without
-                            // it (later messages would arrive live before it, and it only at the
-                            // next login): close it as the slow reader it is; the next login
-                            // drains the queue in order.
-                            o.close(SLOW_READER_STREAM_ERROR);
+                            // It stays in the offline queue, and the session must not go on
+                            // without it (later messages would reach it live first, and this one
+                            // only at the next login). With XEP-0198 (a sequence number) the
+                            // session takes its queue from this message on, page by page as its
+                            // send queue drains (also while detached, awaiting resumption);
+                            // without, it is closed as the slow reader it is.
+                            match seq {
+                                Some(seq) => self.router.borrow_mut().handle_queue_full(conn, seq),
+                                None => o.close(SLOW_READER_STREAM_ERROR),
+                            }
                             self.stats.borrow_mut().undeliverable += 1;
                         }
                         // The session is gone: the next login drains the queue.

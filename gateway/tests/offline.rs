@@ -506,3 +506,58 @@ fn push_hook_posts_user_and_count_with_retries() {
         "the first (refused) was retried: {requests:?}"
     );
 }
+
+#[test]
+fn resumption_mid_flood_delivers_the_rest_exactly_once_in_order() {
+    // A recipient drops its connection in the middle of a flood, having handled 1,500 messages
+    // and acknowledged 500; the sender goes on, and is acked for every message (stored). On
+    // resumption with h=1500 the recipient gets every later message exactly once and in order:
+    // those written to the dead socket, those queued while it was away, and those its full send
+    // queue left in the store.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new().users(&[&a, &b]).start();
+    let mut sender = sm_login(&server, &a, "r");
+    let (mut rb, id) = sm_login_resumable(&server, &b, "r");
+    let to_b = format!("{b}@{DOMAIN}/r");
+    const MESSAGES: usize = 4_000;
+    const PER_WRITE: usize = 50;
+    const HANDLED: usize = 1_500;
+    let writer = std::thread::spawn(move || {
+        for chunk in 0..MESSAGES / PER_WRITE {
+            let text: String = (chunk * PER_WRITE..(chunk + 1) * PER_WRITE)
+                .map(|i| chat(&to_b, &format!("z{i}")))
+                .collect();
+            sender.send(&text);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        sender
+    });
+    let first = read_messages(&mut rb, "z", HANDLED);
+    let want: Vec<String> = (0..HANDLED).map(|i| format!("z{i}")).collect();
+    assert_eq!(first, want);
+    rb.send(&format!("<a xmlns='{NS_SM}' h='500'/>"));
+    drop(rb);
+    // The flood ends while B is away, each message stored: more than B's send queue holds
+    // (1,024 stanzas) wait for it.
+    let mut sender = writer.join().expect("writer");
+    assert_eq!(
+        acked_h(&mut sender, MESSAGES as u32, IO_TIMEOUT),
+        MESSAGES as u32
+    );
+
+    let mut rb = Client::connect_starttls(server.c2s);
+    rb.auth_plain(&b, &password_of(&b)).unwrap();
+    rb.send(&format!(
+        "<resume xmlns='{NS_SM}' previd='{id}' h='{HANDLED}'/>"
+    ));
+    let resumed = rb.expect("/>");
+    assert!(resumed.contains("<resumed"), "{resumed}\n{}", server.log());
+    let rest = read_messages(&mut rb, "z", MESSAGES - HANDLED);
+    let want: Vec<String> = (HANDLED..MESSAGES).map(|i| format!("z{i}")).collect();
+    assert_eq!(rest, want, "the rest, once each, in order");
+    assert!(
+        rb.try_expect("id='z", Duration::from_millis(500)).is_err(),
+        "nothing twice"
+    );
+}

@@ -651,6 +651,19 @@ impl Router {
         }
     }
 
+    /// `conn`'s send queue was full for its stored message `seq`: the session stops taking
+    /// messages live and takes its offline queue from `seq` on, a page each time its queue
+    /// drains (`handle_room`), so it misses none and gets them in order. Only for sessions with
+    /// XEP-0198 (whose messages stay stored until acknowledged).
+    pub fn handle_queue_full(&mut self, conn: ConnId, seq: u64) {
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            if s.sm {
+                let from = s.draining().map_or(seq, |d| d.min(seq));
+                s.set_draining(Some(from));
+            }
+        }
+    }
+
     /// How many of the stanzas `conn` sent are settled, counted from the first: every stanza
     /// before the first unsettled message. A XEP-0198 `h` may cover only these.
     pub fn settled(&self, conn: ConnId) -> u64 {
