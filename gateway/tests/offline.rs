@@ -561,3 +561,84 @@ fn resumption_mid_flood_delivers_the_rest_exactly_once_in_order() {
         "nothing twice"
     );
 }
+
+/// Ids of messages whose id starts with `prefix`, in arrival order, until `n` arrived or none
+/// came for `IO_TIMEOUT`; repeats included.
+fn ids_until(c: &mut Client, prefix: &str, n: usize) -> Vec<String> {
+    let needle = format!(" id='{prefix}");
+    let mut got = Vec::new();
+    while got.len() < n {
+        let Ok(text) = c.try_read_until(IO_TIMEOUT, |s| {
+            let i = s.find("<message")?;
+            let j = s[i..].find("</message>")?;
+            Some(i + j + "</message>".len())
+        }) else {
+            break;
+        };
+        let msg = &text[text.rfind("<message").unwrap()..];
+        if let Some(i) = msg.find(&needle) {
+            let rest = &msg[i + 5..];
+            got.push(rest[..rest.find('\'').unwrap()].to_owned());
+        }
+    }
+    got
+}
+
+fn offline_then_live(sm: bool) {
+    // B is offline while A sends 3,000 messages (stored). B logs in and sends initial presence;
+    // at once A sends 3,000 more. The stored ones come first (a page at a time as B's send queue
+    // drains), the live ones wait behind them: all 6,000 once each, in order.
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new().users(&[&a, &b]).start();
+    let mut sender = sm_login(&server, &a, "r");
+    const EACH: usize = 3_000;
+    const PER_WRITE: usize = 100;
+    let batch = |from: usize| -> String {
+        (from..from + PER_WRITE)
+            .map(|i| chat(&b, &format!("o{i}")))
+            .collect()
+    };
+    for from in (0..EACH).step_by(PER_WRITE) {
+        sender.send(&batch(from));
+    }
+    assert_eq!(
+        acked_h(&mut sender, EACH as u32, IO_TIMEOUT),
+        EACH as u32,
+        "stored"
+    );
+    let mut rb = if sm {
+        sm_login(&server, &b, "r")
+    } else {
+        server.login(&b, "r")
+    };
+    rb.send("<presence/>");
+    for from in (EACH..2 * EACH).step_by(PER_WRITE) {
+        sender.send(&batch(from));
+    }
+    let got = ids_until(&mut rb, "o", 2 * EACH);
+    let want: Vec<String> = (0..2 * EACH).map(|i| format!("o{i}")).collect();
+    if got != want {
+        let k = got.iter().zip(&want).position(|(g, w)| g != w);
+        panic!(
+            "{} of {} messages; first out of place at {k:?}: {:?}",
+            got.len(),
+            want.len(),
+            k.map(|k| &got[k.saturating_sub(2)..(k + 4).min(got.len())])
+        );
+    }
+    assert_eq!(
+        acked_h(&mut sender, 2 * EACH as u32, IO_TIMEOUT),
+        2 * EACH as u32
+    );
+}
+
+#[test]
+fn live_messages_wait_behind_the_offline_queue_with_stream_management() {
+    offline_then_live(true);
+}
+
+#[test]
+fn live_messages_wait_behind_the_offline_queue_without_stream_management() {
+    offline_then_live(false);
+}
