@@ -659,3 +659,68 @@ fn message_ids(c: &mut Client, prefix: &str, n: usize) -> Vec<usize> {
     }
     ids
 }
+
+/// Two senders, one on each shard, flood one recipient at once (who reads as fast as it can):
+/// each sender's messages arrive whole and in their order, nothing undeliverable.
+#[test]
+fn a_fan_in_flood_from_both_shards_arrives_whole_in_each_senders_order() {
+    let s0 = users_on_shard(0, 1).remove(0);
+    let s1 = users_on_shard(1, 1).remove(0);
+    let r = users_on_shard(1, 2)
+        .into_iter()
+        .find(|u| *u != s1)
+        .expect("a second user on shard 1");
+    let server = ServerBuilder::new().users(&[&s0, &s1, &r]).start();
+    let mut recipient = server.login(&r, "r");
+    let to = recipient.jid.clone().expect("bound");
+    const MESSAGES: usize = 4_000;
+    const PER_WRITE: usize = 100;
+    let writers: Vec<_> = [(s0, "a"), (s1, "b")]
+        .into_iter()
+        .map(|(node, tag)| {
+            let mut c = server.login(&node, "r");
+            let to = to.clone();
+            std::thread::spawn(move || {
+                for from in (0..MESSAGES).step_by(PER_WRITE) {
+                    let text: String = (from..from + PER_WRITE)
+                        .map(|i| {
+                            format!(
+                                "<message to='{to}' type='chat' id='{tag}{i}'><body>{i}</body></message>"
+                            )
+                        })
+                        .collect();
+                    c.send(&text);
+                }
+                c
+            })
+        })
+        .collect();
+    let mut next = [0usize; 2];
+    let needle = " id='";
+    while next[0] < MESSAGES || next[1] < MESSAGES {
+        let text = recipient
+            .try_read_until(IO_TIMEOUT, |s| {
+                let i = s.find("<message")?;
+                let j = s[i..].find("</message>")?;
+                Some(i + j + "</message>".len())
+            })
+            .unwrap_or_else(|e| panic!("after {next:?}: {e}"));
+        let msg = &text[text.rfind("<message").unwrap()..];
+        let at = msg.find(needle).expect("id") + needle.len();
+        let id = &msg[at..at + msg[at..].find('\'').unwrap()];
+        let (k, n): (usize, usize) = match id.split_at(1) {
+            ("a", n) => (0, n.parse().unwrap()),
+            ("b", n) => (1, n.parse().unwrap()),
+            _ => panic!("unexpected {msg}"),
+        };
+        assert_eq!(n, next[k], "sender {k}: {id} out of order");
+        next[k] += 1;
+    }
+    for w in writers {
+        w.join().expect("writer");
+    }
+    assert_eq!(
+        support::metric(&server, "gateway_undeliverable_total", ""),
+        0.0
+    );
+}
