@@ -562,28 +562,6 @@ fn resumption_mid_flood_delivers_the_rest_exactly_once_in_order() {
     );
 }
 
-/// Ids of messages whose id starts with `prefix`, in arrival order, until `n` arrived or none
-/// came for `IO_TIMEOUT`; repeats included.
-fn ids_until(c: &mut Client, prefix: &str, n: usize) -> Vec<String> {
-    let needle = format!(" id='{prefix}");
-    let mut got = Vec::new();
-    while got.len() < n {
-        let Ok(text) = c.try_read_until(IO_TIMEOUT, |s| {
-            let i = s.find("<message")?;
-            let j = s[i..].find("</message>")?;
-            Some(i + j + "</message>".len())
-        }) else {
-            break;
-        };
-        let msg = &text[text.rfind("<message").unwrap()..];
-        if let Some(i) = msg.find(&needle) {
-            let rest = &msg[i + 5..];
-            got.push(rest[..rest.find('\'').unwrap()].to_owned());
-        }
-    }
-    got
-}
-
 fn offline_then_live(sm: bool) {
     // B is offline while A sends 3,000 messages (stored). B logs in and sends initial presence;
     // at once A sends 3,000 more. The stored ones come first (a page at a time as B's send queue
@@ -616,8 +594,8 @@ fn offline_then_live(sm: bool) {
     for from in (EACH..2 * EACH).step_by(PER_WRITE) {
         sender.send(&batch(from));
     }
-    let got = ids_until(&mut rb, "o", 2 * EACH);
-    let want: Vec<String> = (0..2 * EACH).map(|i| format!("o{i}")).collect();
+    let got = rb.message_ids("o", 2 * EACH);
+    let want: Vec<String> = (0..2 * EACH).map(|i| i.to_string()).collect();
     if got != want {
         let k = got.iter().zip(&want).position(|(g, w)| g != w);
         panic!(

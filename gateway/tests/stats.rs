@@ -613,8 +613,8 @@ fn a_recipient_that_stops_reading_gets_everything_in_order_when_it_reads_again()
     );
 
     // Every message once, in order: no gap, no repeat.
-    let ids = message_ids(&mut bob, "s", MESSAGES);
-    let want: Vec<usize> = (0..MESSAGES).collect();
+    let ids = bob.message_ids("s", MESSAGES);
+    let want: Vec<String> = (0..MESSAGES).map(|i| i.to_string()).collect();
     if ids != want {
         let first_bad = ids.iter().zip(&want).position(|(a, b)| a != b);
         panic!(
@@ -636,28 +636,6 @@ fn a_recipient_that_stops_reading_gets_everything_in_order_when_it_reads_again()
             .is_err(),
         "nothing left stored"
     );
-}
-
-/// Reads messages until `n` have arrived (or none comes for a while); returns the numbers after
-/// `prefix` in their ids, in arrival order (repeats included).
-fn message_ids(c: &mut Client, prefix: &str, n: usize) -> Vec<usize> {
-    let needle = format!(" id='{prefix}");
-    let mut ids = Vec::new();
-    while ids.len() < n {
-        let Ok(text) = c.try_read_until(IO_TIMEOUT, |s| {
-            let i = s.find("<message")?;
-            let j = s[i..].find("</message>")?;
-            Some(i + j + "</message>".len())
-        }) else {
-            break;
-        };
-        let msg = &text[text.rfind("<message").unwrap()..];
-        if let Some(i) = msg.find(&needle) {
-            let rest = &msg[i + needle.len()..];
-            ids.push(rest[..rest.find('\'').unwrap()].parse().unwrap());
-        }
-    }
-    ids
 }
 
 /// Two senders, one on each shard, flood one recipient at once (who reads as fast as it can):

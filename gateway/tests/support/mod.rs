@@ -809,6 +809,29 @@ impl Client {
         }
     }
 
+    /// Reads messages until `n` whose id starts with `prefix` have arrived, or none came for
+    /// `IO_TIMEOUT`; returns what follows `prefix` in their ids, in arrival order (repeats
+    /// included), so a test can compare it with the sequence it expects.
+    pub fn message_ids(&mut self, prefix: &str, n: usize) -> Vec<String> {
+        let needle = format!(" id='{prefix}");
+        let mut ids = Vec::new();
+        while ids.len() < n {
+            let Ok(text) = self.try_read_until(IO_TIMEOUT, |s| {
+                let i = s.find("<message")?;
+                let j = s[i..].find("</message>")?;
+                Some(i + j + "</message>".len())
+            }) else {
+                break;
+            };
+            let msg = &text[text.rfind("<message").unwrap()..];
+            if let Some(i) = msg.find(&needle) {
+                let rest = &msg[i + needle.len()..];
+                ids.push(rest[..rest.find('\'').unwrap()].to_owned());
+            }
+        }
+        ids
+    }
+
     /// Waits for `needle`; consumes and returns the text through it.
     pub fn expect(&mut self, needle: &str) -> String {
         self.try_expect(needle, IO_TIMEOUT)
