@@ -49,34 +49,60 @@ impl<K: Eq + Hash, V, S: BuildHasher> ShrinkIfSparse for hashbrown::HashMap<K, V
 mod tests {
     use super::*;
 
-    fn drain_and_shrink<M: ShrinkIfSparse>(
-        map: &mut M,
-        remove: impl Fn(&mut M, u64),
-        len: impl Fn(&M) -> usize,
-        capacity: impl Fn(&M) -> usize,
-        n: u64,
-    ) {
-        let peak = capacity(map);
+    /// The two map types the tests drain, keyed by `u64`.
+    trait U64Map: ShrinkIfSparse {
+        fn remove_key(&mut self, k: u64);
+        fn entries(&self) -> usize;
+        fn buckets(&self) -> usize;
+    }
+
+    impl<V> U64Map for std::collections::HashMap<u64, V> {
+        fn remove_key(&mut self, k: u64) {
+            self.remove(&k);
+        }
+        fn entries(&self) -> usize {
+            self.len()
+        }
+        fn buckets(&self) -> usize {
+            self.capacity()
+        }
+    }
+
+    impl<V> U64Map for hashbrown::HashMap<u64, V> {
+        fn remove_key(&mut self, k: u64) {
+            self.remove(&k);
+        }
+        fn entries(&self) -> usize {
+            self.len()
+        }
+        fn buckets(&self) -> usize {
+            self.capacity()
+        }
+    }
+
+    /// Removes keys `0..n` one by one, checking after each that the table is not sparse.
+    fn drain_and_shrink(map: &mut impl U64Map, n: u64) {
+        let peak = map.buckets();
         assert!(peak >= n as usize);
         let mut shrinks = 0;
         for k in 0..n {
-            remove(map, k);
+            map.remove_key(k);
             if map.shrink_if_sparse() {
                 shrinks += 1;
-                assert!(capacity(map) >= len(map), "holds what it has");
+                assert!(map.buckets() >= map.entries(), "holds what it has");
             }
             assert!(
-                !sparse(len(map), capacity(map)),
+                !sparse(map.entries(), map.buckets()),
                 "never more than {TABLE_SPARSE_FACTOR}x sparse after a check: {} of {}",
-                len(map),
-                capacity(map)
+                map.entries(),
+                map.buckets()
             );
         }
-        assert_eq!(len(map), 0);
+        assert_eq!(map.entries(), 0);
         assert!(
-            capacity(map) < TABLE_SHRINK_CAPACITY_MIN_ENTRIES,
+            map.buckets() < TABLE_SHRINK_CAPACITY_MIN_ENTRIES,
             "an emptied table keeps {} of its {peak} buckets",
-            capacity(map)
+            map.buckets()
         );
         // Each shrink at least halves the table: logarithmically many rehashes.
         assert!(shrinks <= 16, "{shrinks} shrinks");
@@ -84,33 +110,15 @@ mod tests {
 
     #[test]
     fn an_emptied_std_map_gives_its_buckets_back() {
-        let n = 20_000u64;
         let mut m: std::collections::HashMap<u64, [u8; 40]> =
-            (0..n).map(|k| (k, [0; 40])).collect();
-        drain_and_shrink(
-            &mut m,
-            |m, k| {
-                m.remove(&k);
-            },
-            |m| m.len(),
-            |m| m.capacity(),
-            n,
-        );
+            (0..20_000).map(|k| (k, [0; 40])).collect();
+        drain_and_shrink(&mut m, 20_000);
     }
 
     #[test]
     fn an_emptied_hashbrown_map_gives_its_buckets_back() {
-        let n = 20_000u64;
-        let mut m: hashbrown::HashMap<u64, u64> = (0..n).map(|k| (k, k)).collect();
-        drain_and_shrink(
-            &mut m,
-            |m, k| {
-                m.remove(&k);
-            },
-            |m| m.len(),
-            |m| m.capacity(),
-            n,
-        );
+        let mut m: hashbrown::HashMap<u64, u64> = (0..20_000).map(|k| (k, k)).collect();
+        drain_and_shrink(&mut m, 20_000);
     }
 
     #[test]
