@@ -1502,3 +1502,50 @@ fn a_login_during_a_commit_in_flight_waits_for_it() {
     assert_eq!(ids(&net.take(b1)), ["m0", "m1"]);
     assert_eq!(net.settled(a1), 2);
 }
+
+#[test]
+fn a_full_send_queue_switches_a_stream_management_session_to_its_stored_queue() {
+    // The driver could not queue stored message m3 for b1 (its send queue was full): b1 takes
+    // its queue from m3 on, a page per drained send queue, and live messages wait behind it, so
+    // it gets m3.. once each and in order after the m0..m2 it had.
+    let mut net = Net::new(2);
+    let a = user_on(0, 2, 0);
+    let b = user_on(1, 2, 0);
+    let a1 = net.bind(&a, "r");
+    let b1 = net.bind(&b, "r");
+    net.enable_sm(b1);
+    net.send(b1, "<presence/>");
+    net.take_all();
+    for i in 0..6 {
+        net.send(a1, &chat(&b, &format!("m{i}")));
+    }
+    let mut got = ids(&net.take(b1));
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5"]);
+    // Say m3..m5 never made it into the send queue.
+    let seqs = net.stored_seqs[&b1].clone();
+    got.truncate(3);
+    let shard = net.conn_shard[&b1];
+    net.routers[shard].handle_queue_full(b1, seqs[3]);
+    // A live message now goes behind the stored ones.
+    net.send(a1, &chat(&b, "late"));
+    assert!(
+        net.take(b1).is_empty(),
+        "nothing live while the queue is taken"
+    );
+    net.room(b1);
+    got.extend(ids(&net.take(b1)));
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4", "m5", "late"]);
+    // Through: live delivery again.
+    net.room(b1);
+    net.send(a1, &chat(&b, "after"));
+    assert_eq!(ids(&net.take(b1)), ["after"]);
+
+    // A session without XEP-0198 is left as it is (the driver closes it instead).
+    let c = user_on(1, 2, 1);
+    let c1 = net.bind(&c, "r");
+    net.send(c1, "<presence/>");
+    net.take_all();
+    net.routers[net.conn_shard[&c1]].handle_queue_full(c1, 0);
+    net.send(a1, &chat(&c, "live"));
+    assert_eq!(ids(&net.take(c1)), ["live"]);
+}
