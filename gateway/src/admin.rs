@@ -426,6 +426,13 @@ const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
         |sh| one(sh.tls_handshakes),
     ),
     (
+        "gateway_auth_refused_total",
+        "counter",
+        "Logins refused before any password check: their client address made \
+         auth_failures_per_address_max failed logins within the window.",
+        |sh| one(sh.auth_refused_address),
+    ),
+    (
         "gateway_auth_total",
         "counter",
         "SASL authentications by result.",

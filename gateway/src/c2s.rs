@@ -118,6 +118,13 @@ pub trait Services {
     /// waiting; returns its stream-management state and full JID. The driver adopts the old
     /// session's connection id and send queue.
     fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)>;
+    /// Whether this client's address has used up its failed logins for now: the login is
+    /// refused before any password is checked.
+    fn auth_refused(&mut self) -> bool {
+        false
+    }
+    /// A login of this client failed on its credentials.
+    fn auth_failed(&mut self) {}
 }
 
 /// The XEP-0198 state of a session whose connection was lost, kept for resumption.
@@ -954,8 +961,25 @@ impl C2s {
         self.sasl_outcome(outcome, out)
     }
 
-    /// The first step of `mechanism` with the client's initial response, if any.
+    /// The first step of `mechanism` with the client's initial response, if any; refused at
+    /// once (`temporary-auth-failure`) while the client's address has used up its failed logins.
     fn start_mechanism(
+        &self,
+        mechanism: &str,
+        initial: Option<Vec<u8>>,
+        services: &mut dyn Services,
+    ) -> Outcome {
+        if services.auth_refused() {
+            return Outcome::Failure(Failure::TemporaryAuth);
+        }
+        let outcome = self.first_step(mechanism, initial, services);
+        if matches!(outcome, Outcome::Failure(Failure::NotAuthorized)) {
+            services.auth_failed();
+        }
+        outcome
+    }
+
+    fn first_step(
         &self,
         mechanism: &str,
         initial: Option<Vec<u8>>,
@@ -979,13 +1003,25 @@ impl C2s {
         }
     }
 
-    /// The next step of `exchange` with the client's response `data`.
+    /// The next step of `exchange` with the client's response `data` (refused like
+    /// `start_mechanism`: a mechanism started without an initial response checks here).
     fn continue_exchange(
         &self,
         exchange: Exchange,
         data: &[u8],
         services: &mut dyn Services,
     ) -> Outcome {
+        if services.auth_refused() {
+            return Outcome::Failure(Failure::TemporaryAuth);
+        }
+        let outcome = self.next_step(exchange, data, services);
+        if matches!(outcome, Outcome::Failure(Failure::NotAuthorized)) {
+            services.auth_failed();
+        }
+        outcome
+    }
+
+    fn next_step(&self, exchange: Exchange, data: &[u8], services: &mut dyn Services) -> Outcome {
         match exchange {
             Exchange::Plain => self.plain(data, services),
             Exchange::ScramClientFirst(hash) => self.scram_first(hash, data, services),

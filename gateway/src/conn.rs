@@ -5,6 +5,7 @@
 //! The default `uring` engine (`uring.rs`) drives the same `Session`s from one io_uring per shard.
 
 use std::net::TcpStream as StdTcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -290,6 +291,7 @@ impl Session {
             outbox: &mut self.outbox,
             bound: &mut self.bound,
             arrived: Instant::now(),
+            fd: None,
         };
         if settled {
             self.machine.handle_settled(&mut services, &mut self.out);
@@ -370,7 +372,9 @@ impl Session {
 
     /// Feeds received bytes through TLS (if any) into the machine. Returns the step and the
     /// bytes not yet fed when the machine stopped early (authenticated: they follow the handoff).
-    pub fn handle_input(&mut self, shard: &Rc<Shard>, data: &[u8]) -> (Step, Vec<u8>) {
+    /// `fd` is the connection's socket (its peer's address is looked up for a login only when
+    /// failed logins are being counted).
+    pub fn handle_input(&mut self, shard: &Rc<Shard>, fd: RawFd, data: &[u8]) -> (Step, Vec<u8>) {
         let now = Instant::now();
         let mut services = ShardServices {
             shard,
@@ -378,6 +382,7 @@ impl Session {
             outbox: &mut self.outbox,
             bound: &mut self.bound,
             arrived: now,
+            fd: Some(fd),
         };
         let Some(tls) = self.tls.as_mut() else {
             return (
@@ -421,7 +426,9 @@ impl Conn {
     async fn run_inner(&mut self, stream: &mut TcpStream, unread: Vec<u8>) -> End {
         // Bytes buffered before a handoff come first; an empty call also lets the machine work
         // through what its framer already holds.
-        let (step, rest) = self.s.handle_input(&self.shard, &unread);
+        let (step, rest) = self
+            .s
+            .handle_input(&self.shard, stream.as_raw_fd(), &unread);
         if let Some(end) = self.after_step(stream, step, rest).await {
             return end;
         }
@@ -460,7 +467,9 @@ impl Conn {
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => return End::Closed,
                 Wake::Read(Ok(n)) => {
                     self.shard.stats.borrow_mut().bytes_in(n);
-                    let (mut step, mut rest) = self.s.handle_input(&self.shard, &small[..n]);
+                    let (mut step, mut rest) =
+                        self.s
+                            .handle_input(&self.shard, stream.as_raw_fd(), &small[..n]);
                     let mut more = false;
                     if n == small.len() && step == Step::Continue {
                         (step, rest, more) = self.drain_socket(stream);
@@ -516,7 +525,9 @@ impl Conn {
                 let home = self.shard.home_of(&node);
                 if home == self.shard.id {
                     // Already home: go on with whatever the client sent after authenticating.
-                    let (step, rest) = self.s.handle_input(&self.shard, &unread);
+                    let (step, rest) =
+                        self.s
+                            .handle_input(&self.shard, stream.as_raw_fd(), &unread);
                     return Box::pin(self.after_step(stream, step, rest)).await;
                 }
                 Some(self.hand_off(stream, home, unread).await)
@@ -560,7 +571,7 @@ impl Conn {
                 Some(Ok(_)) | Some(Err(_)) => return (Step::Close, Vec::new(), false),
                 None => return (Step::Continue, Vec::new(), false),
             };
-            let (step, rest) = self.s.handle_input(&shard, &big[..n]);
+            let (step, rest) = self.s.handle_input(&shard, stream.as_raw_fd(), &big[..n]);
             if step != Step::Continue || n < big.len() {
                 return (step, rest, false);
             }
@@ -634,9 +645,43 @@ pub(crate) struct ShardServices<'a> {
     bound: &'a mut bool,
     /// When the bytes being handled were read: routing latency runs from here.
     arrived: Instant,
+    /// The connection's socket, when handling its input.
+    fd: Option<RawFd>,
+}
+
+impl ShardServices<'_> {
+    /// The connection's peer address (`getpeername`), or `None` if it cannot be had.
+    fn peer_ip(&self) -> Option<std::net::IpAddr> {
+        crate::sys::peer_ip(self.fd?)
+    }
 }
 
 impl Services for ShardServices<'_> {
+    fn auth_refused(&mut self) -> bool {
+        // No lookup of the peer's address while no failure is counted (the common case).
+        if !self.shard.auth_limit.borrow().tracking() {
+            return false;
+        }
+        let Some(ip) = self.peer_ip() else {
+            return false;
+        };
+        let refused = self.shard.auth_limit.borrow().refused(ip, Instant::now());
+        if refused {
+            self.shard.stats.borrow_mut().auth_refused_address += 1;
+            tracing::debug!(shard = self.shard.id, %ip, "login refused: too many failures from its address");
+        }
+        refused
+    }
+
+    fn auth_failed(&mut self) {
+        if let Some(ip) = self.peer_ip() {
+            self.shard
+                .auth_limit
+                .borrow_mut()
+                .failed(ip, Instant::now());
+        }
+    }
+
     fn credentials(&mut self, node: &str) -> Option<Credentials> {
         let home = home_shard(&format!("{node}@{}", self.shard.domain), self.shard.shards);
         // A read of another shard's database on a cold path (logins): redb reads are lock-free

@@ -199,6 +199,13 @@ struct ServeArgs {
     /// Seconds a XEP-0198 session may be resumed after its connection is lost [default: 300].
     #[arg(long)]
     sm_resume_timeout_seconds: Option<u64>,
+    /// Failed logins per client address (IPv6: per /64) and shard within the window before
+    /// that address's logins are refused; 0: no limit [default: 30].
+    #[arg(long)]
+    auth_failures_per_address_max: Option<u32>,
+    /// The window of --auth-failures-per-address-max, in seconds [default: 60].
+    #[arg(long)]
+    auth_failure_window_seconds: Option<u64>,
     /// Push hook URL (`http://host:port/path`) POSTed `{"user","count"}` for offline users.
     #[arg(long)]
     push_url: Option<String>,
@@ -384,6 +391,12 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = s.offline_age_days_max {
         config.offline_age_days_max = v;
+    }
+    if let Some(v) = s.auth_failures_per_address_max {
+        config.auth_failures_per_address_max = v;
+    }
+    if let Some(v) = s.auth_failure_window_seconds {
+        config.auth_failure_window_seconds = v;
     }
     if let Some(v) = s.sm_resume_timeout_seconds {
         config.sm_resume_timeout_seconds = v;

@@ -226,6 +226,8 @@ pub struct Shard {
     next_detach: Cell<u64>,
     /// How long a detached session waits.
     pub sm_resume_timeout: Cell<std::time::Duration>,
+    /// Failed logins by client address (`auth_failures_per_address_max`); off until set.
+    pub auth_limit: RefCell<shared::address_limit::AddressLimit>,
     /// The push hook, when configured.
     pub push: RefCell<Option<Rc<crate::push::Pusher>>>,
     /// Runs store commits off the reactor; without it they run inline.
@@ -298,6 +300,10 @@ impl Shard {
             detached: RefCell::new(HashMap::new()),
             next_detach: Cell::new(0),
             sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
+            auth_limit: RefCell::new(shared::address_limit::AddressLimit::new(
+                0,
+                std::time::Duration::ZERO,
+            )),
             push: RefCell::new(None),
             committer: RefCell::new(None),
             read_buf: RefCell::new(vec![0u8; READ_CHUNK_BYTES]),

@@ -110,6 +110,8 @@ pub struct ShardStats {
     tls_handshakes: u64,
     auth_successes: u64,
     auth_failures: u64,
+    /// Logins refused before any password check: their client address had too many failures.
+    pub auth_refused_address: u64,
     connections_tls_handshake: u64,
     connections_auth: u64,
     connections_session: u64,
@@ -158,6 +160,7 @@ impl ShardStats {
             tls_handshakes: 0,
             auth_successes: 0,
             auth_failures: 0,
+            auth_refused_address: 0,
             connections_tls_handshake: 0,
             connections_auth: 0,
             connections_session: 0,
@@ -373,6 +376,7 @@ impl ShardStats {
             tls_handshakes: self.tls_handshakes,
             auth_successes: self.auth_successes,
             auth_failures: self.auth_failures,
+            auth_refused_address: self.auth_refused_address,
             delivered: self.delivered,
             undeliverable: self.undeliverable,
             mesh_frames_in: self.mesh_frames_in,
@@ -469,6 +473,9 @@ pub struct ShardSnapshot {
     pub tls_handshakes: u64,
     pub auth_successes: u64,
     pub auth_failures: u64,
+    /// Logins refused for their client address's failures (`auth_failures_per_address_max`).
+    #[serde(default)]
+    pub auth_refused_address: u64,
     pub delivered: u64,
     pub undeliverable: u64,
     pub mesh_frames_in: u64,

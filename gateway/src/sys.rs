@@ -266,3 +266,12 @@ pub fn socket_from_fd(fd: std::os::fd::RawFd) -> StdTcpStream {
     // SAFETY: the caller owns `fd`, an open connected TCP socket, and gives it up here.
     unsafe { StdTcpStream::from_raw_fd(fd) }
 }
+
+/// The IP address of the peer of connected socket `fd`, or `None` (`getpeername` failed: the
+/// peer is gone). The descriptor stays its owner's.
+pub fn peer_ip(fd: std::os::fd::RawFd) -> Option<std::net::IpAddr> {
+    // SAFETY: `fd` is an open socket its owner keeps open for this call; `ManuallyDrop` keeps the
+    // temporary stream from closing it.
+    let stream = std::mem::ManuallyDrop::new(unsafe { StdTcpStream::from_raw_fd(fd) });
+    stream.peer_addr().ok().map(|a| a.ip())
+}

@@ -729,7 +729,7 @@ impl Driver {
             return;
         }
         shard.stats.borrow_mut().bytes_in(len);
-        let (step, rest) = slot.session.handle_input(&shard, data);
+        let (step, rest) = slot.session.handle_input(&shard, slot.fd, data);
         self.bufs.push(bid);
         self.after_step(index, step, rest);
     }
@@ -781,7 +781,7 @@ impl Driver {
                 let home = shard.home_of(&node);
                 if home == shard.id {
                     // Already home: go on with whatever the client sent after authenticating.
-                    let (step, rest) = slot.session.handle_input(&shard, &unread);
+                    let (step, rest) = slot.session.handle_input(&shard, slot.fd, &unread);
                     return self.after_step(index, step, rest);
                 }
                 slot.handoff = Some(Box::new((home, unread)));
@@ -1184,7 +1184,7 @@ impl Driver {
             .slot
             .as_deref_mut()
             .expect("just inserted");
-        let (step, rest) = slot.session.handle_input(&shard, &unread);
+        let (step, rest) = slot.session.handle_input(&shard, slot.fd, &unread);
         self.after_step(index, step, rest);
         self.arm_recv(index, generation);
         self.progress(index, generation);

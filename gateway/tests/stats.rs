@@ -702,3 +702,43 @@ fn a_fan_in_flood_from_both_shards_arrives_whole_in_each_senders_order() {
         0.0
     );
 }
+
+/// An address that failed `--auth-failures-per-address-max` logins within the window gets
+/// `temporary-auth-failure` for its next logins, even with the right password, until its window
+/// ends; the refusals are counted.
+#[test]
+fn an_address_with_too_many_failed_logins_is_refused_until_its_window_ends() {
+    let a = users_on_shard(0, 1).remove(0);
+    let server = ServerBuilder::new()
+        .users(&[&a])
+        // One shard: each shard counts its own failures.
+        .arg("--shards")
+        .arg("1")
+        .arg("--auth-failures-per-address-max")
+        .arg("3")
+        .arg("--auth-failure-window-seconds")
+        .arg("2")
+        .start();
+    let password = password_of(&a);
+    let mut c = Client::connect_starttls(server.c2s);
+    for _ in 0..2 {
+        let answer = c.auth_plain(&a, "wrong").unwrap_err();
+        assert!(answer.contains("<not-authorized"), "{answer}");
+    }
+    let mut c = Client::connect_starttls(server.c2s);
+    let answer = c.auth_plain(&a, "wrong").unwrap_err();
+    assert!(answer.contains("<not-authorized"), "{answer}");
+
+    let mut c = Client::connect_starttls(server.c2s);
+    let answer = c.auth_plain(&a, &password).unwrap_err();
+    assert!(answer.contains("<temporary-auth-failure"), "{answer}");
+    assert_eq!(
+        support::metric(&server, "gateway_auth_refused_total", ""),
+        1.0
+    );
+
+    std::thread::sleep(Duration::from_millis(2_100));
+    let mut c = Client::connect_starttls(server.c2s);
+    c.auth_plain(&a, &password)
+        .unwrap_or_else(|e| panic!("the window ended: {e}\n{}", server.log()));
+}

@@ -86,6 +86,11 @@ pub struct Config {
     pub offline_age_days_max: u64,
     /// XEP-0198: seconds a session that lost its connection may be resumed.
     pub sm_resume_timeout_seconds: u64,
+    /// Failed logins one client address (IPv6: its /64) may make per shard within
+    /// `auth_failure_window_seconds` before its logins are refused; `0`: no limit.
+    pub auth_failures_per_address_max: u32,
+    /// The window of `auth_failures_per_address_max`, in seconds.
+    pub auth_failure_window_seconds: u64,
     /// Push hook: `http://host:port/path` to POST `{"user":..,"count":..}` to when a message is
     /// stored for a user with no session. Unset: no hook.
     pub push_url: Option<String>,
@@ -147,6 +152,8 @@ impl Default for Config {
             offline_bytes_max: limits::OFFLINE_BYTES_MAX_DEFAULT,
             offline_age_days_max: limits::OFFLINE_AGE_DAYS_MAX_DEFAULT,
             sm_resume_timeout_seconds: limits::SM_RESUME_TIMEOUT_SECONDS_DEFAULT,
+            auth_failures_per_address_max: limits::AUTH_FAILURES_PER_ADDRESS_DEFAULT,
+            auth_failure_window_seconds: limits::AUTH_FAILURE_WINDOW_SECONDS_DEFAULT,
             push_url: None,
             push_queue_max: limits::PUSH_QUEUE_NOTIFICATIONS_MAX_DEFAULT,
             huge_pages: "off".to_owned(),
@@ -332,6 +339,19 @@ impl Config {
                 key: "sm_resume_timeout_seconds",
                 problem: format!("{} seconds is over a day", self.sm_resume_timeout_seconds),
                 fix: "use 0 (no resumption) to 86400 seconds (default 300)",
+            });
+        }
+        if !(1..=limits::AUTH_FAILURE_WINDOW_SECONDS_MAX)
+            .contains(&self.auth_failure_window_seconds)
+        {
+            return Err(ConfigError::Invalid {
+                key: "auth_failure_window_seconds",
+                problem: format!(
+                    "{} seconds is out of range",
+                    self.auth_failure_window_seconds
+                ),
+                fix: "use 1 to 86400 seconds (default 60); to turn the limit off set \
+                      auth_failures_per_address_max = 0",
             });
         }
         if let Some(url) = &self.push_url {

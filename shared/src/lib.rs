@@ -2,6 +2,7 @@
 //! primitives. This crate does no I/O and uses no runtime, so it can be fuzzed and benched alone.
 #![forbid(unsafe_code)]
 
+pub mod address_limit;
 pub mod config;
 pub mod escape;
 pub mod framer;

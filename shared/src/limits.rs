@@ -250,3 +250,14 @@ pub const STORE_CACHE_BYTES_MIN: usize = 1024 * 1024;
 
 /// Largest `store_cache_bytes` accepted: redb's own default.
 pub const STORE_CACHE_BYTES_MAX: usize = 1024 * 1024 * 1024;
+
+/// Failed logins one client address may make per window before its logins are refused with
+/// `temporary-auth-failure` without checking a password (per shard; `0` turns the limit off).
+pub const AUTH_FAILURES_PER_ADDRESS_DEFAULT: u32 = 30;
+/// The window of `AUTH_FAILURES_PER_ADDRESS_DEFAULT`, in seconds.
+pub const AUTH_FAILURE_WINDOW_SECONDS_DEFAULT: u64 = 60;
+/// Longest configurable failure window: a day.
+pub const AUTH_FAILURE_WINDOW_SECONDS_MAX: u64 = 86_400;
+/// Client addresses each shard tracks failures of. Past it, expired entries are swept; if none
+/// has expired, a new address is not tracked (the limit fails open rather than grow).
+pub const AUTH_FAILURE_ADDRESSES_MAX: usize = 65_536;

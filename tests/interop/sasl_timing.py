@@ -72,7 +72,9 @@ def main() -> None:
             server = subprocess.Popen(
                 [binary, "--data-dir", data_dir, "--shards", "1", "serve", "--no-pin",
                  "--c2s-addr", f"127.0.0.1:{c2s}", "--tls-addr", f"127.0.0.1:{tls}",
-                 "--admin-addr", f"127.0.0.1:{admin}"],
+                 "--admin-addr", f"127.0.0.1:{admin}",
+                 # Every attempt here fails on purpose: no refusals by address.
+                 "--auth-failures-per-address-max", "0"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )
         try:

@@ -60,6 +60,10 @@ struct Mock {
     acked: Vec<u64>,
     /// A detached session the next `resume` may take: (id, state, full JID).
     detached: Option<(String, SmState, String)>,
+    /// The client's address has used up its failed logins.
+    refuse: bool,
+    /// Logins that failed on their credentials, as the driver was told.
+    failed: u32,
 }
 
 impl Services for Mock {
@@ -95,6 +99,12 @@ impl Services for Mock {
     }
     fn acked(&mut self, seqs: &[u64]) {
         self.acked.extend_from_slice(seqs);
+    }
+    fn auth_refused(&mut self) -> bool {
+        self.refuse
+    }
+    fn auth_failed(&mut self) {
+        self.failed += 1;
     }
     fn resume(&mut self, node: &str, previd: &str) -> Option<(SmState, String)> {
         match self.detached.take() {
@@ -1908,4 +1918,70 @@ fn stream_ids_are_random() {
     assert_ne!(first, second);
     assert_ne!(first, "0".repeat(32));
     assert!(first.bytes().all(|b| b.is_ascii_hexdigit()), "{first}");
+}
+
+/// Goal: a login whose client address has used up its failed logins is refused with
+/// `temporary-auth-failure` before any credential lookup or key stretching, in both SASL
+/// profiles and for a mechanism started without an initial response; wrong credentials (not
+/// malformed requests) are what the driver counts.
+#[test]
+fn refused_addresses_get_temporary_auth_failure_without_a_password_check() {
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    assert_eq!(
+        c.ok(&plain_auth("", "alice", "wrong")),
+        NOT_AUTHORIZED,
+        "a wrong password"
+    );
+    assert_eq!(c.svc.failed, 1);
+    c.ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>!!notbase64</auth>");
+    assert_eq!(
+        c.svc.failed, 1,
+        "a malformed request is not a failed password"
+    );
+
+    let refused =
+        "<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><temporary-auth-failure/></failure>";
+    let pbkdf2_before = pbkdf2_rounds_on_this_thread();
+    let mut c = Client::tls();
+    c.svc.refuse = true;
+    c.ok(HEADER);
+    c.svc.lookups.clear();
+    assert_eq!(c.ok(&plain_auth("", "alice", "pw")), refused);
+    // Refused however the mechanism starts.
+    assert_eq!(
+        c.ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'/>"),
+        refused
+    );
+    // An address that reaches its limit during an exchange is refused at the response.
+    let mut c = Client::tls();
+    c.ok(HEADER);
+    assert!(c
+        .ok("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'/>")
+        .contains("<challenge"));
+    c.svc.refuse = true;
+    c.svc.lookups.clear();
+    let payload = Base64.encode("\0alice\0pw");
+    assert_eq!(
+        c.ok(&format!(
+            "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{payload}</response>"
+        )),
+        refused
+    );
+    assert!(c.svc.lookups.is_empty(), "no credential lookup");
+    assert_eq!(
+        pbkdf2_rounds_on_this_thread(),
+        pbkdf2_before,
+        "no key stretching"
+    );
+
+    // XEP-0388.
+    let mut c = Client::tls();
+    c.svc.refuse = true;
+    c.ok(HEADER);
+    let out = c.ok(&format!(
+        "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>{payload}</initial-response></authenticate>"
+    ));
+    assert!(out.contains("<temporary-auth-failure"), "{out}");
+    assert!(c.svc.lookups.is_empty());
 }
