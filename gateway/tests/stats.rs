@@ -708,9 +708,20 @@ fn a_fan_in_flood_from_both_shards_arrives_whole_in_each_senders_order() {
 /// ends; the refusals are counted.
 #[test]
 fn an_address_with_too_many_failed_logins_is_refused_until_its_window_ends() {
+    failed_logins_per_address("uring");
+}
+
+#[test]
+fn an_address_with_too_many_failed_logins_is_refused_on_tasks() {
+    failed_logins_per_address("tasks");
+}
+
+fn failed_logins_per_address(io_engine: &str) {
     let a = users_on_shard(0, 1).remove(0);
     let server = ServerBuilder::new()
         .users(&[&a])
+        .arg("--io-engine")
+        .arg(io_engine)
         // One shard: each shard counts its own failures.
         .arg("--shards")
         .arg("1")
