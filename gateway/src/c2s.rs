@@ -127,6 +127,23 @@ pub trait Services {
     fn auth_failed(&mut self) {}
 }
 
+/// Runs a SASL step unless the client's address has used up its failed logins
+/// (`temporary-auth-failure` then, before any credential lookup); tells the driver when the
+/// step failed on the credentials.
+fn limited(
+    services: &mut dyn Services,
+    step: impl FnOnce(&mut dyn Services) -> Outcome,
+) -> Outcome {
+    if services.auth_refused() {
+        return Outcome::Failure(Failure::TemporaryAuth);
+    }
+    let outcome = step(services);
+    if matches!(outcome, Outcome::Failure(Failure::NotAuthorized)) {
+        services.auth_failed();
+    }
+    outcome
+}
+
 /// The XEP-0198 state of a session whose connection was lost, kept for resumption.
 #[derive(Debug)]
 pub struct SmState(Box<Sm>);
@@ -969,14 +986,9 @@ impl C2s {
         initial: Option<Vec<u8>>,
         services: &mut dyn Services,
     ) -> Outcome {
-        if services.auth_refused() {
-            return Outcome::Failure(Failure::TemporaryAuth);
-        }
-        let outcome = self.first_step(mechanism, initial, services);
-        if matches!(outcome, Outcome::Failure(Failure::NotAuthorized)) {
-            services.auth_failed();
-        }
-        outcome
+        limited(services, |services| {
+            self.first_step(mechanism, initial, services)
+        })
     }
 
     fn first_step(
@@ -1011,14 +1023,9 @@ impl C2s {
         data: &[u8],
         services: &mut dyn Services,
     ) -> Outcome {
-        if services.auth_refused() {
-            return Outcome::Failure(Failure::TemporaryAuth);
-        }
-        let outcome = self.next_step(exchange, data, services);
-        if matches!(outcome, Outcome::Failure(Failure::NotAuthorized)) {
-            services.auth_failed();
-        }
-        outcome
+        limited(services, |services| {
+            self.next_step(exchange, data, services)
+        })
     }
 
     fn next_step(&self, exchange: Exchange, data: &[u8], services: &mut dyn Services) -> Outcome {
