@@ -674,6 +674,9 @@ impl Services for ShardServices<'_> {
     }
 
     fn auth_failed(&mut self) {
+        if !self.shard.auth_limit.borrow().enabled() {
+            return;
+        }
         if let Some(ip) = self.peer_ip() {
             self.shard
                 .auth_limit

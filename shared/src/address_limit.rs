@@ -21,6 +21,10 @@ pub struct AddressLimit {
     failures: HashMap<IpAddr, (u32, Instant)>,
     /// New addresses not tracked because the table was full of live windows.
     pub untracked: u64,
+    /// A full table frees no entry before this (the earliest end of a window it holds, as of
+    /// its last sweep): new addresses go untracked without a sweep until then, so a flood of
+    /// new addresses costs one O(table) sweep per window, not one per failure.
+    sweep_not_before: Option<Instant>,
 }
 
 /// The key an address counts under: itself, its IPv4 form, or its IPv6 /64.
@@ -41,7 +45,13 @@ impl AddressLimit {
             window,
             failures: HashMap::new(),
             untracked: 0,
+            sweep_not_before: None,
         }
+    }
+
+    /// Whether the limit is on (else nothing is counted).
+    pub fn enabled(&self) -> bool {
+        self.max > 0
     }
 
     /// Whether the limit is on and anything is tracked (else no address can be refused, and a
@@ -67,10 +77,17 @@ impl AddressLimit {
         }
         let k = key(addr);
         if !self.failures.contains_key(&k) && self.failures.len() >= AUTH_FAILURE_ADDRESSES_MAX {
-            let window = self.window;
-            self.failures
-                .retain(|_, &mut (_, since)| now < since + window);
-            crate::table::ShrinkIfSparse::shrink_if_sparse(&mut self.failures);
+            if self.sweep_not_before.is_none_or(|at| now >= at) {
+                let window = self.window;
+                self.failures
+                    .retain(|_, &mut (_, since)| now < since + window);
+                crate::table::ShrinkIfSparse::shrink_if_sparse(&mut self.failures);
+                self.sweep_not_before = self
+                    .failures
+                    .values()
+                    .map(|&(_, since)| since + window)
+                    .min();
+            }
             if self.failures.len() >= AUTH_FAILURE_ADDRESSES_MAX {
                 self.untracked += 1;
                 return;
@@ -153,6 +170,11 @@ mod tests {
         assert_eq!(
             l.untracked, 10,
             "new addresses fail open when all windows are live"
+        );
+        assert_eq!(
+            l.sweep_not_before,
+            Some(t + WINDOW),
+            "no sweep again before a window can end"
         );
         // Once windows end, new addresses are tracked again.
         l.failed(v4(200), t + WINDOW);

@@ -459,6 +459,27 @@ mod tests {
     }
 
     #[test]
+    fn auth_failure_window_is_bounded() {
+        for bad in [
+            "auth_failure_window_seconds = 0",
+            "auth_failure_window_seconds = 86401",
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains("auth_failure_window_seconds"), "{bad}: {err}");
+        }
+        let c =
+            Config::from_toml("auth_failures_per_address_max = 0\nauth_failure_window_seconds = 5")
+                .unwrap();
+        assert_eq!(
+            (
+                c.auth_failures_per_address_max,
+                c.auth_failure_window_seconds
+            ),
+            (0, 5)
+        );
+    }
+
+    #[test]
     fn admin_off_loopback_needs_a_token() {
         let err = Config::from_toml("admin_addr = '0.0.0.0:5280'")
             .unwrap_err()
