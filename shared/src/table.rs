@@ -25,25 +25,23 @@ fn sparse(len: usize, capacity: usize) -> bool {
         && len.saturating_mul(TABLE_SPARSE_FACTOR) <= capacity
 }
 
-impl<K: Eq + Hash, V, S: BuildHasher> ShrinkIfSparse for std::collections::HashMap<K, V, S> {
-    fn shrink_if_sparse(&mut self) -> bool {
-        if !sparse(self.len(), self.capacity()) {
-            return false;
+/// The same for std's and hashbrown's maps (std's wraps hashbrown; they share no trait).
+macro_rules! shrink_if_sparse_for {
+    ($($map:ident)::+) => {
+        impl<K: Eq + Hash, V, S: BuildHasher> ShrinkIfSparse for $($map)::+<K, V, S> {
+            fn shrink_if_sparse(&mut self) -> bool {
+                if !sparse(self.len(), self.capacity()) {
+                    return false;
+                }
+                self.shrink_to(self.len() * 2);
+                true
+            }
         }
-        self.shrink_to(self.len() * 2);
-        true
-    }
+    };
 }
 
-impl<K: Eq + Hash, V, S: BuildHasher> ShrinkIfSparse for hashbrown::HashMap<K, V, S> {
-    fn shrink_if_sparse(&mut self) -> bool {
-        if !sparse(self.len(), self.capacity()) {
-            return false;
-        }
-        self.shrink_to(self.len() * 2);
-        true
-    }
-}
+shrink_if_sparse_for!(std::collections::HashMap);
+shrink_if_sparse_for!(hashbrown::HashMap);
 
 #[cfg(test)]
 mod tests {
@@ -56,29 +54,24 @@ mod tests {
         fn buckets(&self) -> usize;
     }
 
-    impl<V> U64Map for std::collections::HashMap<u64, V> {
-        fn remove_key(&mut self, k: u64) {
-            self.remove(&k);
-        }
-        fn entries(&self) -> usize {
-            self.len()
-        }
-        fn buckets(&self) -> usize {
-            self.capacity()
-        }
+    macro_rules! u64_map_for {
+        ($($map:ident)::+) => {
+            impl<V> U64Map for $($map)::+<u64, V> {
+                fn remove_key(&mut self, k: u64) {
+                    self.remove(&k);
+                }
+                fn entries(&self) -> usize {
+                    self.len()
+                }
+                fn buckets(&self) -> usize {
+                    self.capacity()
+                }
+            }
+        };
     }
 
-    impl<V> U64Map for hashbrown::HashMap<u64, V> {
-        fn remove_key(&mut self, k: u64) {
-            self.remove(&k);
-        }
-        fn entries(&self) -> usize {
-            self.len()
-        }
-        fn buckets(&self) -> usize {
-            self.capacity()
-        }
-    }
+    u64_map_for!(std::collections::HashMap);
+    u64_map_for!(hashbrown::HashMap);
 
     /// Removes keys `0..n` one by one, checking after each that the table is not sparse.
     fn drain_and_shrink(map: &mut impl U64Map, n: u64) {
