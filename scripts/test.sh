@@ -15,7 +15,7 @@ banner() {
 PY="${PYTHON:-python3}"
 PY_MODULES="import slixmpp, pytest, pytest_timeout, xxhash, prometheus_client"
 
-banner "1/7 test dependencies (slixmpp, pytest, pytest-timeout, xxhash, prometheus_client)"
+banner "1/7 test dependencies (slixmpp, pytest, pytest-timeout, xxhash, prometheus_client, openssl)"
 if "$PY" -c "$PY_MODULES" 2>/dev/null; then
     echo "already installed"
 else
@@ -32,6 +32,12 @@ else
     "$PY" -c "$PY_MODULES"
 fi
 "$PY" -c 'import slixmpp, pytest; print("slixmpp", slixmpp.__version__, "/ pytest", pytest.__version__)'
+# `openssl s_client` checks which certificate the server picks for a client's signature schemes.
+if ! command -v openssl >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
+fi
+openssl version
 
 banner "2/7 locked memory limit (glommio)"
 ulimit -l unlimited 2>/dev/null || ulimit -l 65536 2>/dev/null || true

@@ -57,7 +57,8 @@ fi
 . "$HERE/peers/common.sh"
 TLS_PORT="${TLS_PORT:-25223}"
 
-# The gateway makes its certificate at first start; nginx uses the same one.
+# The gateway makes its certificates at first start (ECDSA P-256, and Ed25519 for clients that
+# offer it); nginx serves the same ones.
 [ -d "$PEERS_ROOT/gateway/data" ] || "$GW" setup 1 >/dev/null
 CERT="$PEERS_ROOT/gateway/data/tls/cert.pem"
 KEY="$PEERS_ROOT/gateway/data/tls/key.pem"
@@ -66,6 +67,15 @@ if [ ! -e "$CERT" ]; then
     "$GW" stop >/dev/null
 fi
 [ -e "$CERT" ] || { echo "tls-floor: the gateway made no certificate at $CERT" >&2; exit 1; }
+ED_CERT="$PEERS_ROOT/gateway/data/tls/cert-ed25519.pem"
+ED_KEY="$PEERS_ROOT/gateway/data/tls/key-ed25519.pem"
+NGINX_ED25519=
+if [ -e "$ED_CERT" ] && [ -e "$ED_KEY" ]; then
+    # Like the gateway, Ed25519 first for clients that offer it, whatever the client's order.
+    NGINX_ED25519="ssl_certificate $ED_CERT; ssl_certificate_key $ED_KEY;
+        ssl_prefer_server_ciphers on;
+        ssl_conf_command SignatureAlgorithms ed25519:ECDSA+SHA256:ECDSA+SHA384;"
+fi
 
 cpu_ticks() { # sum of utime+stime of the given pids
     local t=0 p
@@ -91,6 +101,7 @@ stream {
         listen 127.0.0.1:$NGINX_PORT ssl reuseport backlog=4096;
         ssl_certificate $CERT;
         ssl_certificate_key $KEY;
+        $NGINX_ED25519
         ssl_protocols TLSv1.3;
         ssl_session_tickets $1;
         return "x";

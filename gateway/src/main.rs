@@ -157,6 +157,12 @@ struct ServeArgs {
     /// PEM private key (with --tls-cert-path).
     #[arg(long)]
     tls_key_path: Option<PathBuf>,
+    /// A second PEM certificate chain of another key type, e.g. Ed25519 (with --tls-alt-key-path).
+    #[arg(long)]
+    tls_alt_cert_path: Option<PathBuf>,
+    /// PEM private key for --tls-alt-cert-path.
+    #[arg(long)]
+    tls_alt_key_path: Option<PathBuf>,
     /// Largest stanza accepted, in bytes [default: 65536].
     #[arg(long)]
     stanza_bytes_max: Option<usize>,
@@ -352,6 +358,12 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = &s.tls_key_path {
         config.tls_key_path = Some(v.clone());
+    }
+    if let Some(v) = &s.tls_alt_cert_path {
+        config.tls_alt_cert_path = Some(v.clone());
+    }
+    if let Some(v) = &s.tls_alt_key_path {
+        config.tls_alt_key_path = Some(v.clone());
     }
     if let Some(v) = s.stanza_bytes_max {
         config.stanza_bytes_max = v;

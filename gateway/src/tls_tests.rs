@@ -23,22 +23,52 @@ struct Pair {
     chunk: usize,
 }
 
-/// A client trusting the certificate the server generated in `dir`, with the server's preferred
-/// suite or only `suite`.
+/// The generated certificates (ECDSA P-256 and Ed25519) in the data dir `dir`.
+const GENERATED_CERTS: [&str; 2] = ["cert.pem", "cert-ed25519.pem"];
+
+fn cert_der(path: &std::path::Path) -> CertificateDer<'static> {
+    let pem = std::fs::read(path).unwrap();
+    let first = rustls_pemfile::certs(&mut pem.as_slice()).next();
+    first.unwrap().unwrap()
+}
+
+/// A client trusting the certificates the server generated in `dir`, with the server's
+/// preferred suite or only `suite`.
 fn client_config(
     dir: &std::path::Path,
     suite: Option<rustls::SupportedCipherSuite>,
     tls12: bool,
 ) -> Arc<ClientConfig> {
-    let pem = std::fs::read(dir.join("tls").join("cert.pem")).unwrap();
+    client_config_verifying(dir, suite, tls12, |_| true)
+}
+
+/// `client_config` offering only the signature schemes `offer` keeps (the certificate chain is
+/// still verified with every algorithm).
+fn client_config_verifying(
+    dir: &std::path::Path,
+    suite: Option<rustls::SupportedCipherSuite>,
+    tls12: bool,
+    offer: impl Fn(rustls::SignatureScheme) -> bool,
+) -> Arc<ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
+    for name in GENERATED_CERTS {
+        let path = dir.join("tls").join(name);
+        if path.exists() {
+            roots.add(cert_der(&path)).unwrap();
+        }
     }
     let mut provider = rustls::crypto::ring::default_provider();
     if let Some(suite) = suite {
         provider.cipher_suites = vec![suite];
     }
+    let algorithms = &mut provider.signature_verification_algorithms;
+    let mapping: Vec<_> = algorithms
+        .mapping
+        .iter()
+        .filter(|(scheme, _)| offer(*scheme))
+        .copied()
+        .collect();
+    algorithms.mapping = Vec::leak(mapping);
     let provider = Arc::new(provider);
     let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
         &[&rustls::version::TLS12]
@@ -442,4 +472,104 @@ fn an_idle_lean_session_is_small() {
     assert!(bytes <= 256, "TlsSession is {bytes} B");
     // One full record's overhead is what the framing adds.
     assert_eq!(RECORD_OVERHEAD_BYTES, 22);
+}
+
+/// Which generated certificate the server presented to the client of `pair`.
+fn presented(pair: &Pair, dir: &std::path::Path) -> &'static str {
+    let got = &pair.client.peer_certificates().unwrap()[0];
+    GENERATED_CERTS
+        .into_iter()
+        .find(|name| *got == cert_der(&dir.join("tls").join(name)))
+        .expect("one of the generated certificates")
+}
+
+fn is_ed25519(scheme: rustls::SignatureScheme) -> bool {
+    scheme == rustls::SignatureScheme::ED25519
+}
+
+#[test]
+fn ed25519_goes_to_clients_that_offer_it_and_ecdsa_to_the_rest() {
+    let (dir, server) = server();
+    for tls12 in [false, true] {
+        let pair = Pair::connect(&server, client_config(dir.path(), None, tls12));
+        assert_eq!(presented(&pair, dir.path()), "cert-ed25519.pem");
+        let without = client_config_verifying(dir.path(), None, tls12, |s| !is_ed25519(s));
+        let pair = Pair::connect(&server, without);
+        assert_eq!(presented(&pair, dir.path()), "cert.pem", "tls12 {tls12}");
+        let only = client_config_verifying(dir.path(), None, tls12, is_ed25519);
+        let mut pair = Pair::connect(&server, only);
+        assert_eq!(presented(&pair, dir.path()), "cert-ed25519.pem");
+        round_trips(&mut pair, &[10]);
+    }
+}
+
+#[test]
+fn the_generated_ed25519_key_is_pkcs8_v1_which_openssl_reads() {
+    let (dir, _) = server();
+    let pem = std::fs::read(dir.path().join("tls").join("key-ed25519.pem")).unwrap();
+    let Some(PrivateKeyDer::Pkcs8(der)) = rustls_pemfile::private_key(&mut pem.as_slice()).unwrap()
+    else {
+        panic!("not PKCS#8");
+    };
+    // SEQUENCE of 46 bytes, version 0 (v1), the Ed25519 OID, the 32-byte seed; nothing else.
+    let der = der.secret_pkcs8_der();
+    assert_eq!(der.len(), 48);
+    assert_eq!(
+        &der[..16],
+        b"\x30\x2e\x02\x01\x00\x30\x05\x06\x03\x2b\x65\x70\x04\x22\x04\x20"
+    );
+}
+
+#[test]
+fn a_data_dir_with_one_generated_certificate_keeps_serving_it() {
+    let (dir, _) = server();
+    let tls = dir.path().join("tls");
+    std::fs::remove_file(tls.join("cert-ed25519.pem")).unwrap();
+    std::fs::remove_file(tls.join("key-ed25519.pem")).unwrap();
+    let config = Config {
+        data_dir: dir.path().to_path_buf(),
+        ..Config::default()
+    };
+    let server = server_config(&config).unwrap();
+    assert!(!tls.join("cert-ed25519.pem").exists());
+    let pair = Pair::connect(&server, client_config(dir.path(), None, false));
+    assert_eq!(presented(&pair, dir.path()), "cert.pem");
+}
+
+#[test]
+fn configured_certificates_are_picked_by_key_type_not_order() {
+    let (made, _) = server();
+    let tls = made.path().join("tls");
+    let other = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: other.path().to_path_buf(),
+        tls_cert_path: Some(tls.join("cert-ed25519.pem")),
+        tls_key_path: Some(tls.join("key-ed25519.pem")),
+        tls_alt_cert_path: Some(tls.join("cert.pem")),
+        tls_alt_key_path: Some(tls.join("key.pem")),
+        ..Config::default()
+    };
+    let server = server_config(&config).unwrap();
+    assert!(!other.path().join("tls").exists(), "nothing generated");
+    let only_ecdsa = client_config_verifying(made.path(), None, false, |s| !is_ed25519(s));
+    let pair = Pair::connect(&server, only_ecdsa);
+    assert_eq!(presented(&pair, made.path()), "cert.pem");
+    let pair = Pair::connect(&server, client_config(made.path(), None, false));
+    assert_eq!(presented(&pair, made.path()), "cert-ed25519.pem");
+}
+
+#[test]
+fn a_second_key_that_is_not_its_certificates_is_refused_by_its_setting() {
+    let (made, _) = server();
+    let tls = made.path().join("tls");
+    let config = Config {
+        tls_cert_path: Some(tls.join("cert.pem")),
+        tls_key_path: Some(tls.join("key.pem")),
+        tls_alt_cert_path: Some(tls.join("cert-ed25519.pem")),
+        tls_alt_key_path: Some(tls.join("key.pem")),
+        ..Config::default()
+    };
+    let err = format!("{:#}", server_config(&config).unwrap_err());
+    assert!(err.contains("`tls_alt_key_path`"), "{err}");
+    assert!(err.contains("does not match"), "{err}");
 }

@@ -37,6 +37,13 @@ pub struct Config {
     pub tls_cert_path: Option<PathBuf>,
     /// PEM private key for `tls_cert_path`.
     pub tls_key_path: Option<PathBuf>,
+    /// A second PEM certificate chain, for a key of another type than `tls_cert_path`'s (e.g.
+    /// Ed25519 beside ECDSA). Each handshake signs with the certificate cheapest to sign with
+    /// (Ed25519, then ECDSA, then RSA) among those the client's signature schemes can verify.
+    /// The generated self-signed default has both an ECDSA P-256 and an Ed25519 certificate.
+    pub tls_alt_cert_path: Option<PathBuf>,
+    /// PEM private key for `tls_alt_cert_path`.
+    pub tls_alt_key_path: Option<PathBuf>,
     /// Allow SASL PLAIN and sessions without TLS on the c2s port. For loopback benchmarks only.
     pub allow_plaintext: bool,
     /// PBKDF2 iterations for newly stored SCRAM credentials; also the count SCRAM shows, and
@@ -130,6 +137,8 @@ impl Default for Config {
             admin_addr: ([127, 0, 0, 1], 5280).into(),
             tls_cert_path: None,
             tls_key_path: None,
+            tls_alt_cert_path: None,
+            tls_alt_key_path: None,
             allow_plaintext: false,
             scram_iterations: limits::SCRAM_ITERATIONS_DEFAULT,
             stanza_bytes_max: limits::STANZA_BYTES_MAX,
@@ -214,6 +223,21 @@ impl Config {
                 key: "tls_cert_path",
                 problem: "only one of tls_cert_path and tls_key_path is set".to_owned(),
                 fix: "set both, or neither to use a generated self-signed certificate",
+            });
+        }
+        if self.tls_alt_cert_path.is_some() != self.tls_alt_key_path.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "tls_alt_cert_path",
+                problem: "only one of tls_alt_cert_path and tls_alt_key_path is set".to_owned(),
+                fix: "set both, or neither",
+            });
+        }
+        if self.tls_alt_cert_path.is_some() && self.tls_cert_path.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "tls_alt_cert_path",
+                problem: "a second certificate without tls_cert_path".to_owned(),
+                fix: "set tls_cert_path and tls_key_path too, or neither alt key to use the \
+                      generated self-signed certificates",
             });
         }
         if self.stanza_bytes_max < limits::STREAM_HEADER_BYTES_MAX
@@ -541,5 +565,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tls_cert_path"), "{err}");
+    }
+
+    #[test]
+    fn a_second_certificate_needs_its_key_and_a_first() {
+        let err = Config::from_toml("tls_alt_cert_path = '/x.pem'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls_alt_cert_path"), "{err}");
+        let err = Config::from_toml("tls_alt_cert_path = '/x.pem'\ntls_alt_key_path = '/k.pem'")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("without tls_cert_path"), "{err}");
+        let both = "tls_cert_path = '/a.pem'\ntls_key_path = '/ak.pem'\n\
+                    tls_alt_cert_path = '/b.pem'\ntls_alt_key_path = '/bk.pem'";
+        let config = Config::from_toml(both).unwrap();
+        assert_eq!(
+            config.tls_alt_key_path.as_deref(),
+            Some(std::path::Path::new("/bk.pem"))
+        );
     }
 }

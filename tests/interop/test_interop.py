@@ -7,6 +7,8 @@ SIGTERM at the end, asserting exit code 0 within the shutdown timeout.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import uuid
 
 import pytest
@@ -287,3 +289,25 @@ def test_disco_info(gateway):
             await close(c)
 
     run(body())
+
+
+@pytest.mark.parametrize(
+    "sigalgs, expected",
+    [
+        ("ECDSA+SHA256:ed25519", "ed25519"),
+        ("ed25519", "ed25519"),
+        ("ECDSA+SHA256:rsa_pss_rsae_sha256", "ECDSA"),
+    ],
+)
+def test_certificate_follows_the_clients_signature_schemes(gateway, sigalgs, expected):
+    """OpenSSL's client gets the generated Ed25519 certificate when it offers Ed25519 (in any
+    order: the server picks the one cheapest to sign with) and the ECDSA one otherwise."""
+    openssl = shutil.which("openssl")
+    assert openssl, "openssl not installed (scripts/test.sh installs it)"
+    r = subprocess.run(
+        [openssl, "s_client", "-connect", f"127.0.0.1:{gateway.tls_port}", "-tls1_3",
+         "-sigalgs", sigalgs, "-brief"],
+        input="", capture_output=True, text=True, timeout=30,
+    )
+    out = r.stdout + r.stderr
+    assert f"Signature type: {expected}\n" in out, out
