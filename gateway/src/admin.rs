@@ -433,6 +433,21 @@ const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
         |sh| one(sh.auth_refused_address),
     ),
     (
+        "gateway_auth_limit_untracked_total",
+        "counter",
+        "Failed logins from new client addresses that the per-address limit did not track, \
+         its table (65,536 addresses per shard) being full of live windows: logins from many \
+         addresses are failing; the limit lets those addresses through.",
+        |sh| one(sh.auth_limit_untracked),
+    ),
+    (
+        "gateway_send_timeouts_total",
+        "counter",
+        "Connections closed because their peer took none of the bytes waiting for it for \
+         send_timeout_seconds (clients that stopped reading; XEP-0198 sessions are detached).",
+        |sh| one(sh.send_timeouts),
+    ),
+    (
         "gateway_auth_total",
         "counter",
         "SASL authentications by result.",

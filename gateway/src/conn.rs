@@ -135,6 +135,11 @@ pub async fn adopt_loop(shard: Rc<Shard>, rx: flume::Receiver<Handoff>) {
 }
 
 fn spawn_conn(shard: Rc<Shard>, stream: TcpStream, session: Session, unread: Vec<u8>) {
+    // A write the peer takes nothing of for this long fails (glommio restarts the timer on
+    // every byte the socket takes), and the connection closes: `send_timeout_seconds`.
+    if let Err(e) = stream.set_write_timeout(Some(shard.send_timeout.get())) {
+        tracing::warn!(error = %e, "cannot set a connection's send timeout");
+    }
     let conn = Conn { s: session, shard };
     let task = conn.run(stream, unread);
     // For per-session memory breakdowns (`--log-level gateway::conn=trace`).
@@ -612,7 +617,9 @@ impl Conn {
 
 /// Writes `bytes`; once the connection's close is ordered, a write the peer does not take within
 /// `CLOSE_WRITE_GRACE_MILLISECONDS` fails, so a peer that stopped reading cannot hold its session
-/// (and the memory queued for it) open. Written bytes count in the shard's statistics.
+/// (and the memory queued for it) open; before that, a write that the peer takes nothing of for
+/// `send_timeout_seconds` fails (the stream's write timeout). Written bytes count in the shard's
+/// statistics.
 async fn write_wire(
     stream: &mut TcpStream,
     shard: &Shard,
@@ -620,7 +627,16 @@ async fn write_wire(
     bytes: &[u8],
 ) -> std::io::Result<()> {
     let write = async {
-        stream.write_all(bytes).await?;
+        if let Err(e) = stream.write_all(bytes).await {
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                shard.stats.borrow_mut().send_timeouts += 1;
+                tracing::debug!(
+                    shard = shard.id,
+                    "closing a connection whose peer stopped reading"
+                );
+            }
+            return Err(e);
+        }
         shard.stats.borrow_mut().bytes_out(bytes.len());
         Ok(())
     };

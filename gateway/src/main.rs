@@ -205,6 +205,10 @@ struct ServeArgs {
     /// Seconds a XEP-0198 session may be resumed after its connection is lost [default: 300].
     #[arg(long)]
     sm_resume_timeout_seconds: Option<u64>,
+    /// Seconds a peer may take none of the bytes waiting for it before its connection is
+    /// closed [default: 60].
+    #[arg(long)]
+    send_timeout_seconds: Option<u64>,
     /// Failed logins per client address (IPv6: per /64) and shard within the window before
     /// that address's logins are refused; 0: no limit [default: 30].
     #[arg(long)]
@@ -412,6 +416,9 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = s.sm_resume_timeout_seconds {
         config.sm_resume_timeout_seconds = v;
+    }
+    if let Some(v) = s.send_timeout_seconds {
+        config.send_timeout_seconds = v;
     }
     if let Some(v) = &s.push_url {
         config.push_url = Some(v.clone());

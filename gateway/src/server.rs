@@ -381,6 +381,9 @@ async fn run_shard(start: ShardStart) {
     shard
         .sm_resume_timeout
         .set(Duration::from_secs(start.config.sm_resume_timeout_seconds));
+    shard
+        .send_timeout
+        .set(Duration::from_secs(start.config.send_timeout_seconds));
     *shard.auth_limit.borrow_mut() = shared::address_limit::AddressLimit::new(
         start.config.auth_failures_per_address_max,
         Duration::from_secs(start.config.auth_failure_window_seconds),

@@ -226,6 +226,8 @@ pub struct Shard {
     next_detach: Cell<u64>,
     /// How long a detached session waits.
     pub sm_resume_timeout: Cell<std::time::Duration>,
+    /// How long a connection's peer may take none of its pending bytes (`send_timeout_seconds`).
+    pub send_timeout: Cell<std::time::Duration>,
     /// Failed logins by client address (`auth_failures_per_address_max`); off until set.
     pub auth_limit: RefCell<shared::address_limit::AddressLimit>,
     /// The push hook, when configured.
@@ -300,6 +302,9 @@ impl Shard {
             detached: RefCell::new(HashMap::new()),
             next_detach: Cell::new(0),
             sm_resume_timeout: Cell::new(std::time::Duration::ZERO),
+            send_timeout: Cell::new(std::time::Duration::from_secs(
+                shared::limits::SEND_TIMEOUT_SECONDS_DEFAULT,
+            )),
             auth_limit: RefCell::new(shared::address_limit::AddressLimit::new(
                 0,
                 std::time::Duration::ZERO,
@@ -701,6 +706,7 @@ impl Shard {
         let connections = self.open_connections.get() as u64;
         let knobs = self.knobs.borrow();
         let mut snap = self.stats.borrow().snapshot(sessions, connections, &knobs);
+        snap.auth_limit_untracked = self.auth_limit.borrow().untracked;
         snap.thread = crate::stats::procfs::thread(self.tid.get());
         snap
     }

@@ -112,6 +112,9 @@ pub struct ShardStats {
     auth_failures: u64,
     /// Logins refused before any password check: their client address had too many failures.
     pub auth_refused_address: u64,
+    /// Connections closed because their peer took none of their pending bytes for
+    /// `send_timeout_seconds`.
+    pub send_timeouts: u64,
     connections_tls_handshake: u64,
     connections_auth: u64,
     connections_session: u64,
@@ -161,6 +164,7 @@ impl ShardStats {
             auth_successes: 0,
             auth_failures: 0,
             auth_refused_address: 0,
+            send_timeouts: 0,
             connections_tls_handshake: 0,
             connections_auth: 0,
             connections_session: 0,
@@ -377,6 +381,9 @@ impl ShardStats {
             auth_successes: self.auth_successes,
             auth_failures: self.auth_failures,
             auth_refused_address: self.auth_refused_address,
+            // Filled in by the shard, which owns the limit.
+            auth_limit_untracked: 0,
+            send_timeouts: self.send_timeouts,
             delivered: self.delivered,
             undeliverable: self.undeliverable,
             mesh_frames_in: self.mesh_frames_in,
@@ -476,6 +483,13 @@ pub struct ShardSnapshot {
     /// Logins refused for their client address's failures (`auth_failures_per_address_max`).
     #[serde(default)]
     pub auth_refused_address: u64,
+    /// Failed logins from new addresses the per-address limit did not track: its table was
+    /// full of live windows (it fails open for them).
+    #[serde(default)]
+    pub auth_limit_untracked: u64,
+    /// Connections closed for taking none of their pending bytes for `send_timeout_seconds`.
+    #[serde(default)]
+    pub send_timeouts: u64,
     pub delivered: u64,
     pub undeliverable: u64,
     pub mesh_frames_in: u64,

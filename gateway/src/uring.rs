@@ -45,6 +45,8 @@ const GENERATION_MASK: u32 = 0x00FF_FFFF;
 
 /// Turns of the shard's other tasks the driver looks at its ring after, before it sleeps.
 const URING_IDLE_YIELDS: usize = 8;
+/// Capacity of the list of sends started in a turn that is kept between turns (entries).
+const SENDS_WATCHED_CAPACITY_KEPT: usize = 4_096;
 
 const ADMISSION_RETRY: Duration =
     Duration::from_millis(shared::limits::ADMISSION_RETRY_MILLISECONDS);
@@ -241,6 +243,8 @@ struct Slot {
     grace_armed: bool,
     /// The machine's deadline is in the timer heap.
     deadline_scheduled: bool,
+    /// A send-stall timer is in the heap (`send_timeout_seconds`).
+    stall_timer: bool,
     /// Waiting to move to its home shard: (home, bytes read meanwhile).
     handoff: Option<Box<(usize, Vec<u8>)>>,
 }
@@ -251,6 +255,9 @@ struct Sending {
     bytes: Vec<u8>,
     sent: usize,
     queued: Vec<u8>,
+    /// When the peer last took bytes of this send, kept only while a stall timer watches it
+    /// (`None`: not watched yet, so no clock read on the common path).
+    since: Option<Instant>,
 }
 
 impl Slot {
@@ -275,6 +282,9 @@ enum TimerKind {
     Deadline,
     /// A closing connection's last write gets `CLOSE_WRITE_GRACE_MILLISECONDS`.
     Grace,
+    /// A send that did not complete in the turn it was submitted in must make progress within
+    /// `send_timeout_seconds`.
+    SendStall,
 }
 
 /// Input of one connection, in order: data in a provided buffer, or the end of the stream.
@@ -312,6 +322,9 @@ pub struct Driver {
     entries: Vec<Entry>,
     free: Vec<u32>,
     timers: BinaryHeap<Reverse<(Instant, u32, u32, TimerKind)>>,
+    /// Sends submitted this turn, as (slot, generation): those still in flight after the next
+    /// turn's completions get a stall timer (`watch_sends`).
+    sends_started: Vec<(u32, u32)>,
     /// Input waiting while the mesh is blocked or a send queue fills (each holds a provided
     /// buffer: bounded by them).
     held: VecDeque<(u32, u32, Input)>,
@@ -394,6 +407,7 @@ impl Driver {
             entries: Vec::with_capacity(slots_reserved.min(URING_SLOTS_RESERVED_MAX)),
             free: Vec::new(),
             timers: BinaryHeap::new(),
+            sends_started: Vec::new(),
             held: VecDeque::new(),
             starved: VecDeque::new(),
             listeners: listener_states,
@@ -421,7 +435,13 @@ impl Driver {
         loop {
             // A new turn: the recipients that were filling had their writers run.
             self.shard.send_pressure.set(false);
+            let mut started = std::mem::take(&mut self.sends_started);
             let mut worked = self.reap();
+            self.watch_sends(&mut started);
+            if self.sends_started.is_empty() {
+                // Keep the allocation (the sends started while reaping stay in the other one).
+                std::mem::swap(&mut self.sends_started, &mut started);
+            }
             worked |= self.run_ready();
             worked |= self.run_timers(Instant::now());
             worked |= self.feed_held();
@@ -821,6 +841,7 @@ impl Driver {
                     bytes: wire,
                     sent: 0,
                     queued: Vec::new(),
+                    since: None,
                 }));
                 self.start_send(index);
             }
@@ -854,6 +875,38 @@ impl Driver {
             .build()
             .user_data(user_data(OP_SEND, index, generation));
         self.push(entry);
+        self.sends_started.push((index, generation));
+    }
+
+    /// Watches the sends submitted last turn that are still in flight after this turn's
+    /// completions (a send the socket has room for completes at once): each gets a stall timer,
+    /// and a peer that takes none of it for `send_timeout_seconds` has its connection closed.
+    /// Sends that complete at once arm nothing, so an idle session holds no timer.
+    fn watch_sends(&mut self, started: &mut Vec<(u32, u32)>) {
+        let timeout = self.shard.send_timeout.get();
+        let mut now = None;
+        for (index, generation) in started.drain(..) {
+            let Some(slot) = self.slot(index, generation) else {
+                continue;
+            };
+            if slot.stall_timer || slot.closing {
+                continue;
+            }
+            let Some(send) = slot.send.as_mut() else {
+                continue;
+            };
+            let at = *now.get_or_insert_with(Instant::now);
+            send.since = Some(at);
+            slot.stall_timer = true;
+            self.timers.push(Reverse((
+                at + timeout,
+                index,
+                generation,
+                TimerKind::SendStall,
+            )));
+        }
+        // Reused every turn; bounded by the sends of one turn.
+        started.shrink_to(SENDS_WATCHED_CAPACITY_KEPT);
     }
 
     fn on_send(&mut self, index: u32, generation: u32, result: i32) {
@@ -873,6 +926,9 @@ impl Driver {
             return;
         };
         send.sent += result as usize;
+        if slot.stall_timer && result > 0 {
+            send.since = Some(Instant::now());
+        }
         if send.sent < send.bytes.len() {
             self.start_send(index);
             return;
@@ -973,6 +1029,7 @@ impl Driver {
     /// Fires the timers that are due. True when any did.
     fn run_timers(&mut self, now: Instant) -> bool {
         let mut any = false;
+        let send_timeout = self.shard.send_timeout.get();
         while let Some(Reverse((at, index, generation, kind))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -999,6 +1056,38 @@ impl Driver {
                     if slot.send.is_some() {
                         // The peer did not take its last bytes in time: give up on them.
                         self.cancel(user_data(OP_SEND, index, generation));
+                    }
+                }
+                TimerKind::SendStall => {
+                    slot.stall_timer = false;
+                    if slot.closing {
+                        continue;
+                    }
+                    let Some(send) = slot.send.as_mut() else {
+                        continue;
+                    };
+                    match send.since {
+                        Some(since) if now.saturating_duration_since(since) >= send_timeout => {
+                            // The peer took nothing for the whole timeout: it stopped reading.
+                            self.shard.stats.borrow_mut().send_timeouts += 1;
+                            tracing::debug!(
+                                shard = self.shard.id,
+                                "closing a connection whose peer stopped reading"
+                            );
+                            self.cancel(user_data(OP_SEND, index, generation));
+                            self.begin_close(index);
+                        }
+                        since => {
+                            // Progress, or a later send (`None`): watch on from its last progress.
+                            let since = *send.since.insert(since.unwrap_or(now));
+                            slot.stall_timer = true;
+                            self.timers.push(Reverse((
+                                since + send_timeout,
+                                index,
+                                generation,
+                                TimerKind::SendStall,
+                            )));
+                        }
                     }
                 }
             }
@@ -1074,13 +1163,13 @@ impl Driver {
     /// Drops the timers of released slots once they are most of the heap. They are otherwise
     /// skipped when due, so after a storm closes the heap would keep one entry per closed
     /// session until its deadline passed, and its capacity for good. Each slot has at most a
-    /// deadline and a grace timer live; the sweep is O(heap) after at least as many releases
+    /// deadline, a grace and a send-stall timer live; the sweep is O(heap) after at least as many releases
     /// (amortised O(1)).
     fn sweep_timers(&mut self) {
         let live_slots = self.entries.len() - self.free.len();
         let heap = self.timers.len();
         if heap < shared::table::TABLE_SHRINK_CAPACITY_MIN_ENTRIES
-            || heap <= shared::table::TABLE_SPARSE_FACTOR * 2 * live_slots
+            || heap <= shared::table::TABLE_SPARSE_FACTOR * 3 * live_slots
         {
             return;
         }
@@ -1158,6 +1247,7 @@ impl Driver {
             corked: false,
             grace_armed: false,
             deadline_scheduled: false,
+            stall_timer: false,
             handoff: None,
         });
         match self.free.pop() {

@@ -638,6 +638,78 @@ fn a_recipient_that_stops_reading_gets_everything_in_order_when_it_reads_again()
     );
 }
 
+/// A recipient that stops reading is closed once its connection has taken nothing for
+/// `--send-timeout-seconds` (instead of holding its socket's buffers and its session for ever),
+/// on both engines, and counted; with XEP-0198 its messages stay stored, so its next login gets
+/// every one, in order.
+#[test]
+fn a_recipient_that_stops_reading_is_closed_after_the_send_timeout() {
+    stalled_recipient("uring");
+}
+
+#[test]
+fn a_recipient_that_stops_reading_is_closed_after_the_send_timeout_on_tasks() {
+    stalled_recipient("tasks");
+}
+
+fn stalled_recipient(io_engine: &str) {
+    let a = users_on_shard(0, 1).remove(0);
+    let b = users_on_shard(1, 1).remove(0);
+    let server = ServerBuilder::new()
+        .users(&[&a, &b])
+        .arg("--io-engine")
+        .arg(io_engine)
+        .arg("--send-timeout-seconds")
+        .arg("2")
+        .start();
+    let mut alice = server.login(&a, "r");
+    let mut bob = server.login(&b, "r");
+    for c in [&mut alice, &mut bob] {
+        c.send(&format!("<enable xmlns='{NS_SM}'/>"));
+        c.expect("<enabled");
+    }
+    let to = bob.jid.clone().expect("bound");
+    // 12 MB: more than the socket buffers hold, within the offline queue's default bounds.
+    const MESSAGES: usize = 6_000;
+    let body = "x".repeat(2_000);
+    for i in 0..MESSAGES {
+        alice.send(&format!(
+            "<message to='{to}' type='chat' id='s{i}'><body>{body}</body></message>"
+        ));
+    }
+    alice.send(&format!("<r xmlns='{NS_SM}'/>"));
+    alice.expect(&format!("<a xmlns='{NS_SM}' h='{MESSAGES}'/>"));
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while support::metric(&server, "gateway_send_timeouts_total", "") < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled connection was not closed\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // What the socket held, then the close.
+    bob.expect_eof();
+    assert_eq!(
+        support::metric(&server, "gateway_send_timeouts_total", ""),
+        1.0,
+        "only bob stalled"
+    );
+
+    // Nothing acknowledged, nothing lost: the next login gets all of them, once, in order.
+    let mut again = server.login(&b, "again");
+    again.send("<presence/>");
+    let ids = again.message_ids("s", MESSAGES);
+    let want: Vec<String> = (0..MESSAGES).map(|i| i.to_string()).collect();
+    assert!(
+        ids == want,
+        "{} messages, not 0..{MESSAGES} in order",
+        ids.len()
+    );
+    alice.assert_alive();
+}
+
 /// Two senders, one on each shard, flood one recipient at once (who reads as fast as it can):
 /// each sender's messages arrive whole and in their order, nothing undeliverable.
 #[test]
@@ -746,6 +818,11 @@ fn failed_logins_per_address(io_engine: &str) {
     assert_eq!(
         support::metric(&server, "gateway_auth_refused_total", ""),
         1.0
+    );
+    // One address fits the table (the count past a full table: shared::address_limit's tests).
+    assert_eq!(
+        support::metric(&server, "gateway_auth_limit_untracked_total", ""),
+        0.0
     );
 
     std::thread::sleep(Duration::from_millis(2_100));

@@ -93,6 +93,9 @@ pub struct Config {
     pub offline_age_days_max: u64,
     /// XEP-0198: seconds a session that lost its connection may be resumed.
     pub sm_resume_timeout_seconds: u64,
+    /// Seconds a connection's peer may take none of the bytes waiting for it before the
+    /// connection is closed (a XEP-0198 session is detached, awaiting resumption).
+    pub send_timeout_seconds: u64,
     /// Failed logins one client address (IPv6: its /64) may make per shard within
     /// `auth_failure_window_seconds` before its logins are refused; `0`: no limit.
     pub auth_failures_per_address_max: u32,
@@ -161,6 +164,7 @@ impl Default for Config {
             offline_bytes_max: limits::OFFLINE_BYTES_MAX_DEFAULT,
             offline_age_days_max: limits::OFFLINE_AGE_DAYS_MAX_DEFAULT,
             sm_resume_timeout_seconds: limits::SM_RESUME_TIMEOUT_SECONDS_DEFAULT,
+            send_timeout_seconds: limits::SEND_TIMEOUT_SECONDS_DEFAULT,
             auth_failures_per_address_max: limits::AUTH_FAILURES_PER_ADDRESS_DEFAULT,
             auth_failure_window_seconds: limits::AUTH_FAILURE_WINDOW_SECONDS_DEFAULT,
             push_url: None,
@@ -365,6 +369,13 @@ impl Config {
                 fix: "use 0 (no resumption) to 86400 seconds (default 300)",
             });
         }
+        if !(1..=limits::SEND_TIMEOUT_SECONDS_MAX).contains(&self.send_timeout_seconds) {
+            return Err(ConfigError::Invalid {
+                key: "send_timeout_seconds",
+                problem: format!("{} seconds is out of range", self.send_timeout_seconds),
+                fix: "use 1 to 3600 seconds (default 60)",
+            });
+        }
         if !(1..=limits::AUTH_FAILURE_WINDOW_SECONDS_MAX)
             .contains(&self.auth_failure_window_seconds)
         {
@@ -525,6 +536,8 @@ mod tests {
             "offline_messages_max = 0",
             "offline_age_days_max = 0",
             "sm_resume_timeout_seconds = 100000",
+            "send_timeout_seconds = 0",
+            "send_timeout_seconds = 3601",
         ] {
             let err = Config::from_toml(bad).unwrap_err().to_string();
             let key = bad.split(' ').next().unwrap();

@@ -26,6 +26,15 @@ pub const SESSION_SEND_QUEUE_STANZAS_MAX: usize = 1024;
 /// blocked on a peer that does not read gets this long before the socket is closed anyway.
 pub const CLOSE_WRITE_GRACE_MILLISECONDS: u64 = 2_000;
 
+/// A connection whose peer takes none of the bytes waiting for it for this long is closed
+/// (`send_timeout_seconds`): a client that stopped reading would otherwise hold its socket's
+/// kernel buffers (megabytes when autotuned) and its session for ever. A XEP-0198 session is
+/// detached, its messages kept for resumption or the next login.
+pub const SEND_TIMEOUT_SECONDS_DEFAULT: u64 = 60;
+
+/// Largest `send_timeout_seconds`.
+pub const SEND_TIMEOUT_SECONDS_MAX: u64 = 3_600;
+
 /// How often a shard looks whether enough connections closed to hand freed memory back to the OS.
 pub const MEMORY_RETURN_INTERVAL_MILLISECONDS: u64 = 1_000;
 
