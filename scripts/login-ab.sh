@@ -9,6 +9,9 @@
 # change. Besides logins per server CPU-second (the whole run, teardown included) it prints the
 # same for the logins alone (server CPU until every session was logged in and held), the
 # teardown's CPU per session, and the medians of the server's user and system CPU per login.
+# With --bins the first binary to start makes the data dir's TLS certificates, which both then
+# serve: a build that makes the ECDSA one only (before the Ed25519 pair) leaves the other build
+# without its Ed25519 certificate, so list the newer build first when comparing across that.
 # --bench-args (or --client-flag) passes more `bench login` arguments to every run (e.g. `--sasl2` with --bins). --bench-cpus runs the client under `taskset -c LIST` (unpinned threads)
 # so that, with GATEWAY_CPUS and GATEWAY_SHARDS, server and client sit on different CPUs: a
 # per-core figure, e.g. GATEWAY_SHARDS=1 GATEWAY_CPUS=1 ... --bench-cpus 0.
