@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
         --bins) BINS=$2; shift 2 ;;
         --bench-args|--client-flag) BENCH_ARGS=$2; shift 2 ;;
         --bench-cpus) BENCH_CPUS=$2; shift 2 ;;
-        -h|--help) sed -n '2,22p' "$0" >&2; exit 2 ;;
+        -h|--help) sed -n '2,27p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
