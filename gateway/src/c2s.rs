@@ -1364,15 +1364,20 @@ impl C2s {
         {
             return self.on_resume(&stanza, node, services, out);
         }
-        let bind = if stanza.kind == Kind::Iq {
-            router::build::parse(&stanza)
-        } else {
+        // The requested resource: read from the bytes for the plain request every client sends,
+        // from a parsed tree for any other shape.
+        let request = if stanza.kind != Kind::Iq {
             None
+        } else if let Some(resource) = router::build::bind_request(&stanza, NS_BIND) {
+            Some(resource)
+        } else {
+            router::build::parse(&stanza).and_then(|iq| {
+                let bind = iq.get_child("bind", NS_BIND)?;
+                let resource = bind.get_child("resource", NS_BIND).map(|r| r.text());
+                Some(resource.filter(|r| !r.is_empty()))
+            })
         };
-        let Some(iq) = bind else {
-            return self.stream_error("not-authorized", out);
-        };
-        let Some(bind) = iq.get_child("bind", NS_BIND) else {
+        let Some(resource) = request else {
             return self.stream_error("not-authorized", out);
         };
         let id = stanza.id();
@@ -1381,9 +1386,7 @@ impl C2s {
             iq_error(out, id, "modify", "bad-request");
             return cont(State::ExpectBind { node });
         }
-        let resource = bind.get_child("resource", NS_BIND).map(|r| r.text());
-        let resource = resource.as_deref().filter(|r| !r.is_empty());
-        match services.bind(&node, resource) {
+        match services.bind(&node, resource.as_deref()) {
             Ok(full_jid) => {
                 let _ = write!(Sink(out), "<iq type='result'");
                 write_id(out, id);
