@@ -122,8 +122,8 @@ for round in $(seq 1 "$ROUNDS"); do
         "$PEERS/gateway.sh" stop
     done
 done
-python3 - "$OUT" "$ROUNDS" "${values[@]}" <<'EOF'
-import json, statistics, sys
+LOGIN_AB_TLS="$TLS" python3 - "$OUT" "$ROUNDS" "${values[@]}" <<'EOF'
+import json, os, statistics, sys
 out, rounds, values = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 for v in values:
     rates, held_rates, users, systems, teardowns = [], [], [], [], []
@@ -151,7 +151,13 @@ for v in values:
                 f"server cpu {cpu:.2f} s, {rates[-1]:.0f} logins per server CPU-second")
         if held:
             line += f" ({held_rates[-1]:.0f} until held)"
-        print(line + f", {j['rates']['sessions_per_second']:.0f} logins/s")
+        line += f", {j['rates']['sessions_per_second']:.0f} logins/s"
+        if os.environ.get("LOGIN_AB_TLS") != "none":
+            # Which certificate the server signed with (older bench builds do not report it).
+            ed = j["counts"].get("tls_ed25519")
+            if ed is not None:
+                line += f", Ed25519 certificate in {ed} of {est} handshakes"
+        print(line)
     if rates:
         line = (f"{v}: median {statistics.median(rates):.0f} logins per server CPU-second, "
                 f"server CPU per login median user {statistics.median(users):.0f} us, "

@@ -156,6 +156,8 @@ pub struct Shared {
     pub dropped: AtomicU64,
     /// TLS handshakes of the current connect phase that resumed a session (a ticket).
     pub phase_resumed: AtomicU64,
+    /// TLS handshakes of the current connect phase whose server certificate has an Ed25519 key.
+    pub phase_ed25519: AtomicU64,
 }
 
 /// One chat run (a step of a sweep): its schedule share and its delivery bookkeeping.
@@ -304,6 +306,7 @@ impl Driver {
         self.shared.phase_established.store(0, Ordering::SeqCst);
         self.shared.phase_failed.store(0, Ordering::SeqCst);
         self.shared.phase_resumed.store(0, Ordering::SeqCst);
+        self.shared.phase_ed25519.store(0, Ordering::SeqCst);
         let per_thread = rate.map(|r| r / self.config.threads as f64);
         self.send(|| Cmd::Connect {
             phase_start,
@@ -903,6 +906,13 @@ impl Thread {
                 if tls.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
                     self.shared.phase_resumed.fetch_add(1, Ordering::Relaxed);
                 }
+                if tls
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .is_some_and(|c| has_ed25519_key(c))
+                {
+                    self.shared.phase_ed25519.fetch_add(1, Ordering::Relaxed);
+                }
             }
             if self.config.handshake_only {
                 return self.handshake_only_step(slot);
@@ -1313,4 +1323,19 @@ mod tests {
         assert_eq!(parse_body(&short), Some((1, 2)));
         assert_eq!(parse_body("hello"), None);
     }
+}
+
+/// The DER of an Ed25519 `SubjectPublicKeyInfo` up to its 32 key bytes (RFC 8410 §4): a
+/// SEQUENCE of 42 bytes, the algorithm (OID 1.3.101.112, no parameters), a BIT STRING of 33.
+/// Found only in a certificate whose own key is Ed25519 (an issuer's Ed25519 signature shows
+/// the algorithm without the BIT STRING header).
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Whether the certificate's key is Ed25519 (which tells which of a server's certificates it
+/// signed the handshake with).
+fn has_ed25519_key(cert: &[u8]) -> bool {
+    cert.windows(ED25519_SPKI_PREFIX.len())
+        .any(|w| w == ED25519_SPKI_PREFIX)
 }

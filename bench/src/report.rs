@@ -78,6 +78,10 @@ pub struct LoginCounts {
     /// of the few tickets rustls's cache keeps).
     #[serde(default)]
     pub tls_resumed: u64,
+    /// TLS handshakes of the measured phase whose server certificate has an Ed25519 key (the
+    /// rest: ECDSA or RSA), so a run says which certificate it measured.
+    #[serde(default)]
+    pub tls_ed25519: u64,
 }
 
 impl LoginCounts {
@@ -86,6 +90,7 @@ impl LoginCounts {
         self.iap_pipelined += other.iap_pipelined;
         self.iap_refused += other.iap_refused;
         self.tls_resumed += other.tls_resumed;
+        self.tls_ed25519 += other.tls_ed25519;
     }
 }
 

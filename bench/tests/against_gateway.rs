@@ -392,6 +392,9 @@ fn bench_against_gateway() {
         r.counts.login.tls_resumed, 60,
         "every login of the second phase resumes"
     );
+    // The gateway's generated pair: bench's client offers Ed25519, so every handshake signs
+    // with it (resumed ones carry the certificate of their first handshake).
+    assert_eq!(r.counts.login.tls_ed25519, 60, "the Ed25519 certificate");
     // The server's CPU is read twice: when every login is held, and after they all closed.
     let figures = r.server.as_ref().expect("server figures");
     let user_held = figures.cpu_user_seconds_to_held.expect("CPU until held");

@@ -28,6 +28,8 @@ pub(super) struct Phase {
     pub last_seconds: f64,
     /// TLS handshakes that resumed a session.
     pub resumed: u64,
+    /// TLS handshakes whose server certificate has an Ed25519 key.
+    pub ed25519: u64,
 }
 
 pub(super) struct Worker {
@@ -117,6 +119,7 @@ impl Worker {
         }
         let established = shared.phase_established.load(Ordering::Relaxed);
         let resumed = shared.phase_resumed.load(Ordering::Relaxed);
+        let ed25519 = shared.phase_ed25519.load(Ordering::Relaxed);
         let mut failed = shared.phase_failed.load(Ordering::Relaxed);
         if established + failed < total {
             let missing = total - established - failed;
@@ -155,6 +158,7 @@ impl Worker {
             t100,
             last_seconds,
             resumed,
+            ed25519,
         })
     }
 
@@ -169,6 +173,7 @@ impl Worker {
         r.time_to_100pct_seconds = phase.t100;
         r.ramp_seconds = phase.last_seconds;
         r.login_counts.tls_resumed = phase.resumed;
+        r.login_counts.tls_ed25519 = phase.ed25519;
     }
 
     /// Sleeps, serving nothing (the driver threads do the work), bounded.
