@@ -1299,6 +1299,21 @@ pub mod sys {
     }
 }
 
+/// The DER of an Ed25519 `SubjectPublicKeyInfo` up to its 32 key bytes (RFC 8410 §4): a
+/// SEQUENCE of 42 bytes, the algorithm (OID 1.3.101.112, no parameters), a BIT STRING of 33.
+/// Found only in a certificate whose own key is Ed25519 (an issuer's Ed25519 signature shows
+/// the algorithm without the BIT STRING header).
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Whether the certificate's key is Ed25519 (which tells which of a server's certificates it
+/// signed the handshake with).
+fn has_ed25519_key(cert: &[u8]) -> bool {
+    cert.windows(ED25519_SPKI_PREFIX.len())
+        .any(|w| w == ED25519_SPKI_PREFIX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1323,19 +1338,17 @@ mod tests {
         assert_eq!(parse_body(&short), Some((1, 2)));
         assert_eq!(parse_body("hello"), None);
     }
-}
 
-/// The DER of an Ed25519 `SubjectPublicKeyInfo` up to its 32 key bytes (RFC 8410 §4): a
-/// SEQUENCE of 42 bytes, the algorithm (OID 1.3.101.112, no parameters), a BIT STRING of 33.
-/// Found only in a certificate whose own key is Ed25519 (an issuer's Ed25519 signature shows
-/// the algorithm without the BIT STRING header).
-const ED25519_SPKI_PREFIX: [u8; 12] = [
-    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
-];
-
-/// Whether the certificate's key is Ed25519 (which tells which of a server's certificates it
-/// signed the handshake with).
-fn has_ed25519_key(cert: &[u8]) -> bool {
-    cert.windows(ED25519_SPKI_PREFIX.len())
-        .any(|w| w == ED25519_SPKI_PREFIX)
+    #[test]
+    fn an_ed25519_key_is_told_from_an_ed25519_signature() {
+        let mut ed_key = vec![0x30, 0x82, 0x01, 0x00];
+        ed_key.extend_from_slice(&ED25519_SPKI_PREFIX);
+        ed_key.extend_from_slice(&[7; 32]);
+        assert!(has_ed25519_key(&ed_key));
+        // An ECDSA key signed by an Ed25519 issuer: the algorithm appears, not the key's header.
+        let signed = [
+            0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x30, 0x59, 0x30, 0x13,
+        ];
+        assert!(!has_ed25519_key(&signed));
+    }
 }
