@@ -87,6 +87,32 @@ fn malformed_xml_gets_not_well_formed() {
 }
 
 #[test]
+fn text_with_the_cdata_end_never_reaches_a_recipient() {
+    // Goal: `]]>` in a message's text (not well-formed: it only ends a CDATA section) ends the
+    // sender's stream instead of being passed on, where the recipient's XML parser would end
+    // its stream. Method: a bound session sends it to the witnesses on both shards; it gets
+    // <not-well-formed/>, and the witnesses receive nothing from it and still work.
+    let mut f = fixture(ServerBuilder::new());
+    let mut bad = f.server.login(&f.bad, "r");
+    let targets = [f.same.jid.clone().unwrap(), f.other.jid.clone().unwrap()];
+    for to in &targets {
+        bad.send(&format!(
+            "<message to='{to}' type='chat' id='cdata-end'><body>a ]]> b</body></message>"
+        ));
+    }
+    bad.expect_stream_error("not-well-formed");
+    for witness in [&mut f.same, &mut f.other] {
+        assert!(
+            witness
+                .try_expect("cdata-end", Duration::from_millis(300))
+                .is_err(),
+            "the message reached a recipient"
+        );
+    }
+    f.assert_witnesses_alive();
+}
+
+#[test]
 fn oversized_stanza_gets_policy_violation() {
     // Goal: a stanza larger than --stanza-bytes-max gets <policy-violation/>, and one under the
     // limit does not. Method: limit 4096; a bound session sends itself a ~3000-byte message (must

@@ -312,12 +312,24 @@ impl Framer {
                         self.state = State::ContentRef;
                         self.pos += 1;
                     }
+                    b'>' => {
+                        // `]]>` only ends a CDATA section (XML 1.0 §2.4): in text it is not
+                        // well-formed, and passed on it would end the recipient's stream in
+                        // its client's parser. Inside a stanza `buf` holds the stanza from
+                        // offset 0, and two `]` just before a `>` in content are content too.
+                        if self.pos >= 2 && self.buf[self.pos - 2..self.pos] == *b"]]" {
+                            return Err(NotWellFormed("']]>' in text"));
+                        }
+                        self.pos += 1;
+                    }
                     _ if is_forbidden_control(b) => return Err(NotWellFormed("control character")),
                     _ => {
                         // Fast path: skip plain character data in one go.
                         let run = self.buf[self.pos..end]
                             .iter()
-                            .position(|&c| c == b'<' || c == b'&' || is_forbidden_control(c))
+                            .position(|&c| {
+                                c == b'<' || c == b'&' || c == b'>' || is_forbidden_control(c)
+                            })
                             .unwrap_or(end - self.pos);
                         self.pos += run;
                     }
@@ -410,6 +422,7 @@ impl Framer {
                         continue;
                     }
                     self.tag_name = self.name_start..self.pos;
+                    check_name(&self.buf[self.tag_name.clone()])?;
                     match b {
                         b'>' => {
                             if let Some(ev) = self.start_tag_done(self.pos, false)? {
@@ -472,6 +485,7 @@ impl Framer {
                         return Err(NotWellFormed("bad character in attribute name"));
                     }
                     self.attr_name = self.name_start..self.pos;
+                    check_name(&self.buf[self.attr_name.clone()])?;
                     self.check_new_attribute()?;
                     self.state = if b == b'=' {
                         State::AttrAfterEq
@@ -800,6 +814,42 @@ fn is_name_char(b: u8) -> bool {
     is_name_start(b) || b.is_ascii_digit() || b == b'-' || b == b'.'
 }
 
+/// The byte scan takes any non-ASCII byte in a name, so a name holding one is checked whole once
+/// it ends: UTF-8 of XML 1.0 name characters (§2.3). Passed on, a name a recipient's parser
+/// refuses would end the recipient's stream (a U+00B9 in an attribute name was found by the
+/// `bind_request` fuzz target). End tags need no check: they must match their start tag.
+fn check_name(name: &[u8]) -> Result<(), FrameError> {
+    if name.is_ascii() {
+        return Ok(());
+    }
+    let valid = std::str::from_utf8(name).is_ok_and(|s| {
+        let mut chars = s.chars();
+        chars.next().is_some_and(is_name_start_char) && chars.all(is_name_char_unicode)
+    });
+    if valid {
+        Ok(())
+    } else {
+        Err(NotWellFormed("bad character in name"))
+    }
+}
+
+/// XML 1.0 (fifth edition) `NameStartChar`.
+fn is_name_start_char(c: char) -> bool {
+    matches!(c,
+        ':' | 'A'..='Z' | '_' | 'a'..='z'
+        | '\u{C0}'..='\u{D6}' | '\u{D8}'..='\u{F6}' | '\u{F8}'..='\u{2FF}'
+        | '\u{370}'..='\u{37D}' | '\u{37F}'..='\u{1FFF}' | '\u{200C}'..='\u{200D}'
+        | '\u{2070}'..='\u{218F}' | '\u{2C00}'..='\u{2FEF}' | '\u{3001}'..='\u{D7FF}'
+        | '\u{F900}'..='\u{FDCF}' | '\u{FDF0}'..='\u{FFFD}' | '\u{10000}'..='\u{EFFFF}')
+}
+
+/// XML 1.0 (fifth edition) `NameChar`.
+fn is_name_char_unicode(c: char) -> bool {
+    is_name_start_char(c)
+        || matches!(c,
+            '-' | '.' | '0'..='9' | '\u{B7}' | '\u{300}'..='\u{36F}' | '\u{203F}'..='\u{2040}')
+}
+
 /// Checks the text between `&` and `;`: one of the five predefined entities or a character
 /// reference to an XML character. Any other well-formed name is an entity §11.1 forbids.
 fn check_reference(r: &[u8]) -> Result<(), FrameError> {
@@ -1075,6 +1125,41 @@ mod tests {
         assert_eq!(error_of("<!-- -->").condition(), "restricted-xml");
     }
 
+    /// Names may hold any XML name character beyond ASCII.
+    #[test]
+    fn non_ascii_names_that_are_xml_names_pass() {
+        let text = "<message \u{E9}t\u{E9}='1' a\u{B7}b='2'><\u{65E5}\u{672C} xmlns='y' \
+                    x\u{300}='3'/></message>";
+        let (events, err) = run(format!("{HEADER}{text}").as_bytes(), STANZA_BYTES_MAX);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(stanzas(&events)[0].as_str(), text);
+    }
+
+    /// `>` is plain text, and so are `]>` and `]]` before anything but `>`; only `]]>` is not.
+    #[test]
+    fn right_angle_brackets_in_text_are_text() {
+        let text = "<message><body>a > b ]> c ]] > d ]]&gt; e ]]]</body></message>";
+        for chunk in [usize::MAX, 1] {
+            let mut f = Framer::new(STANZA_BYTES_MAX);
+            let input = format!("{HEADER}{text}");
+            for piece in input.as_bytes().chunks(chunk.min(input.len())) {
+                f.push(piece);
+            }
+            let (events, err) = drain(&mut f);
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(stanzas(&events).len(), 1, "{events:?}");
+            assert_eq!(stanzas(&events)[0].as_str(), text);
+        }
+        // Split anywhere, `]]>` is still found: the stanza's bytes stay in the buffer.
+        let bad = format!("{HEADER}<message><body>x]]>y</body></message>");
+        let mut f = Framer::new(STANZA_BYTES_MAX);
+        for piece in bad.as_bytes().chunks(1) {
+            f.push(piece);
+        }
+        let (_, err) = drain(&mut f);
+        assert!(matches!(err, Some(NotWellFormed(_))), "{err:?}");
+    }
+
     #[test]
     fn not_well_formed() {
         for (stanza, what) in [
@@ -1104,6 +1189,25 @@ mod tests {
             ("<1message/>", "bad name start"),
             ("<message/ >", "'/' not before '>'"),
             ("<![CDATA[x]]>", "CDATA at depth 1"),
+            ("<message><body>a ]]> b</body></message>", "']]>' in text"),
+            (
+                "<message><body>]]></body></message>",
+                "']]>' at the start of text",
+            ),
+            ("<message>]]></message>", "']]>' in the stanza's own text"),
+            (
+                "<message><x\u{B9} xmlns='y'/></message>",
+                "U+00B9 in an element name",
+            ),
+            ("<message a\u{B9}='1'/>", "U+00B9 in an attribute name"),
+            (
+                "<message \u{B7}a='1'/>",
+                "U+00B7 starting an attribute name",
+            ),
+            (
+                "<message><\u{300}x xmlns='y'/></message>",
+                "a combining mark starting a name",
+            ),
         ] {
             assert!(matches!(error_of(stanza), NotWellFormed(_)), "{what}");
         }
