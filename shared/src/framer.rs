@@ -153,6 +153,9 @@ pub struct Framer {
     poisoned: Option<FrameError>,
     /// Open elements of the stanza in progress (its root first), as name ranges into `buf`.
     stack: Vec<Range<usize>>,
+    /// Namespace prefixes declared in the stanza in progress (`xmlns:p`), with the depth of the
+    /// element declaring them, as ranges into `buf`; emptied with the stanza.
+    prefixes: Vec<(usize, Range<usize>)>,
     /// The stream element's qualified name, to match `</stream:stream>`.
     stream_name: Vec<u8>,
     /// Offset of the `<` of the tag or markup being scanned.
@@ -182,6 +185,7 @@ impl Framer {
             phase: Phase::Prolog,
             poisoned: None,
             stack: Vec::new(),
+            prefixes: Vec::new(),
             stream_name: Vec::new(),
             tag_start: 0,
             name_start: 0,
@@ -229,6 +233,7 @@ impl Framer {
         self.phase = Phase::Prolog;
         self.poisoned = None;
         self.stack.clear();
+        self.prefixes.clear();
         self.stream_name.clear();
         self.attrs.clear();
         self.header = Header::default();
@@ -643,6 +648,11 @@ impl Framer {
         if depth > STANZA_DEPTH_MAX {
             return Err(PolicyViolation("elements nested too deep"));
         }
+        self.check_namespaces(depth)?;
+        if self_closing {
+            // Its declarations end with it.
+            self.prefixes.retain(|(d, _)| *d < depth);
+        }
         if depth == 1 {
             let start_tag_end = if self_closing { gt - 1 } else { gt };
             self.header = self.stanza_header(start_tag_end, self_closing);
@@ -680,6 +690,8 @@ impl Framer {
         if self.buf[open] != *name {
             return Err(NotWellFormed("mismatched end tag"));
         }
+        let depth = self.stack.len();
+        self.prefixes.retain(|(d, _)| *d <= depth);
         if self.stack.is_empty() {
             return self.emit_stanza(end).map(Some);
         }
@@ -715,6 +727,73 @@ impl Framer {
     }
 
     /// Cuts the finished stanza `buf[..end]` off the buffer (no copy) and wraps it.
+    /// The current start tag at `depth` is namespace-well-formed (Namespaces in XML 1.0 §3, §5,
+    /// which RFC 6120 §11.4 requires): qualified names with at most one `:`, prefixes declared
+    /// in the stanza itself (a stanza is passed on alone, so a prefix declared on the sender's
+    /// stream header would be unbound at the recipient), bound to a namespace. The stream's own
+    /// prefix (`stream:error`) and `xml` are always bound. A stanza a namespace-aware parser
+    /// refuses would end its recipient's stream (found by the `framer_vs_parser` fuzz target).
+    fn check_namespaces(&mut self, depth: usize) -> Result<(), FrameError> {
+        for a in &self.attrs {
+            let name = &self.buf[a.name.clone()];
+            if let Some(prefix) = name.strip_prefix(b"xmlns:") {
+                if prefix.is_empty() || prefix.contains(&b':') {
+                    return Err(NotWellFormed("malformed namespace prefix"));
+                }
+                if a.value.is_empty() {
+                    return Err(NotWellFormed("a prefix declared with no namespace"));
+                }
+                self.prefixes.push((depth, a.name.start + 6..a.name.end));
+            }
+        }
+        let stream_prefix = self
+            .stream_name
+            .iter()
+            .position(|&c| c == b':')
+            .map(|i| &self.stream_name[..i]);
+        let bound = |prefix: &[u8]| {
+            prefix == b"xml"
+                || Some(prefix) == stream_prefix
+                || self
+                    .prefixes
+                    .iter()
+                    .any(|(_, r)| self.buf[r.clone()] == *prefix)
+        };
+        let prefix_of = |name: &[u8]| -> Result<Option<usize>, FrameError> {
+            let mut colons = name.iter().enumerate().filter(|(_, &c)| c == b':');
+            match (colons.next(), colons.next()) {
+                (None, _) => Ok(None),
+                // Both parts NCNames: the local part starts like a name too (`xmlns:5r` no).
+                (Some((i, _)), None)
+                    if i > 0
+                        && std::str::from_utf8(&name[i + 1..])
+                            .ok()
+                            .and_then(|local| local.chars().next())
+                            .is_some_and(is_name_start_char) =>
+                {
+                    Ok(Some(i))
+                }
+                _ => Err(NotWellFormed("malformed qualified name")),
+            }
+        };
+        let element = &self.buf[self.tag_name.clone()];
+        if let Some(i) = prefix_of(element)? {
+            if &element[..i] == b"xmlns" || !bound(&element[..i]) {
+                return Err(NotWellFormed("undeclared namespace prefix"));
+            }
+        }
+        for a in &self.attrs {
+            let name = &self.buf[a.name.clone()];
+            if let Some(i) = prefix_of(name)? {
+                let prefix = &name[..i];
+                if prefix != b"xmlns" && !bound(prefix) {
+                    return Err(NotWellFormed("undeclared namespace prefix"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn emit_stanza(&mut self, end: usize) -> Result<Event, FrameError> {
         if end > self.stanza_bytes_max {
             return Err(PolicyViolation("stanza too large"));
@@ -1125,6 +1204,23 @@ mod tests {
         assert_eq!(error_of("<!-- -->").condition(), "restricted-xml");
     }
 
+    /// Prefixes declared in the stanza bind in the element and below; `xml` and the stream's
+    /// prefix are always bound.
+    #[test]
+    fn declared_prefixes_pass() {
+        let text =
+            "<message xml:lang='en'><a:x xmlns:a='urn:a' a:k='1'><a:y/><b:z xmlns:b='urn:b' \
+                    b:k='2'/></a:x><c:q xmlns:c='urn:c'/><stream:error/></message>";
+        let (events, err) = run(format!("{HEADER}{text}").as_bytes(), STANZA_BYTES_MAX);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(stanzas(&events)[0].as_str(), text);
+        // A later stanza does not inherit them.
+        let later = format!("{HEADER}{text}<message><a:y/></message>");
+        let (events, err) = run(later.as_bytes(), STANZA_BYTES_MAX);
+        assert_eq!(stanzas(&events).len(), 1);
+        assert!(matches!(err, Some(NotWellFormed(_))), "{err:?}");
+    }
+
     /// Names may hold any XML name character beyond ASCII.
     #[test]
     fn non_ascii_names_that_are_xml_names_pass() {
@@ -1200,6 +1296,33 @@ mod tests {
                 "U+00B9 in an element name",
             ),
             ("<message a\u{B9}='1'/>", "U+00B9 in an attribute name"),
+            ("<message><a:b/></message>", "undeclared element prefix"),
+            ("<message a:b='1'/>", "undeclared attribute prefix"),
+            (
+                "<message><a:b:c xmlns:a='u'/></message>",
+                "two colons in a name",
+            ),
+            (
+                "<message><x xmlns:a='u'/><a:y/></message>",
+                "a prefix used out of its scope",
+            ),
+            (
+                "<message><x xmlns:a=''/></message>",
+                "a prefix declared with no namespace",
+            ),
+            ("<message><:x/></message>", "an empty prefix"),
+            (
+                "<message><x xmlns:5r='u'/></message>",
+                "a prefix that is no name",
+            ),
+            (
+                "<message><a:-x xmlns:a='u'/></message>",
+                "a local part that is no name",
+            ),
+            (
+                "<message><xmlns:x/></message>",
+                "the xmlns prefix on an element",
+            ),
             (
                 "<message \u{B7}a='1'/>",
                 "U+00B7 starting an attribute name",

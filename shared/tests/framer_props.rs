@@ -113,6 +113,10 @@ fn stanza() -> impl Strategy<Value = Element> {
 fn write_element(e: &Element, out: &mut String) {
     out.push('<');
     out.push_str(e.name);
+    // A prefixed name declares its prefix (the framer requires it declared in the stanza).
+    if let Some((prefix, _)) = e.name.split_once(':') {
+        out.push_str(&format!(" xmlns:{prefix}='urn:test:{prefix}'"));
+    }
     for (name, value, quote) in &e.attrs {
         out.push_str(&format!(" {name}={quote}{}{quote}", escape(value)));
     }
