@@ -730,20 +730,42 @@ impl Framer {
     /// The current start tag at `depth` is namespace-well-formed (Namespaces in XML 1.0 §3, §5,
     /// which RFC 6120 §11.4 requires): qualified names with at most one `:`, prefixes declared
     /// in the stanza itself (a stanza is passed on alone, so a prefix declared on the sender's
-    /// stream header would be unbound at the recipient), bound to a namespace. The stream's own
-    /// prefix (`stream:error`) and `xml` are always bound. A stanza a namespace-aware parser
+    /// stream header would be unbound at the recipient), bound to a namespace. `xml` is
+    /// always bound, and the stream's prefix on a top-level element (`stream:error`). A stanza a namespace-aware parser
     /// refuses would end its recipient's stream (found by the `framer_vs_parser` fuzz target).
     fn check_namespaces(&mut self, depth: usize) -> Result<(), FrameError> {
+        /// Namespaces in XML 1.0 §3: `xml` is bound to this and nothing else is, and nothing is
+        /// bound to `xmlns`'s.
+        const NS_XML: &str = "http://www.w3.org/XML/1998/namespace";
+        const NS_XMLNS: &str = "http://www.w3.org/2000/xmlns/";
         for a in &self.attrs {
             let name = &self.buf[a.name.clone()];
-            if let Some(prefix) = name.strip_prefix(b"xmlns:") {
-                if prefix.is_empty() || prefix.contains(&b':') {
-                    return Err(NotWellFormed("malformed namespace prefix"));
+            let declared = match name.strip_prefix(b"xmlns") {
+                Some(b"") => None,
+                Some([b':', prefix @ ..]) => Some(prefix),
+                _ => continue,
+            };
+            // Declarations are rare: their value is read whole (the references were checked).
+            let value = std::str::from_utf8(&self.buf[a.value.clone()])
+                .ok()
+                .and_then(crate::escape::unescape)
+                .ok_or(NotWellFormed("malformed namespace name"))?;
+            let reserved = value == NS_XML || value == NS_XMLNS;
+            match declared {
+                None if reserved => return Err(NotWellFormed("a reserved default namespace")),
+                None => {}
+                Some(b"xml") if value == NS_XML => {}
+                Some(prefix) => {
+                    if prefix.is_empty() || prefix.contains(&b':') || prefix == b"xmlns" {
+                        return Err(NotWellFormed("malformed namespace prefix"));
+                    }
+                    if value.is_empty() || reserved || prefix == b"xml" {
+                        return Err(NotWellFormed(
+                            "a prefix declared with no or a reserved namespace",
+                        ));
+                    }
+                    self.prefixes.push((depth, a.name.start + 6..a.name.end));
                 }
-                if a.value.is_empty() {
-                    return Err(NotWellFormed("a prefix declared with no namespace"));
-                }
-                self.prefixes.push((depth, a.name.start + 6..a.name.end));
             }
         }
         let stream_prefix = self
@@ -753,7 +775,8 @@ impl Framer {
             .map(|i| &self.stream_name[..i]);
         let bound = |prefix: &[u8]| {
             prefix == b"xml"
-                || Some(prefix) == stream_prefix
+                // Only a top-level element (`stream:error`), which is never passed on.
+                || (depth == 1 && Some(prefix) == stream_prefix)
                 || self
                     .prefixes
                     .iter()
@@ -931,6 +954,11 @@ fn is_name_char_unicode(c: char) -> bool {
 
 /// Checks the text between `&` and `;`: one of the five predefined entities or a character
 /// reference to an XML character. Any other well-formed name is an entity §11.1 forbids.
+/// Digits a character reference may have. XML sets no bound (leading zeros), but no character
+/// needs more than 7 and rxml, which XMPP clients in Rust parse with, refuses references over
+/// 8 (found by the `bind_request` fuzz target): such a stanza passed on would end their stream.
+const CHARACTER_REFERENCE_DIGITS_MAX: usize = 8;
+
 fn check_reference(r: &[u8]) -> Result<(), FrameError> {
     const MALFORMED: FrameError = NotWellFormed("malformed reference");
     let (digits, radix) = match r {
@@ -944,6 +972,9 @@ fn check_reference(r: &[u8]) -> Result<(), FrameError> {
     };
     if digits.is_empty() {
         return Err(MALFORMED);
+    }
+    if digits.len() > CHARACTER_REFERENCE_DIGITS_MAX {
+        return Err(NotWellFormed("character reference of over 8 digits"));
     }
     let mut code: u32 = 0;
     for &d in digits {
@@ -1210,15 +1241,26 @@ mod tests {
     fn declared_prefixes_pass() {
         let text =
             "<message xml:lang='en'><a:x xmlns:a='urn:a' a:k='1'><a:y/><b:z xmlns:b='urn:b' \
-                    b:k='2'/></a:x><c:q xmlns:c='urn:c'/><stream:error/></message>";
-        let (events, err) = run(format!("{HEADER}{text}").as_bytes(), STANZA_BYTES_MAX);
+                    b:k='2'/></a:x><c:q xmlns:c='urn:c'/></message>";
+        let input = format!("{HEADER}{text}<stream:error/>");
+        let (events, err) = run(input.as_bytes(), STANZA_BYTES_MAX);
         assert!(err.is_none(), "{err:?}");
         assert_eq!(stanzas(&events)[0].as_str(), text);
+        assert_eq!(stanzas(&events)[1].as_str(), "<stream:error/>");
         // A later stanza does not inherit them.
         let later = format!("{HEADER}{text}<message><a:y/></message>");
         let (events, err) = run(later.as_bytes(), STANZA_BYTES_MAX);
         assert_eq!(stanzas(&events).len(), 1);
         assert!(matches!(err, Some(NotWellFormed(_))), "{err:?}");
+    }
+
+    /// Character references of up to 8 digits pass, leading zeros included.
+    #[test]
+    fn character_references_of_eight_digits_pass() {
+        let text = "<message a='&#x0000004A;'><body>&#00000065;&#x10FFFF;</body></message>";
+        let (events, err) = run(format!("{HEADER}{text}").as_bytes(), STANZA_BYTES_MAX);
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!(stanzas(&events)[0].as_str(), text);
     }
 
     /// Names may hold any XML name character beyond ASCII.
@@ -1322,6 +1364,31 @@ mod tests {
             (
                 "<message><xmlns:x/></message>",
                 "the xmlns prefix on an element",
+            ),
+            (
+                "<message><stream:error/></message>",
+                "the stream's prefix inside a stanza",
+            ),
+            (
+                "<message><x xmlns='http://www.w3.org/XML/1998/namespace'/></message>",
+                "the default namespace bound to xml's",
+            ),
+            (
+                "<message><x xmlns:p='http://www.w3.org/2000/xmlns/'/></message>",
+                "a prefix bound to xmlns's namespace",
+            ),
+            ("<message><x xmlns:xml='urn:x'/></message>", "xml rebound"),
+            (
+                "<message><x xmlns:xmlns='urn:x'/></message>",
+                "xmlns declared",
+            ),
+            (
+                "<message><body>&#000000009;</body></message>",
+                "a character reference of 9 digits",
+            ),
+            (
+                "<message a='&#x000000041;'/>",
+                "a hexadecimal one of 9 digits in a value",
             ),
             (
                 "<message \u{B7}a='1'/>",
