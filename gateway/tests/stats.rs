@@ -588,33 +588,15 @@ fn a_recipient_that_stops_reading_gets_everything_in_order_when_it_reads_again()
     let a = users_on_shard(0, 1).remove(0);
     let b = users_on_shard(1, 1).remove(0);
     let server = ServerBuilder::new().users(&[&a, &b]).start();
-    let mut alice = server.login(&a, "r");
-    let mut bob = server.login(&b, "r");
-    for c in [&mut alice, &mut bob] {
-        c.send(&format!("<enable xmlns='{NS_SM}'/>"));
-        c.expect("<enabled");
-    }
-    // The full JID: bob sent no presence, so a message to his bare JID would only be stored.
-    let to = bob.jid.clone().expect("bound");
-    // 12 MB: more than the socket buffers and bob's 1,024-stanza send queue hold, less than the
-    // offline queue's default bounds (10,000 messages, 16 MiB).
-    const MESSAGES: usize = 6_000;
-    let body = "x".repeat(2_000);
-    for i in 0..MESSAGES {
-        alice.send(&format!(
-            "<message to='{to}' type='chat' id='s{i}'><body>{body}</body></message>"
-        ));
-    }
-    alice.send(&format!("<r xmlns='{NS_SM}'/>"));
-    alice.expect(&format!("<a xmlns='{NS_SM}' h='{MESSAGES}'/>"));
+    let (_alice, mut bob) = flood_an_unread_recipient(&server, &a, &b);
     assert!(
         support::metric(&server, "gateway_undeliverable_total", "") > 0.0,
         "the flood outran bob's send queue"
     );
 
     // Every message once, in order: no gap, no repeat.
-    let ids = bob.message_ids("s", MESSAGES);
-    let want: Vec<String> = (0..MESSAGES).map(|i| i.to_string()).collect();
+    let ids = bob.message_ids("s", UNREAD_FLOOD_MESSAGES);
+    let want: Vec<String> = (0..UNREAD_FLOOD_MESSAGES).map(|i| i.to_string()).collect();
     if ids != want {
         let first_bad = ids.iter().zip(&want).position(|(a, b)| a != b);
         panic!(
@@ -624,9 +606,12 @@ fn a_recipient_that_stops_reading_gets_everything_in_order_when_it_reads_again()
         );
     }
     // The ack, and bob's liveness check (a ping, then a message to himself, the 6,001st stanza).
-    bob.send(&format!("<a xmlns='{NS_SM}' h='{MESSAGES}'/>"));
+    bob.send(&format!("<a xmlns='{NS_SM}' h='{UNREAD_FLOOD_MESSAGES}'/>"));
     bob.assert_alive();
-    bob.send(&format!("<a xmlns='{NS_SM}' h='{}'/>", MESSAGES + 2));
+    bob.send(&format!(
+        "<a xmlns='{NS_SM}' h='{}'/>",
+        UNREAD_FLOOD_MESSAGES + 2
+    ));
     // All acknowledged: the next login finds nothing stored.
     let mut again = server.login(&b, "again");
     again.send("<presence/>");
@@ -636,6 +621,34 @@ fn a_recipient_that_stops_reading_gets_everything_in_order_when_it_reads_again()
             .is_err(),
         "nothing left stored"
     );
+}
+
+/// Messages `flood_an_unread_recipient` sends: 12 MB, more than the socket buffers and a
+/// session's 1,024-stanza send queue hold, less than the offline queue's default bounds (10,000
+/// messages, 16 MiB).
+const UNREAD_FLOOD_MESSAGES: usize = 6_000;
+
+/// Logs `a` and `b` in with XEP-0198, then `a` sends `b`'s full JID `UNREAD_FLOOD_MESSAGES`
+/// messages of 2,000 bytes (ids `s0`, `s1`, ...) while `b` reads nothing, and waits for the
+/// server's ack of them all (each stored or delivered).
+fn flood_an_unread_recipient(server: &Server, a: &str, b: &str) -> (Client, Client) {
+    let mut alice = server.login(a, "r");
+    let mut bob = server.login(b, "r");
+    for c in [&mut alice, &mut bob] {
+        c.send(&format!("<enable xmlns='{NS_SM}'/>"));
+        c.expect("<enabled");
+    }
+    // The full JID: bob sent no presence, so a message to his bare JID would only be stored.
+    let to = bob.jid.clone().expect("bound");
+    let body = "x".repeat(2_000);
+    for i in 0..UNREAD_FLOOD_MESSAGES {
+        alice.send(&format!(
+            "<message to='{to}' type='chat' id='s{i}'><body>{body}</body></message>"
+        ));
+    }
+    alice.send(&format!("<r xmlns='{NS_SM}'/>"));
+    alice.expect(&format!("<a xmlns='{NS_SM}' h='{UNREAD_FLOOD_MESSAGES}'/>"));
+    (alice, bob)
 }
 
 /// A recipient that stops reading is closed once its connection has taken nothing for
@@ -662,23 +675,7 @@ fn stalled_recipient(io_engine: &str) {
         .arg("--send-timeout-seconds")
         .arg("2")
         .start();
-    let mut alice = server.login(&a, "r");
-    let mut bob = server.login(&b, "r");
-    for c in [&mut alice, &mut bob] {
-        c.send(&format!("<enable xmlns='{NS_SM}'/>"));
-        c.expect("<enabled");
-    }
-    let to = bob.jid.clone().expect("bound");
-    // 12 MB: more than the socket buffers hold, within the offline queue's default bounds.
-    const MESSAGES: usize = 6_000;
-    let body = "x".repeat(2_000);
-    for i in 0..MESSAGES {
-        alice.send(&format!(
-            "<message to='{to}' type='chat' id='s{i}'><body>{body}</body></message>"
-        ));
-    }
-    alice.send(&format!("<r xmlns='{NS_SM}'/>"));
-    alice.expect(&format!("<a xmlns='{NS_SM}' h='{MESSAGES}'/>"));
+    let (mut alice, mut bob) = flood_an_unread_recipient(&server, &a, &b);
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while support::metric(&server, "gateway_send_timeouts_total", "") < 1.0 {
@@ -700,11 +697,11 @@ fn stalled_recipient(io_engine: &str) {
     // Nothing acknowledged, nothing lost: the next login gets all of them, once, in order.
     let mut again = server.login(&b, "again");
     again.send("<presence/>");
-    let ids = again.message_ids("s", MESSAGES);
-    let want: Vec<String> = (0..MESSAGES).map(|i| i.to_string()).collect();
+    let ids = again.message_ids("s", UNREAD_FLOOD_MESSAGES);
+    let want: Vec<String> = (0..UNREAD_FLOOD_MESSAGES).map(|i| i.to_string()).collect();
     assert!(
         ids == want,
-        "{} messages, not 0..{MESSAGES} in order",
+        "{} messages, not 0..{UNREAD_FLOOD_MESSAGES} in order",
         ids.len()
     );
     alice.assert_alive();
