@@ -1368,14 +1368,9 @@ impl C2s {
         // from a parsed tree for any other shape.
         let request = if stanza.kind != Kind::Iq {
             None
-        } else if let Some(resource) = router::build::bind_request(&stanza, NS_BIND) {
-            Some(resource)
         } else {
-            router::build::parse(&stanza).and_then(|iq| {
-                let bind = iq.get_child("bind", NS_BIND)?;
-                let resource = bind.get_child("resource", NS_BIND).map(|r| r.text());
-                Some(resource.filter(|r| !r.is_empty()))
-            })
+            router::build::bind_request(&stanza, NS_BIND)
+                .or_else(|| router::build::bind_request_parsed(&stanza, NS_BIND))
         };
         let Some(resource) = request else {
             return self.stream_error("not-authorized", out);

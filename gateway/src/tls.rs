@@ -254,11 +254,13 @@ impl rustls::server::ResolvesServerCert for CheapestSigner {
 /// users' clients may have pinned.
 fn generated_paths(config: &Config) -> Result<Vec<CertFiles>> {
     let dir = config.data_dir.join("tls");
-    let generated = |cert: &str, key: &str| CertFiles {
-        cert: dir.join(cert),
-        key: dir.join(key),
-        cert_setting: "tls_cert_path",
-        key_setting: "tls_key_path",
+    let generated = |cert: &str, key: &str| {
+        CertFiles::configured(
+            &dir.join(cert),
+            &dir.join(key),
+            "tls_cert_path",
+            "tls_key_path",
+        )
     };
     let ecdsa = generated("cert.pem", "key.pem");
     let ed25519 = generated("cert-ed25519.pem", "key-ed25519.pem");

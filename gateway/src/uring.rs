@@ -1163,8 +1163,8 @@ impl Driver {
     /// Drops the timers of released slots once they are most of the heap. They are otherwise
     /// skipped when due, so after a storm closes the heap would keep one entry per closed
     /// session until its deadline passed, and its capacity for good. Each slot has at most a
-    /// deadline, a grace and a send-stall timer live; the sweep is O(heap) after at least as many releases
-    /// (amortised O(1)).
+    /// deadline, a grace and a send-stall timer live; the sweep is O(heap) after at least as
+    /// many releases (amortised O(1)).
     fn sweep_timers(&mut self) {
         let live_slots = self.entries.len() - self.free.len();
         let heap = self.timers.len();
