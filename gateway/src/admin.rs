@@ -448,6 +448,14 @@ const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
         |sh| one(sh.send_timeouts),
     ),
     (
+        "gateway_recv_buffer_shortages_total",
+        "counter",
+        "Reads of the uring engine that found the shard's receive buffers all in use; the \
+         connection waited for a buffer (nothing is lost). Rising steadily: raise \
+         uring_recv_buffers, or check that uring_recv_buffer_fill is incremental (Linux 6.12).",
+        |sh| one(sh.recv_buffer_shortages),
+    ),
+    (
         "gateway_auth_total",
         "counter",
         "SASL authentications by result.",

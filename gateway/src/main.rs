@@ -193,6 +193,9 @@ struct ServeArgs {
     /// Bytes of each provided receive buffer of the uring engine [default: 4096].
     #[arg(long)]
     uring_recv_buffer_bytes: Option<usize>,
+    /// How reads fill the uring engine's receive buffers: `incremental` [default] or `whole`.
+    #[arg(long)]
+    uring_recv_buffer_fill: Option<String>,
     /// Messages per user's offline queue [default: 10000].
     #[arg(long)]
     offline_messages_max: Option<usize>,
@@ -398,6 +401,9 @@ fn apply_serve_args(config: &mut Config, s: &ServeArgs) {
     }
     if let Some(v) = s.uring_recv_buffer_bytes {
         config.uring_recv_buffer_bytes = v;
+    }
+    if let Some(v) = &s.uring_recv_buffer_fill {
+        config.uring_recv_buffer_fill = v.clone();
     }
     if let Some(v) = s.offline_messages_max {
         config.offline_messages_max = v;

@@ -421,6 +421,7 @@ async fn run_shard(start: ShardStart) {
             let sizes = UringSizes {
                 recv_buffers: start.config.uring_recv_buffers,
                 recv_buffer_bytes: start.config.uring_recv_buffer_bytes,
+                recv_incremental: start.config.uring_recv_buffer_fill == "incremental",
             };
             let reserved = shard.knobs.borrow().max_sessions_per_shard as usize;
             match fds.and_then(|fds| Driver::new(shard.clone(), fds, sizes, reserved)) {

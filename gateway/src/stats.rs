@@ -115,6 +115,9 @@ pub struct ShardStats {
     /// Connections closed because their peer took none of their pending bytes for
     /// `send_timeout_seconds`.
     pub send_timeouts: u64,
+    /// Reads of the `uring` engine that found the shard's receive buffers all in use (the
+    /// connection waited for one).
+    pub recv_buffer_shortages: u64,
     connections_tls_handshake: u64,
     connections_auth: u64,
     connections_session: u64,
@@ -165,6 +168,7 @@ impl ShardStats {
             auth_failures: 0,
             auth_refused_address: 0,
             send_timeouts: 0,
+            recv_buffer_shortages: 0,
             connections_tls_handshake: 0,
             connections_auth: 0,
             connections_session: 0,
@@ -384,6 +388,7 @@ impl ShardStats {
             // Filled in by the shard, which owns the limit.
             auth_limit_untracked: 0,
             send_timeouts: self.send_timeouts,
+            recv_buffer_shortages: self.recv_buffer_shortages,
             delivered: self.delivered,
             undeliverable: self.undeliverable,
             mesh_frames_in: self.mesh_frames_in,
@@ -490,6 +495,9 @@ pub struct ShardSnapshot {
     /// Connections closed for taking none of their pending bytes for `send_timeout_seconds`.
     #[serde(default)]
     pub send_timeouts: u64,
+    /// Reads that found the receive buffers all in use (`uring` engine).
+    #[serde(default)]
+    pub recv_buffer_shortages: u64,
     pub delivered: u64,
     pub undeliverable: u64,
     pub mesh_frames_in: u64,

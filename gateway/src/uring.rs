@@ -69,6 +69,8 @@ fn decode(data: u64) -> (u64, u32, u32) {
 pub struct UringSizes {
     pub recv_buffers: u32,
     pub recv_buffer_bytes: usize,
+    /// Reads take only the bytes they need from a buffer (`uring_recv_buffer_fill`).
+    pub recv_incremental: bool,
 }
 
 // The ready list: slots whose send queue has work, pushed by their outbox's waker. Each shard is
@@ -124,6 +126,18 @@ fn slot_waker(index: u32) -> Waker {
 
 /// The shard's provided receive buffers: one allocation cut into `count` buffers, and the ring
 /// through which they are given to the kernel (`IORING_REGISTER_PBUF_RING`).
+///
+/// Filled incrementally where the kernel can (`IOU_PBUF_RING_INC`, Linux 6.12): a read takes
+/// only the bytes it needs from the buffer at the ring's head, so many connections' reads share
+/// one buffer and the ring holds its bytes' worth of input, not `count` reads. Without it (older
+/// kernels, or `uring_recv_buffer_fill = "whole"`) every read takes a whole buffer, and a login
+/// storm of thousands of small reads runs a ring of 256 dry every turn: each read that finds it
+/// empty ends its connection's multishot recv, which then costs a completion and a re-arm
+/// (5,000 logins on one shard with 256 whole buffers: ~16 such per login).
+///
+/// A buffer goes back to the ring once the kernel is done with it (a completion without
+/// `IORING_CQE_F_BUF_MORE`; always, when whole) and every piece of it handed out has been given
+/// back (`release`).
 struct BufRing {
     /// The ring of `count` entries, page aligned (mmap'd).
     ring: *mut BufRingEntry,
@@ -133,12 +147,19 @@ struct BufRing {
     tail: u16,
     buffers: Vec<u8>,
     size: usize,
-    /// Buffers the kernel filled that are not yet given back.
+    /// Buffers the kernel is done with that are not yet back in the ring.
     out: usize,
+    incremental: bool,
+    /// Per buffer: bytes the kernel has filled since it was put in the ring (where its next
+    /// piece starts).
+    filled: Vec<u32>,
+    /// Per buffer: pieces handed out and not given back, plus one while the kernel may still
+    /// fill it.
+    refs: Vec<u32>,
 }
 
 impl BufRing {
-    fn new(ring: &IoUring, count: u32, size: usize) -> std::io::Result<BufRing> {
+    fn new(ring: &IoUring, count: u32, size: usize, incremental: bool) -> std::io::Result<BufRing> {
         let count = u16::try_from(count)
             .ok()
             .filter(|c| c.is_power_of_two() && u32::from(*c) <= URING_RECV_BUFFERS_MAX)
@@ -172,12 +193,41 @@ impl BufRing {
             buffers,
             size,
             out: 0,
+            incremental,
+            filled: vec![0; usize::from(count)],
+            refs: vec![0; usize::from(count)],
         };
-        // SAFETY: the mapping is `count` entries, page aligned, and lives until `drop`, after the
-        // ring (the driver drops its ring first).
-        unsafe {
-            ring.submitter()
-                .register_buf_ring_with_flags(p as u64, count, BUFFER_GROUP, 0)?;
+        let mut registered = false;
+        if incremental {
+            // SAFETY: the mapping is `count` entries, page aligned, and lives until `drop`,
+            // after the ring (the driver drops its ring first).
+            let result = unsafe {
+                ring.submitter().register_buf_ring_with_flags(
+                    p as u64,
+                    count,
+                    BUFFER_GROUP,
+                    io_uring::types::IOU_PBUF_RING_INC as u16,
+                )
+            };
+            match result {
+                Ok(()) => registered = true,
+                // Kernels before 6.12 refuse the flag.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(
+                        "the kernel cannot fill receive buffers incrementally (Linux 6.12); \
+                         each read takes a whole buffer (uring_recv_buffer_fill = \"whole\")"
+                    );
+                    this.incremental = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !registered {
+            // SAFETY: as above.
+            unsafe {
+                ring.submitter()
+                    .register_buf_ring_with_flags(p as u64, count, BUFFER_GROUP, 0)?;
+            }
         }
         for bid in 0..count {
             this.push(bid);
@@ -187,7 +237,7 @@ impl BufRing {
         Ok(this)
     }
 
-    /// Queues buffer `bid` for the kernel again (visible after `publish`).
+    /// Queues buffer `bid` for the kernel again (visible after `publish`), whole and empty.
     fn push(&mut self, bid: u16) {
         let index = usize::from(self.tail & (self.count - 1));
         // SAFETY: `index` < `count`, inside the mapping; the kernel reads only entries between its
@@ -199,6 +249,33 @@ impl BufRing {
         entry.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
         self.out = self.out.saturating_sub(1);
+        self.filled[usize::from(bid)] = 0;
+        self.refs[usize::from(bid)] = 1;
+    }
+
+    /// The kernel put `len` bytes in buffer `bid` (`more`: it may put more there later). Returns
+    /// where in the buffer they start; the piece is ours until `release`.
+    fn take(&mut self, bid: u16, len: u32, more: bool) -> u32 {
+        let b = usize::from(bid);
+        let offset = if self.incremental { self.filled[b] } else { 0 };
+        self.filled[b] = offset.saturating_add(len);
+        self.refs[b] += 1;
+        if !more || !self.incremental {
+            // The kernel is done with it: its reference goes.
+            self.refs[b] -= 1;
+            self.out += 1;
+        }
+        offset
+    }
+
+    /// Gives back a piece of buffer `bid` taken with `take`; the buffer returns to the ring with
+    /// its last piece.
+    fn release(&mut self, bid: u16) {
+        let b = usize::from(bid);
+        self.refs[b] = self.refs[b].saturating_sub(1);
+        if self.refs[b] == 0 {
+            self.push(bid);
+        }
     }
 
     fn publish(&self) {
@@ -210,9 +287,11 @@ impl BufRing {
         }
     }
 
-    fn get(&self, bid: u16, len: usize) -> &[u8] {
+    fn get(&self, bid: u16, offset: u32, len: u32) -> &[u8] {
         let start = usize::from(bid) * self.size;
-        &self.buffers[start..start + len.min(self.size)]
+        let end = start + self.size;
+        let from = (start + offset as usize).min(end);
+        &self.buffers[from..(from + len as usize).min(end)]
     }
 }
 
@@ -290,7 +369,12 @@ enum TimerKind {
 /// Input of one connection, in order: data in a provided buffer, or the end of the stream.
 #[derive(Clone, Copy)]
 enum Input {
-    Data { bid: u16, len: u32 },
+    /// A piece of provided buffer `bid`.
+    Data {
+        bid: u16,
+        offset: u32,
+        len: u32,
+    },
     End,
 }
 
@@ -379,7 +463,12 @@ impl Driver {
                 )));
             }
         }
-        let bufs = BufRing::new(&ring, sizes.recv_buffers, sizes.recv_buffer_bytes)?;
+        let bufs = BufRing::new(
+            &ring,
+            sizes.recv_buffers,
+            sizes.recv_buffer_bytes,
+            sizes.recv_incremental,
+        )?;
         // SAFETY: eventfd takes plain integers and returns a new descriptor or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -647,13 +736,14 @@ impl Driver {
 
     fn on_recv(&mut self, index: u32, generation: u32, result: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
-        if bid.is_some() {
-            self.bufs.out += 1;
-        }
+        let len = u32::try_from(result).unwrap_or(0);
+        let offset = bid.map_or(0, |bid| {
+            self.bufs.take(bid, len, cqueue::buffer_more(flags))
+        });
         let more = cqueue::more(flags);
         let Some(slot) = self.slot(index, generation) else {
             if let Some(bid) = bid {
-                self.bufs.push(bid);
+                self.bufs.release(bid);
             }
             return;
         };
@@ -664,12 +754,13 @@ impl Driver {
             slot.recv_cancelled = false;
         }
         let input = match (result, bid) {
-            (n, Some(bid)) if n > 0 => Some(Input::Data { bid, len: n as u32 }),
+            (n, Some(bid)) if n > 0 => Some(Input::Data { bid, offset, len }),
             (n, bid) => {
                 if let Some(bid) = bid {
-                    self.bufs.push(bid);
+                    self.bufs.release(bid);
                 }
                 if n == -libc::ENOBUFS {
+                    self.shard.stats.borrow_mut().recv_buffer_shortages += 1;
                     self.starved.push_back((index, generation));
                     None
                 } else if n == -libc::ECANCELED || more {
@@ -724,13 +815,13 @@ impl Driver {
             Some(s) if e.generation & GENERATION_MASK == generation => s,
             _ => {
                 if let Input::Data { bid, .. } = input {
-                    self.bufs.push(bid);
+                    self.bufs.release(bid);
                 }
                 return;
             }
         };
-        let (bid, len) = match input {
-            Input::Data { bid, len } => (bid, len as usize),
+        let (bid, offset, len) = match input {
+            Input::Data { bid, offset, len } => (bid, offset, len),
             Input::End => {
                 if slot.handoff.is_none() {
                     self.begin_close(index);
@@ -739,18 +830,18 @@ impl Driver {
             }
         };
         if slot.closing {
-            self.bufs.push(bid);
+            self.bufs.release(bid);
             return;
         }
-        let data = self.bufs.get(bid, len);
+        let data = self.bufs.get(bid, offset, len);
         if let Some(h) = slot.handoff.as_mut() {
             h.1.extend_from_slice(data);
-            self.bufs.push(bid);
+            self.bufs.release(bid);
             return;
         }
-        shard.stats.borrow_mut().bytes_in(len);
+        shard.stats.borrow_mut().bytes_in(data.len());
         let (step, rest) = slot.session.handle_input(&shard, slot.fd, data);
-        self.bufs.push(bid);
+        self.bufs.release(bid);
         self.after_step(index, step, rest);
     }
 
@@ -1102,27 +1193,37 @@ impl Driver {
         self.push(entry);
     }
 
-    fn arm_recv(&mut self, index: u32, generation: u32) {
+    /// Arms `index`'s multishot recv unless it is armed already or may not read now; true when
+    /// armed.
+    fn arm_recv(&mut self, index: u32, generation: u32) -> bool {
         let Some(slot) = self.slot(index, generation) else {
-            return;
+            return false;
         };
         if slot.recv_armed || slot.closing || slot.write_blocked || slot.handoff.is_some() {
-            return;
+            return false;
         }
         slot.recv_armed = true;
         let entry = opcode::RecvMulti::new(Fd(slot.fd), BUFFER_GROUP)
             .build()
             .user_data(user_data(OP_RECV, index, generation));
         self.push(entry);
+        true
     }
 
-    /// Re-arms the recvs that ran out of buffers, as many as buffers came back.
+    /// Re-arms the recvs that ran out of buffers, one per buffer back in the ring. A starved
+    /// connection has input queued, so its recv takes a buffer as soon as it is submitted: arming
+    /// more of them than there are free buffers only has the rest run out again at once, each
+    /// costing a submission and a completion (all of them re-armed whenever one buffer was free
+    /// made a storm of 5,000 logins on 256 buffers run out ~16 times per login).
     fn rearm_starved(&mut self) {
-        while !self.starved.is_empty() && self.bufs.out < usize::from(self.bufs.count) {
+        let mut free = usize::from(self.bufs.count).saturating_sub(self.bufs.out);
+        while free > 0 {
             let Some((index, generation)) = self.starved.pop_front() else {
                 break;
             };
-            self.arm_recv(index, generation);
+            if self.arm_recv(index, generation) {
+                free -= 1;
+            }
         }
     }
 

@@ -301,6 +301,87 @@ fn a_burst_larger_than_the_buffer_ring_waits_for_buffers(engine: &str) {
     split_input_and_burst(engine, true, &args, BURST_MESSAGES / 2);
 }
 
+/// The burst tests with a whole buffer per read (`uring_recv_buffer_fill = "whole"`, what
+/// kernels before 6.12 get): TLS records across buffers of 256 bytes, and a ring of 4 run dry.
+#[test]
+fn uring_whole_buffers_split_records_and_a_dry_ring() {
+    let fill = ["--uring-recv-buffer-fill", "whole"];
+    let tiny = [&fill[..], &["--uring-recv-buffer-bytes", "256"]].concat();
+    split_input_and_burst("uring", true, &tiny, BURST_MESSAGES / 4);
+    let dry = [
+        &fill[..],
+        &[
+            "--uring-recv-buffers",
+            "4",
+            "--uring-recv-buffer-bytes",
+            "512",
+        ],
+    ]
+    .concat();
+    split_input_and_burst("uring", false, &dry, BURST_MESSAGES / 2);
+    split_input_and_burst("uring", true, &dry, BURST_MESSAGES / 2);
+}
+
+/// Connections opened at once whose first reads (a TLS ClientHello each, ~250 bytes) all arrive
+/// while the shard is busy, four times as many as its ring has buffers. Filled incrementally,
+/// the ring's 64 KiB hold them all: no read finds it empty. A buffer per read, it runs dry and
+/// connections wait for buffers (the count shows it). Either way every handshake is answered.
+#[test]
+fn uring_first_reads_of_many_connections_share_the_buffers() {
+    for (fill, runs_dry) in [("incremental", false), ("whole", true)] {
+        let args = [
+            "--shards",
+            "1",
+            "--uring-recv-buffer-fill",
+            fill,
+            "--uring-recv-buffers",
+            &BURST_RING_BUFFERS.to_string(),
+        ];
+        let server = on_engine("uring", &args).start();
+        // Hellos made and sockets connected first, then all written in one tight loop.
+        let mut clients: Vec<(TcpStream, Vec<u8>)> = (0..BURST_CONNECTIONS)
+            .map(|_| {
+                let mut tls =
+                    ClientConnection::new(tls_config(true), ServerName::try_from(DOMAIN).unwrap())
+                        .unwrap();
+                let mut hello = Vec::new();
+                while tls.wants_write() {
+                    tls.write_tls(&mut hello).unwrap();
+                }
+                let tcp = TcpStream::connect_timeout(&server.tls, IO_TIMEOUT).unwrap();
+                tcp.set_nodelay(true).unwrap();
+                tcp.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                (tcp, hello)
+            })
+            .collect();
+        for (tcp, hello) in &mut clients {
+            tcp.write_all(hello).unwrap();
+        }
+        for (i, (tcp, _)) in clients.iter_mut().enumerate() {
+            let mut record_type = [0u8; 1];
+            tcp.read_exact(&mut record_type)
+                .unwrap_or_else(|e| panic!("{fill}: connection {i} got no answer: {e}"));
+            assert_eq!(
+                record_type[0], 0x16,
+                "{fill}: connection {i}: not a handshake"
+            );
+        }
+        let shortages = metric(&server, "gateway_recv_buffer_shortages_total", "");
+        if runs_dry {
+            assert!(
+                shortages > 0.0,
+                "{fill}: {BURST_CONNECTIONS} reads on {BURST_RING_BUFFERS} buffers never ran dry"
+            );
+        } else {
+            assert_eq!(shortages, 0.0, "{fill}: reads found the ring empty");
+        }
+    }
+}
+
+/// Connections and buffers of `uring_first_reads_of_many_connections_share_the_buffers`.
+const BURST_CONNECTIONS: usize = 64;
+const BURST_RING_BUFFERS: usize = 16;
+
 /// A stanza written one byte per write (and so per server read), plaintext and through TLS.
 fn a_stanza_written_a_byte_at_a_time_arrives(engine: &str) {
     for tls in [false, true] {

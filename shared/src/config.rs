@@ -118,10 +118,17 @@ pub struct Config {
     pub uring_recv_buffers: u32,
     /// Bytes of each provided receive buffer of the `uring` engine (256 to 65536).
     pub uring_recv_buffer_bytes: usize,
+    /// How reads fill the provided buffers of the `uring` engine: `incremental` (default: each
+    /// read takes only the bytes it needs from a buffer, Linux 6.12; older kernels fall back to
+    /// `whole` with a note in the log) or `whole` (each read takes a buffer of its own).
+    pub uring_recv_buffer_fill: String,
 }
 
 /// The values `io_engine` takes.
 pub const IO_ENGINES: [&str; 2] = ["uring", "tasks"];
+
+/// The values `uring_recv_buffer_fill` takes.
+pub const URING_RECV_BUFFER_FILLS: [&str; 2] = ["incremental", "whole"];
 
 /// The values `huge_pages` takes.
 pub const HUGE_PAGES_MODES: [&str; 3] = ["off", "thp", "reserved"];
@@ -173,6 +180,7 @@ impl Default for Config {
             io_engine: "uring".to_owned(),
             uring_recv_buffers: limits::URING_RECV_BUFFERS_DEFAULT,
             uring_recv_buffer_bytes: limits::URING_RECV_BUFFER_BYTES_DEFAULT,
+            uring_recv_buffer_fill: "incremental".to_owned(),
         }
     }
 }
@@ -316,6 +324,16 @@ impl Config {
                 key: "io_engine",
                 problem: format!("{:?} is not an I/O engine", self.io_engine),
                 fix: "use `uring` (the default) or `tasks` (a task per connection)",
+            });
+        }
+        if !URING_RECV_BUFFER_FILLS.contains(&self.uring_recv_buffer_fill.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "uring_recv_buffer_fill",
+                problem: format!(
+                    "{:?} is not a way to fill receive buffers",
+                    self.uring_recv_buffer_fill
+                ),
+                fix: "use `incremental` (the default) or `whole` (a buffer per read)",
             });
         }
         if !self.uring_recv_buffers.is_power_of_two()
@@ -470,6 +488,7 @@ mod tests {
             "uring_recv_buffers = 65536",
             "uring_recv_buffer_bytes = 100",
             "uring_recv_buffer_bytes = 1048576",
+            "uring_recv_buffer_fill = 'partial'",
         ] {
             let err = Config::from_toml(bad).unwrap_err().to_string();
             let key = bad.split(' ').next().unwrap();
@@ -477,6 +496,10 @@ mod tests {
         }
         Config::from_toml("uring_recv_buffers = 32768\nuring_recv_buffer_bytes = 65536").unwrap();
         Config::from_toml("uring_recv_buffers = 4\nuring_recv_buffer_bytes = 256").unwrap();
+        for fill in URING_RECV_BUFFER_FILLS {
+            let c = Config::from_toml(&format!("uring_recv_buffer_fill = '{fill}'")).unwrap();
+            assert_eq!(c.uring_recv_buffer_fill, fill);
+        }
     }
 
     #[test]
