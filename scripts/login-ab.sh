@@ -21,7 +21,7 @@
 #                       [--bench-flags LIST | --bins GATEWAY_A,GATEWAY_B]
 #                       [--bench-args "ARGS"] [--bench-cpus LIST]
 #
-# Each value is written as a TOML string (`KEY = "VALUE"`). Binaries: $GATEWAY_BIN and $BENCH
+# Each value is written as a TOML string (`KEY = "VALUE"`), numbers and booleans bare. Binaries: $GATEWAY_BIN and $BENCH
 # (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
 # `scripts/peers/gateway.sh setup` (64 SCRAM iterations) under $PEERS_ROOT (default /tmp/peers).
 # Loopback only; every run is bounded by bench's own login timeout.
@@ -111,7 +111,12 @@ for round in $(seq 1 "$ROUNDS"); do
             : > "$OUT/$v.toml"
             export GATEWAY_BIN="${bin_of[$v]}"
         else
-            printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
+            # Numbers and booleans bare (`uring_recv_buffers = 1024`), anything else a string.
+            if [[ "$v" =~ ^([0-9]+|true|false)$ ]]; then
+                printf '%s = %s\n' "$KEY" "$v" > "$OUT/$v.toml"
+            else
+                printf '%s = "%s"\n' "$KEY" "$v" > "$OUT/$v.toml"
+            fi
         fi
         GATEWAY_CONFIG="$OUT/$v.toml" "$PEERS/gateway.sh" start
         pid=$("$PEERS/gateway.sh" pid)
