@@ -514,9 +514,17 @@ impl Driver {
 
     /// Runs the shard's connections until the shard stops and they are all closed.
     pub async fn run(mut self, handoffs: flume::Receiver<Handoff>) {
-        tracing::debug!(
+        // What was applied: the buffer fill falls back to whole buffers on kernels before 6.12.
+        tracing::info!(
             shard = self.shard.id,
             slot_bytes = Self::slot_bytes(),
+            recv_buffers = self.bufs.count,
+            recv_buffer_bytes = self.bufs.size,
+            recv_buffer_fill = if self.bufs.incremental {
+                "incremental"
+            } else {
+                "whole"
+            },
             "io_uring engine running"
         );
         let mut ring_wait = self.ring_wait();
