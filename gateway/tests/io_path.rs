@@ -5,7 +5,8 @@
 //! server's read buffers and than its whole buffer ring (nothing lost or reordered), a reader too
 //! slow for what it is sent (bounded send queue, then its stream is closed with
 //! `resource-constraint`), a handoff to the home shard with the client's next stanzas already
-//! sent, TLS resumption, the segments that end a stream, and no descriptor left open by a close.
+//! sent, TLS resumption, the segments that end a stream, its last bytes reaching a client whose
+//! input was left unread (the close resets), and no descriptor left open by a close.
 
 #[macro_use]
 mod support;
@@ -664,6 +665,57 @@ fn the_fin_leaves_with_the_last_bytes(engine: &str) {
     );
 }
 
+/// A stream the server ends (a stanza that is not well-formed) while more of the client's input
+/// waits unread in the socket: closing such a socket resets the connection (the kernel answers
+/// unread input with a RST), so the server's last bytes, held with MSG_MORE, must leave before
+/// the close. The client gets the stream error, `</stream:stream>` and close_notify, then the
+/// reset (after the FIN a read shows it as the end of the stream; the socket's state tells:
+/// closed, where a FIN alone leaves it waiting for our own close). The uring engine, its ring
+/// four 512-byte buffers, leaves most of the input unread and must show the reset; the tasks
+/// engine may read it all before it closes.
+fn the_last_bytes_reach_a_client_whose_input_was_left_unread(engine: &str) {
+    let node = "user1";
+    let args = [
+        "--uring-recv-buffers",
+        "4",
+        "--uring-recv-buffer-bytes",
+        "512",
+    ];
+    let server = on_engine(engine, &args).user(node).start();
+    let mut c = Raw::connect(server.tls, true, None);
+    c.login(node);
+    c.expect("<presence");
+    let body = "x".repeat(UNREAD_INPUT_BYTES);
+    c.send(&format!(
+        "<message><</message><message to='{node}@{DOMAIN}'><body>{body}</body></message>"
+    ));
+    let got = c.expect("</stream:stream>");
+    assert!(got.contains("<not-well-formed"), "{got}");
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while c.read_some() {
+        assert!(Instant::now() < deadline, "the server did not close");
+    }
+    assert!(c.close_notify, "close_notify did not arrive");
+    if engine == "uring" {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        while u32::from(tcp_info(&c.tcp).tcpi_state) != TCP_STATE_CLOSE {
+            assert!(
+                Instant::now() < deadline,
+                "no reset (state {}): the server read all of the input, so this proves nothing",
+                tcp_info(&c.tcp).tcpi_state
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// `TCP_CLOSE` of the kernel's TCP states (`tcpi_state`).
+const TCP_STATE_CLOSE: u32 = 7;
+
+/// Bytes the client of `the_last_bytes_reach_a_client_whose_input_was_left_unread` sends after
+/// the stanza that ends its stream (they fit in the sockets' buffers: the write never blocks).
+const UNREAD_INPUT_BYTES: usize = 32 * 1024;
+
 /// Connections `the_fin_leaves_with_the_last_bytes` tries before it fails.
 const FIN_TRIES: usize = 3;
 
@@ -749,4 +801,5 @@ on_both_engines!(
     the_last_bytes_and_close_notify_leave_in_one_segment,
     closed_connections_leave_no_descriptor_open,
     the_fin_leaves_with_the_last_bytes,
+    the_last_bytes_reach_a_client_whose_input_was_left_unread,
 );
