@@ -135,15 +135,17 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Commits `ticket.batch` and puts the store's answer in `ticket.result`.
+    /// Commits `ticket.batch` and `ticket.rosters` in one transaction and puts the store's
+    /// answer in `ticket.result`.
     pub async fn run(&self, ticket: &mut router::CommitTicket) {
         let batch = std::mem::take(&mut ticket.batch);
+        let rosters = std::mem::take(&mut ticket.rosters);
         let (stores, shard, durability) = (self.stores.clone(), self.shard, self.durability);
-        let (batch, result, micros) = glommio::executor()
+        let (batch, rosters, result, micros) = glommio::executor()
             .spawn_blocking(move || {
                 let started = Instant::now();
-                let result = stores[shard].offline_commit(&batch, durability);
-                (batch, result, started.elapsed().as_micros() as u64)
+                let result = stores[shard].commit(&batch, &rosters, durability);
+                (batch, rosters, result, started.elapsed().as_micros() as u64)
             })
             .await;
         self.write_latency
@@ -151,8 +153,11 @@ impl Committer {
             .record(std::time::Duration::from_micros(micros));
         let mut stats = self.stats.borrow_mut();
         let _ = stats.latency_us.record(micros.max(1));
-        let _ = stats.batch_writes.record(batch.len().max(1) as u64);
+        let _ = stats
+            .batch_writes
+            .record((batch.len() + rosters.len()).max(1) as u64);
         ticket.batch = batch;
+        ticket.rosters = rosters;
         ticket.result = Some(result);
     }
 }

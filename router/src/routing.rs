@@ -9,11 +9,14 @@
 //! Rosters are read from the `RosterStore` on first need and cached while the user has sessions,
 //! in a per-shard cache bounded by `ROSTER_CACHE_USERS_MAX` (not per session: idle sessions
 //! hold no roster).
-//! Every roster change is written through synchronously: the store write blocks the shard's
-//! reactor for its duration. Rosters change rarely (subscriptions, roster sets), so this is
-//! accepted for now; the store-and-forward issue moves storage off the reactor.
+//! A roster change goes into the shard's next group commit (with the offline-queue writes, in
+//! one transaction, off the reactor where the driver has a committer): the cache holds the new
+//! roster at once, and what the change causes (the IQ result, roster pushes, subscription
+//! stanzas) is held until the commit is durable, as are later actions for the connections
+//! involved, so nothing overtakes them. If the commit fails, the requester gets
+//! `internal-server-error` instead and the roster is read again from the store.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use bytes::Bytes;
 use shared::limits::{
@@ -319,6 +322,27 @@ impl From<StoreError> for RosterError {
 /// An item's state before and after a change (`None`: no such item).
 type ItemChange = (Option<RosterItem>, Option<RosterItem>);
 
+/// Actions waiting for a commit (see the module comment).
+#[derive(Debug)]
+struct Held {
+    actions: Vec<Action>,
+    /// Sent instead of `actions` if the commit fails: the requester's error.
+    on_failure: Vec<Action>,
+    /// The actions follow a roster write; otherwise they only queue behind held ones.
+    depends: bool,
+}
+
+/// The local connection an action is for, if any.
+fn action_conn(action: &Action) -> Option<ConnId> {
+    match action {
+        Action::Deliver { conn, .. }
+        | Action::DeliverStored { conn, .. }
+        | Action::CloseConn { conn, .. }
+        | Action::Settled { conn } => Some(*conn),
+        Action::Send { .. } | Action::Push { .. } => None,
+    }
+}
+
 /// One shard's routing state.
 pub struct Router {
     shard: usize,
@@ -360,6 +384,24 @@ pub struct Router {
     /// Sessions whose offline delivery waits for the commit in flight (its messages must be
     /// visible to the page they load).
     drain_after_commit: Vec<ConnId>,
+    /// Rosters changed since the last commit began (whole rosters, by user): the next commit
+    /// writes them.
+    roster_writes: HashMap<String, Vec<RosterItem>>,
+    /// Rosters the commit in flight writes: read from here while not cached.
+    roster_committing: HashMap<String, Vec<RosterItem>>,
+    /// Actions held until the roster writes they follow are committed, oldest first.
+    held: Vec<Held>,
+    /// Connections with held actions: later actions for them, and frames their own stanzas
+    /// cause, queue behind.
+    held_conns: HashSet<ConnId>,
+    /// The call being handled (`handle_stanza`, `handle_frame`) wrote a roster.
+    call_wrote_roster: bool,
+    /// The requester's error, should the roster write of the call being handled fail.
+    call_on_failure: Vec<Action>,
+    /// The local connection whose stanza is being handled.
+    call_conn: Option<ConnId>,
+    /// A stanza or frame is being handled (`begin_call` .. `end_call`).
+    in_call: bool,
 }
 
 /// A batch on its way to the store (see `Router::begin_commit`).
@@ -367,8 +409,12 @@ pub struct Router {
 pub struct CommitTicket {
     pub batch: Batch,
     origins: Vec<Origin>,
+    /// Whole rosters to write in the same transaction, by user.
+    pub rosters: Vec<(String, Vec<RosterItem>)>,
     /// The store's answer, set by whoever ran the commit.
     pub result: Option<Result<Vec<(String, usize)>, StoreError>>,
+    /// Actions released when the commit is done.
+    held: Vec<Held>,
 }
 
 /// Counters of the offline queues of one shard.
@@ -430,6 +476,14 @@ impl Router {
             stats: OfflineStats::default(),
             commit_in_flight: false,
             drain_after_commit: Vec::new(),
+            roster_writes: HashMap::new(),
+            roster_committing: HashMap::new(),
+            held: Vec::new(),
+            held_conns: HashSet::new(),
+            call_wrote_roster: false,
+            call_on_failure: Vec::new(),
+            call_conn: None,
+            in_call: false,
         }
     }
 
@@ -504,6 +558,7 @@ impl Router {
     pub fn needs_commit(&self) -> bool {
         !self.batch.is_empty()
             || !self.batch_origins.is_empty()
+            || !self.roster_writes.is_empty()
             || self.remote_settled.iter().any(|v| !v.is_empty())
     }
 
@@ -513,7 +568,14 @@ impl Router {
     /// with `internal-server-error` (type `wait`): an error, never a silent loss.
     pub fn commit(&mut self) {
         if let Some(mut ticket) = self.begin_commit() {
-            let result = self.offline.commit(&ticket.batch);
+            let rosters = ticket
+                .rosters
+                .iter()
+                .try_for_each(|(node, items)| self.store.set_roster(node, items));
+            let result = match rosters {
+                Ok(()) => self.offline.commit(&ticket.batch),
+                Err(e) => Err(e),
+            };
             ticket.result = Some(result);
             self.finish_commit(ticket);
         }
@@ -526,14 +588,25 @@ impl Router {
     /// `finish_commit`.
     pub fn begin_commit(&mut self) -> Option<CommitTicket> {
         self.send_remote_settled();
-        if self.commit_in_flight || (self.batch.is_empty() && self.batch_origins.is_empty()) {
+        if self.commit_in_flight
+            || (self.batch.is_empty()
+                && self.batch_origins.is_empty()
+                && self.roster_writes.is_empty())
+        {
             return None;
         }
         self.commit_in_flight = true;
+        self.roster_committing = std::mem::take(&mut self.roster_writes);
         Some(CommitTicket {
             batch: std::mem::take(&mut self.batch),
             origins: std::mem::take(&mut self.batch_origins),
+            rosters: self
+                .roster_committing
+                .iter()
+                .map(|(node, items)| (node.clone(), items.clone()))
+                .collect(),
             result: None,
+            held: std::mem::take(&mut self.held),
         })
     }
 
@@ -550,10 +623,14 @@ impl Router {
         let CommitTicket {
             batch,
             origins,
+            rosters,
             result,
+            held,
         } = ticket;
+        let result = result.unwrap_or_else(|| Err(StoreError::Backend("commit not run".into())));
+        self.finish_roster_writes(&rosters, held, result.is_ok());
         if !batch.is_empty() {
-            match result.unwrap_or_else(|| Err(StoreError::Backend("commit not run".into()))) {
+            match result {
                 Ok(erased) => {
                     self.stats.commits += 1;
                     self.stats.commit_writes += batch.len() as u64;
@@ -613,7 +690,7 @@ impl Router {
         for shard in 0..self.shards {
             if !self.remote_settled[shard].is_empty() {
                 let settled = std::mem::take(&mut self.remote_settled[shard]);
-                self.actions.push_back(Action::Send {
+                self.emit(Action::Send {
                     shard,
                     frame: Frame::Settled(settled),
                 });
@@ -734,7 +811,7 @@ impl Router {
         let existing = self.conn_of(node, &resource);
         match existing {
             Some(old) => {
-                self.actions.push_back(Action::CloseConn {
+                self.emit(Action::CloseConn {
                     conn: old,
                     condition: "conflict",
                 });
@@ -812,11 +889,13 @@ impl Router {
                 seq,
             });
         }
+        let mark = self.begin_call(Some(conn));
         self.handle_stanza_inner(conn, &node, stanza);
         // Nothing took the message over (delivered, refused, or not routable): it is settled.
         if let Some(origin) = self.current_origin.take() {
             self.settle(origin);
         }
+        self.end_call(mark);
     }
 
     fn handle_stanza_inner(&mut self, conn: ConnId, node: &str, stanza: Stanza) {
@@ -873,6 +952,12 @@ impl Router {
 
     /// A frame from another shard.
     pub fn handle_frame(&mut self, frame: Frame) {
+        let mark = self.begin_call(None);
+        self.handle_frame_inner(frame);
+        self.end_call(mark);
+    }
+
+    fn handle_frame_inner(&mut self, frame: Frame) {
         match frame {
             Frame::Settled(settled) => {
                 for (conn, seq) in settled {
@@ -885,7 +970,7 @@ impl Router {
             }
             Frame::Message { stanza, origin } => {
                 self.current_origin = Some(origin);
-                self.handle_frame(Frame::Stanza(stanza));
+                self.handle_frame_inner(Frame::Stanza(stanza));
                 if let Some(origin) = self.current_origin.take() {
                     self.settle(origin);
                 }
@@ -980,6 +1065,118 @@ impl Router {
         self.actions.pop_front()
     }
 
+    /// Queues an action for the driver, or behind the held ones it must not overtake: those for
+    /// the same connection, and (for frames) those caused by the same connection's stanzas.
+    fn emit(&mut self, action: Action) {
+        if !self.held_conns.is_empty() {
+            let behind = match &action {
+                Action::Send {
+                    frame: Frame::Settled(_),
+                    ..
+                }
+                | Action::Push { .. } => false,
+                Action::Send { .. } => self.call_conn.is_some_and(|c| self.held_conns.contains(&c)),
+                other => action_conn(other).is_some_and(|c| self.held_conns.contains(&c)),
+            };
+            if behind {
+                match self.held.last_mut() {
+                    Some(last) if !last.depends => last.actions.push(action),
+                    _ => self.held.push(Held {
+                        actions: vec![action],
+                        on_failure: Vec::new(),
+                        depends: false,
+                    }),
+                }
+                return;
+            }
+        }
+        self.actions.push_back(action);
+    }
+
+    /// Starts handling a stanza or frame (`conn`: the local connection it came from); returns
+    /// where its actions start.
+    fn begin_call(&mut self, conn: Option<ConnId>) -> usize {
+        self.in_call = true;
+        self.call_conn = conn;
+        self.call_wrote_roster = false;
+        self.call_on_failure.clear();
+        self.actions.len()
+    }
+
+    /// Ends the call begun with `begin_call`: if it wrote a roster, what it caused waits for the
+    /// commit, and so does whatever comes later for the connections involved.
+    fn end_call(&mut self, mark: usize) {
+        self.in_call = false;
+        let conn = self.call_conn.take();
+        if !std::mem::take(&mut self.call_wrote_roster) {
+            return;
+        }
+        let actions: Vec<Action> = self.actions.drain(mark..).collect();
+        self.held_conns
+            .extend(actions.iter().filter_map(action_conn));
+        self.held_conns.extend(conn);
+        self.held.push(Held {
+            actions,
+            on_failure: std::mem::take(&mut self.call_on_failure),
+            depends: true,
+        });
+    }
+
+    /// The commit of `rosters` is over (`ok`: durable): releases the actions `held` for it (or,
+    /// on failure, the requesters' errors, and the rosters are read again from the store). Held
+    /// actions that follow no pending write go too.
+    fn finish_roster_writes(
+        &mut self,
+        rosters: &[(String, Vec<RosterItem>)],
+        held: Vec<Held>,
+        ok: bool,
+    ) {
+        self.roster_committing.clear();
+        if !ok && !rosters.is_empty() {
+            tracing::error!(
+                shard = self.shard,
+                users = rosters.len(),
+                "roster write failed; the requesters get internal-server-error"
+            );
+            for (node, _) in rosters {
+                // A later change of the same roster still pending was made on top of this one:
+                // it goes too, and the user's roster is what the store holds.
+                self.rosters.remove(node.as_str());
+                self.roster_writes.remove(node);
+            }
+        }
+        for h in held {
+            let actions = if ok || !h.depends {
+                h.actions
+            } else {
+                h.on_failure
+            };
+            self.actions.extend(actions);
+        }
+        if self.roster_writes.is_empty() {
+            // What is held now only keeps its order behind what was just released.
+            for h in std::mem::take(&mut self.held) {
+                self.actions.extend(h.actions);
+            }
+            self.held_conns.clear();
+        } else {
+            let conns: HashSet<ConnId> = self
+                .held
+                .iter()
+                .flat_map(|h| h.actions.iter().filter_map(action_conn))
+                .collect();
+            self.held_conns = conns;
+        }
+    }
+
+    /// Should the roster write of the call being handled fail, `conn` gets this error for `req`.
+    fn on_roster_failure(&mut self, conn: ConnId, req: &Stanza) {
+        if let Some(e) = error_reply(req, "wait", "internal-server-error") {
+            self.call_on_failure
+                .push(Action::Deliver { conn, stanza: e });
+        }
+    }
+
     // ---- addressing and delivery ----
 
     fn home(&self, node: &str) -> usize {
@@ -1013,7 +1210,7 @@ impl Router {
 
     fn deliver(&mut self, conn: ConnId, stanza: Stanza) {
         self.delivered += 1;
-        self.actions.push_back(Action::Deliver { conn, stanza });
+        self.emit(Action::Deliver { conn, stanza });
     }
 
     /// Routes a stanza to the user `node` at our domain: handled here if this is their home,
@@ -1034,7 +1231,7 @@ impl Router {
                     Frame::Stanza(stanza)
                 }
             };
-            self.actions.push_back(Action::Send { shard, frame });
+            self.emit(Action::Send { shard, frame });
         }
     }
 
@@ -1134,14 +1331,14 @@ impl Router {
             Ok(seq) => {
                 if live.is_empty() && !any_draining {
                     let count = self.queues.get(node).map_or(1, |u| u.messages);
-                    self.actions.push_back(Action::Push {
+                    self.emit(Action::Push {
                         node: node.to_string(),
                         count,
                     });
                 }
                 for (conn, sm) in live {
                     self.delivered += 1;
-                    self.actions.push_back(Action::DeliverStored {
+                    self.emit(Action::DeliverStored {
                         conn,
                         stanza: stanza.clone(),
                         seq: sm.then_some(seq),
@@ -1303,7 +1500,7 @@ impl Router {
                 continue;
             };
             self.delivered += 1;
-            self.actions.push_back(Action::DeliverStored {
+            self.emit(Action::DeliverStored {
                 conn,
                 stanza,
                 seq: sm.then_some(m.seq),
@@ -1653,6 +1850,9 @@ impl Router {
                 })
                 .map(|(before, after)| (before != after).then_some(out)),
         };
+        if result.is_ok() {
+            self.on_roster_failure(conn, &stanza);
+        }
         match result {
             Ok(Some(out)) => {
                 self.route(out, &contact_node, None);
@@ -1764,6 +1964,14 @@ impl Router {
         if let Some(r) = self.rosters.remove(node) {
             return Ok(r.into_vec());
         }
+        // Written and not yet committed: what the store will hold.
+        if let Some(r) = self
+            .roster_writes
+            .get(node)
+            .or_else(|| self.roster_committing.get(node))
+        {
+            return Ok(r.clone());
+        }
         self.store.roster(node)
     }
 
@@ -1791,8 +1999,9 @@ impl Router {
     }
 
     /// Changes `node`'s item for `jid` through `f` (`None` in the slot: no item; setting it to
-    /// `None` removes the item). If anything changed, persists the roster (synchronous store
-    /// write) and pushes the change to the user's interested sessions. Items that only record an
+    /// `None` removes the item). If anything changed, queues the roster for the next commit
+    /// (what the calling stanza causes then waits for it; see the module comment) and pushes the
+    /// change to the user's interested sessions. Items that only record an
     /// unanswered inbound request stay hidden and are never pushed.
     fn update_item(
         &mut self,
@@ -1838,11 +2047,14 @@ impl Router {
             }
             (None, None) => {}
         }
-        // Blocks the shard for the write; see the module comment.
-        if let Err(e) = self.store.set_roster(node, &roster) {
-            // Leave the cache empty so the next use reloads what the store holds.
-            return Err(e.into());
-        }
+        // Written by the next commit; what the change causes waits for it (`end_call`), so only
+        // the calls that hold their actions may change a roster.
+        debug_assert!(
+            self.in_call,
+            "a roster write outside handle_stanza or handle_frame"
+        );
+        self.roster_writes.insert(node.to_owned(), roster.clone());
+        self.call_wrote_roster = true;
         self.put_roster(node, roster);
         let was_visible = before.as_ref().is_some_and(RosterItem::is_visible);
         let xml = match &slot {
@@ -2046,6 +2258,7 @@ impl Router {
                     }
                 }
                 self.reply_result(conn, req, "");
+                self.on_roster_failure(conn, req);
             }
             Err(RosterError::Full) => self.reply_error(conn, req, "cancel", "not-allowed"),
             Err(RosterError::Store(e)) => {
@@ -2229,8 +2442,83 @@ mod tests {
         assert!(r.sessions.is_empty());
     }
 
+    /// The actions for local connections, in order: (connection, stanza text).
+    fn deliveries(r: &mut Router) -> Vec<(ConnId, String)> {
+        let mut out = Vec::new();
+        while let Some(a) = r.poll_action() {
+            if let Action::Deliver { conn, stanza } = a {
+                out.push((conn, stanza.as_str().to_owned()));
+            }
+        }
+        out
+    }
+
+    const ROSTER_SET: &[u8] = b"<iq type='set' id='set1'><query xmlns='jabber:iq:roster'>\
+        <item jid='carol@example.com'/></query></iq>";
+    const PING_1: &[u8] = b"<iq type='get' id='ping1'><ping xmlns='urn:xmpp:ping'/></iq>";
+    const PING_2: &[u8] = b"<iq type='get' id='ping2'><ping xmlns='urn:xmpp:ping'/></iq>";
+
+    /// A roster set is answered once the commit that writes it is over, and what comes later
+    /// for the same connection waits behind it; other connections are answered meanwhile.
+    #[test]
+    fn a_roster_change_is_answered_once_committed_and_nothing_overtakes_it() {
+        let mut r = router();
+        let a = r.bind("alice", Some("a"), 1).expect("bind").full_jid;
+        let b = r.bind("bob", Some("b"), 2).expect("bind").full_jid;
+        r.handle_stanza(1, presence(ROSTER_SET, &a));
+        r.handle_stanza(1, presence(PING_1, &a));
+        r.handle_stanza(2, presence(PING_2, &b));
+        let now = deliveries(&mut r);
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert!(now[0].0 == 2 && now[0].1.contains("id='ping2'"), "{now:?}");
+        assert!(r.needs_commit());
+        let ticket = r.begin_commit().expect("a commit");
+        assert_eq!(ticket.rosters.len(), 1);
+        assert_eq!(ticket.rosters[0].0, "alice");
+        assert!(
+            deliveries(&mut r).is_empty(),
+            "released before the commit was over"
+        );
+        let mut ticket = ticket;
+        ticket.result = Some(Ok(Vec::new()));
+        r.finish_commit(ticket);
+        let after = deliveries(&mut r);
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert!(after[0].1.contains("id='set1'") && after[0].1.contains("type='result'"));
+        assert!(after[1].1.contains("id='ping1'") && after[1].1.contains("type='result'"));
+        assert!(!r.needs_commit());
+        // Nothing is held any more: the next stanza is answered at once.
+        r.handle_stanza(1, presence(PING_1, &a));
+        assert_eq!(deliveries(&mut r).len(), 1);
+    }
+
+    /// A roster write whose commit fails: the requester gets `internal-server-error` instead of
+    /// the result, what waited behind it goes out, and the roster is the store's again.
+    #[test]
+    fn a_roster_change_whose_commit_fails_is_answered_with_an_error_and_undone() {
+        let mut r = router();
+        let a = r.bind("alice", Some("a"), 1).expect("bind").full_jid;
+        r.handle_stanza(1, presence(ROSTER_SET, &a));
+        r.handle_stanza(1, presence(PING_1, &a));
+        let mut ticket = r.begin_commit().expect("a commit");
+        ticket.result = Some(Err(StoreError::Backend("disk full".into())));
+        r.finish_commit(ticket);
+        let after = deliveries(&mut r);
+        assert_eq!(after.len(), 2, "{after:?}");
+        assert!(
+            after[0].1.contains("id='set1'") && after[0].1.contains("internal-server-error"),
+            "{after:?}"
+        );
+        assert!(after[1].1.contains("id='ping1'") && after[1].1.contains("type='result'"));
+        assert!(r
+            .with_roster("alice", |items| items.is_empty())
+            .expect("read"));
+        assert!(!r.needs_commit());
+    }
+
     /// Rosters are cached per shard, not per session: read once while the user is here,
-    /// written through, dropped with the user's last session, and never more than the bound.
+    /// written by the next commit, dropped with the user's last session, and never more than the
+    /// bound.
     #[test]
     fn roster_cache_is_per_shard_and_bounded() {
         let store = std::rc::Rc::new(crate::MemoryRosterStore::new());
@@ -2247,15 +2535,26 @@ mod tests {
             [item.clone()]
         );
         assert!(r.rosters.contains_key("alice"));
-        // A write goes through to the store and the cache alike.
+        // A write goes to the cache at once and to the store with the next commit; until then
+        // a read that misses the cache finds the pending write.
+        let mark = r.begin_call(None);
         r.update_item("alice", "carol@example.com", |slot| {
             *slot = Some(RosterItem::new("carol@example.com"))
         })
         .expect("update");
-        assert_eq!(store.roster("alice").expect("read").len(), 2);
+        r.end_call(mark);
         assert_eq!(r.rosters["alice"].len(), 2);
+        assert_eq!(
+            store.roster("alice").expect("read").len(),
+            1,
+            "before the commit"
+        );
         r.handle_disconnect(1);
         assert!(r.rosters.is_empty(), "gone with the last session");
+        assert_eq!(r.with_roster("alice", |i| i.len()).expect("read"), 2);
+        assert!(r.needs_commit());
+        r.commit();
+        assert_eq!(store.roster("alice").expect("read").len(), 2);
         // Without a session nothing is cached.
         r.with_roster("alice", |_| ()).expect("read");
         assert!(r.rosters.is_empty());

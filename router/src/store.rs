@@ -339,20 +339,30 @@ impl Store {
 
     /// Writes the user's whole roster (rosters are small and written rarely).
     pub fn set_roster(&self, user: &str, items: &[RosterItem]) -> Result<(), StoreError> {
-        let json = serde_json::to_vec(items)
-            .map_err(|e| StoreError::Backend(format!("encoding the roster of {user}: {e}")))?;
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(ROSTERS)?;
-            if items.is_empty() {
-                table.remove(user)?;
-            } else {
-                table.insert(user, json.as_slice())?;
-            }
+            put_roster(&mut table, user, items)?;
         }
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Writes `user`'s whole roster into the open rosters table (an empty roster: no entry).
+fn put_roster(
+    table: &mut redb::Table<&str, &[u8]>,
+    user: &str,
+    items: &[RosterItem],
+) -> Result<(), StoreError> {
+    if items.is_empty() {
+        table.remove(user)?;
+    } else {
+        let json = serde_json::to_vec(items)
+            .map_err(|e| StoreError::Backend(format!("encoding the roster of {user}: {e}")))?;
+        table.insert(user, json.as_slice())?;
+    }
+    Ok(())
 }
 
 /// Whether a commit waits for the disk.
@@ -428,6 +438,18 @@ impl Store {
         batch: &Batch,
         durability: Durability,
     ) -> Result<Vec<(String, usize)>, StoreError> {
+        self.commit(batch, &[], durability)
+    }
+
+    /// Applies a batch of offline-queue writes and whole rosters (by user) in one transaction
+    /// (one fsync when `Durable`): the shard's group commit. Returns (user, bytes) of each
+    /// message erased.
+    pub fn commit(
+        &self,
+        batch: &Batch,
+        rosters: &[(String, Vec<RosterItem>)],
+        durability: Durability,
+    ) -> Result<Vec<(String, usize)>, StoreError> {
         let mut txn = self.db.begin_write()?;
         if durability == Durability::Memory {
             txn.set_durability(redb::Durability::None);
@@ -446,6 +468,12 @@ impl Store {
                 if let Some(old) = table.remove((user.as_str(), *seq))? {
                     erased.push((user.clone(), old.value().len().saturating_sub(8)));
                 }
+            }
+        }
+        if !rosters.is_empty() {
+            let mut table = txn.open_table(ROSTERS)?;
+            for (user, items) in rosters {
+                put_roster(&mut table, user, items)?;
             }
         }
         txn.commit()?;
