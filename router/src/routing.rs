@@ -1139,10 +1139,11 @@ impl Router {
                 "roster write failed; the requesters get internal-server-error"
             );
             for (node, _) in rosters {
-                // A later change of the same roster still pending was made on top of this one:
-                // it goes too, and the user's roster is what the store holds.
-                self.rosters.remove(node.as_str());
-                self.roster_writes.remove(node);
+                // Read again from the store, unless a later change is pending: that one writes
+                // the whole roster, this change included, and is answered by its own commit.
+                if !self.roster_writes.contains_key(node) {
+                    self.rosters.remove(node.as_str());
+                }
             }
         }
         for h in held {
@@ -2514,6 +2515,39 @@ mod tests {
             .with_roster("alice", |items| items.is_empty())
             .expect("read"));
         assert!(!r.needs_commit());
+    }
+
+    /// A change made while the commit of an earlier one is in flight goes into the next commit
+    /// with the whole roster: if the earlier commit fails, its requester gets the error, and the
+    /// later change, answered by its own commit, still writes both.
+    #[test]
+    fn a_change_pending_behind_a_failed_commit_is_written_by_the_next() {
+        const SET_2: &[u8] = b"<iq type='set' id='set2'><query xmlns='jabber:iq:roster'>\
+            <item jid='dave@example.com'/></query></iq>";
+        let store = std::rc::Rc::new(crate::MemoryRosterStore::new());
+        let mut r = Router::new(0, 1, "example.com".into(), Box::new(store.clone()));
+        let a = r.bind("alice", Some("a"), 1).expect("bind").full_jid;
+        r.handle_stanza(1, presence(ROSTER_SET, &a));
+        let mut first = r.begin_commit().expect("a commit");
+        r.handle_stanza(1, presence(SET_2, &a));
+        assert!(r.begin_commit().is_none(), "one commit at a time");
+        first.result = Some(Err(StoreError::Backend("disk full".into())));
+        r.finish_commit(first);
+        let after = deliveries(&mut r);
+        assert_eq!(after.len(), 1, "set2 waits for its commit: {after:?}");
+        assert!(after[0].1.contains("id='set1'") && after[0].1.contains("internal-server-error"));
+        assert!(r.needs_commit());
+        r.commit();
+        let after = deliveries(&mut r);
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert!(after[0].1.contains("id='set2'") && after[0].1.contains("type='result'"));
+        let stored: Vec<String> = store
+            .roster("alice")
+            .expect("read")
+            .into_iter()
+            .map(|i| i.jid)
+            .collect();
+        assert_eq!(stored, ["carol@example.com", "dave@example.com"]);
     }
 
     /// Rosters are cached per shard, not per session: read once while the user is here,
