@@ -370,10 +370,19 @@ fn bench_against_gateway() {
         r.counts
     );
     assert_eq!(r.counts.established, 50);
+    // Each login pipelines once. Those that start before their worker has seen a first
+    // `<stream:features>` pipeline the stale version and are refused once; a login that starts
+    // after it uses the version learnt there (how many do is timing: 50 of 50 were refused in
+    // most runs, 49 in one).
     assert_eq!(
-        (r.counts.login.iap_pipelined, r.counts.login.iap_refused),
-        (50, 50),
-        "each login pipelined once with the stale version and refused once"
+        r.counts.login.iap_pipelined, 50,
+        "each login pipelined once: {:?}",
+        r.counts
+    );
+    assert!(
+        (1..=50).contains(&r.counts.login.iap_refused),
+        "the stale version was never refused: {:?}",
+        r.counts
     );
 
     // A reconnect storm of clients holding tickets (--resume): every session logs in once with a
