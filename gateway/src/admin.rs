@@ -448,6 +448,14 @@ const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
         |sh| one(sh.send_timeouts),
     ),
     (
+        "gateway_held_pauses_total",
+        "counter",
+        "Times a shard paused reading connections because its router held 16,384 actions behind \
+         roster changes not yet committed (answers, pushes, and later stanzas for the same \
+         connections): the store's commits are slow (see gateway_storage_latency_seconds).",
+        |sh| one(sh.held_pauses),
+    ),
+    (
         "gateway_recv_buffer_shortages_total",
         "counter",
         "Reads of the uring engine that found the shard's receive buffers all in use; the \

@@ -449,7 +449,7 @@ impl Conn {
                 let shard = &self.shard;
                 let outbox = &self.s.outbox;
                 let read = async {
-                    shard.mesh_unblocked.wait().await;
+                    shard.input_unblocked.wait().await;
                     Wake::Read(stream.read(&mut small).await)
                 };
                 let queued = async {

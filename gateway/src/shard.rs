@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hashbrown::HashMap;
 use router::{Action, ConnId, Frame, Router, Store};
-use shared::limits::{MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, SESSION_SEND_QUEUE_STANZAS_MAX};
+use shared::limits::{
+    MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, ROUTER_HELD_ACTIONS_MAX,
+    ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX, SESSION_SEND_QUEUE_STANZAS_MAX,
+};
 use shared::stanza::Stanza;
 use shared::table::ShrinkIfSparse;
 
@@ -207,8 +210,14 @@ pub struct Shard {
     /// Peers whose channel was full: their batch waits in a task, and later frames wait behind it
     /// so order per peer is kept.
     mesh_blocked: RefCell<Vec<bool>>,
-    /// Set while a mesh channel is full: connections stop reading until it clears.
-    pub mesh_unblocked: Flag,
+    /// Cleared while a mesh channel is full, or while the router holds too many actions behind
+    /// uncommitted roster changes (`ROUTER_HELD_ACTIONS_MAX`, or
+    /// `ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX` for one connection): connections stop reading
+    /// until it is set again.
+    pub input_unblocked: Flag,
+    /// The router holds too many actions behind uncommitted roster changes (see
+    /// `input_unblocked`).
+    held_full: Cell<bool>,
     /// Set when a delivery left a session's send queue at least half full: whoever feeds stanzas
     /// to the router yields to the writers before feeding more, so the recipient's writer runs
     /// before its queue overflows (a recipient that does not read still fills it and is closed
@@ -266,8 +275,8 @@ impl Shard {
     ) -> Shard {
         assert_eq!(mesh_to.len(), shards);
         assert_eq!(handoff_to.len(), shards);
-        let mesh_unblocked = Flag::default();
-        mesh_unblocked.set();
+        let input_unblocked = Flag::default();
+        input_unblocked.set();
         let mesh_receive_open = Flag::default();
         if !knobs.mesh_receive_paused {
             mesh_receive_open.set();
@@ -290,7 +299,8 @@ impl Shard {
             mesh_pending: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
             mesh_flush_scheduled: Cell::new(false),
             mesh_blocked: RefCell::new(vec![false; shards]),
-            mesh_unblocked,
+            input_unblocked,
+            held_full: Cell::new(false),
             send_pressure: Cell::new(false),
             stopping: Flag::default(),
             stats: RefCell::new(ShardStats::new(id, shards, stats_enabled)),
@@ -327,6 +337,17 @@ impl Shard {
     }
 
     /// Executes every action the router has queued. Called after each router input.
+    /// Opens connection input unless a mesh channel is full or the router holds too much
+    /// behind uncommitted roster changes; closes it otherwise.
+    fn refresh_input_gate(&self) {
+        let blocked = self.held_full.get() || self.mesh_blocked.borrow().iter().any(|&b| b);
+        if blocked {
+            self.input_unblocked.clear();
+        } else if !self.input_unblocked.is_open() {
+            self.input_unblocked.set();
+        }
+    }
+
     pub fn drain_router(self: &Rc<Self>) {
         // Bounded: each action is handled once; a bounce adds at most one more per delivery.
         loop {
@@ -376,6 +397,23 @@ impl Shard {
                     }
                 }
             }
+        }
+        let held_full = {
+            let router = self.router.borrow();
+            router.held_actions() >= ROUTER_HELD_ACTIONS_MAX
+                || router.held_for_one_connection() >= ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX
+        };
+        if held_full != self.held_full.get() {
+            self.held_full.set(held_full);
+            if held_full {
+                self.stats.borrow_mut().held_pauses += 1;
+                tracing::warn!(
+                    shard = self.id,
+                    "too many actions held behind roster changes not yet committed: reads \
+                     paused until a commit releases them"
+                );
+            }
+            self.refresh_input_gate();
         }
         if !self.commit_scheduled.get() && self.router.borrow().needs_commit() {
             // Group commit: the store writes of everything runnable in this turn go into one
@@ -588,16 +626,14 @@ impl Shard {
             Err(flume::TrySendError::Full(batch)) => {
                 self.stats.borrow_mut().mesh_full[peer] += 1;
                 tracing::warn!(shard = self.id, peer, "mesh channel full, pausing reads");
-                self.mesh_unblocked.clear();
+                self.input_unblocked.clear();
                 self.mesh_blocked.borrow_mut()[peer] = true;
                 let shard = self.clone();
                 glommio::spawn_local(async move {
                     let _ = tx.send_async(batch).await;
                     shard.mesh_blocked.borrow_mut()[peer] = false;
                     shard.flush_peer(peer);
-                    if !shard.mesh_blocked.borrow().iter().any(|&b| b) {
-                        shard.mesh_unblocked.set();
-                    }
+                    shard.refresh_input_gate();
                 })
                 .detach();
             }

@@ -115,6 +115,9 @@ pub struct ShardStats {
     /// Connections closed because their peer took none of their pending bytes for
     /// `send_timeout_seconds`.
     pub send_timeouts: u64,
+    /// Times connection reads were paused for actions held behind uncommitted roster changes
+    /// (`ROUTER_HELD_ACTIONS_MAX`).
+    pub held_pauses: u64,
     /// Reads of the `uring` engine that found the shard's receive buffers all in use (the
     /// connection waited for one).
     pub recv_buffer_shortages: u64,
@@ -168,6 +171,7 @@ impl ShardStats {
             auth_failures: 0,
             auth_refused_address: 0,
             send_timeouts: 0,
+            held_pauses: 0,
             recv_buffer_shortages: 0,
             connections_tls_handshake: 0,
             connections_auth: 0,
@@ -388,6 +392,7 @@ impl ShardStats {
             // Filled in by the shard, which owns the limit.
             auth_limit_untracked: 0,
             send_timeouts: self.send_timeouts,
+            held_pauses: self.held_pauses,
             recv_buffer_shortages: self.recv_buffer_shortages,
             delivered: self.delivered,
             undeliverable: self.undeliverable,
@@ -495,6 +500,9 @@ pub struct ShardSnapshot {
     /// Connections closed for taking none of their pending bytes for `send_timeout_seconds`.
     #[serde(default)]
     pub send_timeouts: u64,
+    /// Times reads were paused for actions held behind uncommitted roster changes.
+    #[serde(default)]
+    pub held_pauses: u64,
     /// Reads that found the receive buffers all in use (`uring` engine).
     #[serde(default)]
     pub recv_buffer_shortages: u64,

@@ -119,8 +119,23 @@ impl ShardOffline {
             durability: self.durability,
             stats: self.stats.clone(),
             write_latency: self.write_latency.clone(),
+            test_delay: commit_test_delay(),
         }
     }
+}
+
+/// Tests only: `GATEWAY_TEST_COMMIT_DELAY_MS` makes every commit run on the blocking thread
+/// take at least that long, as on a stalling disk (`gateway/tests/rosters.rs`). Not a
+/// configuration key: nothing but a test has a reason to slow commits down.
+const COMMIT_TEST_DELAY_ENV: &str = "GATEWAY_TEST_COMMIT_DELAY_MS";
+
+fn commit_test_delay() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var(COMMIT_TEST_DELAY_ENV).ok()?.parse().ok()?;
+    tracing::warn!(
+        ms,
+        "{COMMIT_TEST_DELAY_ENV} is set: every commit is delayed (tests only)"
+    );
+    Some(std::time::Duration::from_millis(ms))
 }
 
 /// Runs one shard's offline commits off the reactor (glommio's blocking thread), so the shard
@@ -132,6 +147,7 @@ pub struct Committer {
     durability: Durability,
     stats: Rc<RefCell<CommitStats>>,
     write_latency: Rc<RefCell<LatencyHistogram>>,
+    test_delay: Option<std::time::Duration>,
 }
 
 impl Committer {
@@ -141,9 +157,13 @@ impl Committer {
         let batch = std::mem::take(&mut ticket.batch);
         let rosters = std::mem::take(&mut ticket.rosters);
         let (stores, shard, durability) = (self.stores.clone(), self.shard, self.durability);
+        let delay = self.test_delay;
         let (batch, rosters, result, micros) = glommio::executor()
             .spawn_blocking(move || {
                 let started = Instant::now();
+                if let Some(delay) = delay {
+                    std::thread::sleep(delay);
+                }
                 let result = stores[shard].commit(&batch, &rosters, durability);
                 (batch, rosters, result, started.elapsed().as_micros() as u64)
             })

@@ -645,14 +645,14 @@ impl Driver {
         let flags = async {
             if stopping_seen {
                 if held {
-                    shard.mesh_unblocked.wait().await;
+                    shard.input_unblocked.wait().await;
                     return Wake::Other;
                 }
                 return std::future::pending().await;
             }
             let unblocked = async {
                 if held {
-                    shard.mesh_unblocked.wait().await;
+                    shard.input_unblocked.wait().await;
                 } else {
                     std::future::pending::<()>().await;
                 }
@@ -796,7 +796,7 @@ impl Driver {
     /// Whether input may be fed now: not while a mesh channel is full, nor for the rest of a turn
     /// in which a delivery left a send queue half full.
     fn input_open(&self) -> bool {
-        self.shard.mesh_unblocked.is_open() && !self.shard.send_pressure.get()
+        self.shard.input_unblocked.is_open() && !self.shard.send_pressure.get()
     }
 
     /// Feeds input held while the mesh was blocked or a send queue was filling, in order. True

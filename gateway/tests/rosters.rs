@@ -78,3 +78,51 @@ fn roster_changes_and_another_clients_pings_interleaved_are_all_answered() {
         assert!(!got.contains("type='error'"), "set {i}: {got}");
     }
 }
+
+/// Pings a client pipelines behind a roster change in
+/// `reads_pause_while_a_slow_roster_commit_holds_too_much`: more than its send queue holds
+/// (`SESSION_SEND_QUEUE_STANZAS_MAX`, 1,024).
+const PINGS_BEHIND: usize = 3_000;
+
+/// A slow commit (a test hook delays every commit by 300 ms, as a stalling disk) while a client
+/// pipelines thousands of stanzas behind its roster change, reading all the while. Their answers
+/// wait for the commit; released together they would overflow the client's send queue and close
+/// it as a slow reader, so the shard stops reading once a quarter of a queue waits
+/// (`ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX`) and goes on after the commit. Every answer comes,
+/// in order, the stream stays up, and the pauses are counted.
+#[test]
+fn reads_pause_while_a_slow_roster_commit_holds_too_much() {
+    use std::io::Write;
+    let node = "user1";
+    let server = ServerBuilder::new()
+        .users(&[node])
+        .allow_plaintext()
+        .arg("--shards")
+        .arg("1")
+        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "300")
+        .start();
+    let mut c = Client::connect(server.c2s);
+    c.open_stream();
+    c.read_features();
+    c.auth_plain(node, &password_of(node)).expect("login");
+    c.bind("r");
+    let mut burst = roster_set(0);
+    for i in 0..PINGS_BEHIND {
+        burst.push_str(&format!(
+            "<iq type='get' id='p{i}'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ));
+    }
+    let mut tcp = c.tcp().try_clone().expect("clone");
+    let writer = std::thread::spawn(move || tcp.write_all(burst.as_bytes()));
+    let got = c.expect("id='set0'");
+    assert!(!got.contains("type='error'"), "{got}");
+    for i in 0..PINGS_BEHIND {
+        let got = c.expect(&format!("id='p{i}'"));
+        assert!(!got.contains("stream:error"), "closed at ping {i}: {got}");
+    }
+    writer.join().expect("writer").expect("write");
+    assert!(
+        metric(&server, "gateway_held_pauses_total", "") >= 1.0,
+        "reads never paused"
+    );
+}

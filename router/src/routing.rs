@@ -16,7 +16,7 @@
 //! involved, so nothing overtakes them. If the commit fails, the requester gets
 //! `internal-server-error` instead and the roster is read again from the store.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use shared::limits::{
@@ -330,6 +330,8 @@ struct Held {
     on_failure: Vec<Action>,
     /// The actions follow a roster write; otherwise they only queue behind held ones.
     depends: bool,
+    /// The local connection whose stanza caused them: its later frames queue behind.
+    origin: Option<ConnId>,
 }
 
 /// The local connection an action is for, if any.
@@ -391,9 +393,13 @@ pub struct Router {
     roster_committing: HashMap<String, Vec<RosterItem>>,
     /// Actions held until the roster writes they follow are committed, oldest first.
     held: Vec<Held>,
+    /// Actions in `held` and in the ticket of the commit in flight (see `held_actions`).
+    held_count: usize,
     /// Connections with held actions: later actions for them, and frames their own stanzas
     /// cause, queue behind.
-    held_conns: HashSet<ConnId>,
+    held_conns: HashMap<ConnId, usize>,
+    /// The most held actions for one connection (see `held_for_one_connection`).
+    held_conn_max: usize,
     /// The call being handled (`handle_stanza`, `handle_frame`) wrote a roster.
     call_wrote_roster: bool,
     /// The requester's error, should the roster write of the call being handled fail.
@@ -479,7 +485,9 @@ impl Router {
             roster_writes: HashMap::new(),
             roster_committing: HashMap::new(),
             held: Vec::new(),
-            held_conns: HashSet::new(),
+            held_count: 0,
+            held_conns: HashMap::new(),
+            held_conn_max: 0,
             call_wrote_roster: false,
             call_on_failure: Vec::new(),
             call_conn: None,
@@ -1075,16 +1083,25 @@ impl Router {
                     ..
                 }
                 | Action::Push { .. } => false,
-                Action::Send { .. } => self.call_conn.is_some_and(|c| self.held_conns.contains(&c)),
-                other => action_conn(other).is_some_and(|c| self.held_conns.contains(&c)),
+                Action::Send { .. } => self
+                    .call_conn
+                    .is_some_and(|c| self.held_conns.contains_key(&c)),
+                other => action_conn(other).is_some_and(|c| self.held_conns.contains_key(&c)),
             };
             if behind {
+                self.held_count += 1;
+                if let Some(conn) = action_conn(&action) {
+                    let n = self.held_conns.entry(conn).or_default();
+                    *n += 1;
+                    self.held_conn_max = self.held_conn_max.max(*n);
+                }
                 match self.held.last_mut() {
                     Some(last) if !last.depends => last.actions.push(action),
                     _ => self.held.push(Held {
                         actions: vec![action],
                         on_failure: Vec::new(),
                         depends: false,
+                        origin: None,
                     }),
                 }
                 return;
@@ -1111,15 +1128,22 @@ impl Router {
         if !std::mem::take(&mut self.call_wrote_roster) {
             return;
         }
-        let actions: Vec<Action> = self.actions.drain(mark..).collect();
-        self.held_conns
-            .extend(actions.iter().filter_map(action_conn));
-        self.held_conns.extend(conn);
-        self.held.push(Held {
-            actions,
+        let held = Held {
+            actions: self.actions.drain(mark..).collect(),
             on_failure: std::mem::take(&mut self.call_on_failure),
             depends: true,
-        });
+            origin: conn,
+        };
+        self.held_count += held.actions.len();
+        if let Some(conn) = held.origin {
+            self.held_conns.entry(conn).or_default();
+        }
+        for conn in held.actions.iter().filter_map(action_conn) {
+            let n = self.held_conns.entry(conn).or_default();
+            *n += 1;
+            self.held_conn_max = self.held_conn_max.max(*n);
+        }
+        self.held.push(held);
     }
 
     /// The commit of `rosters` is over (`ok`: durable): releases the actions `held` for it (or,
@@ -1147,6 +1171,7 @@ impl Router {
             }
         }
         for h in held {
+            self.held_count -= h.actions.len();
             let actions = if ok || !h.depends {
                 h.actions
             } else {
@@ -1157,17 +1182,38 @@ impl Router {
         if self.roster_writes.is_empty() {
             // What is held now only keeps its order behind what was just released.
             for h in std::mem::take(&mut self.held) {
+                self.held_count -= h.actions.len();
                 self.actions.extend(h.actions);
             }
             self.held_conns.clear();
+            self.held_conn_max = 0;
         } else {
-            let conns: HashSet<ConnId> = self
-                .held
-                .iter()
-                .flat_map(|h| h.actions.iter().filter_map(action_conn))
-                .collect();
+            let mut conns: HashMap<ConnId, usize> = HashMap::new();
+            for h in &self.held {
+                if let Some(conn) = h.origin {
+                    conns.entry(conn).or_default();
+                }
+                for conn in h.actions.iter().filter_map(action_conn) {
+                    *conns.entry(conn).or_default() += 1;
+                }
+            }
+            self.held_conn_max = conns.values().copied().max().unwrap_or(0);
             self.held_conns = conns;
         }
+    }
+
+    /// The most actions held for any one connection. Released at once, they go into its send
+    /// queue together: the driver stops feeding connection input past
+    /// `ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX` so that they fit.
+    pub fn held_for_one_connection(&self) -> usize {
+        self.held_conn_max
+    }
+
+    /// Actions waiting for roster writes to be committed (and those queued behind them). The
+    /// driver stops feeding connection input past `ROUTER_HELD_ACTIONS_MAX` until a commit
+    /// releases them: nothing else bounds them while a commit is slow.
+    pub fn held_actions(&self) -> usize {
+        self.held_count
     }
 
     /// Should the roster write of the call being handled fail, `conn` gets this error for `req`.
@@ -2473,6 +2519,7 @@ mod tests {
         assert_eq!(now.len(), 1, "{now:?}");
         assert!(now[0].0 == 2 && now[0].1.contains("id='ping2'"), "{now:?}");
         assert!(r.needs_commit());
+        assert_eq!(r.held_actions(), 2, "the result and the ping behind it");
         let ticket = r.begin_commit().expect("a commit");
         assert_eq!(ticket.rosters.len(), 1);
         assert_eq!(ticket.rosters[0].0, "alice");
@@ -2488,6 +2535,7 @@ mod tests {
         assert!(after[0].1.contains("id='set1'") && after[0].1.contains("type='result'"));
         assert!(after[1].1.contains("id='ping1'") && after[1].1.contains("type='result'"));
         assert!(!r.needs_commit());
+        assert_eq!(r.held_actions(), 0);
         // Nothing is held any more: the next stanza is answered at once.
         r.handle_stanza(1, presence(PING_1, &a));
         assert_eq!(deliveries(&mut r).len(), 1);
@@ -2515,6 +2563,52 @@ mod tests {
             .with_roster("alice", |items| items.is_empty())
             .expect("read"));
         assert!(!r.needs_commit());
+    }
+
+    /// A subscription request to a contact on another shard leaves once the requester's roster
+    /// records it, and the requester's next stanza to that contact (a frame too) stays behind it.
+    #[test]
+    fn a_subscription_to_another_shard_and_what_follows_wait_for_the_commit() {
+        let on = |shard: usize| {
+            (0..1000)
+                .map(|i| format!("u{i}"))
+                .find(|n| home_shard(&format!("{n}@example.com"), 2) == shard)
+                .expect("a user homed there")
+        };
+        let (user, contact) = (on(0), on(1));
+        let mut r = Router::new(
+            0,
+            2,
+            "example.com".into(),
+            Box::new(crate::MemoryRosterStore::new()),
+        );
+        let full = r.bind(&user, Some("a"), 1).expect("bind").full_jid;
+        let subscribe = format!("<presence to='{contact}@example.com' type='subscribe'/>");
+        let message =
+            format!("<message to='{contact}@example.com' id='m1'><body>hi</body></message>");
+        for xml in [subscribe, message] {
+            let stanza = build::from_bytes(Bytes::from(xml))
+                .expect("test stanza")
+                .with_from(&full);
+            r.handle_stanza(1, stanza);
+        }
+        let sends = |r: &mut Router| {
+            let mut out = Vec::new();
+            while let Some(a) = r.poll_action() {
+                if let Action::Send { shard, frame } = a {
+                    out.push((shard, format!("{frame:?}")));
+                }
+            }
+            out
+        };
+        assert!(sends(&mut r).is_empty(), "a frame left before the commit");
+        r.commit();
+        let out = sends(&mut r);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(
+            out[0].1.contains("subscribe") && out[1].1.contains("m1"),
+            "{out:?}"
+        );
     }
 
     /// A change made while the commit of an earlier one is in flight goes into the next commit

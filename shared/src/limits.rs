@@ -133,6 +133,17 @@ pub const OFFLINE_DRAIN_PAGE_MESSAGES: usize = 256;
 /// acknowledge old sequence numbers, so a user with sessions is never evicted).
 pub const OFFLINE_USAGE_CACHE_USERS_MAX: usize = 65_536;
 
+/// Actions a shard's router holds behind roster changes not yet committed (their answers,
+/// pushes, and later stanzas for the same connections) before the shard stops reading
+/// connections' input until a commit releases them: bounds them while the disk is slow.
+pub const ROUTER_HELD_ACTIONS_MAX: usize = 16_384;
+
+/// The same for the actions held for one connection. Released together when the commit is
+/// done, they go into its send queue at once: a quarter of it (`SESSION_SEND_QUEUE_STANZAS_MAX`)
+/// leaves room for what is already queued, so a client that reads is never closed as a slow
+/// reader for what it pipelined behind a roster change.
+pub const ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX: usize = SESSION_SEND_QUEUE_STANZAS_MAX / 4;
+
 /// Store writes (inserts and erasures) collected in one turn before they are committed inline,
 /// without waiting for the end of the turn. Bounds the pending batch's memory.
 pub const STORE_BATCH_WRITES_MAX: usize = 4096;

@@ -187,6 +187,7 @@ pub struct ServerBuilder {
     users: Vec<String>,
     args: Vec<String>,
     allow_plaintext: bool,
+    envs: Vec<(String, String)>,
 }
 
 impl Default for ServerBuilder {
@@ -201,6 +202,7 @@ impl ServerBuilder {
             users: Vec::new(),
             args: Vec::new(),
             allow_plaintext: false,
+            envs: Vec::new(),
         }
     }
     pub fn user(mut self, node: &str) -> Self {
@@ -221,6 +223,11 @@ impl ServerBuilder {
         self.allow_plaintext = true;
         self
     }
+    /// An environment variable for the server process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
     pub fn start(self) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
@@ -238,6 +245,7 @@ impl ServerBuilder {
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             extra: self.args,
             allow_plaintext: self.allow_plaintext,
+            envs: self.envs,
         };
         server.spawn();
         server
@@ -254,6 +262,7 @@ pub struct Server {
     pub admin: SocketAddr,
     extra: Vec<String>,
     allow_plaintext: bool,
+    envs: Vec<(String, String)>,
 }
 
 impl Server {
@@ -305,6 +314,7 @@ impl Server {
             .unwrap();
         let child = Command::new(gateway_bin())
             .args(&args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
