@@ -448,12 +448,13 @@ const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
         |sh| one(sh.send_timeouts),
     ),
     (
-        "gateway_held_pauses_total",
+        "gateway_commit_pauses_total",
         "counter",
-        "Times a shard paused reading connections because its router held 16,384 actions behind \
-         roster changes not yet committed (answers, pushes, and later stanzas for the same \
-         connections): the store's commits are slow (see gateway_storage_latency_seconds).",
-        |sh| one(sh.held_pauses),
+        "Times a shard paused reading connections because too much waited for the store's \
+         commit in flight: actions held behind roster changes not yet committed (16,384 a \
+         shard, 256 for one connection) or offline writes (16,384). The store's commits are \
+         slow (see gateway_storage_latency_seconds).",
+        |sh| one(sh.commit_pauses),
     ),
     (
         "gateway_recv_buffer_shortages_total",

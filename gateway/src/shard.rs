@@ -16,6 +16,7 @@ use router::{Action, ConnId, Frame, Router, Store};
 use shared::limits::{
     MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, ROUTER_HELD_ACTIONS_MAX,
     ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX, SESSION_SEND_QUEUE_STANZAS_MAX,
+    STORE_PENDING_WRITES_MAX,
 };
 use shared::stanza::Stanza;
 use shared::table::ShrinkIfSparse;
@@ -210,13 +211,11 @@ pub struct Shard {
     /// Peers whose channel was full: their batch waits in a task, and later frames wait behind it
     /// so order per peer is kept.
     mesh_blocked: RefCell<Vec<bool>>,
-    /// Cleared while a mesh channel is full, or while the router holds too many actions behind
-    /// uncommitted roster changes (`ROUTER_HELD_ACTIONS_MAX`, or
-    /// `ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX` for one connection): connections stop reading
-    /// until it is set again.
+    /// Cleared while a mesh channel is full, or while too much waits for the store's commit in
+    /// flight (`held_full`): connections stop reading until it is set again.
     pub input_unblocked: Flag,
-    /// The router holds too many actions behind uncommitted roster changes (see
-    /// `input_unblocked`).
+    /// Too much waits for the store's commit in flight: actions held behind roster changes, or
+    /// offline writes (`STORE_PENDING_WRITES_MAX`; see `input_unblocked`).
     held_full: Cell<bool>,
     /// Set when a delivery left a session's send queue at least half full: whoever feeds stanzas
     /// to the router yields to the writers before feeding more, so the recipient's writer runs
@@ -337,8 +336,8 @@ impl Shard {
     }
 
     /// Executes every action the router has queued. Called after each router input.
-    /// Opens connection input unless a mesh channel is full or the router holds too much
-    /// behind uncommitted roster changes; closes it otherwise.
+    /// Opens connection input unless a mesh channel is full or too much waits for the store's
+    /// commit in flight; closes it otherwise.
     fn refresh_input_gate(&self) {
         let blocked = self.held_full.get() || self.mesh_blocked.borrow().iter().any(|&b| b);
         if blocked {
@@ -402,15 +401,17 @@ impl Shard {
             let router = self.router.borrow();
             router.held_actions() >= ROUTER_HELD_ACTIONS_MAX
                 || router.held_for_one_connection() >= ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX
+                || (router.commit_in_flight()
+                    && router.pending_writes() >= STORE_PENDING_WRITES_MAX)
         };
         if held_full != self.held_full.get() {
             self.held_full.set(held_full);
             if held_full {
-                self.stats.borrow_mut().held_pauses += 1;
+                self.stats.borrow_mut().commit_pauses += 1;
                 tracing::warn!(
                     shard = self.id,
-                    "too many actions held behind roster changes not yet committed: reads \
-                     paused until a commit releases them"
+                    "too much waits for the store's commit in flight (actions held behind \
+                     roster changes, or offline writes): reads paused until it is done"
                 );
             }
             self.refresh_input_gate();

@@ -115,9 +115,9 @@ pub struct ShardStats {
     /// Connections closed because their peer took none of their pending bytes for
     /// `send_timeout_seconds`.
     pub send_timeouts: u64,
-    /// Times connection reads were paused for actions held behind uncommitted roster changes
-    /// (`ROUTER_HELD_ACTIONS_MAX`).
-    pub held_pauses: u64,
+    /// Times connection reads were paused because too much waited for the store's commit in
+    /// flight (actions held behind roster changes, or offline writes).
+    pub commit_pauses: u64,
     /// Reads of the `uring` engine that found the shard's receive buffers all in use (the
     /// connection waited for one).
     pub recv_buffer_shortages: u64,
@@ -171,7 +171,7 @@ impl ShardStats {
             auth_failures: 0,
             auth_refused_address: 0,
             send_timeouts: 0,
-            held_pauses: 0,
+            commit_pauses: 0,
             recv_buffer_shortages: 0,
             connections_tls_handshake: 0,
             connections_auth: 0,
@@ -392,7 +392,7 @@ impl ShardStats {
             // Filled in by the shard, which owns the limit.
             auth_limit_untracked: 0,
             send_timeouts: self.send_timeouts,
-            held_pauses: self.held_pauses,
+            commit_pauses: self.commit_pauses,
             recv_buffer_shortages: self.recv_buffer_shortages,
             delivered: self.delivered,
             undeliverable: self.undeliverable,
@@ -500,9 +500,9 @@ pub struct ShardSnapshot {
     /// Connections closed for taking none of their pending bytes for `send_timeout_seconds`.
     #[serde(default)]
     pub send_timeouts: u64,
-    /// Times reads were paused for actions held behind uncommitted roster changes.
+    /// Times reads were paused because too much waited for the store's commit in flight.
     #[serde(default)]
-    pub held_pauses: u64,
+    pub commit_pauses: u64,
     /// Reads that found the receive buffers all in use (`uring` engine).
     #[serde(default)]
     pub recv_buffer_shortages: u64,

@@ -620,3 +620,62 @@ fn live_messages_wait_behind_the_offline_queue_with_stream_management() {
 fn live_messages_wait_behind_the_offline_queue_without_stream_management() {
     offline_then_live(false);
 }
+
+/// Messages a sender floods to each of three offline users in
+/// `offline_writes_behind_a_slow_commit_pause_reads_and_all_are_stored`: together more than the
+/// writes that may wait behind a commit in flight (`STORE_PENDING_WRITES_MAX`, 16,384).
+const FLOOD_PER_RECIPIENT: usize = 6_000;
+
+/// A slow commit (a test hook delays every commit by 2 s, as a stalling disk) while a
+/// sender floods users who are offline. The offline writes waiting behind the commit in flight are
+/// bounded: the shard stops reading until it is done (the pause is counted), then goes on, and
+/// every message is stored.
+#[test]
+fn offline_writes_behind_a_slow_commit_pause_reads_and_all_are_stored() {
+    use std::io::Write;
+    let sender = "user1";
+    let recipients = ["user2", "user3", "user4"];
+    let server = ServerBuilder::new()
+        .users(&[sender, recipients[0], recipients[1], recipients[2]])
+        .allow_plaintext()
+        .arg("--shards")
+        .arg("1")
+        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "2000")
+        .start();
+    let mut c = Client::connect(server.c2s);
+    c.open_stream();
+    c.read_features();
+    c.auth_plain(sender, &password_of(sender)).expect("login");
+    c.bind("r");
+    let mut burst = String::new();
+    for i in 0..FLOOD_PER_RECIPIENT {
+        for r in recipients {
+            burst.push_str(&format!(
+                "<message to='{r}@{DOMAIN}' type='chat' id='m{i}'><body>{i}</body></message>"
+            ));
+        }
+    }
+    burst.push_str("<iq type='get' id='last'><ping xmlns='urn:xmpp:ping'/></iq>");
+    let mut tcp = c.tcp().try_clone().expect("clone");
+    let writer = std::thread::spawn(move || tcp.write_all(burst.as_bytes()));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let got = loop {
+        match c.try_expect_stanza("iq", "id='last'", Duration::from_secs(1)) {
+            Ok(got) => break got,
+            Err(e) => assert!(Instant::now() < deadline, "no answer to the last ping: {e}"),
+        }
+    };
+    assert!(!got.contains("type='error'"), "{got}");
+    writer.join().expect("writer").expect("write");
+    let total = (FLOOD_PER_RECIPIENT * recipients.len()) as f64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server, "gateway_offline_messages", "") < total {
+        assert!(Instant::now() < deadline, "not all stored");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(metric(&server, "gateway_offline_messages", ""), total);
+    assert!(
+        metric(&server, "gateway_commit_pauses_total", "") >= 1.0,
+        "reads never paused"
+    );
+}

@@ -122,7 +122,7 @@ fn reads_pause_while_a_slow_roster_commit_holds_too_much() {
     }
     writer.join().expect("writer").expect("write");
     assert!(
-        metric(&server, "gateway_held_pauses_total", "") >= 1.0,
+        metric(&server, "gateway_commit_pauses_total", "") >= 1.0,
         "reads never paused"
     );
 }

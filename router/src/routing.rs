@@ -1209,6 +1209,13 @@ impl Router {
         self.held_conn_max
     }
 
+    /// Store writes (offline-queue inserts and erasures) waiting for the next commit. While a
+    /// commit is in flight nothing else bounds them: the driver stops feeding connection input
+    /// past `STORE_PENDING_WRITES_MAX`.
+    pub fn pending_writes(&self) -> usize {
+        self.batch.len()
+    }
+
     /// Actions waiting for roster writes to be committed (and those queued behind them). The
     /// driver stops feeding connection input past `ROUTER_HELD_ACTIONS_MAX` until a commit
     /// releases them: nothing else bounds them while a commit is slow.

@@ -144,6 +144,11 @@ pub const ROUTER_HELD_ACTIONS_MAX: usize = 16_384;
 /// reader for what it pipelined behind a roster change.
 pub const ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX: usize = SESSION_SEND_QUEUE_STANZAS_MAX / 4;
 
+/// Store writes (offline-queue inserts and erasures) pending while a commit is in flight before
+/// the shard stops reading connections' input until that commit is done: bounds the next batch
+/// while the disk is slow (four inline batches, `STORE_BATCH_WRITES_MAX`).
+pub const STORE_PENDING_WRITES_MAX: usize = 4 * STORE_BATCH_WRITES_MAX;
+
 /// Store writes (inserts and erasures) collected in one turn before they are committed inline,
 /// without waiting for the end of the turn. Bounds the pending batch's memory.
 pub const STORE_BATCH_WRITES_MAX: usize = 4096;
