@@ -212,11 +212,11 @@ pub struct Shard {
     /// so order per peer is kept.
     mesh_blocked: RefCell<Vec<bool>>,
     /// Cleared while a mesh channel is full, or while too much waits for the store's commit in
-    /// flight (`held_full`): connections stop reading until it is set again.
+    /// flight (`commit_backlog_full`): connections stop reading until it is set again.
     pub input_unblocked: Flag,
     /// Too much waits for the store's commit in flight: actions held behind roster changes, or
     /// offline writes (`STORE_PENDING_WRITES_MAX`; see `input_unblocked`).
-    held_full: Cell<bool>,
+    commit_backlog_full: Cell<bool>,
     /// Set when a delivery left a session's send queue at least half full: whoever feeds stanzas
     /// to the router yields to the writers before feeding more, so the recipient's writer runs
     /// before its queue overflows (a recipient that does not read still fills it and is closed
@@ -299,7 +299,7 @@ impl Shard {
             mesh_flush_scheduled: Cell::new(false),
             mesh_blocked: RefCell::new(vec![false; shards]),
             input_unblocked,
-            held_full: Cell::new(false),
+            commit_backlog_full: Cell::new(false),
             send_pressure: Cell::new(false),
             stopping: Flag::default(),
             stats: RefCell::new(ShardStats::new(id, shards, stats_enabled)),
@@ -339,7 +339,8 @@ impl Shard {
     /// Opens connection input unless a mesh channel is full or too much waits for the store's
     /// commit in flight; closes it otherwise.
     fn refresh_input_gate(&self) {
-        let blocked = self.held_full.get() || self.mesh_blocked.borrow().iter().any(|&b| b);
+        let blocked =
+            self.commit_backlog_full.get() || self.mesh_blocked.borrow().iter().any(|&b| b);
         if blocked {
             self.input_unblocked.clear();
         } else if !self.input_unblocked.is_open() {
@@ -397,16 +398,16 @@ impl Shard {
                 }
             }
         }
-        let held_full = {
+        let commit_backlog_full = {
             let router = self.router.borrow();
             router.held_actions() >= ROUTER_HELD_ACTIONS_MAX
                 || router.held_for_one_connection() >= ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX
                 || (router.commit_in_flight()
                     && router.pending_writes() >= STORE_PENDING_WRITES_MAX)
         };
-        if held_full != self.held_full.get() {
-            self.held_full.set(held_full);
-            if held_full {
+        if commit_backlog_full != self.commit_backlog_full.get() {
+            self.commit_backlog_full.set(commit_backlog_full);
+            if commit_backlog_full {
                 self.stats.borrow_mut().commit_pauses += 1;
                 tracing::warn!(
                     shard = self.id,

@@ -197,7 +197,6 @@ impl BufRing {
             filled: vec![0; usize::from(count)],
             refs: vec![0; usize::from(count)],
         };
-        let mut registered = false;
         if incremental {
             // SAFETY: the mapping is `count` entries, page aligned, and lives until `drop`,
             // after the ring (the driver drops its ring first).
@@ -210,7 +209,7 @@ impl BufRing {
                 )
             };
             match result {
-                Ok(()) => registered = true,
+                Ok(()) => {}
                 // Kernels before 6.12 refuse the flag.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(
@@ -222,7 +221,7 @@ impl BufRing {
                 Err(e) => return Err(e),
             }
         }
-        if !registered {
+        if !this.incremental {
             // SAFETY: as above.
             unsafe {
                 ring.submitter()

@@ -642,11 +642,7 @@ fn offline_writes_behind_a_slow_commit_pause_reads_and_all_are_stored() {
         .arg("1")
         .env("GATEWAY_TEST_COMMIT_DELAY_MS", "2000")
         .start();
-    let mut c = Client::connect(server.c2s);
-    c.open_stream();
-    c.read_features();
-    c.auth_plain(sender, &password_of(sender)).expect("login");
-    c.bind("r");
+    let mut c = server.login_plaintext(sender, "r");
     let mut burst = String::new();
     for i in 0..FLOOD_PER_RECIPIENT {
         for r in recipients {

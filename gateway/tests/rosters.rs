@@ -101,11 +101,7 @@ fn reads_pause_while_a_slow_roster_commit_holds_too_much() {
         .arg("1")
         .env("GATEWAY_TEST_COMMIT_DELAY_MS", "300")
         .start();
-    let mut c = Client::connect(server.c2s);
-    c.open_stream();
-    c.read_features();
-    c.auth_plain(node, &password_of(node)).expect("login");
-    c.bind("r");
+    let mut c = server.login_plaintext(node, "r");
     let mut burst = roster_set(0);
     for i in 0..PINGS_BEHIND {
         burst.push_str(&format!(

@@ -334,6 +334,43 @@ struct Held {
     origin: Option<ConnId>,
 }
 
+/// The connections with held actions, and how many each (an origin counts none): later actions
+/// for them queue behind.
+#[derive(Debug, Default)]
+struct HeldConns {
+    counts: HashMap<ConnId, usize>,
+    /// The largest count.
+    max: usize,
+}
+
+impl HeldConns {
+    fn contains(&self, conn: ConnId) -> bool {
+        self.counts.contains_key(&conn)
+    }
+
+    fn add_action(&mut self, action: &Action) {
+        if let Some(conn) = action_conn(action) {
+            let n = self.counts.entry(conn).or_default();
+            *n += 1;
+            self.max = self.max.max(*n);
+        }
+    }
+
+    fn add(&mut self, held: &Held) {
+        if let Some(conn) = held.origin {
+            self.counts.entry(conn).or_default();
+        }
+        for action in &held.actions {
+            self.add_action(action);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.counts.clear();
+        self.max = 0;
+    }
+}
+
 /// The local connection an action is for, if any.
 fn action_conn(action: &Action) -> Option<ConnId> {
     match action {
@@ -397,9 +434,7 @@ pub struct Router {
     held_count: usize,
     /// Connections with held actions: later actions for them, and frames their own stanzas
     /// cause, queue behind.
-    held_conns: HashMap<ConnId, usize>,
-    /// The most held actions for one connection (see `held_for_one_connection`).
-    held_conn_max: usize,
+    held_conns: HeldConns,
     /// The call being handled (`handle_stanza`, `handle_frame`) wrote a roster.
     call_wrote_roster: bool,
     /// The requester's error, should the roster write of the call being handled fail.
@@ -486,8 +521,7 @@ impl Router {
             roster_committing: HashMap::new(),
             held: Vec::new(),
             held_count: 0,
-            held_conns: HashMap::new(),
-            held_conn_max: 0,
+            held_conns: HeldConns::default(),
             call_wrote_roster: false,
             call_on_failure: Vec::new(),
             call_conn: None,
@@ -1076,25 +1110,19 @@ impl Router {
     /// Queues an action for the driver, or behind the held ones it must not overtake: those for
     /// the same connection, and (for frames) those caused by the same connection's stanzas.
     fn emit(&mut self, action: Action) {
-        if !self.held_conns.is_empty() {
+        if !self.held_conns.counts.is_empty() {
             let behind = match &action {
                 Action::Send {
                     frame: Frame::Settled(_),
                     ..
                 }
                 | Action::Push { .. } => false,
-                Action::Send { .. } => self
-                    .call_conn
-                    .is_some_and(|c| self.held_conns.contains_key(&c)),
-                other => action_conn(other).is_some_and(|c| self.held_conns.contains_key(&c)),
+                Action::Send { .. } => self.call_conn.is_some_and(|c| self.held_conns.contains(c)),
+                other => action_conn(other).is_some_and(|c| self.held_conns.contains(c)),
             };
             if behind {
                 self.held_count += 1;
-                if let Some(conn) = action_conn(&action) {
-                    let n = self.held_conns.entry(conn).or_default();
-                    *n += 1;
-                    self.held_conn_max = self.held_conn_max.max(*n);
-                }
+                self.held_conns.add_action(&action);
                 match self.held.last_mut() {
                     Some(last) if !last.depends => last.actions.push(action),
                     _ => self.held.push(Held {
@@ -1135,14 +1163,7 @@ impl Router {
             origin: conn,
         };
         self.held_count += held.actions.len();
-        if let Some(conn) = held.origin {
-            self.held_conns.entry(conn).or_default();
-        }
-        for conn in held.actions.iter().filter_map(action_conn) {
-            let n = self.held_conns.entry(conn).or_default();
-            *n += 1;
-            self.held_conn_max = self.held_conn_max.max(*n);
-        }
+        self.held_conns.add(&held);
         self.held.push(held);
     }
 
@@ -1185,20 +1206,11 @@ impl Router {
                 self.held_count -= h.actions.len();
                 self.actions.extend(h.actions);
             }
-            self.held_conns.clear();
-            self.held_conn_max = 0;
-        } else {
-            let mut conns: HashMap<ConnId, usize> = HashMap::new();
-            for h in &self.held {
-                if let Some(conn) = h.origin {
-                    conns.entry(conn).or_default();
-                }
-                for conn in h.actions.iter().filter_map(action_conn) {
-                    *conns.entry(conn).or_default() += 1;
-                }
-            }
-            self.held_conn_max = conns.values().copied().max().unwrap_or(0);
-            self.held_conns = conns;
+        }
+        // Only what waits for the next commit is still held.
+        self.held_conns.clear();
+        for h in &self.held {
+            self.held_conns.add(h);
         }
     }
 
@@ -1206,7 +1218,7 @@ impl Router {
     /// queue together: the driver stops feeding connection input past
     /// `ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX` so that they fit.
     pub fn held_for_one_connection(&self) -> usize {
-        self.held_conn_max
+        self.held_conns.max
     }
 
     /// Store writes (offline-queue inserts and erasures) waiting for the next commit. While a

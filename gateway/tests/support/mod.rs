@@ -412,6 +412,18 @@ impl Server {
         c
     }
 
+    /// A client on the STARTTLS port without TLS (the server must allow plaintext), logged in:
+    /// its socket (`Client::tcp`) can be written from another thread.
+    pub fn login_plaintext(&self, node: &str, resource: &str) -> Client {
+        let mut c = Client::connect(self.c2s);
+        c.open_stream();
+        c.read_features();
+        c.auth_plain(node, &password_of(node))
+            .unwrap_or_else(|e| panic!("login {node}: {e}\n--- log ---\n{}", self.log()));
+        c.bind(resource);
+        c
+    }
+
     /// A client on the direct-TLS port, logged in.
     pub fn login_direct_tls(&self, node: &str, resource: &str) -> Client {
         let mut c = Client::connect_direct_tls(self.tls);
