@@ -405,11 +405,7 @@ impl Server {
 
     /// A client on the STARTTLS port, logged in as `node` with resource `resource`.
     pub fn login(&self, node: &str, resource: &str) -> Client {
-        let mut c = Client::connect_starttls(self.c2s);
-        c.auth_plain(node, &password_of(node))
-            .unwrap_or_else(|e| panic!("login {node}: {e}\n--- log ---\n{}", self.log()));
-        c.bind(resource);
-        c
+        self.authenticate_and_bind(Client::connect_starttls(self.c2s), node, resource)
     }
 
     /// A client on the STARTTLS port without TLS (the server must allow plaintext), logged in:
@@ -418,10 +414,7 @@ impl Server {
         let mut c = Client::connect(self.c2s);
         c.open_stream();
         c.read_features();
-        c.auth_plain(node, &password_of(node))
-            .unwrap_or_else(|e| panic!("login {node}: {e}\n--- log ---\n{}", self.log()));
-        c.bind(resource);
-        c
+        self.authenticate_and_bind(c, node, resource)
     }
 
     /// A client on the direct-TLS port, logged in.
@@ -429,6 +422,11 @@ impl Server {
         let mut c = Client::connect_direct_tls(self.tls);
         c.open_stream();
         c.read_features();
+        self.authenticate_and_bind(c, node, resource)
+    }
+
+    /// SASL PLAIN as `node` on a stream whose features were read, then a bind.
+    fn authenticate_and_bind(&self, mut c: Client, node: &str, resource: &str) -> Client {
         c.auth_plain(node, &password_of(node))
             .unwrap_or_else(|e| panic!("login {node}: {e}\n--- log ---\n{}", self.log()));
         c.bind(resource);
