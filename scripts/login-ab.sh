@@ -9,6 +9,10 @@
 # change. Besides logins per server CPU-second (the whole run, teardown included) it prints the
 # same for the logins alone (server CPU until every session was logged in and held), the
 # teardown's CPU per session, and the medians of the server's user and system CPU per login.
+# An entry of --bench-flags may join several flags with `+` (`--sasl2+--device-keys`, run named
+# `sasl2+device-keys`). `--device-keys`, there or as an option of this script (then for every
+# run), gives each user a device key after setup (`gateway user add-device-key`) and logs in
+# with it (`bench login --password-file`): SASL PLAIN with a high-entropy secret, no PBKDF2.
 # With --bins the first binary to start makes the data dir's TLS certificates, which both then
 # serve: a build that makes the ECDSA one only (before the Ed25519 pair) leaves the other build
 # without its Ed25519 certificate, so list the newer build first when comparing across that.
@@ -19,7 +23,7 @@
 #   scripts/login-ab.sh [--key io_engine] [--values uring,tasks] [--rounds 3] [--sessions 5000]
 #                       [--tls direct|none|starttls] [--procs 2] [--out DIR]
 #                       [--bench-flags LIST | --bins GATEWAY_A,GATEWAY_B]
-#                       [--bench-args "ARGS"] [--bench-cpus LIST]
+#                       [--bench-args "ARGS"] [--bench-cpus LIST] [--device-keys]
 #
 # Each value is written as a TOML string (`KEY = "VALUE"`), numbers and booleans bare. Binaries: $GATEWAY_BIN and $BENCH
 # (default target/release/{gateway,bench} under $CARGO_TARGET_DIR). Users are made with
@@ -41,6 +45,7 @@ BENCH_FLAGS=
 BINS=
 BENCH_ARGS=
 BENCH_CPUS=
+DEVICE_KEYS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --key) KEY=$2; shift 2 ;;
@@ -54,7 +59,8 @@ while [ $# -gt 0 ]; do
         --bins) BINS=$2; shift 2 ;;
         --bench-args|--client-flag) BENCH_ARGS=$2; shift 2 ;;
         --bench-cpus) BENCH_CPUS=$2; shift 2 ;;
-        -h|--help) sed -n '2,27p' "$0" >&2; exit 2 ;;
+        --device-keys) DEVICE_KEYS=1; shift ;;
+        -h|--help) sed -n '2,32p' "$0" >&2; exit 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -92,11 +98,22 @@ if [ -n "$BINS" ]; then
     echo "a = $bin_a, b = $bin_b" | tee "$OUT/bins.txt"
 fi
 "$PEERS/gateway.sh" setup "$SESSIONS"
+case ",$BENCH_FLAGS," in *--device-keys[,+]*) DEVICE_KEYS=${DEVICE_KEYS:-some} ;; esac
+if [ -n "$DEVICE_KEYS" ]; then
+    # One key per user, made while the gateway is stopped; bench reads `NODE SECRET` lines.
+    seq -f 'user%g' "$SESSIONS" > "$OUT/users.txt"
+    # shellcheck disable=SC2046 # one argument per user
+    "$GATEWAY_BIN" --data-dir "$PEERS_ROOT/gateway/data" --log-level warn \
+        user add-device-key $(cat "$OUT/users.txt") > "$OUT/keys.txt" 2>/dev/null
+    paste -d' ' "$OUT/users.txt" "$OUT/keys.txt" > "$OUT/passwords.txt"
+    [ "$(wc -l < "$OUT/passwords.txt")" -eq "$SESSIONS" ] || { echo "making device keys failed" >&2; exit 1; }
+    [ "$DEVICE_KEYS" = 1 ] && extra_args+=(--password-file "$OUT/passwords.txt")
+fi
 if [ -n "$BENCH_FLAGS" ]; then
     IFS=, read -ra bench_flags <<< "$BENCH_FLAGS"
     values=()
     for f in "${bench_flags[@]}"; do
-        name=${f#--}
+        name=${f//--/}
         [ "$f" = - ] && name=none
         values+=("$name")
     done
@@ -106,7 +123,16 @@ for round in $(seq 1 "$ROUNDS"); do
         flag=()
         if [ -n "$BENCH_FLAGS" ]; then
             : > "$OUT/$v.toml"
-            [ "$v" != none ] && flag+=("--$v")
+            if [ "$v" != none ]; then
+                IFS=+ read -ra names <<< "$v"
+                for n in "${names[@]}"; do
+                    if [ "$n" = device-keys ]; then
+                        flag+=(--password-file "$OUT/passwords.txt")
+                    else
+                        flag+=("--$n")
+                    fi
+                done
+            fi
         elif [ -n "$BINS" ]; then
             : > "$OUT/$v.toml"
             export GATEWAY_BIN="${bin_of[$v]}"
@@ -120,10 +146,11 @@ for round in $(seq 1 "$ROUNDS"); do
         fi
         GATEWAY_CONFIG="$OUT/$v.toml" "$PEERS/gateway.sh" start
         pid=$("$PEERS/gateway.sh" pid)
+        echo "bench login flags: ${flag[*]-} ${extra_args[*]-}" > "$OUT/$v-$round.log"
         ${runner[@]+"${runner[@]}"} "$BENCH" login --target "127.0.0.1:$port" --tls "$TLS" "${tls_args[@]}" \
             ${flag[@]+"${flag[@]}"} ${extra_args[@]+"${extra_args[@]}"} \
             --sessions "$SESSIONS" --procs "$PROCS" --server-pid "$pid" \
-            --json "$OUT/$v-$round.json" > "$OUT/$v-$round.log" 2>&1 || true
+            --json "$OUT/$v-$round.json" >> "$OUT/$v-$round.log" 2>&1 || true
         "$PEERS/gateway.sh" stop
     done
 done
