@@ -457,6 +457,14 @@ const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
         |sh| one(sh.commit_pauses),
     ),
     (
+        "gateway_connection_pauses_total",
+        "counter",
+        "Times one connection's reads were paused, and no one else's, because 64 answers and \
+         stanzas for it waited behind a roster change not yet committed (a client pipelining \
+         behind its own change); they go on once the commit is done.",
+        |sh| one(sh.connection_pauses),
+    ),
+    (
         "gateway_recv_buffer_shortages_total",
         "counter",
         "Reads of the uring engine that found the shard's receive buffers all in use; the \

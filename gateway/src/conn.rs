@@ -450,6 +450,8 @@ impl Conn {
                 let outbox = &self.s.outbox;
                 let read = async {
                     shard.input_unblocked.wait().await;
+                    // Paused while many answers for it wait behind its roster change.
+                    outbox.input_resumed().await;
                     Wake::Read(stream.read(&mut small).await)
                 };
                 let queued = async {
@@ -580,8 +582,9 @@ impl Conn {
             if step != Step::Continue || n < big.len() {
                 return (step, rest, false);
             }
-            if shard.send_pressure.get() {
-                // A delivery left a recipient's send queue half full: its writer runs first.
+            if shard.send_pressure.get() || self.s.outbox.input_paused() {
+                // A delivery left a recipient's send queue half full: its writer runs first. Or
+                // this connection's reads are paused behind its roster change.
                 return (Step::Continue, rest, true);
             }
         }

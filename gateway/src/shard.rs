@@ -15,8 +15,8 @@ use hashbrown::HashMap;
 use router::{Action, ConnId, Frame, Router, Store};
 use shared::limits::{
     MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, ROUTER_HELD_ACTIONS_MAX,
-    ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX, SESSION_SEND_QUEUE_STANZAS_MAX,
-    STORE_PENDING_WRITES_MAX,
+    ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX, ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE,
+    SESSION_SEND_QUEUE_STANZAS_MAX, STORE_PENDING_WRITES_MAX,
 };
 use shared::stanza::Stanza;
 use shared::table::ShrinkIfSparse;
@@ -76,6 +76,9 @@ pub struct Outbox {
     close: Cell<Option<&'static str>>,
     /// More of the connection's stanzas are settled: a XEP-0198 ack may be due.
     settled: Cell<bool>,
+    /// The connection's reads are paused: many answers and stanzas for it wait behind its
+    /// roster change not yet committed (`Shard::refresh_connection_pauses`).
+    input_paused: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
 
@@ -107,6 +110,27 @@ impl Outbox {
     /// Whether `notify_settled` was called since the last call.
     pub fn take_settled(&self) -> bool {
         self.settled.replace(false)
+    }
+    /// Whether the connection's reads are paused (see `Shard::refresh_connection_pauses`).
+    pub fn input_paused(&self) -> bool {
+        self.input_paused.get()
+    }
+    /// Resolves once the connection's reads may go on.
+    pub fn input_resumed(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if !self.input_paused.get() {
+                return Poll::Ready(());
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+    }
+    fn pause_input(&self) {
+        self.input_paused.set(true);
+    }
+    fn resume_input(&self) {
+        self.input_paused.set(false);
+        self.wake();
     }
     /// Orders the connection closed with this stream error condition (`""` for a plain close).
     pub fn close(&self, condition: &'static str) {
@@ -217,6 +241,9 @@ pub struct Shard {
     /// Too much waits for the store's commit in flight: actions held behind roster changes, or
     /// offline writes (`STORE_PENDING_WRITES_MAX`; see `input_unblocked`).
     commit_backlog_full: Cell<bool>,
+    /// The connections whose reads are paused behind their roster change, so far
+    /// (`refresh_connection_pauses`); usually none.
+    paused_conns: RefCell<Vec<ConnId>>,
     /// Set when a delivery left a session's send queue at least half full: whoever feeds stanzas
     /// to the router yields to the writers before feeding more, so the recipient's writer runs
     /// before its queue overflows (a recipient that does not read still fills it and is closed
@@ -300,6 +327,7 @@ impl Shard {
             mesh_blocked: RefCell::new(vec![false; shards]),
             input_unblocked,
             commit_backlog_full: Cell::new(false),
+            paused_conns: RefCell::new(Vec::new()),
             send_pressure: Cell::new(false),
             stopping: Flag::default(),
             stats: RefCell::new(ShardStats::new(id, shards, stats_enabled)),
@@ -336,6 +364,46 @@ impl Shard {
     }
 
     /// Executes every action the router has queued. Called after each router input.
+    /// Pauses the reads of the connections with `ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`
+    /// actions held for them behind a roster change not yet committed, and resumes those that
+    /// have fewer now (the commit released them). A client pipelining behind its own change so
+    /// stops itself and no one else; the shard-wide pause (`commit_backlog_full`) is left for
+    /// what one connection's pause cannot stop (others' stanzas for it, offline writes).
+    fn refresh_connection_pauses(&self) {
+        let over = self
+            .router
+            .borrow()
+            .connections_held_at_least(ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE);
+        if over.is_empty() && self.paused_conns.borrow().is_empty() {
+            return;
+        }
+        let previous = std::mem::replace(&mut *self.paused_conns.borrow_mut(), over);
+        let conns = self.conns.borrow();
+        let now = self.paused_conns.borrow();
+        let mut resumed = false;
+        for conn in previous.iter().filter(|c| !now.contains(c)) {
+            if let Some(outbox) = conns.get(conn) {
+                outbox.resume_input();
+                resumed = true;
+            }
+        }
+        for conn in now.iter().filter(|c| !previous.contains(c)) {
+            if let Some(outbox) = conns.get(conn) {
+                outbox.pause_input();
+                self.stats.borrow_mut().connection_pauses += 1;
+                tracing::debug!(
+                    shard = self.id,
+                    conn,
+                    "reads of one connection paused behind its roster change"
+                );
+            }
+        }
+        if resumed {
+            // The io_uring engine re-arms the resumed connections' reads in its next turn.
+            crate::uring::wake_driver();
+        }
+    }
+
     /// Opens connection input unless a mesh channel is full or too much waits for the store's
     /// commit in flight; closes it otherwise.
     fn refresh_input_gate(&self) {
@@ -417,6 +485,7 @@ impl Shard {
             }
             self.refresh_input_gate();
         }
+        self.refresh_connection_pauses();
         if !self.commit_scheduled.get() && self.router.borrow().needs_commit() {
             // Group commit: the store writes of everything runnable in this turn go into one
             // transaction (one fsync), committed by a task that runs after them.

@@ -118,6 +118,9 @@ pub struct ShardStats {
     /// Times connection reads were paused because too much waited for the store's commit in
     /// flight (actions held behind roster changes, or offline writes).
     pub commit_pauses: u64,
+    /// Times one connection's reads were paused because many actions for it waited behind a
+    /// roster change not yet committed (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`).
+    pub connection_pauses: u64,
     /// Reads of the `uring` engine that found the shard's receive buffers all in use (the
     /// connection waited for one).
     pub recv_buffer_shortages: u64,
@@ -172,6 +175,7 @@ impl ShardStats {
             auth_refused_address: 0,
             send_timeouts: 0,
             commit_pauses: 0,
+            connection_pauses: 0,
             recv_buffer_shortages: 0,
             connections_tls_handshake: 0,
             connections_auth: 0,
@@ -393,6 +397,7 @@ impl ShardStats {
             auth_limit_untracked: 0,
             send_timeouts: self.send_timeouts,
             commit_pauses: self.commit_pauses,
+            connection_pauses: self.connection_pauses,
             recv_buffer_shortages: self.recv_buffer_shortages,
             delivered: self.delivered,
             undeliverable: self.undeliverable,
@@ -503,6 +508,9 @@ pub struct ShardSnapshot {
     /// Times reads were paused because too much waited for the store's commit in flight.
     #[serde(default)]
     pub commit_pauses: u64,
+    /// Times one connection's reads were paused behind its uncommitted roster change.
+    #[serde(default)]
+    pub connection_pauses: u64,
     /// Reads that found the receive buffers all in use (`uring` engine).
     #[serde(default)]
     pub recv_buffer_shortages: u64,

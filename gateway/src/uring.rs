@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
+use hashbrown::HashMap;
 use io_uring::types::{self, BufRingEntry, Fd};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use shared::limits::{
-    CLOSE_WRITE_GRACE_MILLISECONDS, URING_ACCEPTS_IN_FLIGHT_MAX, URING_COMPLETIONS_PER_TURN,
-    URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX, URING_SEND_BACKLOG_BYTES_MAX,
-    URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
+    CLOSE_WRITE_GRACE_MILLISECONDS, READ_CHUNK_BYTES, URING_ACCEPTS_IN_FLIGHT_MAX,
+    URING_COMPLETIONS_PER_TURN, URING_CQ_PER_SQ_ENTRIES, URING_RECV_BUFFERS_MAX,
+    URING_SEND_BACKLOG_BYTES_MAX, URING_SLOTS_RESERVED_MAX, URING_SQ_ENTRIES,
 };
 
 use crate::c2s::Step;
@@ -311,6 +312,10 @@ struct Slot {
     recv_cancelled: bool,
     /// Reading paused: too much waits to be sent.
     write_blocked: bool,
+    /// Reading paused: many answers for the connection wait behind its roster change not yet
+    /// committed (its outbox says so). What arrived meanwhile waits in `Driver::paused_input`;
+    /// `resume_paused` feeds it and reads again.
+    input_paused: bool,
     closing: bool,
     /// The sends from now on are the connection's last: they carry `MSG_MORE`, so their tail is
     /// held in the socket until the close sends it with the FIN in the same segment.
@@ -377,6 +382,16 @@ enum Input {
     End,
 }
 
+/// What a paused connection sent, in order (see `Driver::paused_input`).
+struct PausedInput {
+    generation: u32,
+    bytes: Vec<u8>,
+    /// How much of `bytes` was handled since the reads went on.
+    fed: usize,
+    /// The peer closed after these bytes.
+    end: bool,
+}
+
 struct ListenerState {
     fd: RawFd,
     kind: Listener,
@@ -413,6 +428,12 @@ pub struct Driver {
     held: VecDeque<(u32, u32, Input)>,
     /// Connections whose multishot recv ended for want of buffers, to re-arm as they return.
     starved: VecDeque<(u32, u32)>,
+    /// Input of connections whose reads are paused (`Slot::input_paused`), copied out of the
+    /// provided buffers so they go back to the ring: what arrived before the recv's cancel took
+    /// hold, at most what the ring held. Usually empty.
+    paused_input: HashMap<u32, PausedInput>,
+    /// The slots with `input_paused`, to resume once their outbox lets them read.
+    paused_slots: Vec<(u32, u32)>,
     listeners: Vec<ListenerState>,
     /// Keeps the listening sockets open.
     _listener_sockets: Vec<std::net::TcpListener>,
@@ -498,6 +519,8 @@ impl Driver {
             sends_started: Vec::new(),
             held: VecDeque::new(),
             starved: VecDeque::new(),
+            paused_input: HashMap::new(),
+            paused_slots: Vec::new(),
             listeners: listener_states,
             _listener_sockets: sockets,
             drained: Vec::new(),
@@ -541,6 +564,7 @@ impl Driver {
             worked |= self.run_ready();
             worked |= self.run_timers(Instant::now());
             worked |= self.feed_held();
+            worked |= self.resume_paused();
             for _ in 0..URING_COMPLETIONS_PER_TURN {
                 match handoffs.try_recv() {
                     Ok(h) => {
@@ -757,7 +781,10 @@ impl Driver {
         let mut rearm = false;
         if !more {
             slot.recv_armed = false;
-            rearm = result > 0 || result == -libc::ECANCELED && !slot.recv_cancelled;
+            // A recv cancelled on purpose is re-armed too when what stopped it is already over
+            // by now (a send queue that drained, a pause lifted while the cancel was in flight):
+            // `arm_recv` refuses while it lasts (closing, handoff, blocked or paused reads).
+            rearm = result > 0 || result == -libc::ECANCELED;
             slot.recv_cancelled = false;
         }
         let input = match (result, bid) {
@@ -813,6 +840,75 @@ impl Driver {
         any
     }
 
+    /// Resumes the connections whose reads were paused behind their roster change once their
+    /// outbox lets them read: what they sent meanwhile is handled first, a read's worth
+    /// (`READ_CHUNK_BYTES`) at a time and only while input is open (a delivery that left a send
+    /// queue half full stops it for the turn, as for any input), then they read again. True
+    /// when any made progress.
+    fn resume_paused(&mut self) -> bool {
+        let mut any = false;
+        let mut i = 0;
+        while i < self.paused_slots.len() && self.input_open() {
+            let (index, generation) = self.paused_slots[i];
+            let Some(slot) = self.slot(index, generation) else {
+                self.paused_slots.swap_remove(i);
+                continue;
+            };
+            if slot.session.outbox.input_paused() || slot.closing {
+                i += 1;
+                continue;
+            }
+            let shard = self.shard.clone();
+            // Fed in order; stops early when input closes or the connection pauses again.
+            while self.input_open() {
+                let Some(stash) = self
+                    .paused_input
+                    .get_mut(&index)
+                    .filter(|p| p.generation == generation && p.fed < p.bytes.len())
+                else {
+                    break;
+                };
+                let from = stash.fed;
+                let to = (from + READ_CHUNK_BYTES).min(stash.bytes.len());
+                stash.fed = to;
+                let chunk = stash.bytes[from..to].to_vec();
+                let Some(slot) = self.slot(index, generation) else {
+                    break;
+                };
+                if slot.closing || slot.session.outbox.input_paused() {
+                    break;
+                }
+                shard.stats.borrow_mut().bytes_in(chunk.len());
+                let (step, rest) = slot.session.handle_input(&shard, slot.fd, &chunk);
+                self.after_step(index, step, rest);
+                any = true;
+            }
+            let drained = self
+                .paused_input
+                .get(&index)
+                .is_none_or(|p| p.generation != generation || p.fed == p.bytes.len());
+            let Some(slot) = self.slot(index, generation) else {
+                continue;
+            };
+            if !drained || slot.closing || slot.session.outbox.input_paused() {
+                // Later turns go on (or the slot closes, or waits for the next commit).
+                i += 1;
+                continue;
+            }
+            slot.input_paused = false;
+            self.paused_slots.swap_remove(i);
+            any = true;
+            let end = self.paused_input.remove(&index).is_some_and(|p| p.end);
+            if end {
+                self.begin_close(index);
+            } else {
+                self.arm_recv(index, generation);
+            }
+            self.progress(index, generation);
+        }
+        any
+    }
+
     fn input(&mut self, index: u32, generation: u32, input: Input) {
         let shard = self.shard.clone();
         let Some(e) = self.entries.get_mut(index as usize) else {
@@ -827,6 +923,39 @@ impl Driver {
                 return;
             }
         };
+        if (slot.input_paused || slot.session.outbox.input_paused())
+            && !slot.closing
+            && slot.handoff.is_none()
+        {
+            // Kept, in order, for when the commit releases what waits for this connection; its
+            // recv stops meanwhile, so the peer's further bytes wait in the socket.
+            let first = !slot.input_paused;
+            slot.input_paused = true;
+            let stash = self.paused_input.entry(index).or_insert(PausedInput {
+                generation,
+                bytes: Vec::new(),
+                fed: 0,
+                end: false,
+            });
+            match input {
+                Input::Data { bid, offset, len } => {
+                    stash
+                        .bytes
+                        .extend_from_slice(self.bufs.get(bid, offset, len));
+                    self.bufs.release(bid);
+                }
+                Input::End => stash.end = true,
+            }
+            let cancel = slot.recv_armed && !slot.recv_cancelled;
+            slot.recv_cancelled |= cancel;
+            if first {
+                self.paused_slots.push((index, generation));
+            }
+            if cancel {
+                self.cancel(user_data(OP_RECV, index, generation));
+            }
+            return;
+        }
         let (bid, offset, len) = match input {
             Input::Data { bid, offset, len } => (bid, offset, len),
             Input::End => {
@@ -1206,7 +1335,12 @@ impl Driver {
         let Some(slot) = self.slot(index, generation) else {
             return false;
         };
-        if slot.recv_armed || slot.closing || slot.write_blocked || slot.handoff.is_some() {
+        if slot.recv_armed
+            || slot.closing
+            || slot.write_blocked
+            || slot.input_paused
+            || slot.handoff.is_some()
+        {
             return false;
         }
         slot.recv_armed = true;
@@ -1264,6 +1398,7 @@ impl Driver {
         e.generation = e.generation.wrapping_add(1);
         let slot = e.slot.take().expect("a slot in use");
         self.free.push(index);
+        self.paused_input.remove(&index);
         self.sweep_timers();
         slot
     }
@@ -1350,6 +1485,7 @@ impl Driver {
             recv_armed: false,
             recv_cancelled: false,
             write_blocked: false,
+            input_paused: false,
             closing: false,
             last_sends: false,
             corked: false,

@@ -87,9 +87,10 @@ const PINGS_BEHIND: usize = 3_000;
 /// A slow commit (a test hook delays every commit by 300 ms, as a stalling disk) while a client
 /// pipelines thousands of stanzas behind its roster change, reading all the while. Their answers
 /// wait for the commit; released together they would overflow the client's send queue and close
-/// it as a slow reader, so the shard stops reading once a quarter of a queue waits
-/// (`ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX`) and goes on after the commit. Every answer comes,
-/// in order, the stream stays up, and the pauses are counted.
+/// it as a slow reader, so the client's reads pause once a sixteenth of a queue waits
+/// (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`); after the commit what it sent meanwhile is
+/// handled a read at a time, its writer keeping up. Every answer comes, in order, the stream
+/// stays up, and the pauses are counted.
 #[test]
 fn reads_pause_while_a_slow_roster_commit_holds_too_much() {
     use std::io::Write;
@@ -118,7 +119,113 @@ fn reads_pause_while_a_slow_roster_commit_holds_too_much() {
     }
     writer.join().expect("writer").expect("write");
     assert!(
-        metric(&server, "gateway_commit_pauses_total", "") >= 1.0,
+        metric(&server, "gateway_connection_pauses_total", "") >= 1.0,
         "reads never paused"
     );
+}
+
+/// Messages another client sends to a recipient whose roster change waits for a slow commit
+/// (1 s): they wait behind the change. The recipient's own pause cannot stop them, so past a
+/// quarter of its send queue (`ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX`) the shard stops reading
+/// until the commit is done. Every message arrives, in order, and the recipient stays up.
+#[test]
+fn messages_to_a_client_behind_a_slow_roster_commit_pause_the_shard_and_all_arrive() {
+    let (a_node, b_node) = ("user1", "user2");
+    const MESSAGES: usize = 600;
+    let server = ServerBuilder::new()
+        .users(&[a_node, b_node])
+        .allow_plaintext()
+        .arg("--shards")
+        .arg("1")
+        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "1000")
+        .start();
+    let mut a = server.login_plaintext(a_node, "r");
+    let mut b = server.login_plaintext(b_node, "r");
+    a.send(&roster_set(0));
+    let flood: String = (0..MESSAGES)
+        .map(|i| format!("<message to='{a_node}@{DOMAIN}/r' id='m{i}'><body>{i}</body></message>"))
+        .collect();
+    b.send(&flood);
+    let got = a.expect("id='set0'");
+    assert!(!got.contains("type='error'"), "{got}");
+    let ids = a.message_ids("m", MESSAGES);
+    let want: Vec<String> = (0..MESSAGES).map(|i| i.to_string()).collect();
+    assert_eq!(ids, want, "lost, repeated or out of order");
+    assert!(
+        metric(&server, "gateway_commit_pauses_total", "") >= 1.0,
+        "the shard never paused"
+    );
+}
+
+/// Pings a client pipelines behind its roster change in
+/// `a_client_pipelining_behind_its_roster_change_pauses_only_itself`: past the shard-wide
+/// per-connection bound (`ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX`, 256), well past the point
+/// where its own reads pause (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`, 64).
+const PINGS_PAST_THE_PAUSE: usize = 400;
+
+/// A slow commit (3 s, the test hook) while client A pipelines hundreds of pings behind its
+/// roster change: A's reads pause, nobody else's. Client B on the same shard is answered at
+/// once, before A's change is; then A gets its result and every ping, in order. The pause is
+/// counted per connection and the shard never paused as a whole.
+fn a_client_pipelining_behind_its_roster_change_pauses_only_itself(engine: &str) {
+    let (a_node, b_node) = ("user1", "user2");
+    let server = ServerBuilder::new()
+        .users(&[a_node, b_node])
+        .allow_plaintext()
+        .arg("--shards")
+        .arg("1")
+        .arg("--io-engine")
+        .arg(engine)
+        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "3000")
+        .start();
+    let mut a = server.login_plaintext(a_node, "r");
+    let mut b = server.login_plaintext(b_node, "r");
+    let mut burst = roster_set(0);
+    for i in 0..PINGS_PAST_THE_PAUSE {
+        burst.push_str(&format!(
+            "<iq type='get' id='p{i}'><ping xmlns='urn:xmpp:ping'/></iq>"
+        ));
+    }
+    a.send(&burst);
+    // Until A's reads pause, its pings are handled (and held); B's ping comes after that.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while metric(&server, "gateway_connection_pauses_total", "") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's reads did not pause"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    b.send("<iq type='get' id='b-ping'><ping xmlns='urn:xmpp:ping'/></iq>");
+    let got = b.expect_stanza("iq", "id='b-ping'");
+    assert!(got.contains("type='result'"), "{got}");
+    assert!(
+        a.try_expect("id='set0'", std::time::Duration::from_millis(50))
+            .is_err(),
+        "B waited for A's commit: it was answered after A's roster change"
+    );
+    let got = a.expect("id='set0'");
+    assert!(!got.contains("type='error'"), "{got}");
+    for i in 0..PINGS_PAST_THE_PAUSE {
+        let got = a.expect(&format!("id='p{i}'"));
+        assert!(!got.contains("stream:error"), "closed at ping {i}: {got}");
+    }
+    assert_eq!(
+        metric(&server, "gateway_commit_pauses_total", ""),
+        0.0,
+        "the whole shard paused"
+    );
+    // A reads again once its pings are answered.
+    a.send("<iq type='get' id='after'><ping xmlns='urn:xmpp:ping'/></iq>");
+    a.expect("id='after'");
+}
+
+#[test]
+fn a_client_pipelining_behind_its_roster_change_pauses_only_itself_uring() {
+    a_client_pipelining_behind_its_roster_change_pauses_only_itself("uring");
+}
+
+#[test]
+fn a_client_pipelining_behind_its_roster_change_pauses_only_itself_tasks() {
+    a_client_pipelining_behind_its_roster_change_pauses_only_itself("tasks");
 }

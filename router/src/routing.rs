@@ -1221,6 +1221,21 @@ impl Router {
         self.held_conns.max
     }
 
+    /// The connections with at least `limit` actions held for them, in no order; empty (and
+    /// nothing scanned) while none comes near. The driver pauses their reads
+    /// (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`) until a commit releases the actions.
+    pub fn connections_held_at_least(&self, limit: usize) -> Vec<ConnId> {
+        if self.held_conns.max < limit {
+            return Vec::new();
+        }
+        self.held_conns
+            .counts
+            .iter()
+            .filter(|&(_, &n)| n >= limit)
+            .map(|(&conn, _)| conn)
+            .collect()
+    }
+
     /// Store writes (offline-queue inserts and erasures) waiting for the next commit. While a
     /// commit is in flight nothing else bounds them: the driver stops feeding connection input
     /// past `STORE_PENDING_WRITES_MAX`.
@@ -2558,6 +2573,30 @@ mod tests {
         // Nothing is held any more: the next stanza is answered at once.
         r.handle_stanza(1, presence(PING_1, &a));
         assert_eq!(deliveries(&mut r).len(), 1);
+    }
+
+    /// The connections with many actions held behind a roster change are named (the driver
+    /// pauses their reads), others are not, and none once the commit released them.
+    #[test]
+    fn connections_with_many_held_actions_are_named_until_the_commit() {
+        let mut r = router();
+        let a = r.bind("alice", Some("a"), 1).expect("bind").full_jid;
+        let b = r.bind("bob", Some("b"), 2).expect("bind").full_jid;
+        assert!(r.connections_held_at_least(1).is_empty());
+        r.handle_stanza(1, presence(ROSTER_SET, &a));
+        for _ in 0..4 {
+            r.handle_stanza(1, presence(PING_1, &a));
+        }
+        r.handle_stanza(2, presence(PING_2, &b));
+        deliveries(&mut r);
+        // The roster result and four pings wait for alice's connection; bob's went out.
+        assert_eq!(r.connections_held_at_least(5), vec![1]);
+        assert!(r.connections_held_at_least(6).is_empty());
+        let mut ticket = r.begin_commit().expect("a commit");
+        ticket.result = Some(Ok(Vec::new()));
+        r.finish_commit(ticket);
+        assert_eq!(deliveries(&mut r).len(), 5);
+        assert!(r.connections_held_at_least(1).is_empty());
     }
 
     /// A roster write whose commit fails: the requester gets `internal-server-error` instead of

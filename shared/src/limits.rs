@@ -141,8 +141,16 @@ pub const ROUTER_HELD_ACTIONS_MAX: usize = 16_384;
 /// The same for the actions held for one connection. Released together when the commit is
 /// done, they go into its send queue at once: a quarter of it (`SESSION_SEND_QUEUE_STANZAS_MAX`)
 /// leaves room for what is already queued, so a client that reads is never closed as a slow
-/// reader for what it pipelined behind a roster change.
+/// reader for what it pipelined behind a roster change. Reached only when others' stanzas fill
+/// it (that connection's own reads pause much earlier,
+/// `ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`).
 pub const ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX: usize = SESSION_SEND_QUEUE_STANZAS_MAX / 4;
+
+/// Actions held for one connection behind an uncommitted roster change at which that
+/// connection's own reads pause until a commit releases them; nobody else's do. Low enough that
+/// what it sent before the pause took hold (up to one read, `READ_CHUNK_BYTES`, of ~60-byte
+/// stanzas, ~70 answers) stays under `ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX`.
+pub const ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE: usize = SESSION_SEND_QUEUE_STANZAS_MAX / 16;
 
 /// Store writes (offline-queue inserts and erasures) pending while a commit is in flight before
 /// the shard stops reading connections' input until that commit is done: bounds the next batch
@@ -180,6 +188,8 @@ pub const PUSH_REQUEST_TIMEOUT_MS: u64 = 2_000;
 pub const SM_RESUME_TIMEOUT_SECONDS_DEFAULT: u64 = 300;
 
 const _: () = assert!(OFFLINE_DRAIN_PAGE_MESSAGES < SESSION_SEND_QUEUE_STANZAS_MAX);
+const _: () =
+    assert!(ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE < ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX);
 const _: () =
     assert!(OFFLINE_MESSAGES_MAX_DEFAULT + SESSION_SEND_QUEUE_STANZAS_MAX < SM_UNACKED_STANZAS_MAX);
 const _: () = assert!(STREAM_HEADER_BYTES_MAX < STANZA_BYTES_MAX);
