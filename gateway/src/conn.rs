@@ -450,7 +450,7 @@ impl Conn {
                 let outbox = &self.s.outbox;
                 let read = async {
                     shard.input_unblocked.wait().await;
-                    // Paused while many answers for it wait behind its roster change.
+                    // Paused until the store's commit is done (`Shard::refresh_connection_pauses`).
                     outbox.input_resumed().await;
                     Wake::Read(stream.read(&mut small).await)
                 };
@@ -584,7 +584,7 @@ impl Conn {
             }
             if shard.send_pressure.get() || self.s.outbox.input_paused() {
                 // A delivery left a recipient's send queue half full: its writer runs first. Or
-                // this connection's reads are paused behind its roster change.
+                // this connection's reads are paused until the store's commit is done.
                 return (Step::Continue, rest, true);
             }
         }

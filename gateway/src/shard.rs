@@ -17,6 +17,7 @@ use shared::limits::{
     MESH_BATCH_FRAMES_MAX, READ_CHUNK_BYTES, ROUTER_HELD_ACTIONS_MAX,
     ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX, ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE,
     SESSION_SEND_QUEUE_STANZAS_MAX, STORE_PENDING_WRITES_MAX,
+    STORE_PENDING_WRITES_PER_CONNECTION_PAUSE,
 };
 use shared::stanza::Stanza;
 use shared::table::ShrinkIfSparse;
@@ -76,8 +77,8 @@ pub struct Outbox {
     close: Cell<Option<&'static str>>,
     /// More of the connection's stanzas are settled: a XEP-0198 ack may be due.
     settled: Cell<bool>,
-    /// The connection's reads are paused: many answers and stanzas for it wait behind its
-    /// roster change not yet committed (`Shard::refresh_connection_pauses`).
+    /// The connection's reads are paused until the store's commit is done
+    /// (`Shard::refresh_connection_pauses`).
     input_paused: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
@@ -241,7 +242,7 @@ pub struct Shard {
     /// Too much waits for the store's commit in flight: actions held behind roster changes, or
     /// offline writes (`STORE_PENDING_WRITES_MAX`; see `input_unblocked`).
     commit_backlog_full: Cell<bool>,
-    /// The connections whose reads are paused behind their roster change, so far
+    /// The connections whose reads are paused until the store's commit is done, so far
     /// (`refresh_connection_pauses`); usually none.
     paused_conns: RefCell<Vec<ConnId>>,
     /// Set when a delivery left a session's send queue at least half full: whoever feeds stanzas
@@ -365,15 +366,26 @@ impl Shard {
 
     /// Executes every action the router has queued. Called after each router input.
     /// Pauses the reads of the connections with `ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`
-    /// actions held for them behind a roster change not yet committed, and resumes those that
-    /// have fewer now (the commit released them). A client pipelining behind its own change so
-    /// stops itself and no one else; the shard-wide pause (`commit_backlog_full`) is left for
-    /// what one connection's pause cannot stop (others' stanzas for it, offline writes).
+    /// actions held for them behind a roster change not yet committed, or whose stanzas added
+    /// `STORE_PENDING_WRITES_PER_CONNECTION_PAUSE` offline writes behind the commit in flight,
+    /// and resumes those below both now (the commit is done). A client pipelining behind its own
+    /// change, or flooding offline users while the disk is slow, so stops itself and no one
+    /// else; the shard-wide pause (`commit_backlog_full`) is left for what one connection's
+    /// pause cannot stop (others' stanzas for it, many senders at once).
     fn refresh_connection_pauses(&self) {
-        let over = self
-            .router
-            .borrow()
-            .connections_held_at_least(ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE);
+        let over = {
+            let router = self.router.borrow();
+            let mut over =
+                router.connections_held_at_least(ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE);
+            for conn in
+                router.connections_writing_at_least(STORE_PENDING_WRITES_PER_CONNECTION_PAUSE)
+            {
+                if !over.contains(&conn) {
+                    over.push(conn);
+                }
+            }
+            over
+        };
         if over.is_empty() && self.paused_conns.borrow().is_empty() {
             return;
         }
@@ -394,7 +406,7 @@ impl Shard {
                 tracing::debug!(
                     shard = self.id,
                     conn,
-                    "reads of one connection paused behind its roster change"
+                    "reads of one connection paused until the store's commit is done"
                 );
             }
         }

@@ -118,8 +118,10 @@ pub struct ShardStats {
     /// Times connection reads were paused because too much waited for the store's commit in
     /// flight (actions held behind roster changes, or offline writes).
     pub commit_pauses: u64,
-    /// Times one connection's reads were paused because many actions for it waited behind a
-    /// roster change not yet committed (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`).
+    /// Times one connection's reads were paused until the store's commit was done: many
+    /// actions for it waited behind a roster change not yet committed
+    /// (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`), or its stanzas added many offline writes
+    /// behind the commit in flight (`STORE_PENDING_WRITES_PER_CONNECTION_PAUSE`).
     pub connection_pauses: u64,
     /// Reads of the `uring` engine that found the shard's receive buffers all in use (the
     /// connection waited for one).
@@ -508,7 +510,7 @@ pub struct ShardSnapshot {
     /// Times reads were paused because too much waited for the store's commit in flight.
     #[serde(default)]
     pub commit_pauses: u64,
-    /// Times one connection's reads were paused behind its uncommitted roster change.
+    /// Times one connection's reads were paused until the store's commit was done.
     #[serde(default)]
     pub connection_pauses: u64,
     /// Reads that found the receive buffers all in use (`uring` engine).

@@ -312,8 +312,8 @@ struct Slot {
     recv_cancelled: bool,
     /// Reading paused: too much waits to be sent.
     write_blocked: bool,
-    /// Reading paused: many answers for the connection wait behind its roster change not yet
-    /// committed (its outbox says so). What arrived meanwhile waits in `Driver::paused_input`;
+    /// Reading paused until the store's commit is done (its outbox says so: many answers for
+    /// the connection wait behind its roster change, or it added many offline writes). What arrived meanwhile waits in `Driver::paused_input`;
     /// `resume_paused` feeds it and reads again.
     input_paused: bool,
     closing: bool,
@@ -840,7 +840,7 @@ impl Driver {
         any
     }
 
-    /// Resumes the connections whose reads were paused behind their roster change once their
+    /// Resumes the connections whose reads were paused for the store's commit once their
     /// outbox lets them read: what they sent meanwhile is handled first, a read's worth
     /// (`READ_CHUNK_BYTES`) at a time and only while input is open (a delivery that left a send
     /// queue half full stops it for the turn, as for any input), then they read again. True
@@ -861,6 +861,10 @@ impl Driver {
             let shard = self.shard.clone();
             // Fed in order; stops early when input closes or the connection pauses again.
             while self.input_open() {
+                match self.slot(index, generation) {
+                    Some(slot) if !slot.closing && !slot.session.outbox.input_paused() => {}
+                    _ => break,
+                }
                 let Some(stash) = self
                     .paused_input
                     .get_mut(&index)
@@ -872,12 +876,7 @@ impl Driver {
                 let to = (from + READ_CHUNK_BYTES).min(stash.bytes.len());
                 stash.fed = to;
                 let chunk = stash.bytes[from..to].to_vec();
-                let Some(slot) = self.slot(index, generation) else {
-                    break;
-                };
-                if slot.closing || slot.session.outbox.input_paused() {
-                    break;
-                }
+                let slot = self.slot(index, generation).expect("checked above");
                 shard.stats.borrow_mut().bytes_in(chunk.len());
                 let (step, rest) = slot.session.handle_input(&shard, slot.fd, &chunk);
                 self.after_step(index, step, rest);

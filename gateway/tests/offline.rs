@@ -621,57 +621,121 @@ fn live_messages_wait_behind_the_offline_queue_without_stream_management() {
     offline_then_live(false);
 }
 
-/// Messages a sender floods to each of three offline users in
-/// `offline_writes_behind_a_slow_commit_pause_reads_and_all_are_stored`: together more than the
-/// writes that may wait behind a commit in flight (`STORE_PENDING_WRITES_MAX`, 16,384).
-const FLOOD_PER_RECIPIENT: usize = 6_000;
+/// Messages in `offline_flood_behind_a_slow_commit`: more than the offline writes that may wait
+/// behind a commit in flight on a shard (`STORE_PENDING_WRITES_MAX`, 16,384).
+const FLOOD_MESSAGES: usize = 18_000;
 
-/// A slow commit (a test hook delays every commit by 2 s, as a stalling disk) while a
-/// sender floods users who are offline. The offline writes waiting behind the commit in flight are
-/// bounded: the shard stops reading until it is done (the pause is counted), then goes on, and
-/// every message is stored.
-#[test]
-fn offline_writes_behind_a_slow_commit_pause_reads_and_all_are_stored() {
+/// Three offline recipients of the floods.
+const FLOOD_RECIPIENTS: [&str; 3] = ["rcpt1", "rcpt2", "rcpt3"];
+
+/// A slow commit (a test hook delays every commit by 1 s, as a stalling disk) while `senders`
+/// clients flood `FLOOD_MESSAGES` in all to users who are offline, each sender's share in one
+/// write. A bystander on the same shard pings once some reads paused. Every message is stored,
+/// every sender's last ping is answered; returns the server and whether the bystander was
+/// answered before any sender was.
+fn offline_flood_behind_a_slow_commit(senders: usize) -> (Server, bool) {
     use std::io::Write;
-    let sender = "user1";
-    let recipients = ["user2", "user3", "user4"];
+    let sender_nodes: Vec<String> = (0..senders).map(|i| format!("sender{i}")).collect();
+    let mut users: Vec<&str> = sender_nodes.iter().map(String::as_str).collect();
+    users.extend(FLOOD_RECIPIENTS);
+    users.push("bystander");
     let server = ServerBuilder::new()
-        .users(&[sender, recipients[0], recipients[1], recipients[2]])
+        .users(&users)
         .allow_plaintext()
         .arg("--shards")
         .arg("1")
-        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "2000")
+        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "1000")
         .start();
-    let mut c = server.login_plaintext(sender, "r");
-    let mut burst = String::new();
-    for i in 0..FLOOD_PER_RECIPIENT {
-        for r in recipients {
+    let mut bystander = server.login_plaintext("bystander", "r");
+    let mut clients: Vec<Client> = sender_nodes
+        .iter()
+        .map(|n| server.login_plaintext(n, "r"))
+        .collect();
+    let per_sender = FLOOD_MESSAGES / senders;
+    let mut writers = Vec::new();
+    for (s, c) in clients.iter().enumerate() {
+        let mut burst = String::new();
+        for i in 0..per_sender {
+            let r = FLOOD_RECIPIENTS[i % FLOOD_RECIPIENTS.len()];
             burst.push_str(&format!(
-                "<message to='{r}@{DOMAIN}' type='chat' id='m{i}'><body>{i}</body></message>"
+                "<message to='{r}@{DOMAIN}' type='chat' id='m{s}-{i}'><body>{i}</body></message>"
             ));
         }
+        burst.push_str("<iq type='get' id='last'><ping xmlns='urn:xmpp:ping'/></iq>");
+        let mut tcp = c.tcp().try_clone().expect("clone");
+        writers.push(std::thread::spawn(move || tcp.write_all(burst.as_bytes())));
     }
-    burst.push_str("<iq type='get' id='last'><ping xmlns='urn:xmpp:ping'/></iq>");
-    let mut tcp = c.tcp().try_clone().expect("clone");
-    let writer = std::thread::spawn(move || tcp.write_all(burst.as_bytes()));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let got = loop {
-        match c.try_expect_stanza("iq", "id='last'", Duration::from_secs(1)) {
-            Ok(got) => break got,
-            Err(e) => assert!(Instant::now() < deadline, "no answer to the last ping: {e}"),
-        }
+    let paused = |server: &Server| {
+        metric(server, "gateway_commit_pauses_total", "")
+            + metric(server, "gateway_connection_pauses_total", "")
     };
-    assert!(!got.contains("type='error'"), "{got}");
-    writer.join().expect("writer").expect("write");
-    let total = (FLOOD_PER_RECIPIENT * recipients.len()) as f64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while paused(&server) < 1.0 {
+        assert!(Instant::now() < deadline, "reads never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bystander.send("<iq type='get' id='by'><ping xmlns='urn:xmpp:ping'/></iq>");
+    let got = bystander.expect_stanza("iq", "id='by'");
+    assert!(got.contains("type='result'"), "{got}");
+    let mut bystander_first = true;
+    for c in clients.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut first = true;
+        let got = loop {
+            match c.try_expect_stanza("iq", "id='last'", Duration::from_secs(1)) {
+                Ok(got) => break got,
+                Err(e) => {
+                    first = false;
+                    assert!(Instant::now() < deadline, "no answer to the last ping: {e}");
+                }
+            }
+        };
+        bystander_first &= !first;
+        assert!(!got.contains("type='error'"), "{got}");
+    }
+    for w in writers {
+        w.join().expect("writer").expect("write");
+    }
+    let total = (per_sender * senders) as f64;
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(&server, "gateway_offline_messages", "") < total {
-        assert!(Instant::now() < deadline, "not all stored");
+        assert!(
+            Instant::now() < deadline,
+            "not all stored: {} of {total}",
+            metric(&server, "gateway_offline_messages", "")
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(metric(&server, "gateway_offline_messages", ""), total);
+    (server, bystander_first)
+}
+
+/// One sender floods offline users while the disk is slow: its reads pause once a batch's worth
+/// waits behind the commit in flight (`STORE_PENDING_WRITES_PER_CONNECTION_PAUSE`), nobody
+/// else's; the shard never stops reading as a whole, and a bystander is answered at once.
+#[test]
+fn one_sender_flooding_offline_users_behind_a_slow_commit_pauses_only_itself() {
+    let (server, bystander_first) = offline_flood_behind_a_slow_commit(1);
+    assert!(metric(&server, "gateway_connection_pauses_total", "") >= 1.0);
+    assert_eq!(
+        metric(&server, "gateway_commit_pauses_total", ""),
+        0.0,
+        "the whole shard paused"
+    );
+    assert!(
+        bystander_first,
+        "the bystander waited for the sender's flood"
+    );
+}
+
+/// Twenty senders flood offline users at once while the disk is slow, each under its own bound:
+/// together past `STORE_PENDING_WRITES_MAX`, the shard stops reading until the commit is done
+/// (the pause is counted), then goes on, and every message is stored.
+#[test]
+fn many_senders_flooding_offline_users_behind_a_slow_commit_pause_the_shard() {
+    let (server, _) = offline_flood_behind_a_slow_commit(20);
     assert!(
         metric(&server, "gateway_commit_pauses_total", "") >= 1.0,
-        "reads never paused"
+        "the shard never paused"
     );
 }

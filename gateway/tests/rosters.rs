@@ -229,3 +229,42 @@ fn a_client_pipelining_behind_its_roster_change_pauses_only_itself_uring() {
 fn a_client_pipelining_behind_its_roster_change_pauses_only_itself_tasks() {
     a_client_pipelining_behind_its_roster_change_pauses_only_itself("tasks");
 }
+
+/// Three rounds of a roster change followed by 200 pings, pipelined in one write while commits
+/// are slow (300 ms): the client's reads pause behind each change in turn, and what it sent
+/// meanwhile is handled once each commit is done, part of it while the next change pauses it
+/// again. Every answer comes, in order (a build that skipped the read's worth at which the pause
+/// took hold again cut a stanza in two here, and the stream ended as not well-formed).
+#[test]
+fn changes_and_pings_pipelined_in_rounds_behind_slow_commits_are_all_answered() {
+    const ROUNDS: usize = 3;
+    const PINGS: usize = 200;
+    let node = "user1";
+    let server = ServerBuilder::new()
+        .users(&[node])
+        .allow_plaintext()
+        .arg("--shards")
+        .arg("1")
+        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "300")
+        .start();
+    let mut c = server.login_plaintext(node, "r");
+    let mut burst = String::new();
+    for r in 0..ROUNDS {
+        burst.push_str(&roster_set(r));
+        for i in 0..PINGS {
+            burst.push_str(&format!(
+                "<iq type='get' id='p{r}-{i}'><ping xmlns='urn:xmpp:ping'/></iq>"
+            ));
+        }
+    }
+    c.send(&burst);
+    for r in 0..ROUNDS {
+        let got = c.expect(&format!("id='set{r}'"));
+        assert!(!got.contains("type='error'"), "{got}");
+        for i in 0..PINGS {
+            let got = c.expect(&format!("id='p{r}-{i}'"));
+            assert!(!got.contains("stream:error"), "closed at {r}-{i}: {got}");
+        }
+    }
+    assert!(metric(&server, "gateway_connection_pauses_total", "") >= ROUNDS as f64);
+}

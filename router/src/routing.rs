@@ -334,8 +334,8 @@ struct Held {
     origin: Option<ConnId>,
 }
 
-/// The connections with held actions, and how many each (an origin counts none): later actions
-/// for them queue behind.
+/// Per connection, how many: held actions for it (an origin counts none; later actions for it
+/// queue behind), or store writes its stanzas added to the pending batch.
 #[derive(Debug, Default)]
 struct HeldConns {
     counts: HashMap<ConnId, usize>,
@@ -350,10 +350,26 @@ impl HeldConns {
 
     fn add_action(&mut self, action: &Action) {
         if let Some(conn) = action_conn(action) {
-            let n = self.counts.entry(conn).or_default();
-            *n += 1;
-            self.max = self.max.max(*n);
+            self.bump(conn);
         }
+    }
+
+    fn bump(&mut self, conn: ConnId) {
+        let n = self.counts.entry(conn).or_default();
+        *n += 1;
+        self.max = self.max.max(*n);
+    }
+
+    /// The connections counted at least `limit` times; nothing scanned while none is.
+    fn at_least(&self, limit: usize) -> Vec<ConnId> {
+        if self.max < limit {
+            return Vec::new();
+        }
+        self.counts
+            .iter()
+            .filter(|&(_, &n)| n >= limit)
+            .map(|(&conn, _)| conn)
+            .collect()
     }
 
     fn add(&mut self, held: &Held) {
@@ -435,6 +451,9 @@ pub struct Router {
     /// Connections with held actions: later actions for them, and frames their own stanzas
     /// cause, queue behind.
     held_conns: HeldConns,
+    /// The offline writes each local connection's stanzas added to the pending batch (the one
+    /// the next commit takes).
+    pending_conns: HeldConns,
     /// The call being handled (`handle_stanza`, `handle_frame`) wrote a roster.
     call_wrote_roster: bool,
     /// The requester's error, should the roster write of the call being handled fail.
@@ -522,6 +541,7 @@ impl Router {
             held: Vec::new(),
             held_count: 0,
             held_conns: HeldConns::default(),
+            pending_conns: HeldConns::default(),
             call_wrote_roster: false,
             call_on_failure: Vec::new(),
             call_conn: None,
@@ -638,6 +658,7 @@ impl Router {
             return None;
         }
         self.commit_in_flight = true;
+        self.pending_conns.clear();
         self.roster_committing = std::mem::take(&mut self.roster_writes);
         Some(CommitTicket {
             batch: std::mem::take(&mut self.batch),
@@ -1225,15 +1246,18 @@ impl Router {
     /// nothing scanned) while none comes near. The driver pauses their reads
     /// (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`) until a commit releases the actions.
     pub fn connections_held_at_least(&self, limit: usize) -> Vec<ConnId> {
-        if self.held_conns.max < limit {
+        self.held_conns.at_least(limit)
+    }
+
+    /// While a commit is in flight, the local connections whose stanzas added at least `limit`
+    /// offline writes to the batch waiting behind it; empty otherwise (and nothing scanned while
+    /// none comes near). The driver pauses their reads
+    /// (`STORE_PENDING_WRITES_PER_CONNECTION_PAUSE`) until that commit is done.
+    pub fn connections_writing_at_least(&self, limit: usize) -> Vec<ConnId> {
+        if !self.commit_in_flight {
             return Vec::new();
         }
-        self.held_conns
-            .counts
-            .iter()
-            .filter(|&(_, &n)| n >= limit)
-            .map(|(&conn, _)| conn)
-            .collect()
+        self.pending_conns.at_least(limit)
     }
 
     /// Store writes (offline-queue inserts and erasures) waiting for the next commit. While a
@@ -1470,6 +1494,9 @@ impl Router {
         if let Some(origin) = self.current_origin.take() {
             self.hold(origin);
             self.batch_origins.push(origin);
+        }
+        if let Some(conn) = self.call_conn {
+            self.pending_conns.bump(conn);
         }
         if self.batch.len() >= STORE_BATCH_WRITES_MAX && !self.commit_in_flight {
             self.commit();
@@ -2597,6 +2624,33 @@ mod tests {
         r.finish_commit(ticket);
         assert_eq!(deliveries(&mut r).len(), 5);
         assert!(r.connections_held_at_least(1).is_empty());
+    }
+
+    /// While a commit is in flight, the connections whose messages to offline users wait
+    /// behind it are named by how many; none once no commit is in flight.
+    #[test]
+    fn connections_with_many_offline_writes_behind_a_commit_are_named() {
+        const TO_BOB: &[u8] = b"<message to='bob@example.com' id='m'><body>hi</body></message>";
+        let mut r = router();
+        let a = r.bind("alice", Some("a"), 1).expect("bind").full_jid;
+        r.handle_stanza(1, presence(TO_BOB, &a));
+        assert!(
+            r.connections_writing_at_least(1).is_empty(),
+            "no commit in flight"
+        );
+        let mut ticket = r.begin_commit().expect("a commit");
+        for _ in 0..3 {
+            r.handle_stanza(1, presence(TO_BOB, &a));
+        }
+        assert_eq!(r.connections_writing_at_least(3), vec![1]);
+        assert!(r.connections_writing_at_least(4).is_empty());
+        ticket.result = Some(Ok(Vec::new()));
+        r.finish_commit(ticket);
+        assert!(r.connections_writing_at_least(1).is_empty());
+        // The next commit takes the three: they no longer count.
+        let ticket = r.begin_commit().expect("the next commit");
+        assert_eq!(ticket.batch.puts.len(), 3);
+        assert!(r.connections_writing_at_least(1).is_empty());
     }
 
     /// A roster write whose commit fails: the requester gets `internal-server-error` instead of

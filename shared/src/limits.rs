@@ -157,6 +157,12 @@ pub const ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE: usize = SESSION_SEND_QUEUE_S
 /// while the disk is slow (four inline batches, `STORE_BATCH_WRITES_MAX`).
 pub const STORE_PENDING_WRITES_MAX: usize = 4 * STORE_BATCH_WRITES_MAX;
 
+/// Offline writes one connection's stanzas may add behind a commit in flight (an inline batch's
+/// worth) before that connection's reads pause until the commit is done; nobody else's do. A
+/// sender flooding offline users while the disk is slow so stops itself, a quarter of the way to
+/// the shard-wide bound (`STORE_PENDING_WRITES_MAX`), which is left for many senders at once.
+pub const STORE_PENDING_WRITES_PER_CONNECTION_PAUSE: usize = STORE_BATCH_WRITES_MAX;
+
 /// Store writes (inserts and erasures) collected in one turn before they are committed inline,
 /// without waiting for the end of the turn. Bounds the pending batch's memory.
 pub const STORE_BATCH_WRITES_MAX: usize = 4096;
@@ -190,6 +196,7 @@ pub const SM_RESUME_TIMEOUT_SECONDS_DEFAULT: u64 = 300;
 const _: () = assert!(OFFLINE_DRAIN_PAGE_MESSAGES < SESSION_SEND_QUEUE_STANZAS_MAX);
 const _: () =
     assert!(ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE < ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX);
+const _: () = assert!(STORE_PENDING_WRITES_PER_CONNECTION_PAUSE < STORE_PENDING_WRITES_MAX);
 const _: () =
     assert!(OFFLINE_MESSAGES_MAX_DEFAULT + SESSION_SEND_QUEUE_STANZAS_MAX < SM_UNACKED_STANZAS_MAX);
 const _: () = assert!(STREAM_HEADER_BYTES_MAX < STANZA_BYTES_MAX);
