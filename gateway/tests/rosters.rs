@@ -124,33 +124,72 @@ fn reads_pause_while_a_slow_roster_commit_holds_too_much() {
     );
 }
 
-/// Messages another client sends to a recipient whose roster change waits for a slow commit
-/// (1 s): they wait behind the change. The recipient's own pause cannot stop them, so past a
-/// quarter of its send queue (`ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX`) the shard stops reading
-/// until the commit is done. Every message arrives, in order, and the recipient stays up.
-#[test]
-fn messages_to_a_client_behind_a_slow_roster_commit_pause_the_shard_and_all_arrive() {
-    let (a_node, b_node) = ("user1", "user2");
-    const MESSAGES: usize = 600;
+/// `senders` clients each send `per_sender` messages to a recipient whose roster change waits
+/// for a slow commit (1 s): they wait behind the change. Every message arrives, each sender's in
+/// order, and the recipient stays up.
+fn messages_to_a_client_behind_a_slow_roster_commit(senders: usize, per_sender: usize) -> Server {
+    let a_node = "user0";
+    let nodes: Vec<String> = (0..=senders).map(|i| format!("user{i}")).collect();
+    let users: Vec<&str> = nodes.iter().map(String::as_str).collect();
     let server = ServerBuilder::new()
-        .users(&[a_node, b_node])
+        .users(&users)
         .allow_plaintext()
         .arg("--shards")
         .arg("1")
         .env("GATEWAY_TEST_COMMIT_DELAY_MS", "1000")
         .start();
     let mut a = server.login_plaintext(a_node, "r");
-    let mut b = server.login_plaintext(b_node, "r");
-    a.send(&roster_set(0));
-    let flood: String = (0..MESSAGES)
-        .map(|i| format!("<message to='{a_node}@{DOMAIN}/r' id='m{i}'><body>{i}</body></message>"))
+    let mut clients: Vec<Client> = nodes[1..]
+        .iter()
+        .map(|n| server.login_plaintext(n, "r"))
         .collect();
-    b.send(&flood);
+    a.send(&roster_set(0));
+    for (k, c) in clients.iter_mut().enumerate() {
+        let flood: String = (0..per_sender)
+            .map(|i| {
+                format!(
+                    "<message to='{a_node}@{DOMAIN}/r' id='m{k}-{i}'><body>{i}</body></message>"
+                )
+            })
+            .collect();
+        c.send(&flood);
+    }
     let got = a.expect("id='set0'");
     assert!(!got.contains("type='error'"), "{got}");
-    let ids = a.message_ids("m", MESSAGES);
-    let want: Vec<String> = (0..MESSAGES).map(|i| i.to_string()).collect();
-    assert_eq!(ids, want, "lost, repeated or out of order");
+    let ids = a.message_ids("m", senders * per_sender);
+    assert_eq!(ids.len(), senders * per_sender, "lost: {ids:?}");
+    for k in 0..senders {
+        let prefix = format!("{k}-");
+        let got: Vec<&str> = ids
+            .iter()
+            .filter_map(|id| id.strip_prefix(&prefix))
+            .collect();
+        let want: Vec<String> = (0..per_sender).map(|i| i.to_string()).collect();
+        assert_eq!(got, want, "sender {k}: repeated or out of order");
+    }
+    server
+}
+
+/// One client's 600 messages to a recipient whose roster change waits: they are held on the
+/// sender's account, so the sender's reads pause (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`)
+/// and the shard never stops reading as a whole.
+#[test]
+fn messages_to_a_client_behind_a_slow_roster_commit_pause_their_sender() {
+    let server = messages_to_a_client_behind_a_slow_roster_commit(1, 600);
+    assert!(metric(&server, "gateway_connection_pauses_total", "") >= 1.0);
+    assert_eq!(
+        metric(&server, "gateway_commit_pauses_total", ""),
+        0.0,
+        "the whole shard paused"
+    );
+}
+
+/// Five clients' 60 messages each to that recipient: no sender reaches its own pause, but
+/// together past a quarter of the recipient's send queue (`ROUTER_HELD_ACTIONS_PER_CONNECTION_MAX`)
+/// the shard stops reading until the commit is done.
+#[test]
+fn messages_from_many_clients_to_a_client_behind_a_slow_roster_commit_pause_the_shard() {
+    let server = messages_to_a_client_behind_a_slow_roster_commit(5, 60);
     assert!(
         metric(&server, "gateway_commit_pauses_total", "") >= 1.0,
         "the shard never paused"

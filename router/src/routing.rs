@@ -451,6 +451,10 @@ pub struct Router {
     /// Connections with held actions: later actions for them, and frames their own stanzas
     /// cause, queue behind.
     held_conns: HeldConns,
+    /// Per local connection, the actions its stanzas caused that wait behind others' held ones
+    /// (a message to a user whose roster change is not committed yet); counted until the next
+    /// commit is done.
+    held_sources: HeldConns,
     /// The offline writes each local connection's stanzas added to the pending batch (the one
     /// the next commit takes).
     pending_conns: HeldConns,
@@ -541,6 +545,7 @@ impl Router {
             held: Vec::new(),
             held_count: 0,
             held_conns: HeldConns::default(),
+            held_sources: HeldConns::default(),
             pending_conns: HeldConns::default(),
             call_wrote_roster: false,
             call_on_failure: Vec::new(),
@@ -1144,6 +1149,11 @@ impl Router {
             if behind {
                 self.held_count += 1;
                 self.held_conns.add_action(&action);
+                if let Some(source) = self.call_conn {
+                    if action_conn(&action) != Some(source) {
+                        self.held_sources.bump(source);
+                    }
+                }
                 match self.held.last_mut() {
                     Some(last) if !last.depends => last.actions.push(action),
                     _ => self.held.push(Held {
@@ -1230,6 +1240,7 @@ impl Router {
         }
         // Only what waits for the next commit is still held.
         self.held_conns.clear();
+        self.held_sources.clear();
         for h in &self.held {
             self.held_conns.add(h);
         }
@@ -1242,11 +1253,18 @@ impl Router {
         self.held_conns.max
     }
 
-    /// The connections with at least `limit` actions held for them, in no order; empty (and
-    /// nothing scanned) while none comes near. The driver pauses their reads
+    /// The connections with at least `limit` actions held for them, or held on their account
+    /// (their stanzas for connections whose actions are held), in no order; empty (and nothing
+    /// scanned) while none comes near. The driver pauses their reads
     /// (`ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`) until a commit releases the actions.
     pub fn connections_held_at_least(&self, limit: usize) -> Vec<ConnId> {
-        self.held_conns.at_least(limit)
+        let mut conns = self.held_conns.at_least(limit);
+        for conn in self.held_sources.at_least(limit) {
+            if !conns.contains(&conn) {
+                conns.push(conn);
+            }
+        }
+        conns
     }
 
     /// While a commit is in flight, the local connections whose stanzas added at least `limit`
@@ -2623,6 +2641,27 @@ mod tests {
         ticket.result = Some(Ok(Vec::new()));
         r.finish_commit(ticket);
         assert_eq!(deliveries(&mut r).len(), 5);
+        assert!(r.connections_held_at_least(1).is_empty());
+        // Bob's pings to alice while her change waits are held on his account too.
+        const BOB_PINGS_ALICE: &[u8] =
+            b"<iq type='get' id='bp' to='alice@example.com/a'><ping xmlns='urn:xmpp:ping'/></iq>";
+        const ROSTER_SET_2: &[u8] = b"<iq type='set' id='set2'><query xmlns='jabber:iq:roster'>\
+            <item jid='dave@example.com'/></query></iq>";
+        r.handle_stanza(1, presence(ROSTER_SET_2, &a));
+        for _ in 0..3 {
+            r.handle_stanza(2, presence(BOB_PINGS_ALICE, &b));
+        }
+        deliveries(&mut r);
+        let mut named = r.connections_held_at_least(3);
+        named.sort_unstable();
+        assert_eq!(
+            named,
+            vec![1, 2],
+            "alice for what waits for her, bob for what he sent"
+        );
+        let mut ticket = r.begin_commit().expect("a commit");
+        ticket.result = Some(Ok(Vec::new()));
+        r.finish_commit(ticket);
         assert!(r.connections_held_at_least(1).is_empty());
     }
 
