@@ -460,8 +460,9 @@ const PER_SHARD: &[(&str, &str, &str, PerShard)] = &[
         "gateway_connection_pauses_total",
         "counter",
         "Times one connection's reads were paused, and no one else's, until the store's \
-         commit was done: 64 answers and stanzas for it waited behind a roster change not yet \
-         committed (a client pipelining behind its own change), or its stanzas added 4,096 \
+         commit was done: 64 answers and stanzas for it or on its account waited behind a \
+         roster change not yet committed (a client pipelining behind its own change, or \
+         sending to one whose change waits), or its stanzas added 4,096 \
          offline writes behind the commit in flight (a sender flooding offline users while \
          the disk is slow).",
         |sh| one(sh.connection_pauses),
