@@ -313,8 +313,9 @@ struct Slot {
     /// Reading paused: too much waits to be sent.
     write_blocked: bool,
     /// Reading paused until the store's commit is done (its outbox says so: many answers for
-    /// the connection wait behind its roster change, or it added many offline writes). What arrived meanwhile waits in `Driver::paused_input`;
-    /// `resume_paused` feeds it and reads again.
+    /// the connection, or on its account, wait behind a roster change, or it added many offline
+    /// writes). What arrived meanwhile waits in `Driver::paused_input`; `resume_paused` feeds it
+    /// and reads again.
     input_paused: bool,
     closing: bool,
     /// The sends from now on are the connection's last: they carry `MSG_MORE`, so their tail is
