@@ -364,14 +364,14 @@ impl Shard {
         id
     }
 
-    /// Executes every action the router has queued. Called after each router input.
     /// Pauses the reads of the connections with `ROUTER_HELD_ACTIONS_PER_CONNECTION_PAUSE`
     /// actions held for them behind a roster change not yet committed, or whose stanzas added
     /// `STORE_PENDING_WRITES_PER_CONNECTION_PAUSE` offline writes behind the commit in flight,
-    /// and resumes those below both now (the commit is done). A client pipelining behind its own
-    /// change, or flooding offline users while the disk is slow, so stops itself and no one
-    /// else; the shard-wide pause (`commit_backlog_full`) is left for what one connection's
-    /// pause cannot stop (others' stanzas for it, many senders at once).
+    /// and resumes those below both now (the commit is done). Actions held on a connection's
+    /// account (its stanzas for one whose actions are held) count too. A client pipelining
+    /// behind its own change, sending to one whose change waits, or flooding offline users while
+    /// the disk is slow so stops itself and no one else; the shard-wide pause
+    /// (`commit_backlog_full`) is left for many senders at once.
     fn refresh_connection_pauses(&self) {
         let over = {
             let router = self.router.borrow();
@@ -428,6 +428,7 @@ impl Shard {
         }
     }
 
+    /// Executes every action the router has queued. Called after each router input.
     pub fn drain_router(self: &Rc<Self>) {
         // Bounded: each action is handled once; a bounce adds at most one more per delivery.
         loop {

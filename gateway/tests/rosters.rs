@@ -10,6 +10,11 @@ use support::*;
 /// Roster items one client sets in a row, without waiting for the answers.
 const ROSTER_SETS: usize = 50;
 
+/// A ping IQ with id `id`.
+fn ping(id: impl std::fmt::Display) -> String {
+    format!("<iq type='get' id='{id}'><ping xmlns='urn:xmpp:ping'/></iq>")
+}
+
 fn roster_set(i: usize) -> String {
     format!(
         "<iq type='set' id='set{i}'><query xmlns='jabber:iq:roster'>\
@@ -26,7 +31,7 @@ fn roster_changes_are_answered_in_order_and_survive_a_crash() {
     let mut server = ServerBuilder::new().users(&[node]).start();
     let mut c = server.login(node, "r");
     let mut burst: String = (0..ROSTER_SETS).map(roster_set).collect();
-    burst.push_str("<iq type='get' id='ping'><ping xmlns='urn:xmpp:ping'/></iq>");
+    burst.push_str(&ping("ping"));
     c.send(&burst);
     for i in 0..ROSTER_SETS {
         // `expect` reads past anything before the marker: an answer out of order leaves a later
@@ -68,9 +73,7 @@ fn roster_changes_and_another_clients_pings_interleaved_are_all_answered() {
     let burst: String = (0..ROSTER_SETS).map(roster_set).collect();
     a.send(&burst);
     for i in 0..ROSTER_SETS {
-        b.send(&format!(
-            "<iq type='get' id='ping{i}'><ping xmlns='urn:xmpp:ping'/></iq>"
-        ));
+        b.send(&ping(format_args!("ping{i}")));
         b.expect(&format!("id='ping{i}'"));
     }
     for i in 0..ROSTER_SETS {
@@ -97,17 +100,12 @@ fn reads_pause_while_a_slow_roster_commit_holds_too_much() {
     let node = "user1";
     let server = ServerBuilder::new()
         .users(&[node])
-        .allow_plaintext()
-        .arg("--shards")
-        .arg("1")
-        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "300")
+        .one_shard_slow_commits(300)
         .start();
     let mut c = server.login_plaintext(node, "r");
     let mut burst = roster_set(0);
     for i in 0..PINGS_BEHIND {
-        burst.push_str(&format!(
-            "<iq type='get' id='p{i}'><ping xmlns='urn:xmpp:ping'/></iq>"
-        ));
+        burst.push_str(&ping(format_args!("p{i}")));
     }
     let mut tcp = c.tcp().try_clone().expect("clone");
     let writer = std::thread::spawn(move || tcp.write_all(burst.as_bytes()));
@@ -133,10 +131,7 @@ fn messages_to_a_client_behind_a_slow_roster_commit(senders: usize, per_sender: 
     let users: Vec<&str> = nodes.iter().map(String::as_str).collect();
     let server = ServerBuilder::new()
         .users(&users)
-        .allow_plaintext()
-        .arg("--shards")
-        .arg("1")
-        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "1000")
+        .one_shard_slow_commits(1000)
         .start();
     let mut a = server.login_plaintext(a_node, "r");
     let mut clients: Vec<Client> = nodes[1..]
@@ -210,20 +205,15 @@ fn a_client_pipelining_behind_its_roster_change_pauses_only_itself(engine: &str)
     let (a_node, b_node) = ("user1", "user2");
     let server = ServerBuilder::new()
         .users(&[a_node, b_node])
-        .allow_plaintext()
-        .arg("--shards")
-        .arg("1")
         .arg("--io-engine")
         .arg(engine)
-        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "3000")
+        .one_shard_slow_commits(3000)
         .start();
     let mut a = server.login_plaintext(a_node, "r");
     let mut b = server.login_plaintext(b_node, "r");
     let mut burst = roster_set(0);
     for i in 0..PINGS_PAST_THE_PAUSE {
-        burst.push_str(&format!(
-            "<iq type='get' id='p{i}'><ping xmlns='urn:xmpp:ping'/></iq>"
-        ));
+        burst.push_str(&ping(format_args!("p{i}")));
     }
     a.send(&burst);
     // Until A's reads pause, its pings are handled (and held); B's ping comes after that.
@@ -235,7 +225,7 @@ fn a_client_pipelining_behind_its_roster_change_pauses_only_itself(engine: &str)
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    b.send("<iq type='get' id='b-ping'><ping xmlns='urn:xmpp:ping'/></iq>");
+    b.send(&ping("b-ping"));
     let got = b.expect_stanza("iq", "id='b-ping'");
     assert!(got.contains("type='result'"), "{got}");
     assert!(
@@ -255,7 +245,7 @@ fn a_client_pipelining_behind_its_roster_change_pauses_only_itself(engine: &str)
         "the whole shard paused"
     );
     // A reads again once its pings are answered.
-    a.send("<iq type='get' id='after'><ping xmlns='urn:xmpp:ping'/></iq>");
+    a.send(&ping("after"));
     a.expect("id='after'");
 }
 
@@ -281,19 +271,14 @@ fn changes_and_pings_pipelined_in_rounds_behind_slow_commits_are_all_answered() 
     let node = "user1";
     let server = ServerBuilder::new()
         .users(&[node])
-        .allow_plaintext()
-        .arg("--shards")
-        .arg("1")
-        .env("GATEWAY_TEST_COMMIT_DELAY_MS", "300")
+        .one_shard_slow_commits(300)
         .start();
     let mut c = server.login_plaintext(node, "r");
     let mut burst = String::new();
     for r in 0..ROUNDS {
         burst.push_str(&roster_set(r));
         for i in 0..PINGS {
-            burst.push_str(&format!(
-                "<iq type='get' id='p{r}-{i}'><ping xmlns='urn:xmpp:ping'/></iq>"
-            ));
+            burst.push_str(&ping(format_args!("p{r}-{i}")));
         }
     }
     c.send(&burst);

@@ -228,6 +228,15 @@ impl ServerBuilder {
         self.envs.push((key.to_owned(), value.to_owned()));
         self
     }
+    /// One shard with plaintext allowed, every store commit delayed by `delay_ms` (the
+    /// `GATEWAY_TEST_COMMIT_DELAY_MS` hook: a stalling disk), so what waits for a commit can be
+    /// watched from clients of that shard.
+    pub fn one_shard_slow_commits(self, delay_ms: u64) -> Self {
+        self.allow_plaintext()
+            .arg("--shards")
+            .arg("1")
+            .env("GATEWAY_TEST_COMMIT_DELAY_MS", &delay_ms.to_string())
+    }
     pub fn start(self) -> Server {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
